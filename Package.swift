@@ -1,0 +1,58 @@
+// swift-tools-version:6.1
+//
+// flannel-udp: flannel's UDP overlay backend as one Swift system tool for Linux.
+// Targets:
+//   CNetlink     libmnl (Debian: libmnl-dev) as a system library
+//   CShims       the few C helpers Swift cannot import (macros, mmsghdr, ifreq/TUNSETIFF, virtio-net header)
+//   FlannelUDP   the library: netlink, tun device, data plane, control socket, peer sources
+//   flannel-udp  the command-line tool, one file per subcommand
+import PackageDescription
+
+let package = Package(
+    name: "flannel-udp",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "flannel-udp", targets: ["flannel-udp"]),
+        .library(name: "FlannelUDP", targets: ["FlannelUDP"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-atomics", from: "1.3.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.8.1"),
+    ],
+    targets: [
+        .systemLibrary(
+            name: "CNetlink",
+            pkgConfig: "libmnl",
+            providers: [.apt(["libmnl-dev"])]
+        ),
+        .target(name: "CShims"),
+        .target(
+            name: "FlannelUDP",
+            dependencies: [
+                "CNetlink",
+                "CShims",
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "SystemPackage", package: "swift-system"),
+            ]
+        ),
+        .executableTarget(
+            name: "flannel-udp",
+            dependencies: [
+                "FlannelUDP",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(
+            name: "FlannelUDPTests",
+            dependencies: ["FlannelUDP", "CShims"]
+        ),
+        .testTarget(
+            name: "IntegrationTests",
+            dependencies: ["FlannelUDP", "flannel-udp"]
+        ),
+    ]
+)

@@ -1,0 +1,89 @@
+// See include/CShims.h for why each of these exists.
+#define _GNU_SOURCE
+#include "CShims.h"
+
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+
+_Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
+_Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
+_Static_assert(FU_IFNAMSIZ == IFNAMSIZ, "IFNAMSIZ");
+_Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR, "tun flags");
+_Static_assert(FU_TUN_F_CSUM == TUN_F_CSUM && FU_TUN_F_TSO4 == TUN_F_TSO4, "offload flags");
+
+int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    if (name != NULL) {
+        if (strlen(name) >= IFNAMSIZ) {
+            errno = ENAMETOOLONG;
+            return -1;
+        }
+        strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    }
+    ifr.ifr_flags = flags;
+    int rc = ioctl(fd, TUNSETIFF, &ifr);
+    if (rc == 0 && out_name != NULL) {
+        memcpy(out_name, ifr.ifr_name, IFNAMSIZ);
+        out_name[IFNAMSIZ - 1] = '\0';
+    }
+    return rc;
+}
+
+int fu_tun_set_offload(int fd, unsigned int flags) {
+    return ioctl(fd, TUNSETOFFLOAD, (unsigned long)flags);
+}
+
+int fu_tun_set_vnet_hdr_size(int fd, int size) {
+    return ioctl(fd, TUNSETVNETHDRSZ, &size);
+}
+
+int fu_tun_get_flags(int fd, unsigned int *flags) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    int rc = ioctl(fd, TUNGETIFF, &ifr);
+    if (rc == 0) {
+        *flags = (unsigned short)ifr.ifr_flags;
+    }
+    return rc;
+}
+
+int fu_set_txqueuelen(int sock, const char *name, int qlen) {
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    if (strlen(name) >= IFNAMSIZ) {
+        errno = ENAMETOOLONG;
+        return -1;
+    }
+    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
+    ifr.ifr_qlen = qlen;
+    return ioctl(sock, SIOCSIFTXQLEN, &ifr);
+}
+
+int fu_recvmmsg(int fd, fu_mmsghdr *vec, unsigned int vlen, int flags) {
+    return recvmmsg(fd, (struct mmsghdr *)vec, vlen, flags, NULL);
+}
+
+int fu_sendmmsg(int fd, fu_mmsghdr *vec, unsigned int vlen, int flags) {
+    return sendmmsg(fd, (struct mmsghdr *)vec, vlen, flags);
+}
+
+size_t fu_cmsg_space(size_t len) { return CMSG_SPACE(len); }
+size_t fu_cmsg_len(size_t len) { return CMSG_LEN(len); }
+struct cmsghdr *fu_cmsg_firsthdr(struct msghdr *msg) { return CMSG_FIRSTHDR(msg); }
+struct cmsghdr *fu_cmsg_nxthdr(struct msghdr *msg, struct cmsghdr *cmsg) { return CMSG_NXTHDR(msg, cmsg); }
+unsigned char *fu_cmsg_data(struct cmsghdr *cmsg) { return CMSG_DATA(cmsg); }
+
+int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid) {
+    struct ucred cred;
+    socklen_t len = sizeof(cred);
+    int rc = getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len);
+    if (rc == 0) {
+        *pid = cred.pid;
+        *uid = cred.uid;
+    }
+    return rc;
+}

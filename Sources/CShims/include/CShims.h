@@ -1,0 +1,106 @@
+// CShims: the few pieces of C that Swift cannot import by itself.
+//
+// Everything here exists for one of three reasons, noted on each symbol:
+//   - it is a function-like macro (_IOW ioctl numbers, CMSG_*),
+//   - it needs _GNU_SOURCE, which Swift's Glibc module does not define (mmsghdr, recvmmsg, struct ucred),
+//   - it is a union-heavy struct Swift handles badly (struct ifreq).
+// Every symbol is prefixed fu_ (flannel-udp). Functions return what the syscall returns and leave errno set;
+// the Swift side turns that into a typed error naming the operation.
+#ifndef FU_CSHIMS_H
+#define FU_CSHIMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <linux/virtio_net.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// ---- tun device -------------------------------------------------------------------------------------------
+
+/// IFNAMSIZ from <net/if.h> (16, including the terminating NUL).
+enum { FU_IFNAMSIZ = 16 };
+
+/// Flags for fu_tun_set_iff (values of IFF_TUN, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE in <linux/if_tun.h>).
+enum {
+    FU_IFF_TUN = 0x0001,
+    FU_IFF_NO_PI = 0x1000,
+    FU_IFF_VNET_HDR = 0x4000,
+    FU_IFF_MULTI_QUEUE = 0x0100,
+};
+
+/// TUNSETOFFLOAD flags (<linux/if_tun.h>).
+enum {
+    FU_TUN_F_CSUM = 0x01,
+    FU_TUN_F_TSO4 = 0x02,
+    FU_TUN_F_TSO6 = 0x04,
+    FU_TUN_F_TSO_ECN = 0x08,
+    FU_TUN_F_UFO = 0x10,
+    FU_TUN_F_USO4 = 0x20,
+    FU_TUN_F_USO6 = 0x40,
+};
+
+/// ioctl(fd, TUNSETIFF, &ifr) with ifr_name = name and ifr_flags = flags; on success copies the name the kernel
+/// chose into out_name (FU_IFNAMSIZ bytes). Exists because TUNSETIFF is an _IOW macro and struct ifreq is a union.
+int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name);
+
+/// ioctl(fd, TUNSETOFFLOAD, flags). _IOW macro.
+int fu_tun_set_offload(int fd, unsigned int flags);
+
+/// ioctl(fd, TUNSETVNETHDRSZ, &size). _IOW macro.
+int fu_tun_set_vnet_hdr_size(int fd, int size);
+
+/// ioctl(fd, TUNGETIFF, &ifr) returning ifr_flags in *flags. _IOR macro.
+int fu_tun_get_flags(int fd, unsigned int *flags);
+
+/// ioctl(sock, SIOCSIFTXQLEN) for the device's transmit queue length; struct ifreq is a union.
+int fu_set_txqueuelen(int sock, const char *name, int qlen);
+
+// ---- batched socket I/O -----------------------------------------------------------------------------------
+
+/// Mirror of glibc's struct mmsghdr (hidden behind _GNU_SOURCE). A static assertion in CShims.c checks that
+/// its layout matches the real one.
+typedef struct fu_mmsghdr {
+    struct msghdr msg_hdr;
+    unsigned int msg_len;
+} fu_mmsghdr;
+
+/// recvmmsg(2) / sendmmsg(2); need _GNU_SOURCE.
+int fu_recvmmsg(int fd, fu_mmsghdr *vec, unsigned int vlen, int flags);
+int fu_sendmmsg(int fd, fu_mmsghdr *vec, unsigned int vlen, int flags);
+
+// ---- control messages (CMSG_* are macros) -----------------------------------------------------------------
+
+size_t fu_cmsg_space(size_t len);
+size_t fu_cmsg_len(size_t len);
+struct cmsghdr *fu_cmsg_firsthdr(struct msghdr *msg);
+struct cmsghdr *fu_cmsg_nxthdr(struct msghdr *msg, struct cmsghdr *cmsg);
+unsigned char *fu_cmsg_data(struct cmsghdr *cmsg);
+
+/// UDP socket options from <linux/udp.h> (not in every libc header).
+enum {
+    FU_SOL_UDP = 17,
+    FU_UDP_SEGMENT = 103,
+    FU_UDP_GRO = 104,
+};
+
+/// Buffer options from <asm-generic/socket.h>.
+enum {
+    FU_SO_RCVBUFFORCE = 33,
+    FU_SO_SNDBUFFORCE = 32,
+    FU_SO_RXQ_OVFL = 40,
+};
+
+// ---- credentials ------------------------------------------------------------------------------------------
+
+/// getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid and uid. struct ucred needs _GNU_SOURCE.
+int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,2 @@
+import FlannelUDP
+print("flannel-udp")
