@@ -42,6 +42,7 @@ let package = Package(
             name: "flannel-udp",
             dependencies: [
                 "FlannelUDP",
+                "CShims",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

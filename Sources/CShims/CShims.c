@@ -7,11 +7,13 @@
 #include <sys/ioctl.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <spawn.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
 _Static_assert(FU_IFNAMSIZ == IFNAMSIZ, "IFNAMSIZ");
 _Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR, "tun flags");
+_Static_assert(FU_POSIX_SPAWN_SETSID == POSIX_SPAWN_SETSID, "spawn flag");
 _Static_assert(FU_TUN_F_CSUM == TUN_F_CSUM && FU_TUN_F_TSO4 == TUN_F_TSO4, "offload flags");
 
 int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name) {

@@ -100,6 +100,12 @@ enum {
 /// getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid and uid. struct ucred needs _GNU_SOURCE.
 int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
 
+// ---- process spawning -------------------------------------------------------------------------------------
+
+/// POSIX_SPAWN_SETSID from <spawn.h> (a glibc extension, hidden without _GNU_SOURCE): the detached daemon
+/// starts in a session of its own so that it outlives the shell that ran `up --detach`.
+enum { FU_POSIX_SPAWN_SETSID = 0x80 };
+
 #ifdef __cplusplus
 }
 #endif

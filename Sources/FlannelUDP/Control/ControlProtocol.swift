@@ -1,0 +1,137 @@
+import Foundation
+
+/// The control endpoint's protocol: one JSON request per connection, terminated by a newline, answered by one
+/// JSON response, after which the daemon closes the connection. Requests are at most `maxRequestBytes`; anything
+/// longer, slower than `requestTimeout`, or not valid JSON gets an error response and changes nothing.
+public enum ControlProtocol {
+    public static let maxRequestBytes = 64 * 1024
+    public static let requestTimeoutSeconds = 2
+    public static let version = 1
+}
+
+public enum ControlRequest: Codable, Equatable, Sendable {
+    case status
+    case routeAdd(subnet: String, endpoint: String)
+    case routeDel(subnet: String)
+    case routeList
+    case reloadPeers
+    case shutdown
+}
+
+/// One route as the daemon reports it.
+public struct RouteInfo: Codable, Equatable, Sendable {
+    public var subnet: String
+    public var endpoint: String
+    public var origin: String
+    public var txPackets: UInt64
+    public var txBytes: UInt64
+    public var rxPackets: UInt64
+    public var rxBytes: UInt64
+
+    public init(subnet: String, endpoint: String, origin: String, txPackets: UInt64 = 0, txBytes: UInt64 = 0,
+                rxPackets: UInt64 = 0, rxBytes: UInt64 = 0) {
+        self.subnet = subnet
+        self.endpoint = endpoint
+        self.origin = origin
+        self.txPackets = txPackets
+        self.txBytes = txBytes
+        self.rxPackets = rxPackets
+        self.rxBytes = rxBytes
+    }
+}
+
+/// What the daemon says about itself in answer to `status`.
+public struct DaemonStatus: Codable, Equatable, Sendable {
+    public var pid: Int32
+    public var version: String
+    public var startedAt: Date
+    public var uptimeSeconds: Double
+    public var device: String
+    public var network: String
+    public var subnet: String
+    public var mtu: Int
+    public var listen: String
+    public var publicIP: String
+    public var underlay: String
+    public var subnetFile: String?
+    public var peersFile: String?
+    public var peerCheck: String
+    public var routes: [RouteInfo]
+    /// Per-direction packet and byte counters ("tunToUDP.packets", ...).
+    public var traffic: [String: UInt64]
+    /// Drops by reason ("noRoute", "unknownPeer", ...).
+    public var drops: [String: UInt64]
+    /// Offloads in use ("batching", "tso", "gso", "gro").
+    public var offloads: [String]
+    /// The registry lease, when running against etcd.
+    public var lease: LeaseInfo?
+
+    public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
+                subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,
+                peersFile: String?, peerCheck: String, routes: [RouteInfo], traffic: [String: UInt64],
+                drops: [String: UInt64], offloads: [String], lease: LeaseInfo?) {
+        self.pid = pid
+        self.version = version
+        self.startedAt = startedAt
+        self.uptimeSeconds = uptimeSeconds
+        self.device = device
+        self.network = network
+        self.subnet = subnet
+        self.mtu = mtu
+        self.listen = listen
+        self.publicIP = publicIP
+        self.underlay = underlay
+        self.subnetFile = subnetFile
+        self.peersFile = peersFile
+        self.peerCheck = peerCheck
+        self.routes = routes
+        self.traffic = traffic
+        self.drops = drops
+        self.offloads = offloads
+        self.lease = lease
+    }
+}
+
+public struct LeaseInfo: Codable, Equatable, Sendable {
+    public var subnet: String
+    public var expires: Date
+    public var endpoints: [String]
+    public init(subnet: String, expires: Date, endpoints: [String]) {
+        self.subnet = subnet
+        self.expires = expires
+        self.endpoints = endpoints
+    }
+}
+
+public enum ControlResponse: Codable, Equatable, Sendable {
+    case ok
+    case status(DaemonStatus)
+    case routes([RouteInfo])
+    case error(String)
+}
+
+extension ControlProtocol {
+    static func makeEncoder() -> JSONEncoder {
+        let e = JSONEncoder()
+        e.dateEncodingStrategy = .iso8601
+        e.outputFormatting = [.sortedKeys]
+        return e
+    }
+
+    static func makeDecoder() -> JSONDecoder {
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        return d
+    }
+
+    /// Encodes a message as one line (JSON has no raw newlines in it).
+    public static func encodeLine<T: Encodable>(_ value: T) -> [UInt8] {
+        var bytes = Array((try? makeEncoder().encode(value)) ?? Data("{}".utf8))
+        bytes.append(UInt8(ascii: "\n"))
+        return bytes
+    }
+
+    public static func decode<T: Decodable>(_ type: T.Type, from bytes: some Collection<UInt8>) throws -> T {
+        try makeDecoder().decode(type, from: Data(bytes))
+    }
+}

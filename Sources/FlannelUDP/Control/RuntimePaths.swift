@@ -1,0 +1,96 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where a daemon keeps its control endpoint and state, keyed by device name and network namespace.
+///
+/// - Control endpoint: an abstract unix socket `@flannel-udp/<device>`. The kernel scopes abstract names to the
+///   network namespace, so two simulated nodes in two namespaces never collide, and the name disappears with the
+///   process that holds it: a killed daemon cannot leave a stale socket. Binding the name is also the lock that keeps
+///   a second `up` on the same device from starting.
+/// - State: `<run dir>/ns-<netns inode>/<device>.json` (run dir `/run/flannel-udp`, or `$FLANNEL_UDP_RUN_DIR`),
+///   written by the daemon and removed on a clean exit; `down` and `cleanup` remove a dead daemon's leftovers.
+public struct RuntimePaths: Sendable {
+    public let device: String
+    public let runDirectory: String
+    public let namespaceID: UInt64
+
+    public init(device: String, environment: [String: String] = ProcessInfo.processInfo.environment) {
+        self.device = device
+        runDirectory = environment["FLANNEL_UDP_RUN_DIR"] ?? "/run/flannel-udp"
+        namespaceID = RuntimePaths.currentNamespaceID()
+    }
+
+    /// The inode of /proc/self/ns/net: unique per network namespace while it exists.
+    public static func currentNamespaceID() -> UInt64 {
+        var st = stat()
+        guard stat("/proc/self/ns/net", &st) == 0 else { return 0 }
+        return UInt64(st.st_ino)
+    }
+
+    /// The abstract socket name (without the leading NUL).
+    public var controlSocketName: String { "flannel-udp/\(device)" }
+
+    public var stateDirectory: String { "\(runDirectory)/ns-\(namespaceID)" }
+    public var stateFile: String { "\(stateDirectory)/\(device).json" }
+    public var logFile: String { "\(stateDirectory)/\(device).log" }
+}
+
+/// What a running daemon records about itself, for `status`, `down` and `cleanup`.
+public struct DaemonState: Codable, Equatable, Sendable {
+    public var pid: Int32
+    /// The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), so that a recycled pid is
+    /// not mistaken for the daemon.
+    public var startTicks: UInt64
+    public var device: String
+    public var network: String
+    public var subnet: String
+    public var subnetFile: String?
+    public var listen: String
+    public var startedAt: Date
+
+    public init(pid: Int32, startTicks: UInt64, device: String, network: String, subnet: String, subnetFile: String?,
+                listen: String, startedAt: Date) {
+        self.pid = pid
+        self.startTicks = startTicks
+        self.device = device
+        self.network = network
+        self.subnet = subnet
+        self.subnetFile = subnetFile
+        self.listen = listen
+        self.startedAt = startedAt
+    }
+
+    /// True while the recorded process still exists and is the same process (same start time).
+    public var isAlive: Bool {
+        guard let ticks = DaemonState.startTicks(of: pid) else { return false }
+        return ticks == startTicks
+    }
+
+    /// Field 22 (starttime) of /proc/PID/stat, or nil when there is no such process.
+    public static func startTicks(of pid: Int32) -> UInt64? {
+        guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/stat"),
+              let text = String(data: data, encoding: .utf8),
+              let close = text.lastIndex(of: ")") else { return nil }
+        // After "pid (comm)" come fields 3...; starttime is field 22, i.e. index 19 of the remainder.
+        let fields = text[text.index(after: close)...].split(separator: " ")
+        guard fields.count > 19 else { return nil }
+        return UInt64(fields[19])
+    }
+
+    public static func load(path: String) -> DaemonState? {
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        return try? decoder.decode(DaemonState.self, from: data)
+    }
+
+    public func write(to path: String) throws(SystemError) {
+        let encoder = JSONEncoder()
+        encoder.dateEncodingStrategy = .iso8601
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        let data = (try? encoder.encode(self)) ?? Data()
+        try AtomicFile.write(String(decoding: data, as: UTF8.self) + "\n", to: path, mode: 0o600)
+    }
+}

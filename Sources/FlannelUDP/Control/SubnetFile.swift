@@ -1,0 +1,132 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// flannel's `/run/flannel/subnet.env`, read by the flannel CNI plugin:
+///
+///     FLANNEL_NETWORK=10.244.0.0/16
+///     FLANNEL_SUBNET=10.244.1.1/24
+///     FLANNEL_MTU=1472
+///     FLANNEL_IPMASQ=false
+///
+/// FLANNEL_SUBNET is the subnet's first host address with the subnet's prefix length, as flanneld writes it.
+public struct SubnetFile: Equatable, Sendable {
+    public var network: IPv4Network
+    public var subnet: IPv4Network
+    public var mtu: Int
+    public var ipMasq: Bool
+
+    public static let defaultPath = "/run/flannel/subnet.env"
+
+    public init(network: IPv4Network, subnet: IPv4Network, mtu: Int, ipMasq: Bool) {
+        self.network = network
+        self.subnet = subnet
+        self.mtu = mtu
+        self.ipMasq = ipMasq
+    }
+
+    public var contents: String {
+        """
+        FLANNEL_NETWORK=\(network)
+        FLANNEL_SUBNET=\(subnet.firstHost)/\(subnet.prefixLength)
+        FLANNEL_MTU=\(mtu)
+        FLANNEL_IPMASQ=\(ipMasq)
+
+        """
+    }
+
+    public struct ParseError: Error, CustomStringConvertible, Equatable {
+        public let message: String
+        public var description: String { message }
+    }
+
+    /// Parses flannel's KEY=VALUE format (unknown keys, such as FLANNEL_IPV6_*, are ignored).
+    public static func parse(_ text: String, path: String = "subnet file") throws(ParseError) -> SubnetFile {
+        var values: [String: String] = [:]
+        for line in text.split(whereSeparator: \.isNewline) {
+            let trimmed = line.trimmingCharacters(in: .whitespaces)
+            if trimmed.isEmpty || trimmed.hasPrefix("#") { continue }
+            guard let eq = trimmed.firstIndex(of: "=") else {
+                throw ParseError(message: "\(path): line '\(trimmed)' is not KEY=VALUE")
+            }
+            values[String(trimmed[..<eq])] = String(trimmed[trimmed.index(after: eq)...])
+        }
+        func need(_ key: String) throws(ParseError) -> String {
+            guard let v = values[key] else { throw ParseError(message: "\(path): \(key) is missing") }
+            return v
+        }
+        let network: IPv4Network
+        let subnet: IPv4Network
+        do {
+            network = try IPv4Network(parsing: try need("FLANNEL_NETWORK"))
+            subnet = try IPv4Network(parsing: try need("FLANNEL_SUBNET"), strict: false)
+        } catch let e as ParseError {
+            throw e
+        } catch {
+            throw ParseError(message: "\(path): \(error)")
+        }
+        let mtuText = try need("FLANNEL_MTU")
+        guard let mtu = Int(mtuText), mtu > 0 else { throw ParseError(message: "\(path): FLANNEL_MTU '\(mtuText)' is not a number") }
+        let masq = values["FLANNEL_IPMASQ"] == "true"
+        return SubnetFile(network: network, subnet: subnet, mtu: mtu, ipMasq: masq)
+    }
+
+    public static func load(path: String) throws(ParseError) -> SubnetFile {
+        guard let data = FileManager.default.contents(atPath: path), let text = String(data: data, encoding: .utf8) else {
+            throw ParseError(message: "cannot read \(path)")
+        }
+        return try parse(text, path: path)
+    }
+
+    /// Writes the file atomically: a temporary file in the same directory, fsync, rename over the target, so the
+    /// CNI plugin never reads a half-written file. Creates the directory (0755) if needed.
+    public func write(to path: String) throws(SystemError) {
+        try AtomicFile.write(contents, to: path, mode: 0o644)
+    }
+}
+
+/// Atomic whole-file replacement (write temp, fsync, rename), shared by the subnet file and the state file.
+public enum AtomicFile {
+    public static func write(_ text: String, to path: String, mode: mode_t) throws(SystemError) {
+        let dir = (path as NSString).deletingLastPathComponent
+        if !dir.isEmpty { try makeDirectories(dir, mode: 0o755) }
+        let tmp = "\(path).tmp.\(getpid())"
+        let fd = try syscall("create", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
+        var ok = false
+        defer {
+            if !ok { unlink(tmp) }
+        }
+        var bytes = Array(text.utf8)
+        let written: SystemError? = bytes.withUnsafeMutableBytes { buf in
+            var off = 0
+            while off < buf.count {
+                let n = Glibc.write(fd, buf.baseAddress! + off, buf.count - off)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return SystemError.current("write", tmp)
+                }
+                off += n
+            }
+            return fsync(fd) == 0 ? nil : SystemError.current("fsync", tmp)
+        }
+        if let written {
+            _ = close(fd)
+            throw written
+        }
+        try syscall("close", tmp) { close(fd) }
+        try syscall("rename \(tmp) to", path) { rename(tmp, path) }
+        ok = true
+    }
+
+    /// mkdir -p.
+    public static func makeDirectories(_ path: String, mode: mode_t) throws(SystemError) {
+        var current = path.hasPrefix("/") ? "" : "."
+        for part in path.split(separator: "/") {
+            current += "/" + part
+            if mkdir(current, mode) != 0 && errno != EEXIST {
+                throw SystemError.current("create directory", current)
+            }
+        }
+    }
+}

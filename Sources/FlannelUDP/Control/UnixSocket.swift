@@ -1,0 +1,77 @@
+import CShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Helpers for the control endpoint's abstract unix stream socket.
+enum AbstractSocket {
+    /// Fills a sockaddr_un for the abstract name `name` (a leading NUL, then the name, not NUL-terminated) and
+    /// calls `body` with it and its exact length.
+    static func withAddress<R>(_ name: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(name.utf8)
+        let capacity = MemoryLayout.size(ofValue: addr.sun_path)
+        precondition(bytes.count + 1 <= capacity, "abstract socket name too long")
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            raw[0] = 0
+            for (i, b) in bytes.enumerated() { raw[i + 1] = b }
+        }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+        return withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) }
+        }
+    }
+
+    static func makeSocket(_ what: String) throws(SystemError) -> Int32 {
+        try syscall("create control socket", what) { socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0) }
+    }
+
+    /// Sets SO_RCVTIMEO and SO_SNDTIMEO.
+    static func setTimeouts(_ fd: Int32, seconds: Int) {
+        var tv = timeval(tv_sec: seconds, tv_usec: 0)
+        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// Writes all of `bytes`, retrying short writes and EINTR.
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8], what: String) throws(SystemError) {
+        var off = 0
+        while off < bytes.count {
+            let n = bytes.withUnsafeBytes { buf in
+                send(fd, buf.baseAddress! + off, buf.count - off, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError.current("write to", what)
+            }
+            off += n
+        }
+    }
+
+    enum ReadOutcome {
+        case line([UInt8])
+        case tooLong
+        case eof([UInt8])
+    }
+
+    /// Reads until a newline, EOF, or `limit` bytes. Timeouts and errors throw.
+    static func readLine(_ fd: Int32, limit: Int, what: String) throws(SystemError) -> ReadOutcome {
+        var data: [UInt8] = []
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw SystemError.current("read from", what)
+            }
+            if n == 0 { return .eof(data) }
+            if let nl = chunk[0..<n].firstIndex(of: UInt8(ascii: "\n")) {
+                data.append(contentsOf: chunk[0..<nl])
+                return data.count > limit ? .tooLong : .line(data)
+            }
+            data.append(contentsOf: chunk[0..<n])
+            if data.count > limit { return .tooLong }
+        }
+    }
+}

@@ -1,0 +1,261 @@
+import Foundation
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Tells the process that started a detached daemon whether start-up worked: one line on an inherited pipe,
+/// `READY` or `ERROR <message>`, then the pipe is closed.
+public struct Readiness: Sendable {
+    public let fd: Int32?
+    public init(fd: Int32?) { self.fd = fd }
+
+    public func ready() { send("READY") }
+    public func failed(_ message: String) { send("ERROR \(message)") }
+
+    private func send(_ line: String) {
+        guard let fd else { return }
+        let bytes = Array((line.replacingOccurrences(of: "\n", with: " ") + "\n").utf8)
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+        _ = close(fd)
+    }
+}
+
+/// The running node: device and route (NodeSetup), control endpoint, peer table, data plane, signals.
+///
+/// Threads: the caller's thread waits for signals (SIGINT/SIGTERM stop, SIGHUP re-reads the peers file); the
+/// control endpoint has its own thread; the data plane has one per direction. Shutdown from any of them goes
+/// through SIGTERM to the process, so there is exactly one way out and it always tears down.
+public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable state is set before threads start
+    public enum Failure: Error, CustomStringConvertible {
+        case usage(String)
+        case alreadyRunning(String)
+        case system(String)
+        public var description: String {
+            switch self {
+            case .usage(let m), .alreadyRunning(let m), .system(let m): return m
+            }
+        }
+    }
+
+    public static let version = "0.1.0"
+
+    private let config: NodeConfig
+    private let logger: Logger
+    private let paths: RuntimePaths
+    private let startedAt = Date()
+    private var plan: NodeSetup.Plan?
+    private let table = RouteTable()
+    private lazy var store = RouteStore(publisher: table, network: config.network, ownSubnet: config.subnet)
+    private let counters = DataPlaneCounters()
+    private var forwarder: Forwarder?
+    private let fatalLock = NSLock()
+    private var fatalError: String?
+
+    public init(config: NodeConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+        paths = RuntimePaths(device: config.device)
+    }
+
+    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread; every thread started afterwards inherits the mask,
+    /// so the signals stay pending until `run` collects them with sigwait. Call before any thread exists.
+    public static func blockSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+    }
+
+    /// Runs the node until SIGINT/SIGTERM or `down`. Everything set up is torn down before this returns, also on
+    /// failure. Start-up success or failure is reported on `readiness`.
+    public func run(readiness: Readiness) throws(Failure) {
+        Daemon.blockSignals()
+        do {
+            try runLocked(readiness: readiness)
+        } catch {
+            readiness.failed(error.description)
+            throw error
+        }
+    }
+
+    private func runLocked(readiness: Readiness) throws(Failure) {
+        // Peers file first: a bad line must stop `up` before anything changes.
+        var fileRoutes: [PeerRoute] = []
+        if let path = config.peersFile {
+            do { fileRoutes = try PeersFile.load(path: path, defaultPort: config.port) } catch { throw .usage(error.description) }
+            for r in fileRoutes {
+                do { try store.check(r) } catch { throw .usage("\(path): \(error)") }
+            }
+        }
+        // The control socket name is the lock against a second daemon on this device in this namespace.
+        let control: ControlServer
+        do { control = try ControlServer(name: paths.controlSocketName, logger: logger) } catch {
+            if case .alreadyRunning = error {
+                let pid = DaemonState.load(path: paths.stateFile).map { " (pid \($0.pid))" } ?? ""
+                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid)")
+            }
+            throw .system(error.description)
+        }
+        defer { control.stop() }
+
+        let setup: NodeSetup
+        do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
+        let plan: NodeSetup.Plan
+        do { plan = try setup.plan(config) } catch {
+            if case .invalid(let m) = error { throw .usage(m) }
+            throw .system(error.description)
+        }
+        self.plan = plan
+
+        // Bind the UDP port before touching any device, so "address in use" changes nothing.
+        let socket: UDPSocket
+        do { socket = try UDPSocket(bindTo: plan.listen) } catch { throw .system(error.description) }
+
+        let tun: TunDevice
+        do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
+        var forwarderStarted = false
+        defer {
+            if forwarderStarted { forwarder?.stop() }
+            setup.tearDown()
+            removeState()
+        }
+
+        do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
+
+        let fwd = Forwarder(tun: tun, socket: socket, table: table,
+                            config: ForwardingConfig(network: config.network, subnet: config.subnet, peerCheck: config.peerCheck == .strict ? .strict : .relaxed),
+                            counters: counters, logger: logger)
+        fwd.onFatalError = { [weak self] message in self?.fail(message) }
+        do { try fwd.start() } catch { throw .system("start forwarder: \(error)") }
+        forwarder = fwd
+        forwarderStarted = true
+
+        writeState(plan: plan)
+        control.start(handler: self)
+        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
+        readiness.ready()
+
+        waitForSignals()
+        if let message = fatalLock.withLock({ fatalError }) {
+            throw .system(message)
+        }
+    }
+
+    /// Records a fatal data-plane error and asks the main thread to shut down.
+    private func fail(_ message: String) {
+        fatalLock.withLock { if fatalError == nil { fatalError = message } }
+        logger.error("\(message); shutting down")
+        kill(getpid(), SIGTERM)
+    }
+
+    private func waitForSignals() {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
+        while true {
+            var sig: Int32 = 0
+            guard sigwait(&set, &sig) == 0 else { continue }
+            if sig == SIGHUP {
+                logger.info("SIGHUP: re-reading peers file")
+                if case .error(let m) = reloadPeers() { logger.error("\(m)") }
+                continue
+            }
+            logger.info("signal \(sig == SIGINT ? "SIGINT" : "SIGTERM"): shutting down")
+            return
+        }
+    }
+
+    private func writeState(plan: NodeSetup.Plan) {
+        let state = DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
+                                device: config.device, network: config.network.description,
+                                subnet: config.subnet.description, subnetFile: config.subnetFile,
+                                listen: plan.listen.description, startedAt: startedAt)
+        do {
+            try AtomicFile.makeDirectories(paths.stateDirectory, mode: 0o700)
+            try state.write(to: paths.stateFile)
+        } catch {
+            logger.warning("cannot write state file: \(error)")
+        }
+    }
+
+    private func removeState() {
+        if unlink(paths.stateFile) == 0 { rmdir(paths.stateDirectory) }  // rmdir fails harmlessly if not empty
+    }
+
+    // MARK: - control requests
+
+    public func handle(_ request: ControlRequest) -> ControlResponse {
+        switch request {
+        case .status:
+            return .status(status())
+        case .routeList:
+            return .routes(routeInfos())
+        case .routeAdd(let subnetText, let endpointText):
+            do {
+                let subnet = try IPv4Network(parsing: subnetText)
+                let endpoint = try Endpoint(parsing: endpointText, defaultPort: config.port)
+                try store.add(PeerRoute(subnet: subnet, endpoint: endpoint), origin: .manual)
+                logger.info("route add \(subnet) via \(endpoint)")
+                return .ok
+            } catch {
+                return .error("\(error)")
+            }
+        case .routeDel(let subnetText):
+            do {
+                let subnet = try IPv4Network(parsing: subnetText)
+                try store.removeAny(subnet)
+                logger.info("route del \(subnet)")
+                return .ok
+            } catch {
+                return .error("\(error)")
+            }
+        case .reloadPeers:
+            return reloadPeers()
+        case .shutdown:
+            logger.info("shutdown requested over the control socket")
+            kill(getpid(), SIGTERM)
+            return .ok
+        }
+    }
+
+    private func reloadPeers() -> ControlResponse {
+        guard let path = config.peersFile else { return .error("no peers file was given to 'up'") }
+        do {
+            let routes = try PeersFile.load(path: path, defaultPort: config.port)
+            try store.replace(routes, origin: .file)
+            logger.info("loaded \(routes.count) peer route(s) from \(path)")
+            return .ok
+        } catch {
+            return .error("\(error); the peer table is unchanged")
+        }
+    }
+
+    private func routeInfos() -> [RouteInfo] {
+        let snapshot = table.snapshot()
+        return store.entries().map { entry in
+            var info = RouteInfo(subnet: entry.route.subnet.description, endpoint: entry.route.endpoint.description,
+                                 origin: entry.origin.rawValue)
+            if let peer = snapshot.peer(for: entry.route.subnet) {
+                let c = peer.counters
+                info.txPackets = c.txPackets
+                info.txBytes = c.txBytes
+                info.rxPackets = c.rxPackets
+                info.rxBytes = c.rxBytes
+            }
+            return info
+        }
+    }
+
+    private func status() -> DaemonStatus {
+        let snap = counters.snapshot()
+        return DaemonStatus(
+            pid: getpid(), version: Daemon.version, startedAt: startedAt,
+            uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
+            network: config.network.description, subnet: config.subnet.description, mtu: plan?.mtu ?? 0,
+            listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
+            underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
+            peerCheck: config.peerCheck.rawValue, routes: routeInfos(), traffic: snap.traffic, drops: snap.drops,
+            offloads: forwarder?.activeOffloads ?? [], lease: nil)
+    }
+}

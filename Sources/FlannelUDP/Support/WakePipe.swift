@@ -1,0 +1,32 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A self-pipe for waking a thread that sleeps in poll(): the read end goes into the poll set, `wake()` makes it
+/// readable and keeps it so (it is never drained), so every poller sees the stop request.
+public final class WakePipe: @unchecked Sendable {  // both fds are immutable; write/poll on pipes are thread-safe
+    public let readFD: Int32
+    private let writeFD: Int32
+
+    public init() throws(SystemError) {
+        var fds: [Int32] = [-1, -1]
+        try syscall("create", "wake pipe") { pipe(&fds) }
+        for fd in fds {
+            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        }
+        readFD = fds[0]
+        writeFD = fds[1]
+    }
+
+    /// Makes `readFD` readable. Safe from any thread, any number of times.
+    public func wake() {
+        var b: UInt8 = 1
+        _ = write(writeFD, &b, 1)
+    }
+
+    deinit {
+        _ = close(readFD)
+        _ = close(writeFD)
+    }
+}

@@ -1,0 +1,77 @@
+import ArgumentParser
+import CShims
+import FlannelUDP
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `up --detach`: start this same program again, without --detach, as the daemon, and wait for it to say whether
+/// it came up. A threaded Swift process must not fork(), so this is posix_spawn of /proc/self/exe with a pipe
+/// for the verdict (`READY` or `ERROR <why>`), stdin from /dev/null, stdout/stderr to the log file, in a new
+/// session so the daemon outlives the shell.
+enum Detach {
+    static func spawnDaemon(device: String, logFile: String?) throws {
+        let paths = RuntimePaths(device: device)
+        let log = logFile ?? paths.logFile
+        do {
+            try AtomicFile.makeDirectories((log as NSString).deletingLastPathComponent, mode: 0o700)
+        } catch {
+            throw fail("up", "\(error)")
+        }
+
+        var pipeFDs: [Int32] = [-1, -1]
+        guard pipe(&pipeFDs) == 0 else { throw fail("up", "\(SystemError.current("create", "readiness pipe"))") }
+        let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
+        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)  // the child keeps only the write end
+
+        var args = CommandLine.arguments.filter { $0 != "--detach" }
+        args[0] = CommandLine.arguments[0]
+        args += ["--ready-fd", String(writeEnd)]
+
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, 1, 2)
+
+        var attr = posix_spawnattr_t()
+        posix_spawnattr_init(&attr)
+        defer { posix_spawnattr_destroy(&attr) }
+        posix_spawnattr_setflags(&attr, Int16(FU_POSIX_SPAWN_SETSID))
+
+        var pid: pid_t = 0
+        let cArgs = args.map { strdup($0) } + [nil]
+        defer { cArgs.forEach { free($0) } }
+        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, environ)
+        _ = close(writeEnd)
+        guard rc == 0 else {
+            _ = close(readEnd)
+            throw fail("up", "\(SystemError("start daemon", "/proc/self/exe", errno: rc))")
+        }
+
+        // Wait for the verdict; EOF without one means the daemon died before it could say anything.
+        var buffer = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 512)
+        while true {
+            let n = chunk.withUnsafeMutableBytes { read(readEnd, $0.baseAddress!, $0.count) }
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { break }
+            buffer += chunk[0..<n]
+        }
+        _ = close(readEnd)
+        let line = String(decoding: buffer, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
+        if line == "READY" {
+            print("flannel-udp: \(device) is up (pid \(pid), log \(log))")
+            return
+        }
+        var status: Int32 = 0
+        let exited = waitpid(pid, &status, 0) == pid
+        let code = exited && (status & 0x7f) == 0 ? (status >> 8) & 0xff : 1
+        if line.hasPrefix("ERROR ") {
+            throw fail("up", String(line.dropFirst(6)), ExitCode(code == 0 ? 1 : code))
+        }
+        throw fail("up", "the daemon exited before it was ready (status \(status)); see \(log)")
+    }
+}

@@ -1,0 +1,50 @@
+import ArgumentParser
+import FlannelUDP
+#if canImport(Glibc)
+import Glibc
+#endif
+
+@main
+struct FlannelUDPCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "flannel-udp",
+        abstract: "Run flannel's UDP overlay backend on a Linux node.",
+        discussion: """
+            flannel-udp creates the overlay's tun device, gives it the node subnet's network address as a /32, \
+            installs one route for the whole overlay network and forwards IPv4 packets between the device and UDP \
+            port 8285, one packet per datagram, wire-compatible with flannel's udp backend.
+
+            Exit codes: 0 success; 1 a system error; 3 (status) no daemon is running; 64 bad usage or input \
+            (nothing was changed); 77 not running as root.
+            """,
+        version: Daemon.version,
+        subcommands: [Up.self, Down.self, RouteCommand.self, Status.self, Cleanup.self]
+    )
+}
+
+/// Exit codes shared by every subcommand (documented in the README and the man page).
+enum Exit {
+    static let failure = ExitCode(1)
+    static let notRunning = ExitCode(3)
+    static let usage = ExitCode(64)     // EX_USAGE
+    static let noPermission = ExitCode(77)  // EX_NOPERM
+}
+
+/// Prints one line to stderr, prefixed with the command name, and returns the exit code to throw.
+func fail(_ command: String, _ message: String, _ code: ExitCode = Exit.failure) -> ExitCode {
+    FileHandle.standardErrorWrite("flannel-udp \(command): \(message)\n")
+    return code
+}
+
+func requireRoot(_ command: String) throws {
+    if geteuid() != 0 {
+        throw fail(command, "must be run as root (it changes network devices and routes)", Exit.noPermission)
+    }
+}
+
+enum FileHandle {
+    static func standardErrorWrite(_ text: String) {
+        let bytes = Array(text.utf8)
+        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress!, $0.count) }
+    }
+}

@@ -1,0 +1,128 @@
+import ArgumentParser
+import FlannelUDP
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Show the device, the overlay route and the daemon's state and counters.",
+        discussion: """
+            Reads the device over netlink and asks the daemon over its control socket. Exit status: 0 the daemon \
+            is running, 3 it is not, 1 an error (e.g. the control socket refused us).
+            """
+    )
+
+    @OptionGroup var deviceOptions: DeviceOptions
+    @OptionGroup var output: OutputOptions
+
+    struct DeviceReport: Codable {
+        var name: String
+        var index: Int32
+        var up: Bool
+        var mtu: Int
+        var kind: String?
+        var addresses: [String]
+        var routes: [String]
+    }
+
+    struct Report: Codable {
+        var running: Bool
+        var device: DeviceReport?
+        var daemon: DaemonStatus?
+        var error: String?
+    }
+
+    func run() throws {
+        let paths = deviceOptions.paths
+        var report = Report(running: false)
+        do {
+            let nl = try Netlink()
+            if let link = try nl.link(named: deviceOptions.device) {
+                let addrs = try nl.addresses(index: link.index).map { "\($0.address)/\($0.prefixLength)" }
+                let routes = try nl.routes().filter { $0.outputInterface == link.index }.map { describe($0, device: link.name) }
+                report.device = DeviceReport(name: link.name, index: link.index, up: link.isUp, mtu: link.mtu,
+                                             kind: link.kind, addresses: addrs, routes: routes)
+            }
+        } catch {
+            report.error = "\(error)"
+        }
+        do {
+            if case .status(let s) = try ControlClient.send(.status, paths: paths) {
+                report.daemon = s
+                report.running = true
+            }
+        } catch let e as ControlClient.Failure {
+            if case .notRunning = e {} else { report.error = e.description }
+        }
+
+        if output.json {
+            let encoder = JSONEncoder()
+            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+            encoder.dateEncodingStrategy = .iso8601
+            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+        } else {
+            printTable(report)
+        }
+        if report.error != nil { throw Exit.failure }
+        if !report.running { throw Exit.notRunning }
+    }
+
+    private func describe(_ r: Route, device: String) -> String {
+        var s = "\(r.destination)"
+        if let gw = r.gateway { s += " via \(gw)" }
+        s += " dev \(device)"
+        return s
+    }
+
+    private func printTable(_ r: Report) {
+        if let d = r.device {
+            print("device:    \(d.name) (\(d.kind ?? "?"), \(d.up ? "UP" : "DOWN"), mtu \(d.mtu))")
+            print("address:   \(d.addresses.isEmpty ? "-" : d.addresses.joined(separator: ", "))")
+            print("route:     \(d.routes.isEmpty ? "-" : d.routes.joined(separator: "\n           "))")
+        } else {
+            print("device:    \(deviceOptions.device) does not exist")
+        }
+        guard let s = r.daemon else {
+            print("daemon:    not running")
+            if let e = r.error { print("error:     \(e)") }
+            return
+        }
+        print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
+        print("network:   \(s.network)  subnet \(s.subnet)  mtu \(s.mtu)")
+        print("listening: \(s.listen) on \(s.underlay) (public ip \(s.publicIP)), peer check \(s.peerCheck)")
+        if let f = s.subnetFile { print("subnet file: \(f)") }
+        if let f = s.peersFile { print("peers file:  \(f)") }
+        if let lease = s.lease { print("lease:     \(lease.subnet) until \(lease.expires) (\(lease.endpoints.joined(separator: ",")))") }
+        print("offloads:  \(s.offloads.isEmpty ? "none" : s.offloads.joined(separator: ", "))")
+        print("traffic:   \(s.traffic.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
+        let drops = s.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }
+        print("drops:     \(drops.isEmpty ? "none" : drops.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
+        print("peers:     \(s.routes.count)")
+        if !s.routes.isEmpty { printRoutes(s.routes) }
+    }
+}
+
+func formatDuration(_ seconds: Double) -> String {
+    let s = Int(seconds)
+    if s < 60 { return "\(s)s" }
+    if s < 3600 { return "\(s / 60)m\(s % 60)s" }
+    return "\(s / 3600)h\((s % 3600) / 60)m"
+}
+
+/// The peer table as a fixed-width table.
+func printRoutes(_ routes: [RouteInfo]) {
+    let header = ["SUBNET", "ENDPOINT", "ORIGIN", "TX PKTS", "TX BYTES", "RX PKTS", "RX BYTES"]
+    let rows = routes.map { [$0.subnet, $0.endpoint, $0.origin, "\($0.txPackets)", "\($0.txBytes)", "\($0.rxPackets)", "\($0.rxBytes)"] }
+    var widths = header.map(\.count)
+    for row in rows { for (i, c) in row.enumerated() { widths[i] = max(widths[i], c.count) } }
+    func line(_ cells: [String]) -> String {
+        cells.enumerated().map { i, c in
+            i < 3 ? c.padding(toLength: widths[i], withPad: " ", startingAt: 0)
+                  : String(repeating: " ", count: widths[i] - c.count) + c
+        }.joined(separator: "  ")
+    }
+    print("  " + line(header))
+    for row in rows { print("  " + line(row)) }
+}

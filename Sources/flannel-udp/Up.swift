@@ -1,0 +1,118 @@
+import ArgumentParser
+import FlannelUDP
+import Foundation
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Up: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Bring the node up and forward overlay traffic until stopped.",
+        discussion: """
+            Creates the tun device (default flannel0) with the subnet's network address as /32 and MTU \
+            underlay MTU - 28, installs '<network> dev <device>', writes flannel's subnet.env and forwards packets \
+            between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
+            With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
+            A failed start leaves nothing behind.
+            """
+    )
+
+    @Option(help: ArgumentHelp("The whole overlay network, e.g. 10.244.0.0/16.", valueName: "cidr"))
+    var network: String
+
+    @Option(help: ArgumentHelp("This node's subnet inside the network, e.g. 10.244.1.0/24.", valueName: "cidr"))
+    var subnet: String
+
+    @Option(name: .customLong("iface"), help: ArgumentHelp("The underlay interface (default: the interface of the default route).", valueName: "name"))
+    var underlay: String?
+
+    @Option(name: .customLong("public-ip"), help: ArgumentHelp("The address peers send to (default: the underlay's first IPv4 address).", valueName: "ip"))
+    var publicIP: IPv4Address?
+
+    @Option(help: ArgumentHelp("The UDP port (1-65535).", valueName: "port"))
+    var port: Int = Int(defaultFlannelPort)
+
+    @Option(help: ArgumentHelp("The overlay MTU (default: underlay MTU - 28).", valueName: "n"))
+    var mtu: Int?
+
+    @Option(help: ArgumentHelp("The tun device to create.", valueName: "name"))
+    var device: String = "flannel0"
+
+    @Option(help: ArgumentHelp("A peers file: one 'SUBNET IP[:PORT]' per line, '#' comments; re-read on SIGHUP.", valueName: "file"))
+    var peers: String?
+
+    @Option(name: .customLong("subnet-file"), help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "path"))
+    var subnetFile: String = SubnetFile.defaultPath
+
+    @Flag(name: .customLong("ip-masq"), help: "Write FLANNEL_IPMASQ=true to the subnet file.")
+    var ipMasq = false
+
+    @Option(name: .customLong("peer-check"), help: ArgumentHelp("strict: accept a datagram only from the peer that owns its inner source; relaxed: any sender, if the inner source is in a known peer subnet (NAT).", valueName: "mode"))
+    var peerCheck: PeerCheck = .strict
+
+    @Flag(help: "Return once the node is ready, leaving the daemon running in the background.")
+    var detach = false
+
+    @Option(name: .customLong("log-file"), help: ArgumentHelp("With --detach: where the daemon logs (default: its state directory).", valueName: "path"))
+    var logFile: String?
+
+    @Flag(name: .shortAndLong, help: "Log each packet-level event (debug level).")
+    var verbose = false
+
+    /// Set by --detach when it starts the daemon: the pipe to report readiness on.
+    @Option(name: .customLong("ready-fd"), help: .hidden)
+    var readyFD: Int32?
+
+    func validate() throws {
+        let net = try parseNetwork(network)
+        let sub = try parseNetwork(subnet)
+        if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        var config = NodeConfig(network: net, subnet: sub)
+        config.device = device
+        config.underlay = underlay
+        config.port = UInt16(port)
+        config.mtu = mtu
+        if let problem = config.validate() { throw ValidationError(problem) }
+    }
+
+    func makeConfig() throws -> NodeConfig {
+        var config = NodeConfig(network: try parseNetwork(network), subnet: try parseNetwork(subnet))
+        config.device = device
+        config.underlay = underlay
+        config.publicIP = publicIP
+        config.port = UInt16(port)
+        config.mtu = mtu
+        config.subnetFile = subnetFile
+        config.peersFile = peers.map { URL(fileURLWithPath: $0).path }
+        config.ipMasq = ipMasq
+        config.peerCheck = peerCheck
+        return config
+    }
+
+    func run() throws {
+        try requireRoot("up")
+        let config = try makeConfig()
+        if detach {
+            try Detach.spawnDaemon(device: config.device, logFile: logFile)
+            return
+        }
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = verbose ? .debug : .info
+            return handler
+        }
+        var logger = Logger(label: "flannel-udp")
+        logger.logLevel = verbose ? .debug : .info
+        let daemon = Daemon(config: config, logger: logger)
+        do {
+            try daemon.run(readiness: Readiness(fd: readyFD))
+        } catch {
+            switch error {
+            case .usage(let m): throw fail("up", m, Exit.usage)
+            case .alreadyRunning(let m): throw fail("up", m, Exit.failure)
+            case .system(let m): throw fail("up", m, Exit.failure)
+            }
+        }
+    }
+}

@@ -1,2 +1,0 @@
-import FlannelUDP
-print("flannel-udp")

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# All the tests: unit tests (no privileges) and integration tests (root; each runs in network namespaces it
+# creates and removes), the check that the man page and completions match the command definitions, and a
+# closing summary line. Installs what it needs first; safe to run again. CI runs exactly this (.ci/run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+
+install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client
+require_swift
+
+step "swift build --build-tests"
+swift build --build-tests 2>&1 | grep -E "error|warning: unreachable|Compiling|Build" | grep -v "^\[" | tail -5
+
+step "man page and completions"
+scripts/generate-docs.sh --check
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "note: not root: the integration tests will skip (they need to create network namespaces)"
+fi
+step "swift test"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+set +e
+swift test --disable-swift-testing 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
+summary="$(grep -E "^\s*Executed [0-9]+ tests?" "$log" | tail -1)"
+total="$(sed -nE 's/.*Executed ([0-9]+) tests?.*/\1/p' <<<"$summary")"
+skipped="$(sed -nE 's/.* ([0-9]+) tests? skipped.*/\1/p' <<<"$summary")"
+failed="$(sed -nE 's/.* ([0-9]+) failures?.*/\1/p' <<<"$summary")"
+total=${total:-0} skipped=${skipped:-0} failed=${failed:-0}
+if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
+echo "tests: $((total - skipped - failed)) passed, $failed failed, $skipped skipped"
+exit "$rc"
