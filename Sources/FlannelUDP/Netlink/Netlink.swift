@@ -25,13 +25,15 @@ public final class Netlink {
     private var portID: UInt32
     private var sequence: UInt32
     private let receiveBuffer: UnsafeMutableRawBufferPointer
+    /// How many times a query was sent again after NLM_F_DUMP_INTR or ENOBUFS (for tests and diagnostics).
+    private(set) var retriedQueries = 0
 
     /// Big enough for any single rtnetlink message; the kernel sizes dump datagrams to at most ~32 KiB.
     private static let receiveBufferSize = 64 * 1024
     /// IFNAMSIZ - 1: the longest interface name the kernel accepts.
     private static let maxNameLength = 15
     /// How often a query is repeated after NLM_F_DUMP_INTR or ENOBUFS before giving up.
-    private static let maxAttempts = 5
+    private static let maxAttempts = 10
 
     /// Opens and binds a NETLINK_ROUTE socket in the calling thread's network namespace.
     public init() throws(SystemError) {
@@ -288,12 +290,16 @@ public final class Netlink {
             do throws(SocketFailure) {
                 try run(build(collector.sequence), collector)
             } catch where error.errno == ENOBUFS && again {
+                retriedQueries += 1
                 continue
             } catch {
                 throw SystemError(operation, object(), errno: error.errno)
             }
             if collector.interrupted {
-                if again { continue }
+                if again {
+                    retriedQueries += 1
+                    continue
+                }
                 throw SystemError(operation, "\(object()) (the kernel reported the dump inconsistent \(attempt) times)"
                                       .trimmingLeadingSpace, errno: EINTR)
             }
@@ -320,8 +326,14 @@ public final class Netlink {
     /// Sends `request` and feeds datagrams to `collector` until it has the request's last reply. Throws the errno
     /// of a socket failure; after one that can leave stale replies queued, the socket is replaced.
     private func run(_ request: [UInt8], _ collector: ReplyCollector) throws(SocketFailure) {
-        let sent = request.withUnsafeBytes { mnl_socket_sendto(socket, $0.baseAddress, $0.count) }
-        if sent < 0 { throw SocketFailure(errno: Glibc.errno) }
+        var (sent, error) = (0, Int32(0))
+        repeat {
+            (sent, error) = request.withUnsafeBytes { bytes in
+                let n = mnl_socket_sendto(socket, bytes.baseAddress, bytes.count)
+                return (n, Glibc.errno)
+            }
+        } while sent < 0 && error == EINTR
+        if sent < 0 { throw SocketFailure(errno: error) }
         // Netlink datagrams are sent whole or not at all.
         if sent != request.count { throw SocketFailure(errno: EMSGSIZE) }
         while true {

@@ -58,13 +58,14 @@ final class ReplyCollector {
         let context = Unmanaged.passUnretained(self).toOpaque()
         // mnl_cb_run2 takes the array as non-const, so hand it a copy.
         var controlCallbacks = replyControlCallbacks
-        let rc = withExtendedLifetime(self) {
+        // errno is read right after the call, before anything else can overwrite it.
+        let (rc, error) = withExtendedLifetime(self) {
             controlCallbacks.withUnsafeMutableBufferPointer { controls in
-                mnl_cb_run2(base, datagram.count, sequence, portID, replyDataCallback, context,
-                            controls.baseAddress, UInt32(controls.count))
+                let rc = mnl_cb_run2(base, datagram.count, sequence, portID, replyDataCallback, context,
+                                     controls.baseAddress, UInt32(controls.count))
+                return (rc, Glibc.errno)
             }
         }
-        let error = Glibc.errno
         switch rc {
         case MNL_CB_OK:
             return .more
