@@ -186,7 +186,8 @@ final class TestNamespace {
         defer {
             // Staying in the test namespace would run later tests on this thread in a deleted namespace.
             if TestNamespace.setns(original, TestNamespace.cloneNewNet) != 0 {
-                fatalError("cannot move the test thread back to its network namespace: \(String(cString: strerror(errno)))")
+                let reason = String(cString: strerror(errno))
+                fatalError("cannot move the test thread back to its network namespace: \(reason)")
             }
         }
         guard let now = TestNamespace.inode(of: "/proc/thread-self/ns/net"), now == TestNamespace.inode(of: path)

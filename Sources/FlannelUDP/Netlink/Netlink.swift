@@ -97,7 +97,9 @@ public final class Netlink {
     /// The interface with this index, or nil when there is none (ENODEV; also for indexes below 1).
     public func link(index: Int32) throws(SystemError) -> Link? {
         guard index > 0 else { return nil }
-        return try single("get link", "ifindex \(index)") { seq in NetlinkMessages.getLink(index: index, sequence: seq) }
+        return try single("get link", "ifindex \(index)") { seq in
+            NetlinkMessages.getLink(index: index, sequence: seq)
+        }
     }
 
     private func single(_ operation: String, _ object: String, build: @escaping (UInt32) -> [UInt8])
@@ -134,9 +136,7 @@ public final class Netlink {
 
     /// Deletes an interface (RTM_DELLINK), with the routes and addresses on it.
     public func deleteLink(index: Int32) throws(SystemError) {
-        // Resolve the name first: once the request has run, a failure message would have nothing to look it up by.
-        let name = interfaceNameIfPresent(index)
-        try perform("delete link", name ?? "ifindex \(index)", query: false) { seq in
+        try perform("delete link", interfaceName(index), query: false) { seq in
             NetlinkMessages.deleteLink(index: index, sequence: seq)
         }
     }
@@ -237,8 +237,10 @@ public final class Netlink {
 
     // MARK: - Names for messages
 
-    /// "10.244.2.0/24 via 192.168.1.12 dev eth0 table 100 metric 5", the way `ip route` writes a route.
-    private func describe(_ route: Route) -> String {
+    /// The route the way `ip route` writes it, with the device's name looked up on this socket:
+    /// "10.244.2.0/24 via 192.168.1.12 dev eth0 table 100 metric 5". For messages such as cleanup's
+    /// "delete route ..." lines.
+    public func describe(_ route: Route) -> String {
         var text = route.destination.description
         if let gateway = route.gateway { text += " via \(gateway)" }
         if let oif = route.outputInterface { text += " dev \(interfaceName(oif))" }
@@ -249,13 +251,10 @@ public final class Netlink {
 
     /// The interface's name, looked up on this socket (so in its namespace), or "ifindex N" when there is none.
     private func interfaceName(_ index: Int32) -> String {
-        interfaceNameIfPresent(index) ?? "ifindex \(index)"
-    }
-
-    private func interfaceNameIfPresent(_ index: Int32) -> String? {
-        guard let link = try? link(index: index) else { return nil }
+        guard let link = try? link(index: index) else { return "ifindex \(index)" }
         return link.name
     }
+
 
     // MARK: - One exchange
 
@@ -300,15 +299,12 @@ public final class Netlink {
                     retriedQueries += 1
                     continue
                 }
-                throw SystemError(operation, "\(object()) (the kernel reported the dump inconsistent \(attempt) times)"
-                                      .trimmingLeadingSpace, errno: EINTR)
+                throw SystemError(operation, annotate(object(), "dump inconsistent \(attempt) times in a row"),
+                                  errno: EINTR)
             }
             if collector.status.errno != 0 {
-                var text = object()
-                if let reason = collector.status.message, !reason.isEmpty {
-                    text = (text.isEmpty ? "" : text + " ") + "(kernel: \(reason))"
-                }
-                throw SystemError(operation, text, errno: collector.status.errno)
+                let reason = collector.status.message.flatMap { $0.isEmpty ? nil : "kernel: \($0)" }
+                throw SystemError(operation, annotate(object(), reason), errno: collector.status.errno)
             }
             if collector.malformed {
                 throw SystemError(operation, object(), errno: EBADMSG)
@@ -379,6 +375,9 @@ private struct SocketFailure: Error {
 @available(*, unavailable, message: "a Netlink socket is not thread-safe; use one per thread")
 extension Netlink: Sendable {}
 
-private extension String {
-    var trimmingLeadingSpace: String { first == " " ? String(dropFirst()) : self }
+/// "object (note)", or "(note)" for an empty object, or the object alone without a note. SystemError prints
+/// "operation object: reason", so the note lands between the object and the errno text.
+private func annotate(_ object: String, _ note: String?) -> String {
+    guard let note else { return object }
+    return object.isEmpty ? "(\(note))" : "\(object) (\(note))"
 }

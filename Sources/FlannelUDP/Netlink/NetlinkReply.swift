@@ -115,11 +115,8 @@ final class ReplyCollector {
 
     fileprivate func end(_ message: UnsafePointer<nlmsghdr>) -> Int32 {
         let bytes = UnsafeRawBufferPointer(start: message, count: Int(message.pointee.nlmsg_len))
-        if let status = NetlinkMessages.parseStatus(bytes) {
-            self.status = status
-        } else {
-            status = NetlinkMessages.Status(errno: EBADMSG, message: "truncated \(message.pointee.nlmsg_type == UInt16(NLMSG_DONE) ? "NLMSG_DONE" : "NLMSG_ERROR")")
-        }
+        // Too short to hold an error code: the exchange is over, but whether it worked is unknown.
+        status = NetlinkMessages.parseStatus(bytes) ?? NetlinkMessages.Status(errno: EBADMSG, message: nil)
         return MNL_CB_STOP
     }
 }
