@@ -89,3 +89,7 @@ int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid) {
     }
     return rc;
 }
+
+int fu_spawn_file_actions_addclosefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}

@@ -106,6 +106,11 @@ int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
 /// starts in a session of its own so that it outlives the shell that ran `up --detach`.
 enum { FU_POSIX_SPAWN_SETSID = 0x80 };
 
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34, a GNU extension): the spawned daemon must not inherit
+/// any descriptor of its parent beyond 0-2 and the readiness pipe; an inherited pipe would keep whoever waits on
+/// the parent's output (a shell's $(...), a test harness) waiting forever. `actions` is a posix_spawn_file_actions_t*.
+int fu_spawn_file_actions_addclosefrom(void *actions, int from);
+
 #ifdef __cplusplus
 }
 #endif

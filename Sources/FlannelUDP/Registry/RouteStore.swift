@@ -104,3 +104,5 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
         publisher.publish(effectiveLocked().map(\.route))
     }
 }
+
+extension RouteTable: RoutePublisher {}
