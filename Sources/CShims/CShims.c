@@ -9,6 +9,7 @@
 #include <linux/if_tun.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
+#include <sched.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
@@ -98,3 +99,5 @@ int fu_set_thread_name(const char *name) {
     buf[sizeof(buf) - 1] = '\0';
     return pthread_setname_np(pthread_self(), buf);
 }
+
+int fu_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }

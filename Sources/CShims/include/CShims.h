@@ -105,6 +105,10 @@ int fu_stop_eventfd(void);
 /// The name is cut to 15 bytes.
 int fu_set_thread_name(const char *name);
 
+/// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` refers to (a tun device
+/// and a socket belong to the namespace of the thread that creates them). setns needs _GNU_SOURCE.
+int fu_setns_net(int fd);
+
 // ---- credentials ------------------------------------------------------------------------------------------
 
 /// getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid and uid. struct ucred needs _GNU_SOURCE.
