@@ -142,6 +142,19 @@ final class ForwardingTests: XCTestCase {
         // Nothing was modified on the way to a drop.
         XCTAssertEqual(fromUDP(&d, from3, from: "192.168.1.99").1, from3)
 
+        // A covering route (10.244.0.0/16 via a gateway node) must not let that node send from our own subnet.
+        var covered = PacketDecider(config: config)
+        let gateway = RouteTable([PeerRoute(subnet: net("10.244.0.0/16"), endpoint: Endpoint(address: ip("192.168.1.9"), port: 8285))])
+        let fromOurSubnet = makeIPv4(source: ip("10.244.1.7"), destination: ip("10.244.1.2"))
+        var copy = fromOurSubnet
+        let verdict = copy.withUnsafeMutableBytes { pkt in
+            withUnsafeTemporaryAllocation(byteCount: 576, alignment: 8) { scratch in
+                covered.fromUDP(pkt, outerSource: ip("192.168.1.9"), snapshot: gateway.snapshot(), scratch: scratch)
+            }
+        }
+        XCTAssertEqual(verdict, .drop(.spoofedSource))
+        XCTAssertEqual(fromUDP(&covered, from3, from: "192.168.1.3").0, .deliver(peer: 1, length: 24))
+
         var relaxed = PacketDecider(config: ForwardingConfig(network: net("10.244.0.0/16"),
                                                              subnet: net("10.244.1.0/24"), peerCheck: .relaxed))
         XCTAssertEqual(fromUDP(&relaxed, from3, from: "203.0.113.5").0, .deliver(peer: 1, length: 24))
