@@ -174,6 +174,7 @@ final class ForwarderTests: XCTestCase {
     /// The threads: start, traffic both ways, route table swapped while running, stop joins (twice is fine).
     func testThreadsForwardAndStop() throws {
         let f = try makeForwarder()
+        f.stop()  // before start: harmless, and does not keep start() from working
         try f.start()
         writeTun(makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5")))
         XCTAssertNotNil(waitForPacket(peer.fd))
