@@ -125,7 +125,7 @@ final class ForwardingTests: XCTestCase {
         XCTAssertEqual(fromTun(&d, [0x45, 0, 0, 10] + [UInt8](repeating: 0, count: 16)).0, .drop(.malformed))
         var small = PacketDecider(config: ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"),
                                                          maxPacketLength: 100))
-        let big = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.1"), payload: .init(repeating: 0, count: 81))
+        let big = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.1"), payload: filled(0, 81))
         XCTAssertEqual(fromTun(&small, big).0, .drop(.oversize))
         XCTAssertEqual(fromTun(&small, Array(big[0..<100])).0, .drop(.malformed))
         XCTAssertEqual(fromUDP(&small, big, from: "192.168.1.2").0, .drop(.oversize))

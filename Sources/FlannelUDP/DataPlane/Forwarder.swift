@@ -593,7 +593,8 @@ final class UDPToTunWorker: ForwardingWorker {
         while true {
             let n = withUnsafePointer(to: &sa) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(io.socketFD, b.scratch.baseAddress!, length, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    sendto(io.socketFD, b.scratch.baseAddress!, length, 0, $0,
+                           socklen_t(MemoryLayout<sockaddr_in>.size))
                 }
             }
             if n >= 0 {
