@@ -139,8 +139,10 @@ final class EtcdClient: Sendable {
 
         var config = HTTPClient.Configuration()
         // Unary calls have their own deadline; the read timeout only has to catch a watch whose server
-        // vanished, and etcd sends a progress notification on an idle watch every 10 minutes.
-        config.timeout = .init(connect: .seconds(5), read: .minutes(15))
+        // vanished, and etcd sends a progress notification on an idle watch every 10 minutes. AsyncHTTPClient
+        // keeps retrying a refused connection until the connect timeout, which is therefore also how long a
+        // dead endpoint delays failover to the next one.
+        config.timeout = .init(connect: .seconds(3), read: .minutes(15))
         config.redirectConfiguration = .disallow
         config.tlsConfiguration = try Self.tlsConfiguration(options)
         http = HTTPClient(eventLoopGroup: HTTPClient.defaultEventLoopGroup, configuration: config,
@@ -290,8 +292,13 @@ final class EtcdClient: Sendable {
         while true {
             do {
                 let (response, endpoint) = try await send(path, body: body, operation: operation)
-                let bytes = try await response.body.collect(upTo: 64 << 20)
-                let data = Data(bytes.readableBytesView)
+                let data: Data
+                do {
+                    data = Data(try await response.body.collect(upTo: 64 << 20).readableBytesView)
+                } catch where !Task.isCancelled {
+                    // The connection broke after the response head: as transient as a refused connection.
+                    throw EtcdError.unreachable(endpoints: [endpoint], reason: "\(operation): \(error)")
+                }
                 guard (200..<300).contains(response.status.code) else {
                     throw Self.serverError(data, status: response.status, endpoint: endpoint, operation: operation)
                 }

@@ -212,6 +212,14 @@ public final class EtcdRegistry: Sendable {
     /// own key is deleted, taken over by another node, or its etcd lease expires; `run` then returns.
     public func run(onPeers: @escaping @Sendable ([PeerRoute]) -> Void,
                     onLeaseLost: @escaping @Sendable () -> Void) async throws {
+        try await run(snapshot: nil, onPeers: onPeers, onLeaseLost: onLeaseLost)
+    }
+
+    /// `run`, starting from a listing taken earlier (leases and the revision they are as of) instead of a fresh
+    /// one: the watch then resumes from that revision, which is how a test makes it meet a compacted history.
+    func run(snapshot: (leases: [IPv4Network: LeaseAttributes], revision: Int64)?,
+             onPeers: @escaping @Sendable ([PeerRoute]) -> Void,
+             onLeaseLost: @escaping @Sendable () -> Void) async throws {
         guard let (lease, config) = state.withLock({ s in s.lease.flatMap { l in s.config.map { (l, $0) } } }) else {
             throw EtcdRegistryError.noLease
         }
@@ -229,13 +237,15 @@ public final class EtcdRegistry: Sendable {
             try await withThrowingTaskGroup(of: Void.self) { group in
                 group.addTask { try await self.renewLoop(lease: lease, reportLost: reportLost) }
                 group.addTask {
-                    try await self.watchLoop(lease: lease, config: config, onPeers: onPeers, reportLost: reportLost)
+                    try await self.watchLoop(lease: lease, config: config, snapshot: snapshot, onPeers: onPeers,
+                                             reportLost: reportLost)
                 }
                 // Either loop returns only when the lease is lost; then the other one is stopped.
                 try await group.next()
                 group.cancelAll()
             }
-        } catch is CancellationError where Task.isCancelled {
+        } catch where Task.isCancelled {
+            // Cancelled: the HTTP client reports this as its own error as often as a CancellationError.
             return
         }
     }
@@ -259,7 +269,7 @@ public final class EtcdRegistry: Sendable {
                 expiration = Date().addingTimeInterval(TimeInterval(ttl))
                 state.withLock { $0.lease?.expiration = expiration }
                 logger.info("etcd: renewed lease \(lease.subnet), new expiration \(expiration)")
-            } catch let error as EtcdError {
+            } catch where !Task.isCancelled {
                 logger.error("etcd: renewing lease \(lease.subnet) failed: \(error); trying again in \(retryDelay)")
                 expiration = Date().addingTimeInterval(Self.seconds(margin) + Self.seconds(retryDelay))
             }
@@ -270,12 +280,18 @@ public final class EtcdRegistry: Sendable {
     /// from the last revision seen (with backoff while etcd is unreachable); if etcd has compacted that revision
     /// away, the leases are listed again and the difference applied.
     private func watchLoop(lease: SubnetLease, config: NetworkConfig,
+                           snapshot: (leases: [IPv4Network: LeaseAttributes], revision: Int64)?,
                            onPeers: @Sendable ([PeerRoute]) -> Void,
                            reportLost: @Sendable (String) -> Void) async throws {
         var tracker = PeerTracker(own: lease.subnet, publicIP: publicIP, port: config.port)
         var revision: Int64 = 0
         var backoff = Duration.milliseconds(100)
         var needsListing = true
+        if let snapshot {
+            _ = tracker.reset(to: snapshot.leases)
+            revision = snapshot.revision
+            needsListing = false
+        }
 
         func publish() {
             guard let routes = tracker.takeChangedRoutes() else { return }
@@ -283,6 +299,7 @@ public final class EtcdRegistry: Sendable {
             onPeers(routes)
         }
 
+        if !needsListing { publish() }
         while true {
             try Task.checkCancellation()
             do {

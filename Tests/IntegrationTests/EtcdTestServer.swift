@@ -1,0 +1,187 @@
+import Foundation
+import Logging
+import Synchronization
+import XCTest
+@testable import FlannelUDP
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A throwaway etcd on loopback for one test: random free ports on 127.0.0.1, a temporary data directory,
+/// stopped and removed in teardown whatever happened. Nothing leaves loopback, nothing in the root namespace's
+/// network configuration changes.
+///
+///     test process ──HTTP (JSON gateway)──▶ 127.0.0.1:<client port>  etcd --data-dir /tmp/flannel-udp-etcd-*
+///                                            127.0.0.1:<peer port>    (single member, peers unused)
+final class EtcdTestServer: @unchecked Sendable {
+    static let binary = "/usr/bin/etcd"
+    static let etcdctl = "/usr/bin/etcdctl"
+
+    let dataDir: URL
+    let clientPort: UInt16
+    let peerPort: UInt16
+    private var process: Process?
+    private let logPath: URL
+
+    var endpoint: String { "http://127.0.0.1:\(clientPort)" }
+
+    /// Skips the test unless it runs as root with etcd installed.
+    static func requirements() throws {
+        guard getuid() == 0 else {
+            throw XCTSkip("etcd integration tests run only as root (they start an etcd server on loopback)")
+        }
+        guard FileManager.default.isExecutableFile(atPath: binary),
+              FileManager.default.isExecutableFile(atPath: etcdctl) else {
+            throw XCTSkip("etcd integration tests need \(binary) and \(etcdctl): apt-get install -y etcd-server etcd-client")
+        }
+    }
+
+    init() throws {
+        dataDir = FileManager.default.temporaryDirectory
+            .appendingPathComponent("flannel-udp-etcd-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+        try FileManager.default.createDirectory(at: dataDir, withIntermediateDirectories: true)
+        logPath = dataDir.appendingPathComponent("etcd.log")
+        clientPort = try Self.freePort()
+        var peer = try Self.freePort()
+        while peer == clientPort { peer = try Self.freePort() }
+        peerPort = peer
+    }
+
+    /// Starts etcd (again, on the same data directory and ports after `kill`) and waits until it is healthy.
+    func start() async throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Self.binary)
+        let peerURL = "http://127.0.0.1:\(peerPort)"
+        p.arguments = [
+            "--name", "test",
+            "--data-dir", dataDir.appendingPathComponent("data").path,
+            "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
+            "--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
+            "--initial-cluster", "test=\(peerURL)",
+            "--log-outputs", "stderr",
+        ]
+        if !FileManager.default.fileExists(atPath: logPath.path) {
+            _ = FileManager.default.createFile(atPath: logPath.path, contents: nil)
+        }
+        let log = try FileHandle(forWritingTo: logPath)
+        log.seekToEndOfFile()
+        p.standardOutput = log
+        p.standardError = log
+        try p.run()
+        process = p
+        try await waitForHealth()
+    }
+
+    private func waitForHealth() async throws {
+        let deadline = Date().addingTimeInterval(20)
+        while Date() < deadline {
+            if let p = process, !p.isRunning {
+                throw EtcdTestFailure("etcd exited with status \(p.terminationStatus); log:\n\(logTail())")
+            }
+            if (try? await run(Self.etcdctl, ["--endpoints=\(endpoint)", "--command-timeout=1s",
+                                              "endpoint", "health"]).status) == 0 {
+                return
+            }
+            try await Task.sleep(for: .milliseconds(100))
+        }
+        throw EtcdTestFailure("etcd at \(endpoint) not healthy after 20 s; log:\n\(logTail())")
+    }
+
+    /// SIGKILL, as a crash would; the data directory stays for `start()`.
+    func kill() {
+        guard let p = process else { return }
+        Glibc.kill(p.processIdentifier, SIGKILL)
+        p.waitUntilExit()
+        process = nil
+    }
+
+    /// Stops etcd and removes its data directory.
+    func destroy() {
+        kill()
+        try? FileManager.default.removeItem(at: dataDir)
+    }
+
+    func logTail() -> String {
+        let text = (try? String(contentsOf: logPath, encoding: .utf8)) ?? ""
+        return text.split(separator: "\n").suffix(15).joined(separator: "\n")
+    }
+
+    // MARK: etcdctl
+
+    /// Runs etcdctl against this server and returns its standard output; fails on a non-zero exit.
+    @discardableResult
+    func etcdctl(_ args: String...) async throws -> String {
+        let result = try await run(Self.etcdctl, ["--endpoints=\(endpoint)"] + args)
+        guard result.status == 0 else {
+            throw EtcdTestFailure("etcdctl \(args.joined(separator: " ")) exited \(result.status): \(result.output)")
+        }
+        return result.output
+    }
+
+    private func run(_ path: String, _ args: [String]) async throws -> (status: Int32, output: String) {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        p.environment = ["ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = out
+        try p.run()
+        let data = out.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        return (p.terminationStatus, String(decoding: data, as: UTF8.self))
+    }
+
+    // MARK: Helpers
+
+    static func freePort() throws -> UInt16 {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        guard fd >= 0 else { throw EtcdTestFailure("socket: \(errno)") }
+        defer { close(fd) }
+        var addr = sockaddr_in()
+        addr.sin_family = sa_family_t(AF_INET)
+        addr.sin_addr.s_addr = IPv4Address(127, 0, 0, 1).networkOrder
+        addr.sin_port = 0
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let rc = withUnsafeMutablePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { sa in
+                bind(fd, sa, len) == 0 ? getsockname(fd, sa, &len) : -1
+            }
+        }
+        guard rc == 0 else { throw EtcdTestFailure("bind 127.0.0.1:0: \(errno)") }
+        return UInt16(bigEndian: addr.sin_port)
+    }
+}
+
+struct EtcdTestFailure: Error, CustomStringConvertible {
+    let description: String
+    init(_ description: String) { self.description = description }
+}
+
+/// Polls `condition` every 20 ms until it holds or `timeout` passes.
+func etcdEventually(_ what: String, timeout: TimeInterval = 2, _ condition: () async throws -> Bool) async throws {
+    let deadline = Date().addingTimeInterval(timeout)
+    while true {
+        if try await condition() { return }
+        if Date() >= deadline { throw EtcdTestFailure("timed out after \(timeout) s waiting for \(what)") }
+        try await Task.sleep(for: .milliseconds(20))
+    }
+}
+
+/// What a running registry reported: the latest peer list and whether the lease was lost.
+final class EtcdRunObserver: Sendable {
+    private let state = Mutex<(routes: [PeerRoute]?, updates: Int, lost: Int)>((nil, 0, 0))
+
+    var routes: [PeerRoute]? { state.withLock { $0.routes } }
+    var updates: Int { state.withLock { $0.updates } }
+    var lostCount: Int { state.withLock { $0.lost } }
+
+    func peers(_ routes: [PeerRoute]) {
+        state.withLock { $0.routes = routes; $0.updates += 1 }
+    }
+
+    func lost() { state.withLock { $0.lost += 1 } }
+
+    var subnets: Set<String> { Set((routes ?? []).map(\.subnet.description)) }
+}
