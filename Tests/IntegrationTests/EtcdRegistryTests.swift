@@ -41,7 +41,7 @@ final class EtcdRegistryTests: XCTestCase {
         var options = EtcdOptions(endpoints: endpoints ?? [server.endpoint])
         tweak(&options)
         var logger = Logger(label: "etcd-\(ip)")
-        logger.logLevel = .info
+        logger.logLevel = ProcessInfo.processInfo.environment["ETCD_TEST_DEBUG"] != nil ? .debug : .info
         let registry = try EtcdRegistry(options: options, publicIP: IPv4Address(ip)!, logger: logger)
         registries.append(registry)
         return registry
@@ -356,6 +356,37 @@ final class EtcdRegistryTests: XCTestCase {
         try await server.etcdctl("--user=root:rootpw", "put", "/coreos.com/network/subnets/10.244.99.0-24",
                                  #"{"PublicIP":"192.168.9.99","PublicIPv6":null}"#)
         try await etcdEventually("peer seen through the authenticated watch") { observer.subnets == ["10.244.99.0/24"] }
+        XCTAssertTrue(config.admits(lease.subnet))
+    }
+
+    func testExpiredTokensAreReplaced() async throws {
+        // Simple tokens that live 1 s, and that all vanish when etcd restarts.
+        server.kill()
+        server.extraArguments = ["--auth-token-ttl=1"]
+        try await server.start()
+        _ = try await putConfig()
+        try await server.etcdctl("user", "add", "root:rootpw")
+        try await server.etcdctl("user", "add", "flannel:secret")
+        try await server.etcdctl("role", "add", "flannel")
+        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
+        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
+        try await server.etcdctl("auth", "enable")
+
+        let registry = try makeRegistry("192.168.9.2") { $0.username = "flannel"; $0.password = "secret" }
+        let config = try await registry.loadConfig(maxAttempts: 1)
+        try await Task.sleep(for: .seconds(3))  // the token has expired by now
+        let lease = try await registry.acquireLease(config: config, previousSubnet: nil)
+        let observer = start(registry)
+        try await etcdEventually("first routes") { observer.routes != nil }
+        // After a restart every token is unknown: the watch has to authenticate again to resume.
+        server.kill()
+        try await server.start()
+        try await server.etcdctl("--user=root:rootpw", "put", "/coreos.com/network/subnets/10.244.98.0-24",
+                                 #"{"PublicIP":"192.168.9.98","PublicIPv6":null}"#)
+        try await etcdEventually("peer seen after re-authenticating", timeout: 10) {
+            observer.subnets == ["10.244.98.0/24"]
+        }
+        XCTAssertEqual(observer.lostCount, 0)
         XCTAssertTrue(config.admits(lease.subnet))
     }
 }

@@ -1,3 +1,4 @@
+import AsyncHTTPClient
 import Foundation
 import Logging
 import Synchronization
@@ -22,6 +23,8 @@ final class EtcdTestServer: @unchecked Sendable {
     let clientPort: UInt16
     let peerPort: UInt16
     private var process: Process?
+    /// More etcd flags for the next `start()`.
+    var extraArguments: [String] = []
     private let logPath: URL
 
     var endpoint: String { "http://127.0.0.1:\(clientPort)" }
@@ -60,7 +63,7 @@ final class EtcdTestServer: @unchecked Sendable {
             "--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
             "--initial-cluster", "test=\(peerURL)",
             "--log-outputs", "stderr",
-        ]
+        ] + extraArguments
         if !FileManager.default.fileExists(atPath: logPath.path) {
             _ = FileManager.default.createFile(atPath: logPath.path, contents: nil)
         }
@@ -79,8 +82,12 @@ final class EtcdTestServer: @unchecked Sendable {
             if let p = process, !p.isRunning {
                 throw EtcdTestFailure("etcd exited with status \(p.terminationStatus); log:\n\(logTail())")
             }
-            if (try? await run(Self.etcdctl, ["--endpoints=\(endpoint)", "--command-timeout=1s",
-                                              "endpoint", "health"]).status) == 0 {
+            // /health answers without credentials, also once auth is enabled.
+            var request = HTTPClientRequest(url: endpoint + "/health")
+            request.method = .GET
+            if let response = try? await HTTPClient.shared.execute(request, timeout: .seconds(1)),
+               let body = try? await response.body.collect(upTo: 4096),
+               String(buffer: body).contains(#""health":"true""#) {
                 return
             }
             try await Task.sleep(for: .milliseconds(100))

@@ -237,8 +237,10 @@ final class EtcdClient: Sendable {
             try await call("/v3/lease/keepalive", Gateway.LeaseIDRequest(ID: EtcdInt64(id)),
                            operation: "lease keepalive")
         if let error = message.error {
-            throw EtcdError.server(endpoint: currentEndpoint, operation: "lease keepalive",
-                                   code: error.grpc_code ?? 0, message: error.message ?? "stream error")
+            // Some etcd versions answer a lease they do not know with NotFound instead of a TTL of 0.
+            if error.grpc_code == 5 || error.message?.contains("lease not found") == true { return 0 }
+            throw noteAuthFailure(.server(endpoint: currentEndpoint, operation: "lease keepalive",
+                                          code: error.grpc_code ?? 0, message: error.message ?? "stream error"))
         }
         return message.result?.TTL?.value ?? 0
     }
@@ -259,7 +261,15 @@ final class EtcdClient: Sendable {
             start_revision: EtcdInt64(startRevision), progress_notify: true))
         let body = try Gateway.encoder.encode(request)
         // The deadline covers only the wait for the response head; the stream then lasts until cancelled.
-        let (response, endpoint) = try await send("/v3/watch", body: body, operation: "watch \(prefix)")
+        // "hasleader" (flannel's WithRequireLeader) makes a member that loses its leader cancel the watch
+        // instead of going quiet, so that the caller reconnects, possibly to another endpoint.
+        let (response, endpoint) = try await send("/v3/watch", body: body, operation: "watch \(prefix)",
+                                                  headers: [("Grpc-Metadata-hasleader", "true")])
+        guard (200..<300).contains(response.status.code) else {
+            let data = Data((try? await response.body.collect(upTo: 1 << 20))?.readableBytesView ?? .init())
+            throw noteAuthFailure(Self.serverError(data, status: response.status, endpoint: endpoint,
+                                                   operation: "watch \(prefix)"))
+        }
         var splitter = JSONObjectSplitter()
         let decoder = JSONDecoder()
         for try await chunk in response.body {
@@ -271,8 +281,13 @@ final class EtcdClient: Sendable {
                     throw EtcdError.badResponse(endpoint: endpoint, operation: "watch", reason: "\(error)")
                 }
                 if let error = message.error {
-                    throw EtcdError.server(endpoint: endpoint, operation: "watch", code: error.grpc_code ?? 0,
-                                           message: error.message ?? "stream error")
+                    throw noteAuthFailure(.server(endpoint: endpoint, operation: "watch", code: error.grpc_code ?? 0,
+                                                  message: error.message ?? "stream error"))
+                }
+                // A watch refused for its token comes back as a cancellation, not as an error.
+                if let result = message.result, result.canceled == true, let reason = result.cancel_reason,
+                   reason.contains("invalid auth token") || reason.contains("Unauthenticated") {
+                    throw noteAuthFailure(.server(endpoint: endpoint, operation: "watch", code: 16, message: reason))
                 }
                 if let result = message.result, try await !handler(result) { return }
             }
@@ -309,16 +324,28 @@ final class EtcdClient: Sendable {
                                                 reason: "\(error) in '\(String(decoding: data.prefix(200), as: UTF8.self))'")
                 }
             } catch let error as EtcdError {
-                // An expired or revoked simple token: get a new one and try again, once.
-                if case .server(_, _, let code, let message) = error, options.username != nil, !reauthenticated,
-                   code == 16 || message.contains("invalid auth token") {
+                // An expired or revoked token: get a new one and try again, once.
+                if isAuthFailure(error), !reauthenticated {
                     reauthenticated = true
-                    state.withLock { $0.token = nil }
+                    _ = noteAuthFailure(error)
                     continue
                 }
                 throw error
             }
         }
+    }
+
+    /// True for etcd's answer to a token it no longer knows (simple tokens expire after --auth-token-ttl, and
+    /// all of them go when etcd restarts).
+    private func isAuthFailure(_ error: EtcdError) -> Bool {
+        guard options.username != nil, case .server(_, _, let code, let message) = error else { return false }
+        return code == 16 || message.contains("invalid auth token")
+    }
+
+    /// Forgets the token after an authentication failure, so that the next request fetches a new one.
+    private func noteAuthFailure(_ error: EtcdError) -> EtcdError {
+        if isAuthFailure(error) { state.withLock { $0.token = nil } }
+        return error
     }
 
     static func serverError(_ data: Data, status: HTTPResponseStatus, endpoint: String,
@@ -335,8 +362,8 @@ final class EtcdClient: Sendable {
     /// Sends one POST to the current endpoint, moving on to the next on a transport failure or an etcd
     /// "unavailable" answer, until every endpoint has been tried once. Returns the response with its body
     /// unread, and the endpoint that gave it.
-    private func send(_ path: String, body: Data,
-                      operation: String) async throws -> (HTTPClientResponse, String) {
+    private func send(_ path: String, body: Data, operation: String,
+                      headers: [(String, String)] = []) async throws -> (HTTPClientResponse, String) {
         let first = state.withLock { $0.current }
         var lastReason = "no endpoint"
         for attempt in 0..<endpoints.count {
@@ -349,6 +376,7 @@ final class EtcdClient: Sendable {
                 request.method = .POST
                 request.headers.add(name: "Content-Type", value: "application/json")
                 if let token { request.headers.add(name: "Authorization", value: token) }
+                for (name, value) in headers { request.headers.add(name: name, value: value) }
                 request.body = .bytes(ByteBuffer(bytes: body))
                 let response = try await http.execute(request, timeout: .nanoseconds(
                     Int64(options.requestTimeout.components.seconds) * 1_000_000_000
@@ -397,6 +425,7 @@ final class EtcdClient: Sendable {
             throw EtcdError.badResponse(endpoint: endpoint, operation: "authenticate", reason: "no token")
         }
         state.withLock { $0.token = token }
+        logger.info("etcd: authenticated as '\(username)' at \(endpoint)")
         return token
     }
 }
