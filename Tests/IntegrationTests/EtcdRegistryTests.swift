@@ -389,4 +389,33 @@ final class EtcdRegistryTests: XCTestCase {
         XCTAssertEqual(observer.lostCount, 0)
         XCTAssertTrue(config.admits(lease.subnet))
     }
+
+    func testTLSWithClientCertificate() async throws {
+        server.kill()
+        let tls = try await EtcdTestCertificates(directory: server.dataDir)
+        server.tls = tls
+        try await server.start()
+        let expected = try await putConfig()
+
+        // flanneld's three files: the CA to trust, and our certificate and key.
+        let registry = try makeRegistry("192.168.11.1") {
+            $0.caFile = tls.caCert; $0.certFile = tls.clientCert; $0.keyFile = tls.clientKey
+        }
+        XCTAssertTrue(server.endpoint.hasPrefix("https://"))
+        let config = try await registry.loadConfig(maxAttempts: 1)
+        XCTAssertEqual(config, expected)
+        _ = try await registry.acquireLease(config: config, previousSubnet: nil)
+        let observer = start(registry)
+        try await server.etcdctl("put", "/coreos.com/network/subnets/10.244.97.0-24", #"{"PublicIP":"192.168.11.97"}"#)
+        try await etcdEventually("peer over TLS") { observer.subnets == ["10.244.97.0/24"] }
+
+        // Without a client certificate the server refuses the handshake.
+        let anonymous = try makeRegistry("192.168.11.2") { $0.caFile = tls.caCert }
+        do {
+            _ = try await anonymous.loadConfig(maxAttempts: 1)
+            XCTFail("etcd accepted a client without a certificate")
+        } catch let error as EtcdError {
+            guard case .unreachable = error else { return XCTFail("\(error)") }
+        }
+    }
 }

@@ -22,12 +22,16 @@ final class EtcdTestServer: @unchecked Sendable {
     let dataDir: URL
     let clientPort: UInt16
     let peerPort: UInt16
+    /// Plain-HTTP port for /health (etcd's metrics listener), usable whatever TLS or auth the client port has.
+    let metricsPort: UInt16
+    /// When set (before `start()`), the client port speaks TLS and requires a client certificate from this CA.
+    var tls: EtcdTestCertificates?
     private var process: Process?
     /// More etcd flags for the next `start()`.
     var extraArguments: [String] = []
     private let logPath: URL
 
-    var endpoint: String { "http://127.0.0.1:\(clientPort)" }
+    var endpoint: String { "\(tls == nil ? "http" : "https")://127.0.0.1:\(clientPort)" }
 
     /// Skips the test unless it runs as root with etcd installed.
     static func requirements() throws {
@@ -46,9 +50,14 @@ final class EtcdTestServer: @unchecked Sendable {
         try FileManager.default.createDirectory(at: dataDir, withIntermediateDirectories: true)
         logPath = dataDir.appendingPathComponent("etcd.log")
         clientPort = try Self.freePort()
+        var ports: Set<UInt16> = [clientPort]
         var peer = try Self.freePort()
-        while peer == clientPort { peer = try Self.freePort() }
+        while ports.contains(peer) { peer = try Self.freePort() }
         peerPort = peer
+        ports.insert(peer)
+        var metrics = try Self.freePort()
+        while ports.contains(metrics) { metrics = try Self.freePort() }
+        metricsPort = metrics
     }
 
     /// Starts etcd (again, on the same data directory and ports after `kill`) and waits until it is healthy.
@@ -62,8 +71,13 @@ final class EtcdTestServer: @unchecked Sendable {
             "--listen-client-urls", endpoint, "--advertise-client-urls", endpoint,
             "--listen-peer-urls", peerURL, "--initial-advertise-peer-urls", peerURL,
             "--initial-cluster", "test=\(peerURL)",
+            "--listen-metrics-urls", "http://127.0.0.1:\(metricsPort)",
             "--log-outputs", "stderr",
         ] + extraArguments
+        if let tls {
+            p.arguments! += ["--cert-file", tls.serverCert, "--key-file", tls.serverKey,
+                             "--trusted-ca-file", tls.caCert, "--client-cert-auth"]
+        }
         if !FileManager.default.fileExists(atPath: logPath.path) {
             _ = FileManager.default.createFile(atPath: logPath.path, contents: nil)
         }
@@ -83,7 +97,7 @@ final class EtcdTestServer: @unchecked Sendable {
                 throw EtcdTestFailure("etcd exited with status \(p.terminationStatus); log:\n\(logTail())")
             }
             // /health answers without credentials, also once auth is enabled.
-            var request = HTTPClientRequest(url: endpoint + "/health")
+            var request = HTTPClientRequest(url: "http://127.0.0.1:\(metricsPort)/health")
             request.method = .GET
             if let response = try? await HTTPClient.shared.execute(request, timeout: .seconds(1)),
                let body = try? await response.body.collect(upTo: 4096),
@@ -119,14 +133,16 @@ final class EtcdTestServer: @unchecked Sendable {
     /// Runs etcdctl against this server and returns its standard output; fails on a non-zero exit.
     @discardableResult
     func etcdctl(_ args: String...) async throws -> String {
-        let result = try await run(Self.etcdctl, ["--endpoints=\(endpoint)"] + args)
+        var options = ["--endpoints=\(endpoint)"]
+        if let tls { options += ["--cacert=\(tls.caCert)", "--cert=\(tls.clientCert)", "--key=\(tls.clientKey)"] }
+        let result = try await Self.run(Self.etcdctl, options + args)
         guard result.status == 0 else {
             throw EtcdTestFailure("etcdctl \(args.joined(separator: " ")) exited \(result.status): \(result.output)")
         }
         return result.output
     }
 
-    private func run(_ path: String, _ args: [String]) async throws -> (status: Int32, output: String) {
+    static func run(_ path: String, _ args: [String]) async throws -> (status: Int32, output: String) {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
@@ -158,6 +174,46 @@ final class EtcdTestServer: @unchecked Sendable {
         }
         guard rc == 0 else { throw EtcdTestFailure("bind 127.0.0.1:0: \(errno)") }
         return UInt16(bigEndian: addr.sin_port)
+    }
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl in `directory`.
+struct EtcdTestCertificates {
+    let caCert: String
+    let serverCert: String
+    let serverKey: String
+    let clientCert: String
+    let clientKey: String
+
+    init(directory: URL) async throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/openssl") else {
+            throw XCTSkip("the etcd TLS test needs /usr/bin/openssl")
+        }
+        let dir = directory.path
+        func path(_ name: String) -> String { "\(dir)/\(name)" }
+        caCert = path("ca.pem"); serverCert = path("server.pem"); serverKey = path("server-key.pem")
+        clientCert = path("client.pem"); clientKey = path("client-key.pem")
+        let ext = path("san.cnf")
+        try "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n"
+            .write(toFile: ext, atomically: true, encoding: .utf8)
+        let steps: [[String]] = [
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", path("ca-key.pem"), "-out", caCert,
+             "-days", "1", "-subj", "/CN=flannel-udp test CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", serverKey, "-out", path("server.csr"),
+             "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", path("server.csr"), "-CA", caCert, "-CAkey", path("ca-key.pem"),
+             "-CAcreateserial", "-out", serverCert, "-days", "1", "-extfile", ext],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", clientKey, "-out", path("client.csr"),
+             "-subj", "/CN=flannel"],
+            ["x509", "-req", "-in", path("client.csr"), "-CA", caCert, "-CAkey", path("ca-key.pem"),
+             "-CAcreateserial", "-out", clientCert, "-days", "1", "-extfile", ext],
+        ]
+        for step in steps {
+            let result = try await EtcdTestServer.run("/usr/bin/openssl", step)
+            guard result.status == 0 else {
+                throw EtcdTestFailure("openssl \(step.joined(separator: " ")): \(result.output)")
+            }
+        }
     }
 }
 
