@@ -5,7 +5,7 @@ import XCTest
 /// The JSON gateway's request and response bodies. Responses are verbatim captures from etcd 3.4.
 final class EtcdGatewayTests: XCTestCase {
     private func encode<T: Encodable>(_ value: T) throws -> String {
-        String(decoding: try Gateway.encoder.encode(value), as: UTF8.self)
+        String(decoding: try EtcdGateway.encoder.encode(value), as: UTF8.self)
     }
 
     private func decode<T: Decodable>(_ type: T.Type, _ text: String) throws -> T {
@@ -13,24 +13,24 @@ final class EtcdGatewayTests: XCTestCase {
     }
 
     func testRangeRequestForAPrefixIsBase64WithRangeEnd() throws {
-        let request = Gateway.RangeRequest(key: EtcdBytes("/coreos.com/network/subnets/"),
-                                           range_end: EtcdBytes(Gateway.prefixRangeEnd("/coreos.com/network/subnets/")))
+        let request = EtcdGateway.RangeRequest(key: EtcdBytes("/coreos.com/network/subnets/"),
+                                           range_end: EtcdBytes(EtcdGateway.prefixRangeEnd("/coreos.com/network/subnets/")))
         XCTAssertEqual(try encode(request),
                        #"{"key":"L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzLw==","range_end":"L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzMA=="}"#)
         // range_end is the prefix with its last byte + 1 ("/" -> "0").
-        XCTAssertEqual(String(decoding: Gateway.prefixRangeEnd("/a/"), as: UTF8.self), "/a0")
-        XCTAssertEqual(Gateway.prefixRangeEnd("a\u{7f}"), Data([0x61, 0x80]))
-        XCTAssertEqual(Gateway.prefixRangeEnd("a\u{ff}"), Data([0x61, 0xc3, 0xc0]), "bytes, not characters")
-        XCTAssertEqual(Gateway.prefixRangeEnd(""), Data([0]))
+        XCTAssertEqual(String(decoding: EtcdGateway.prefixRangeEnd("/a/"), as: UTF8.self), "/a0")
+        XCTAssertEqual(EtcdGateway.prefixRangeEnd("a\u{7f}"), Data([0x61, 0x80]))
+        XCTAssertEqual(EtcdGateway.prefixRangeEnd("a\u{ff}"), Data([0x61, 0xc3, 0xc0]), "bytes, not characters")
+        XCTAssertEqual(EtcdGateway.prefixRangeEnd(""), Data([0]))
     }
 
     func testTxnCreateIfAbsentShape() throws {
         let key = "/coreos.com/network/subnets/10.244.1.0-24"
-        let request = Gateway.TxnRequest(
+        let request = EtcdGateway.TxnRequest(
             compare: [.init(key: EtcdBytes(key), target: "VERSION", result: "EQUAL", version: 0)],
             success: [.init(request_put: .init(key: EtcdBytes(key), value: EtcdBytes(#"{"PublicIP":"1.2.3.4","PublicIPv6":null}"#),
                                                lease: EtcdInt64(4_111_120_261_178_274_569)))])
-        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: Gateway.encoder.encode(request)) as? [String: Any])
+        let object = try XCTUnwrap(JSONSerialization.jsonObject(with: EtcdGateway.encoder.encode(request)) as? [String: Any])
         let compare = try XCTUnwrap((object["compare"] as? [[String: Any]])?.first)
         XCTAssertEqual(compare["target"] as? String, "VERSION")
         XCTAssertEqual(compare["result"] as? String, "EQUAL")
@@ -43,19 +43,19 @@ final class EtcdGatewayTests: XCTestCase {
     }
 
     func testOtherRequestShapes() throws {
-        XCTAssertEqual(try encode(Gateway.LeaseGrantRequest(TTL: 86400)), #"{"TTL":"86400"}"#)
-        XCTAssertEqual(try encode(Gateway.LeaseIDRequest(ID: EtcdInt64(-2))), #"{"ID":"-2"}"#)
-        XCTAssertEqual(try encode(Gateway.PutRequest(key: EtcdBytes("k"), value: EtcdBytes("v"), lease: nil)),
+        XCTAssertEqual(try encode(EtcdGateway.LeaseGrantRequest(TTL: 86400)), #"{"TTL":"86400"}"#)
+        XCTAssertEqual(try encode(EtcdGateway.LeaseIDRequest(ID: EtcdInt64(-2))), #"{"ID":"-2"}"#)
+        XCTAssertEqual(try encode(EtcdGateway.PutRequest(key: EtcdBytes("k"), value: EtcdBytes("v"), lease: nil)),
                        #"{"key":"aw==","value":"dg=="}"#)
-        XCTAssertEqual(try encode(Gateway.AuthenticateRequest(name: "root", password: "pw")),
+        XCTAssertEqual(try encode(EtcdGateway.AuthenticateRequest(name: "root", password: "pw")),
                        #"{"name":"root","password":"pw"}"#)
-        XCTAssertEqual(try encode(Gateway.WatchCreateRequest(create_request: .init(
+        XCTAssertEqual(try encode(EtcdGateway.WatchCreateRequest(create_request: .init(
             key: EtcdBytes("/p/"), range_end: EtcdBytes("/p0"), start_revision: 13, progress_notify: true))),
             #"{"create_request":{"key":"L3Av","progress_notify":true,"range_end":"L3Aw","start_revision":"13"}}"#)
     }
 
     func testRangeResponse() throws {
-        let r = try decode(Gateway.RangeResponse.self, """
+        let r = try decode(EtcdGateway.RangeResponse.self, """
             {"header":{"cluster_id":"15118495548433857066","member_id":"13668033151171901709","revision":"3","raft_term":"2"},"kvs":[{"key":"L2NvcmVvcy5jb20vbmV0d29yay9zdWJuZXRzLzEwLjI0NC4xLjAtMjQ=","create_revision":"3","mod_revision":"3","version":"1","value":"eyJQdWJsaWNJUCI6IjEuMi4zLjQiLCJQdWJsaWNJUHY2IjpudWxsfQ==","lease":"4111120261178274569"}],"count":"1"}
             """)
         XCTAssertEqual(r.header?.revision?.value, 3)
@@ -65,32 +65,32 @@ final class EtcdGatewayTests: XCTestCase {
         XCTAssertEqual(kv.lease?.value, 4_111_120_261_178_274_569)
         XCTAssertEqual(kv.version?.value, 1)
         // An empty range has no "kvs" at all.
-        let empty = try decode(Gateway.RangeResponse.self,
+        let empty = try decode(EtcdGateway.RangeResponse.self,
                                #"{"header":{"cluster_id":"1","member_id":"2","revision":"2","raft_term":"2"}}"#)
         XCTAssertNil(empty.kvs)
     }
 
     func testTxnAndLeaseResponses() throws {
-        XCTAssertEqual(try decode(Gateway.TxnResponse.self, #"{"header":{"revision":"3"},"succeeded":true,"responses":[{"response_put":{"header":{"revision":"3"}}}]}"#).succeeded, true)
+        XCTAssertEqual(try decode(EtcdGateway.TxnResponse.self, #"{"header":{"revision":"3"},"succeeded":true,"responses":[{"response_put":{"header":{"revision":"3"}}}]}"#).succeeded, true)
         // A failed compare leaves "succeeded" out.
-        XCTAssertNil(try decode(Gateway.TxnResponse.self, #"{"header":{"revision":"3","raft_term":"2"}}"#).succeeded)
-        let grant = try decode(Gateway.LeaseGrantResponse.self,
+        XCTAssertNil(try decode(EtcdGateway.TxnResponse.self, #"{"header":{"revision":"3","raft_term":"2"}}"#).succeeded)
+        let grant = try decode(EtcdGateway.LeaseGrantResponse.self,
                                #"{"header":{"revision":"2"},"ID":"4111120261178274569","TTL":"60"}"#)
         XCTAssertEqual(grant.ID?.value, 4_111_120_261_178_274_569)
         XCTAssertEqual(grant.TTL?.value, 60)
         // keepalive is a stream; a lease that does not exist comes back without TTL.
-        let alive = try decode(Gateway.StreamMessage<Gateway.LeaseKeepAliveResponse>.self,
+        let alive = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse>.self,
                                #"{"result":{"header":{"revision":"3"},"ID":"4111120261178274569","TTL":"60"}}"#)
         XCTAssertEqual(alive.result?.TTL?.value, 60)
-        let gone = try decode(Gateway.StreamMessage<Gateway.LeaseKeepAliveResponse>.self,
+        let gone = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse>.self,
                               #"{"result":{"header":{"revision":"3"},"ID":"123"}}"#)
         XCTAssertNil(gone.result?.TTL)
-        XCTAssertEqual(try decode(Gateway.DeleteRangeResponse.self, #"{"header":{"revision":"4"},"deleted":"1"}"#).deleted?.value, 1)
-        XCTAssertEqual(try decode(Gateway.AuthenticateResponse.self, #"{"header":{},"token":"abc.12"}"#).token, "abc.12")
+        XCTAssertEqual(try decode(EtcdGateway.DeleteRangeResponse.self, #"{"header":{"revision":"4"},"deleted":"1"}"#).deleted?.value, 1)
+        XCTAssertEqual(try decode(EtcdGateway.AuthenticateResponse.self, #"{"header":{},"token":"abc.12"}"#).token, "abc.12")
     }
 
     func testWatchResponses() throws {
-        typealias Message = Gateway.StreamMessage<Gateway.WatchResponse>
+        typealias Message = EtcdGateway.StreamMessage<EtcdGateway.WatchResponse>
         let created = try decode(Message.self, #"{"result":{"header":{"revision":"3"},"created":true}}"#)
         XCTAssertEqual(created.result?.created, true)
         let put = try decode(Message.self, """
@@ -122,9 +122,9 @@ final class EtcdGatewayTests: XCTestCase {
     }
 
     func testBadBase64AndIntegersAreErrors() {
-        XCTAssertThrowsError(try decode(Gateway.KeyValue.self, #"{"key":"!!"}"#))
-        XCTAssertThrowsError(try decode(Gateway.Header.self, #"{"revision":"12x"}"#))
-        XCTAssertEqual(try decode(Gateway.Header.self, #"{"revision":12}"#).revision?.value, 12)
+        XCTAssertThrowsError(try decode(EtcdGateway.KeyValue.self, #"{"key":"!!"}"#))
+        XCTAssertThrowsError(try decode(EtcdGateway.Header.self, #"{"revision":"12x"}"#))
+        XCTAssertEqual(try decode(EtcdGateway.Header.self, #"{"revision":12}"#).revision?.value, 12)
     }
 
     func testStreamSplitterHandlesAnyChunking() throws {

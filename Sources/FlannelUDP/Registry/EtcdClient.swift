@@ -185,36 +185,36 @@ final class EtcdClient: Sendable {
 
     /// Reads one key, or every key under `prefix` when `prefix` is true. Returns the pairs and the store
     /// revision they are as of.
-    func range(_ key: String, prefix: Bool = false) async throws -> (kvs: [Gateway.KeyValue], revision: Int64) {
-        let request = Gateway.RangeRequest(
-            key: EtcdBytes(key), range_end: prefix ? EtcdBytes(Gateway.prefixRangeEnd(key)) : nil)
-        let response: Gateway.RangeResponse = try await call("/v3/kv/range", request, operation: "range \(key)")
+    func range(_ key: String, prefix: Bool = false) async throws -> (kvs: [EtcdGateway.KeyValue], revision: Int64) {
+        let request = EtcdGateway.RangeRequest(
+            key: EtcdBytes(key), range_end: prefix ? EtcdBytes(EtcdGateway.prefixRangeEnd(key)) : nil)
+        let response: EtcdGateway.RangeResponse = try await call("/v3/kv/range", request, operation: "range \(key)")
         return (response.kvs ?? [], response.header?.revision?.value ?? 0)
     }
 
     @discardableResult
     func put(_ key: String, value: String, lease: Int64 = 0) async throws -> Int64 {
-        let request = Gateway.PutRequest(key: EtcdBytes(key), value: EtcdBytes(value),
+        let request = EtcdGateway.PutRequest(key: EtcdBytes(key), value: EtcdBytes(value),
                                          lease: lease == 0 ? nil : EtcdInt64(lease))
-        let response: Gateway.PutResponse = try await call("/v3/kv/put", request, operation: "put \(key)")
+        let response: EtcdGateway.PutResponse = try await call("/v3/kv/put", request, operation: "put \(key)")
         return response.header?.revision?.value ?? 0
     }
 
     /// Puts `key` only if it does not exist (its version is 0), atomically. Returns false if it exists.
     func create(_ key: String, value: String, lease: Int64) async throws -> Bool {
-        let request = Gateway.TxnRequest(
+        let request = EtcdGateway.TxnRequest(
             compare: [.init(key: EtcdBytes(key), target: "VERSION", result: "EQUAL", version: 0)],
             success: [.init(request_put: .init(key: EtcdBytes(key), value: EtcdBytes(value),
                                                lease: EtcdInt64(lease)))])
-        let response: Gateway.TxnResponse = try await call("/v3/kv/txn", request, operation: "create \(key)")
+        let response: EtcdGateway.TxnResponse = try await call("/v3/kv/txn", request, operation: "create \(key)")
         return response.succeeded ?? false
     }
 
     /// Deletes `key`; returns how many keys went.
     @discardableResult
     func delete(_ key: String) async throws -> Int64 {
-        let request = Gateway.DeleteRangeRequest(key: EtcdBytes(key), range_end: nil)
-        let response: Gateway.DeleteRangeResponse =
+        let request = EtcdGateway.DeleteRangeRequest(key: EtcdBytes(key), range_end: nil)
+        let response: EtcdGateway.DeleteRangeResponse =
             try await call("/v3/kv/deleterange", request, operation: "delete \(key)")
         return response.deleted?.value ?? 0
     }
@@ -222,8 +222,8 @@ final class EtcdClient: Sendable {
     // MARK: Leases
 
     func grant(ttl: Int64) async throws -> (id: Int64, ttl: Int64) {
-        let response: Gateway.LeaseGrantResponse =
-            try await call("/v3/lease/grant", Gateway.LeaseGrantRequest(TTL: EtcdInt64(ttl)), operation: "lease grant")
+        let response: EtcdGateway.LeaseGrantResponse =
+            try await call("/v3/lease/grant", EtcdGateway.LeaseGrantRequest(TTL: EtcdInt64(ttl)), operation: "lease grant")
         guard let id = response.ID?.value, id != 0 else {
             throw EtcdError.badResponse(endpoint: currentEndpoint, operation: "lease grant",
                                         reason: response.error ?? "no lease ID")
@@ -233,8 +233,8 @@ final class EtcdClient: Sendable {
 
     /// Refreshes a lease; returns its new TTL in seconds, 0 if the lease no longer exists.
     func keepAlive(_ id: Int64) async throws -> Int64 {
-        let message: Gateway.StreamMessage<Gateway.LeaseKeepAliveResponse> =
-            try await call("/v3/lease/keepalive", Gateway.LeaseIDRequest(ID: EtcdInt64(id)),
+        let message: EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse> =
+            try await call("/v3/lease/keepalive", EtcdGateway.LeaseIDRequest(ID: EtcdInt64(id)),
                            operation: "lease keepalive")
         if let error = message.error {
             // Some etcd versions answer a lease they do not know with NotFound instead of a TTL of 0.
@@ -246,8 +246,8 @@ final class EtcdClient: Sendable {
     }
 
     func revoke(_ id: Int64) async throws {
-        let _: Gateway.PutResponse =
-            try await call("/v3/lease/revoke", Gateway.LeaseIDRequest(ID: EtcdInt64(id)), operation: "lease revoke")
+        let _: EtcdGateway.PutResponse =
+            try await call("/v3/lease/revoke", EtcdGateway.LeaseIDRequest(ID: EtcdInt64(id)), operation: "lease revoke")
     }
 
     // MARK: Watch
@@ -255,11 +255,11 @@ final class EtcdClient: Sendable {
     /// Watches every key under `prefix` from `startRevision` and hands each response to `handler` until the
     /// handler returns false, the server ends the stream (returns normally), or the connection fails (throws).
     func watch(prefix: String, startRevision: Int64,
-               _ handler: (Gateway.WatchResponse) async throws -> Bool) async throws {
-        let request = Gateway.WatchCreateRequest(create_request: .init(
-            key: EtcdBytes(prefix), range_end: EtcdBytes(Gateway.prefixRangeEnd(prefix)),
+               _ handler: (EtcdGateway.WatchResponse) async throws -> Bool) async throws {
+        let request = EtcdGateway.WatchCreateRequest(create_request: .init(
+            key: EtcdBytes(prefix), range_end: EtcdBytes(EtcdGateway.prefixRangeEnd(prefix)),
             start_revision: EtcdInt64(startRevision), progress_notify: true))
-        let body = try Gateway.encoder.encode(request)
+        let body = try EtcdGateway.encoder.encode(request)
         // The deadline covers only the wait for the response head; the stream then lasts until cancelled.
         // "hasleader" (flannel's WithRequireLeader) makes a member that loses its leader cancel the watch
         // instead of going quiet, so that the caller reconnects, possibly to another endpoint.
@@ -274,9 +274,9 @@ final class EtcdClient: Sendable {
         let decoder = JSONDecoder()
         for try await chunk in response.body {
             for object in try splitter.append(chunk.readableBytesView) {
-                let message: Gateway.StreamMessage<Gateway.WatchResponse>
+                let message: EtcdGateway.StreamMessage<EtcdGateway.WatchResponse>
                 do {
-                    message = try decoder.decode(Gateway.StreamMessage<Gateway.WatchResponse>.self, from: object)
+                    message = try decoder.decode(EtcdGateway.StreamMessage<EtcdGateway.WatchResponse>.self, from: object)
                 } catch {
                     throw EtcdError.badResponse(endpoint: endpoint, operation: "watch", reason: "\(error)")
                 }
@@ -302,7 +302,7 @@ final class EtcdClient: Sendable {
     /// once more if etcd rejects the token.
     private func call<Request: Encodable, Response: Decodable>(_ path: String, _ request: Request,
                                                                operation: String) async throws -> Response {
-        let body = try Gateway.encoder.encode(request)
+        let body = try EtcdGateway.encoder.encode(request)
         var reauthenticated = false
         while true {
             do {
@@ -350,7 +350,7 @@ final class EtcdClient: Sendable {
 
     static func serverError(_ data: Data, status: HTTPResponseStatus, endpoint: String,
                             operation: String) -> EtcdError {
-        if let body = try? JSONDecoder().decode(Gateway.ErrorBody.self, from: data),
+        if let body = try? JSONDecoder().decode(EtcdGateway.ErrorBody.self, from: data),
            let message = body.message ?? body.error {
             return .server(endpoint: endpoint, operation: operation, code: body.code ?? 0, message: message)
         }
@@ -410,8 +410,8 @@ final class EtcdClient: Sendable {
         var request = HTTPClientRequest(url: endpoint + "/v3/auth/authenticate")
         request.method = .POST
         request.headers.add(name: "Content-Type", value: "application/json")
-        request.body = .bytes(ByteBuffer(bytes: try Gateway.encoder.encode(
-            Gateway.AuthenticateRequest(name: username, password: options.password ?? ""))))
+        request.body = .bytes(ByteBuffer(bytes: try EtcdGateway.encoder.encode(
+            EtcdGateway.AuthenticateRequest(name: username, password: options.password ?? ""))))
         let response = try await http.execute(request, timeout: .seconds(10))
         let data = Data(try await response.body.collect(upTo: 1 << 20).readableBytesView)
         guard (200..<300).contains(response.status.code) else {
@@ -419,7 +419,7 @@ final class EtcdClient: Sendable {
                                          operation: "authenticate as '\(username)'")
             throw error
         }
-        guard let token = try JSONDecoder().decode(Gateway.AuthenticateResponse.self, from: data).token,
+        guard let token = try JSONDecoder().decode(EtcdGateway.AuthenticateResponse.self, from: data).token,
               !token.isEmpty
         else {
             throw EtcdError.badResponse(endpoint: endpoint, operation: "authenticate", reason: "no token")

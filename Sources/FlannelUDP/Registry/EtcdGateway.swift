@@ -59,7 +59,7 @@ struct EtcdBytes: Codable, Sendable, Equatable {
     }
 }
 
-enum Gateway {
+enum EtcdGateway {
     struct Header: Codable, Sendable, Equatable {
         var revision: EtcdInt64?
     }

@@ -177,10 +177,10 @@ public final class EtcdRegistry: Sendable {
 
     /// Every parseable lease under `<prefix>/subnets/`, with the raw pairs and the revision of the listing.
     /// Keys or values that are not flannel's are skipped with a warning, as flannel does.
-    func listLeases() async throws -> ([IPv4Network: LeaseAttributes], [IPv4Network: Gateway.KeyValue], Int64) {
+    func listLeases() async throws -> ([IPv4Network: LeaseAttributes], [IPv4Network: EtcdGateway.KeyValue], Int64) {
         let (kvs, revision) = try await client.range(subnetsPrefix, prefix: true)
         var leases: [IPv4Network: LeaseAttributes] = [:]
-        var raw: [IPv4Network: Gateway.KeyValue] = [:]
+        var raw: [IPv4Network: EtcdGateway.KeyValue] = [:]
         for kv in kvs {
             guard let (subnet, attributes) = parse(kv) else { continue }
             leases[subnet] = attributes
@@ -189,7 +189,7 @@ public final class EtcdRegistry: Sendable {
         return (leases, raw, revision)
     }
 
-    private func parse(_ kv: Gateway.KeyValue) -> (IPv4Network, LeaseAttributes)? {
+    private func parse(_ kv: EtcdGateway.KeyValue) -> (IPv4Network, LeaseAttributes)? {
         let key = kv.key.string
         guard let subnet = SubnetKey.parse(key) else {
             logger.warning("etcd: ignoring \(key): not a subnet key")
