@@ -418,4 +418,22 @@ final class EtcdRegistryTests: XCTestCase {
             guard case .unreachable = error else { return XCTFail("\(error)") }
         }
     }
+
+    func testReservationIsKeptWithoutExpiry() async throws {
+        let config = try await putConfig()
+        // flannel's reservations: a key without an etcd lease, put by an operator for a node's public IP.
+        let key = "/coreos.com/network/subnets/10.244.66.0-24"
+        try await server.etcdctl("put", key, #"{"PublicIP":"192.168.12.1","PublicIPv6":null}"#)
+        let registry = try makeRegistry("192.168.12.1")
+        let lease = try await registry.acquireLease(config: config, previousSubnet: nil)
+        XCTAssertEqual(lease.subnet.description, "10.244.66.0/24")
+        XCTAssertEqual(lease.etcdLeaseID, 0)
+        XCTAssertEqual(lease.expiration, .distantFuture)
+        let stored = try await server.etcdctl("get", key, "--write-out=json")
+        XCTAssertFalse(stored.contains(#""lease""#), "the reservation got an expiring lease: \(stored)")
+        let observer = start(registry)
+        try await etcdEventually("routes") { observer.routes != nil }
+        try await server.etcdctl("del", key)
+        try await etcdEventually("reservation deleted is reported") { observer.lostCount == 1 }
+    }
 }

@@ -101,10 +101,11 @@ public final class EtcdRegistry: Sendable {
 
     // MARK: Lease
 
-    /// Leases this node a subnet, flannel's way (see `SubnetAllocator`): our existing lease, else
-    /// `previousSubnet` if free, else a random free subnet. The key is created only if absent (an etcd txn), on a
-    /// fresh etcd lease of `options.leaseTTL`; when another node creates the same key first, the choice is made
-    /// again from a fresh listing, up to `raceRetries` times.
+    /// Leases this node a subnet, flannel's way (see `SubnetAllocator`): our existing lease (re-put on a fresh
+    /// etcd lease; a reservation, a key without an etcd lease, is kept that way), else `previousSubnet` if
+    /// free, else a random free subnet. A new key is created only if absent (an etcd txn), on a fresh etcd lease
+    /// of `options.leaseTTL`; when another node creates the same key first, the choice is made again from a
+    /// fresh listing, up to `raceRetries` times.
     public func acquireLease(config: NetworkConfig, previousSubnet: IPv4Network?) async throws -> SubnetLease {
         let allocator = SubnetAllocator(config: config)
         let attributes = LeaseAttributes.udp(publicIP: publicIP)
@@ -118,6 +119,16 @@ public final class EtcdRegistry: Sendable {
             }
             if let subnet = plan.reuse {
                 let key = SubnetKey.key(prefix: options.prefix, subnet: subnet)
+                let oldLease = raw[subnet]?.lease?.value ?? 0
+                if oldLease == 0 {
+                    // A reservation: an operator's key without an etcd lease. flannel keeps it permanent.
+                    try await client.put(key, value: attributes.json)
+                    let lease = SubnetLease(subnet: subnet, attributes: attributes, expiration: .distantFuture,
+                                            etcdLeaseID: 0)
+                    logger.info("etcd: found reservation \(subnet) for \(publicIP), using it")
+                    state.withLock { $0.lease = lease; $0.config = config }
+                    return lease
+                }
                 let grant = try await client.grant(ttl: ttl)
                 do {
                     try await client.put(key, value: attributes.json, lease: grant.id)
@@ -126,8 +137,8 @@ public final class EtcdRegistry: Sendable {
                     throw error
                 }
                 // The key now hangs on the new etcd lease; the old one has nothing left to expire.
-                if let old = raw[subnet]?.lease?.value, old != 0, old != grant.id {
-                    try? await client.revoke(old)
+                if oldLease != grant.id {
+                    try? await client.revoke(oldLease)
                 }
                 let lease = SubnetLease(subnet: subnet, attributes: attributes,
                                         expiration: Date().addingTimeInterval(TimeInterval(grant.ttl)),
@@ -170,7 +181,7 @@ public final class EtcdRegistry: Sendable {
         guard let lease = state.withLock({ $0.lease }) else { throw EtcdRegistryError.noLease }
         let key = SubnetKey.key(prefix: options.prefix, subnet: lease.subnet)
         try await client.delete(key)
-        try? await client.revoke(lease.etcdLeaseID)
+        if lease.etcdLeaseID != 0 { try? await client.revoke(lease.etcdLeaseID) }
         state.withLock { $0.lease = nil }
         logger.info("etcd: released lease \(lease.subnet)")
     }
@@ -254,6 +265,10 @@ public final class EtcdRegistry: Sendable {
         let margin = options.renewMargin
         let retryDelay = min(Duration.seconds(60), margin / 2)
         var expiration = lease.expiration
+        while lease.etcdLeaseID == 0 {
+            // A reservation never expires: nothing to renew; the watch still notices if it is deleted.
+            try await Task.sleep(for: .seconds(3600))
+        }
         while true {
             let wait = expiration.timeIntervalSinceNow - Self.seconds(margin)
             if wait > 0 {

@@ -113,7 +113,8 @@ public struct SubnetLease: Sendable, Equatable, CustomStringConvertible {
     public var attributes: LeaseAttributes
     /// When etcd drops the key unless the lease is renewed.
     public var expiration: Date
-    /// The etcd lease the key is attached to.
+    /// The etcd lease the key is attached to; 0 for a reservation (a key put without a lease, which never
+    /// expires; its `expiration` is `Date.distantFuture`).
     public var etcdLeaseID: Int64
 
     public init(subnet: IPv4Network, attributes: LeaseAttributes, expiration: Date, etcdLeaseID: Int64) {
