@@ -188,7 +188,7 @@ _flannel-udp_up() {
     repeating_flags=()
     non_repeating_flags=(--ip-masq --detach --verbose -v --version -h --help)
     repeating_options=()
-    non_repeating_options=(--network --subnet --iface --public-ip --port --mtu --device --peers --subnet-file --peer-check --log-file)
+    non_repeating_options=(--network --subnet --etcd-endpoints --etcd-prefix --etcd-username --etcd-password --etcd-cafile --etcd-certfile --etcd-keyfile --iface --public-ip --port --mtu --device --peers --subnet-file --peer-check --log-file)
     __flannel-udp_offer_flags_options 0
 
     # Offer option value completions
@@ -197,6 +197,27 @@ _flannel-udp_up() {
         return
         ;;
     '--subnet')
+        return
+        ;;
+    '--etcd-endpoints')
+        return
+        ;;
+    '--etcd-prefix')
+        return
+        ;;
+    '--etcd-username')
+        return
+        ;;
+    '--etcd-password')
+        return
+        ;;
+    '--etcd-cafile')
+        return
+        ;;
+    '--etcd-certfile')
+        return
+        ;;
+    '--etcd-keyfile')
         return
         ;;
     '--iface')
@@ -232,7 +253,7 @@ _flannel-udp_up() {
 
 _flannel-udp_down() {
     repeating_flags=()
-    non_repeating_flags=(--version -h --help)
+    non_repeating_flags=(--keep-lease --version -h --help)
     repeating_options=()
     non_repeating_options=(--device --timeout)
     __flannel-udp_offer_flags_options 0

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client
+install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl
 require_swift
 
 step "swift build --build-tests"

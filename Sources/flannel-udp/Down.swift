@@ -17,6 +17,9 @@ struct Down: ParsableCommand {
 
     @OptionGroup var deviceOptions: DeviceOptions
 
+    @Flag(name: .customLong("keep-lease"), help: "Leave this node's etcd lease in the registry (it expires by itself).")
+    var keepLease = false
+
     @Option(help: ArgumentHelp("Seconds to wait for the daemon to stop before killing it.", valueName: "s"))
     var timeout: Int = 10
 
@@ -30,7 +33,7 @@ struct Down: ParsableCommand {
         let response: ControlResponse
         do {
             if case .status(let s) = try ControlClient.send(.status, paths: paths) { pid = s.pid }
-            response = try ControlClient.send(.shutdown, paths: paths)
+            response = try ControlClient.send(.shutdown(keepLease: keepLease), paths: paths)
         } catch {
             if case .notRunning = error {
                 removeLeftovers(paths: paths, state: state)

@@ -18,11 +18,14 @@ struct Up: ParsableCommand {
             """
     )
 
-    @Option(help: ArgumentHelp("The whole overlay network, e.g. 10.244.0.0/16.", valueName: "cidr"))
-    var network: String
+    @Option(help: ArgumentHelp("The whole overlay network, e.g. 10.244.0.0/16 (not with --etcd-endpoints).", valueName: "cidr"))
+    var network: String?
 
-    @Option(help: ArgumentHelp("This node's subnet inside the network, e.g. 10.244.1.0/24.", valueName: "cidr"))
-    var subnet: String
+    @Option(help: ArgumentHelp("This node's subnet inside the network, e.g. 10.244.1.0/24 (not with --etcd-endpoints).", valueName: "cidr"))
+    var subnet: String?
+
+    @OptionGroup(title: "etcd registry (flannel's key layout)")
+    var etcd: EtcdArguments
 
     @Option(name: .customLong("iface"), help: ArgumentHelp("The underlay interface (default: the interface of the default route).", valueName: "name"))
     var underlay: String?
@@ -65,9 +68,24 @@ struct Up: ParsableCommand {
     var readyFD: Int32?
 
     func validate() throws {
+        if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        if etcd.endpoints != nil {
+            if network != nil || subnet != nil {
+                throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
+            }
+            _ = try etcd.options()
+            var config = NodeConfig.fromRegistry
+            config.device = device
+            config.underlay = underlay
+            config.mtu = mtu
+            if let problem = config.validate() { throw ValidationError(problem) }
+            return
+        }
+        guard let network, let subnet else {
+            throw ValidationError("give --network and --subnet, or --etcd-endpoints to take them from etcd")
+        }
         let net = try parseNetwork(network)
         let sub = try parseNetwork(subnet)
-        if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
         var config = NodeConfig(network: net, subnet: sub)
         config.device = device
         config.underlay = underlay
@@ -77,7 +95,10 @@ struct Up: ParsableCommand {
     }
 
     func makeConfig() throws -> NodeConfig {
-        var config = NodeConfig(network: try parseNetwork(network), subnet: try parseNetwork(subnet))
+        var config = NodeConfig.fromRegistry
+        if let network, let subnet {
+            config = NodeConfig(network: try parseNetwork(network), subnet: try parseNetwork(subnet))
+        }
         config.device = device
         config.underlay = underlay
         config.publicIP = publicIP
@@ -104,7 +125,7 @@ struct Up: ParsableCommand {
         }
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
-        let daemon = Daemon(config: config, logger: logger)
+        let daemon = Daemon(config: config, logger: logger, etcd: try etcd.options())
         do {
             try daemon.run(readiness: Readiness(fd: readyFD))
         } catch {
@@ -113,6 +134,41 @@ struct Up: ParsableCommand {
             case .alreadyRunning(let m): throw fail("up", m, Exit.failure)
             case .system(let m): throw fail("up", m, Exit.failure)
             }
+        }
+    }
+}
+
+/// flanneld's etcd options.
+struct EtcdArguments: ParsableArguments {
+    @Option(name: .customLong("etcd-endpoints"), help: ArgumentHelp("Comma-separated etcd URLs; the network and this node's subnet then come from flannel's registry there.", valueName: "urls"))
+    var endpoints: String?
+
+    @Option(name: .customLong("etcd-prefix"), help: ArgumentHelp("The registry's key prefix.", valueName: "path"))
+    var prefix: String = "/coreos.com/network"
+
+    @Option(name: .customLong("etcd-username"), help: ArgumentHelp("etcd user name.", valueName: "name"))
+    var username: String?
+
+    @Option(name: .customLong("etcd-password"), help: ArgumentHelp("etcd password.", valueName: "password"))
+    var password: String?
+
+    @Option(name: .customLong("etcd-cafile"), help: ArgumentHelp("CA certificate for etcd's TLS.", valueName: "path"))
+    var caFile: String?
+
+    @Option(name: .customLong("etcd-certfile"), help: ArgumentHelp("Client certificate for etcd's TLS.", valueName: "path"))
+    var certFile: String?
+
+    @Option(name: .customLong("etcd-keyfile"), help: ArgumentHelp("Client key for etcd's TLS.", valueName: "path"))
+    var keyFile: String?
+
+    /// nil without --etcd-endpoints.
+    func options() throws -> EtcdOptions? {
+        guard let endpoints else { return nil }
+        do {
+            return EtcdOptions(endpoints: try EtcdOptions.parseEndpoints(endpoints), prefix: prefix, username: username,
+                               password: password, caFile: caFile, certFile: certFile, keyFile: keyFile)
+        } catch {
+            throw ValidationError("--etcd-endpoints: \(error)")
         }
     }
 }

@@ -109,7 +109,7 @@ final class RouteStoreTests: XCTestCase {
 final class ControlProtocolTests: XCTestCase {
     func testRoundTripIsOneLine() throws {
         let requests: [ControlRequest] = [.status, .routeList, .routeAdd(subnet: "10.244.2.0/24", endpoint: "1.2.3.4:8285"),
-                                          .routeDel(subnet: "10.244.2.0/24"), .reloadPeers, .shutdown]
+                                          .routeDel(subnet: "10.244.2.0/24"), .reloadPeers, .shutdown(keepLease: true)]
         for r in requests {
             let line = ControlProtocol.encodeLine(r)
             XCTAssertEqual(line.last, UInt8(ascii: "\n"))

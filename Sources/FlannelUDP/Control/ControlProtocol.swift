@@ -15,7 +15,8 @@ public enum ControlRequest: Codable, Equatable, Sendable {
     case routeDel(subnet: String)
     case routeList
     case reloadPeers
-    case shutdown
+    /// Stop the daemon; with `keepLease` an etcd lease is left in the registry (it expires by itself).
+    case shutdown(keepLease: Bool)
 }
 
 /// One route as the daemon reports it.

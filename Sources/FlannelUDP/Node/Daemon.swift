@@ -40,7 +40,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     public static let version = "0.1.0"
 
-    private let config: NodeConfig
+    private var config: NodeConfig
+    private let registrySettings: EtcdOptions?
+    private var registry: EtcdRegistry?
+    private var registryTask: Task<Void, Never>?
+    private let keepLeaseLock = NSLock()
+    private var keepLease = false
     private let logger: Logger
     private let paths: RuntimePaths
     private let startedAt = Date()
@@ -52,8 +57,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let fatalLock = NSLock()
     private var fatalError: String?
 
-    public init(config: NodeConfig, logger: Logger) {
+    /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
+    ///   registry); `config.network` and `config.subnet` are then ignored.
+    public init(config: NodeConfig, logger: Logger, etcd: EtcdOptions? = nil) {
         self.config = config
+        registrySettings = etcd
         self.logger = logger
         paths = RuntimePaths(device: config.device)
     }
@@ -101,6 +109,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
+        var leaseHeld = false
+        defer {
+            // Reached on every way out, a failed start included: give the lease back (unless
+            // `down --keep-lease`) and close the client (which must always be shut down).
+            if let registry { leaveRegistry(registry, release: leaseHeld) }
+        }
+        if let settings = registrySettings {
+            try joinRegistry(settings, setup: setup)
+            leaseHeld = true
+        }
+
         let plan: NodeSetup.Plan
         do { plan = try setup.plan(config) } catch {
             if case .invalid(let m) = error { throw .usage(m) }
@@ -137,15 +156,95 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         forwarder = fwd
         forwarderStarted = true
 
+        if let registry {
+            startRegistryWatch(registry)
+        }
         writeState(plan: plan)
         control.start(handler: self)
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
 
         waitForSignals()
+        leaseHeld = !keepLeaseLock.withLock { keepLease }
         if let message = fatalLock.withLock({ fatalError }) {
             throw .system(message)
         }
+    }
+
+    // MARK: - etcd registry
+
+    /// Reads the network config from etcd and takes a lease, then fills in network, subnet and port. Retries while
+    /// etcd is unreachable (logging each attempt); a bad config is a usage error.
+    private func joinRegistry(_ settings: EtcdOptions, setup: NodeSetup) throws(Failure) {
+        let underlay: (link: Link, address: IPv4Address)
+        do { underlay = try setup.resolveUnderlay(config.underlay) } catch {
+            if case .invalid(let m) = error { throw .usage(m) }
+            throw .system(error.description)
+        }
+        let publicIP = config.publicIP ?? underlay.address
+        let registry: EtcdRegistry
+        do { registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger) } catch {
+            throw .usage("etcd: \(error)")
+        }
+        self.registry = registry
+        do {
+            let network = try Blocking.run { try await registry.loadConfig() }
+            var previous: IPv4Network?
+            if let path = config.subnetFile, let file = try? SubnetFile.load(path: path), file.network == network.network {
+                previous = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
+            }
+            let previousSubnet = previous
+            let lease = try Blocking.run { try await registry.acquireLease(config: network, previousSubnet: previousSubnet) }
+            config.network = network.network
+            config.subnet = lease.subnet
+            config.port = network.port
+            config.publicIP = publicIP
+            logger.info("etcd: network \(network.network), leased \(lease.subnet) for \(publicIP) until \(lease.expiration)")
+        } catch let error as NetworkConfigError {
+            throw .usage("etcd config \(settings.prefix)/config: \(error)")
+        } catch {
+            throw .system("etcd: \(error)")
+        }
+    }
+
+    /// Applies every change of the other nodes' leases to the peer table until the daemon stops; stops the
+    /// daemon if our own lease disappears (as flanneld does).
+    private func startRegistryWatch(_ registry: EtcdRegistry) {
+        let store = self.store
+        let logger = self.logger
+        let fail: @Sendable (String) -> Void = { [weak self] message in self?.fail(message) }
+        registryTask = Task.detached {
+            do {
+                try await registry.run(onPeers: { routes in
+                    let usable = routes.filter { route in
+                        do { try store.check(route); return true } catch {
+                            logger.warning("etcd: ignoring lease \(route): \(error)")
+                            return false
+                        }
+                    }
+                    try? store.replace(usable, origin: .registry)
+                    logger.info("etcd: \(usable.count) peer route(s)")
+                }, onLeaseLost: {
+                    fail("etcd: our lease was removed from the registry")
+                })
+            } catch is CancellationError {
+            } catch {
+                if !Task.isCancelled { fail("etcd watch failed: \(error)") }
+            }
+        }
+    }
+
+    private func leaveRegistry(_ registry: EtcdRegistry, release: Bool) {
+        registryTask?.cancel()
+        let task = registryTask
+        _ = try? Blocking.run {
+            await task?.value
+            if release {
+                do { try await registry.releaseLease() } catch { self.logger.warning("etcd: releasing the lease failed: \(error)") }
+            }
+            try await registry.shutdown()
+        }
+        if release { logger.info("etcd: lease released") }
     }
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
@@ -218,8 +317,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             }
         case .reloadPeers:
             return reloadPeers()
-        case .shutdown:
-            logger.info("shutdown requested over the control socket")
+        case .shutdown(let keep):
+            keepLeaseLock.withLock { keepLease = keep }
+            logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
             kill(getpid(), SIGTERM)
             return .ok
         }
@@ -261,6 +361,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
             underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
             peerCheck: config.peerCheck.rawValue, routes: routeInfos(), counters: counters.snapshot(),
-            offloads: forwarder == nil ? [] : ["batching"], lease: nil)
+            offloads: forwarder == nil ? [] : ["batching"],
+            lease: registry?.currentLease.map {
+                LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
+            })
     }
 }

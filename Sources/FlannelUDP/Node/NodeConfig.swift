@@ -21,6 +21,13 @@ public struct NodeConfig: Sendable {
         self.subnet = subnet
     }
 
+    /// A config whose network and subnet are still to come from the etcd registry (the daemon fills them in from
+    /// the registry's config key and our lease before anything is set up).
+    public static var fromRegistry: NodeConfig {
+        NodeConfig(network: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 8),
+                   subnet: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 24))
+    }
+
     /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay.
     public static let encapsulationOverhead = 28
 

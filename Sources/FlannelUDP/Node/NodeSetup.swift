@@ -42,6 +42,32 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         self.logger = logger
     }
 
+    /// The underlay interface (named, or that of the default route) and its first IPv4 address.
+    public func resolveUnderlay(_ name: String?) throws(Failure) -> (link: Link, address: IPv4Address) {
+        do {
+            let link: Link
+            if let name {
+                guard let l = try netlink.link(named: name) else { throw Failure.invalid("iface \(name): no such interface") }
+                link = l
+            } else {
+                guard let index = try netlink.defaultRouteInterface(), let l = try netlink.link(index: index) else {
+                    throw Failure.invalid("no default route to pick the underlay interface from; give --iface")
+                }
+                link = l
+            }
+            guard let first = try netlink.addresses(index: link.index).first else {
+                throw Failure.invalid("iface \(link.name) has no IPv4 address")
+            }
+            return (link, first.address)
+        } catch let e as Failure {
+            throw e
+        } catch let e as SystemError {
+            throw .system(e)
+        } catch {
+            throw .invalid("\(error)")
+        }
+    }
+
     /// Resolves the underlay, MTU and addresses. Changes nothing.
     public func plan(_ config: NodeConfig) throws(Failure) -> Plan {
         if let problem = config.validate() { throw .invalid(problem) }

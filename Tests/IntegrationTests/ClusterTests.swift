@@ -1,0 +1,181 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+
+/// Cluster mode end to end: a real etcd (Debian's etcd-server) on the underlay, nodes that take their subnet
+/// from it with `flannel-udp up --etcd-endpoints`, and pods that must all reach each other.
+///
+///                   wire (bridge br0, etcd on 192.168.77.250:2379)
+///        +----------------+----------------+----------------+
+///     node 1 (.1)      node 2 (.2)      node 3 (.3)      node 4 (.4, joins later)
+///     pod: <leased subnet>.2 behind cni0 <leased subnet>.1
+final class ClusterTests: XCTestCase {
+    var tmp = ""
+    var wire: TestNamespace!
+    var etcd: Process?
+    let etcdURL = "http://192.168.77.250:2379"
+    var portCounter = 0
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd"),
+              FileManager.default.isExecutableFile(atPath: "/usr/bin/etcdctl") else {
+            throw XCTSkip("cluster tests need etcd: apt-get install -y etcd-server etcd-client (scripts/test.sh does)")
+        }
+        tmp = NSTemporaryDirectory() + "fu-cl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        wire = try TestNamespace(prefix: "fu-clw")
+        addTeardownBlock { [weak self] in
+            self?.stopEtcd()
+            self?.wire.destroy()
+        }
+        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
+        try wire.run(["ip", "addr", "add", "192.168.77.250/24", "dev", "br0"])
+        try wire.run(["ip", "link", "set", "br0", "up"])
+        try startEtcd()
+        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
+    }
+
+    func startEtcd() throws {
+        let peer = "http://192.168.77.250:2380"
+        etcd = try startBackground(["ip", "netns", "exec", wire.name, "etcd", "--name", "fu",
+                                    "--data-dir", tmp + "/etcd", "--listen-client-urls", etcdURL,
+                                    "--advertise-client-urls", etcdURL, "--listen-peer-urls", peer,
+                                    "--initial-advertise-peer-urls", peer, "--initial-cluster", "fu=\(peer)"])
+        try waitFor("etcd is healthy", timeout: 20) {
+            (try? wire.run(["etcdctl", "--endpoints", etcdURL, "--command-timeout=1s", "endpoint", "health"])) != nil
+        }
+    }
+
+    func stopEtcd() {
+        guard let etcd else { return }
+        kill(etcd.processIdentifier, SIGKILL)
+        // `ip netns exec` execs etcd, so the process we started is etcd itself.
+        etcd.waitUntilExit()
+        self.etcd = nil
+    }
+
+    @discardableResult
+    func etcdctl(_ args: [String]) throws -> String {
+        try wire.run(["etcdctl", "--endpoints", etcdURL] + args)
+    }
+
+    struct Node {
+        var ns: TestNamespace
+        var pod: TestNamespace
+        var underlay: String
+        var subnet: IPv4Network
+        var podAddress: String { IPv4Address(subnet.address.value + 2).description }
+    }
+
+    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
+        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+    }
+
+    /// A node joined to the wire and brought up from etcd, with a pod in the subnet it leased.
+    func makeNode(_ index: Int) throws -> Node {
+        let ns = try TestNamespace(prefix: "fu-cln")
+        let pod = try TestNamespace(prefix: "fu-clp")
+        addTeardownBlock { [tmp] in
+            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            pod.destroy()
+            ns.destroy()
+        }
+        portCounter += 1
+        let port = "p\(portCounter)"
+        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
+        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
+        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
+        try ns.run(["ip", "link", "set", "eth0", "up"])
+        let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"])
+        XCTAssertEqual(up.status, 0, up.description)
+        let file = try SubnetFile.load(path: "\(tmp)/subnet-\(index).env")
+        let subnet = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
+        let gw = IPv4Address(subnet.address.value + 1).description
+        let podIP = IPv4Address(subnet.address.value + 2).description
+        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472", "netns", pod.name])
+        try ns.run(["ip", "addr", "add", "\(gw)/\(subnet.prefixLength)", "dev", "cni0"])
+        try ns.run(["ip", "link", "set", "cni0", "up"])
+        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        try pod.run(["ip", "addr", "add", "\(podIP)/\(subnet.prefixLength)", "dev", "eth0"])
+        try pod.run(["ip", "link", "set", "eth0", "up"])
+        try pod.run(["ip", "route", "add", "default", "via", gw])
+        return Node(ns: ns, pod: pod, underlay: "192.168.77.\(index)", subnet: subnet)
+    }
+
+    func pings(_ from: Node, _ to: Node) -> Bool {
+        runCommand(["ip", "netns", "exec", from.pod.name, "ping", "-n", "-c", "1", "-W", "1", to.podAddress]).status == 0
+    }
+
+    func peerSubnets(_ node: Node) throws -> Set<String> {
+        let r = fu(node.ns, ["route", "list", "--json"])
+        guard r.status == 0 else { throw TimedOut(what: "route list: \(r.description)", seconds: 0) }
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return Set(((json?["peers"] as? [[String: Any]]) ?? []).compactMap { $0["subnet"] as? String })
+    }
+
+    func testNodesShareOneEtcdLikeFlannelNodes() throws {
+        var nodes = try (1...3).map { try makeNode($0) }
+        XCTAssertEqual(Set(nodes.map(\.subnet)).count, 3, "subnets must be distinct: \(nodes.map(\.subnet))")
+        for n in nodes { XCTAssertTrue(try IPv4Network(parsing: "10.244.0.0/16").contains(n.subnet)) }
+
+        // Every lease is in flannel's key layout with flannel's value.
+        let keys = try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"])
+        for n in nodes {
+            let key = "/coreos.com/network/subnets/\(n.subnet.address)-\(n.subnet.prefixLength)"
+            XCTAssertTrue(keys.contains(key), keys)
+            XCTAssertEqual(try etcdctl(["get", key, "--print-value-only"]).trimmingCharacters(in: .whitespacesAndNewlines),
+                           #"{"PublicIP":"\#(n.underlay)","PublicIPv6":null}"#)
+        }
+
+        // Every pod reaches every other pod.
+        for a in nodes { for b in nodes where a.subnet != b.subnet {
+            try waitFor("\(a.podAddress) pings \(b.podAddress)", timeout: 5) { pings(a, b) }
+        } }
+
+        // A fourth node is reachable from the others within 2 s of its `up`.
+        let fourth = try makeNode(4)
+        let joined = Date()
+        for a in nodes { try waitFor("\(a.podAddress) reaches the new node", timeout: 2) { pings(a, fourth) } }
+        print("fourth node reachable from all after \(String(format: "%.2f", Date().timeIntervalSince(joined))) s")
+        nodes.append(fourth)
+
+        // A lease written by hand in flannel's format (as a flannel node would) becomes a route everywhere.
+        try etcdctl(["put", "/coreos.com/network/subnets/10.244.200.0-24", #"{"PublicIP":"192.168.77.200","PublicIPv6":null}"#])
+        for n in nodes { try waitFor("the hand-written lease reaches node \(n.underlay)", timeout: 2) { try peerSubnets(n).contains("10.244.200.0/24") } }
+        let listed = fu(nodes[0].ns, ["route", "list", "--json"]).stdout
+        XCTAssertTrue(listed.contains("192.168.77.200:8285"), listed)
+
+        // etcd restarted under traffic: no route is lost and the watch resumes.
+        let before = try nodes.map { try peerSubnets($0) }
+        stopEtcd()
+        XCTAssertTrue(pings(nodes[0], nodes[1]), "traffic must keep flowing while etcd is down")
+        try startEtcd()
+        XCTAssertEqual(try nodes.map { try peerSubnets($0) }, before)
+        try etcdctl(["del", "/coreos.com/network/subnets/10.244.200.0-24"])
+        for n in nodes { try waitFor("the watch resumed on \(n.underlay)", timeout: 10) { try !peerSubnets(n).contains("10.244.200.0/24") } }
+        for a in nodes { for b in nodes where a.subnet != b.subnet { XCTAssertTrue(pings(a, b), "\(a.podAddress) -> \(b.podAddress)") } }
+
+        // A node going down releases its lease and leaves the others' tables.
+        XCTAssertEqual(fu(fourth.ns, ["down"]).status, 0)
+        let gone = "\(fourth.subnet)"
+        for n in nodes.prefix(3) { try waitFor("\(gone) leaves node \(n.underlay)'s table", timeout: 3) { try !peerSubnets(n).contains(gone) } }
+        XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains("\(fourth.subnet.address)-24"))
+    }
+
+    func testBadRegistryConfigIsOneClearError() throws {
+        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#])
+        let ns = try TestNamespace(prefix: "fu-cln")
+        addTeardownBlock { ns.destroy() }
+        try wire.run(["ip", "link", "add", "px", "type", "veth", "peer", "name", "eth0", "netns", ns.name])
+        try wire.run(["ip", "link", "set", "px", "master", "br0", "up"])
+        try ns.run(["ip", "addr", "add", "192.168.77.9/24", "dev", "eth0"])
+        try ns.run(["ip", "link", "set", "eth0", "up"])
+        let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/x.env", "--detach"])
+        XCTAssertEqual(up.status, 64, up.description)
+        XCTAssertTrue(up.stderr.contains("vxlan"), up.stderr)
+        XCTAssertFalse(try ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+        XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains("-24"))
+    }
+}
