@@ -12,9 +12,9 @@ import XCTest
 final class ClusterTests: XCTestCase {
     var tmp = ""
     var wire: TestNamespace!
+    var underlay: TestWire!
     var etcd: Process?
     let etcdURL = "http://192.168.77.250:2379"
-    var portCounter = 0
 
     override func setUpWithError() throws {
         try requireRoot()
@@ -25,14 +25,12 @@ final class ClusterTests: XCTestCase {
         tmp = NSTemporaryDirectory() + "fu-cl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
         addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
-        wire = try TestNamespace(prefix: "fu-clw")
+        underlay = try TestWire(prefix: "fu-clw", address: "192.168.77.250/24")
+        wire = underlay.ns
         addTeardownBlock { [weak self] in
             self?.stopEtcd()
-            self?.wire.destroy()
+            self?.underlay.destroy()
         }
-        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
-        try wire.run(["ip", "addr", "add", "192.168.77.250/24", "dev", "br0"])
-        try wire.run(["ip", "link", "set", "br0", "up"])
         try startEtcd()
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
     }
@@ -82,25 +80,12 @@ final class ClusterTests: XCTestCase {
             pod.destroy()
             ns.destroy()
         }
-        portCounter += 1
-        let port = "p\(portCounter)"
-        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try underlay.plug(ns, address: "192.168.77.\(index)/24")
         let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"])
         XCTAssertEqual(up.status, 0, up.description)
         let file = try SubnetFile.load(path: "\(tmp)/subnet-\(index).env")
         let subnet = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
-        let gw = IPv4Address(subnet.address.value + 1).description
-        let podIP = IPv4Address(subnet.address.value + 2).description
-        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472", "netns", pod.name])
-        try ns.run(["ip", "addr", "add", "\(gw)/\(subnet.prefixLength)", "dev", "cni0"])
-        try ns.run(["ip", "link", "set", "cni0", "up"])
-        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        try pod.run(["ip", "addr", "add", "\(podIP)/\(subnet.prefixLength)", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try pod.run(["ip", "route", "add", "default", "via", gw])
+        try attachPod(pod, to: ns, subnet: subnet)
         return Node(ns: ns, pod: pod, underlay: "192.168.77.\(index)", subnet: subnet)
     }
 
@@ -168,10 +153,7 @@ final class ClusterTests: XCTestCase {
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#])
         let ns = try TestNamespace(prefix: "fu-cln")
         addTeardownBlock { ns.destroy() }
-        try wire.run(["ip", "link", "add", "px", "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        try wire.run(["ip", "link", "set", "px", "master", "br0", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.9/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try underlay.plug(ns, address: "192.168.77.9/24")
         let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/x.env", "--detach"])
         XCTAssertEqual(up.status, 64, up.description)
         XCTAssertTrue(up.stderr.contains("vxlan"), up.stderr)

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelUDP
 
 extension CommandResult: CustomStringConvertible {
     var description: String { "exit \(status)\nstdout: \(stdout)\nstderr: \(stderr)" }
@@ -50,4 +51,45 @@ func startBackground(_ args: [String]) throws -> Process {
     p.standardError = FileHandle.nullDevice
     try p.run()
     return p
+}
+
+/// An underlay "switch": a namespace holding a bridge that node namespaces plug into with a veth as their eth0.
+final class TestWire {
+    let ns: TestNamespace
+    private var ports = 0
+
+    /// - Parameter address: an address for the bridge itself (e.g. to run etcd on the underlay), "A.B.C.D/N".
+    init(prefix: String, address: String? = nil) throws {
+        ns = try TestNamespace(prefix: prefix)
+        try ns.run(["ip", "link", "add", "br0", "type", "bridge"])
+        if let address { try ns.run(["ip", "addr", "add", address, "dev", "br0"]) }
+        try ns.run(["ip", "link", "set", "br0", "up"])
+    }
+
+    /// Gives `node` an eth0 on the switch with `address` ("192.168.77.1/24").
+    func plug(_ node: TestNamespace, address: String) throws {
+        ports += 1
+        let port = "p\(ports)"
+        try ns.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", node.name])
+        try ns.run(["ip", "link", "set", port, "master", "br0", "up"])
+        try node.run(["ip", "addr", "add", address, "dev", "eth0"])
+        try node.run(["ip", "link", "set", "eth0", "up"])
+    }
+
+    func destroy() { ns.destroy() }
+}
+
+/// Puts `pod` behind `node` the way the flannel CNI plugin would: `cni0` on the node with the subnet's first
+/// host address, the pod at the second, MTU 1472 on both ends, the pod's default route via the node, and IPv4
+/// forwarding on inside the node namespace.
+func attachPod(_ pod: TestNamespace, to node: TestNamespace, subnet: IPv4Network) throws {
+    let gateway = IPv4Address(subnet.address.value + 1)
+    let address = IPv4Address(subnet.address.value + 2)
+    try node.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472", "netns", pod.name])
+    try node.run(["ip", "addr", "add", "\(gateway)/\(subnet.prefixLength)", "dev", "cni0"])
+    try node.run(["ip", "link", "set", "cni0", "up"])
+    try node.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+    try pod.run(["ip", "addr", "add", "\(address)/\(subnet.prefixLength)", "dev", "eth0"])
+    try pod.run(["ip", "link", "set", "eth0", "up"])
+    try pod.run(["ip", "route", "add", "default", "via", "\(gateway)"])
 }

@@ -14,17 +14,15 @@ import XCTest
 ///       pod 1 10.244.1.2    pod 2 10.244.2.2    pod 3 10.244.3.2
 final class OverlayTests: XCTestCase {
     var tmp = ""
-    var wire: TestNamespace!
+    var wire: TestWire!
 
     override func setUpWithError() throws {
         try requireRoot()
         tmp = NSTemporaryDirectory() + "fu-ovl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
         addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
-        wire = try TestNamespace(prefix: "fu-ovw")
+        wire = try TestWire(prefix: "fu-ovw")
         addTeardownBlock { [wire] in wire?.destroy() }
-        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
-        try wire.run(["ip", "link", "set", "br0", "up"])
     }
 
     struct Node {
@@ -36,16 +34,9 @@ final class OverlayTests: XCTestCase {
         var podAddress: String { "10.244.\(index).2" }
     }
 
-    var portCounter = 0
-
     /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
     func plug(_ ns: TestNamespace, index: Int) throws {
-        portCounter += 1
-        let port = "p\(portCounter)"
-        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try wire.plug(ns, address: "192.168.77.\(index)/24")
     }
 
     /// A node with a pod behind it, running `flannel-udp up --detach`.
@@ -58,13 +49,7 @@ final class OverlayTests: XCTestCase {
             ns.destroy()
         }
         try plug(ns, index: index)
-        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472", "netns", pod.name])
-        try ns.run(["ip", "addr", "add", "10.244.\(index).1/24", "dev", "cni0"])
-        try ns.run(["ip", "link", "set", "cni0", "up"])
-        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        try pod.run(["ip", "addr", "add", "10.244.\(index).2/24", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try pod.run(["ip", "route", "add", "default", "via", "10.244.\(index).1"])
+        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
         let node = Node(index: index, ns: ns, pod: pod)
         let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
                            "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + extra)

@@ -71,26 +71,13 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// Resolves the underlay, MTU and addresses. Changes nothing.
     public func plan(_ config: NodeConfig) throws(Failure) -> Plan {
         if let problem = config.validate() { throw .invalid(problem) }
-        let link: Link
+        let (link, underlayAddress) = try resolveUnderlay(config.underlay)
         do {
-            if let name = config.underlay {
-                guard let l = try netlink.link(named: name) else { throw Failure.invalid("iface \(name): no such interface") }
-                link = l
-            } else {
-                guard let index = try netlink.defaultRouteInterface(), let l = try netlink.link(index: index) else {
-                    throw Failure.invalid("no default route to pick the underlay interface from; give --iface")
-                }
-                link = l
-            }
             if link.name == config.device {
                 throw Failure.invalid("iface \(link.name) is the overlay device itself; give the underlay interface")
             }
             if try netlink.link(named: config.device) != nil {
                 throw Failure.invalid("device \(config.device) already exists; run 'flannel-udp down --device \(config.device)' or 'flannel-udp cleanup'")
-            }
-            let addrs = try netlink.addresses(index: link.index)
-            guard let first = addrs.first else {
-                throw Failure.invalid("iface \(link.name) has no IPv4 address")
             }
             let mtu = config.mtu ?? (link.mtu - NodeConfig.encapsulationOverhead)
             if !NodeConfig.mtuRange.contains(mtu) {
@@ -100,9 +87,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
                let idx = existing.outputInterface, let other = try netlink.link(index: idx) {
                 throw Failure.invalid("network \(config.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(config.network)')")
             }
-            return Plan(config: config, underlay: link, underlayAddress: first.address,
-                        publicIP: config.publicIP ?? first.address, mtu: mtu,
-                        listen: Endpoint(address: first.address, port: config.port))
+            return Plan(config: config, underlay: link, underlayAddress: underlayAddress,
+                        publicIP: config.publicIP ?? underlayAddress, mtu: mtu,
+                        listen: Endpoint(address: underlayAddress, port: config.port))
         } catch let e as Failure {
             throw e
         } catch let e as SystemError {
