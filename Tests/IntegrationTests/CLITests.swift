@@ -237,6 +237,48 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(fu(ns, ["down"]).status, 0)
     }
 
+    func routeList(_ ns: TestNamespace) throws -> [String] {
+        let r = fu(ns, ["route", "list", "--json"])
+        XCTAssertEqual(r.status, 0, r.description)
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return ((json?["peers"] as? [[String: Any]]) ?? []).map { "\($0["subnet"] ?? "") \($0["endpoint"] ?? "") \($0["origin"] ?? "")" }
+    }
+
+    func testPeersFileLoadsAtStartAndReloadsOnSIGHUPAllOrNothing() throws {
+        let ns = try makeNode()
+        let peers = tmp + "/peers"
+        try "# two peers\n10.244.2.0/24 192.168.77.2\n10.244.3.0/24 192.168.77.3:9000 # odd port\n".write(toFile: peers, atomically: true, encoding: .utf8)
+        XCTAssertEqual(fu(ns, upArgs(subnetFile: tmp + "/s.env", extra: ["--peers", peers])).status, 0)
+        XCTAssertEqual(try routeList(ns), ["10.244.2.0/24 192.168.77.2:8285 file", "10.244.3.0/24 192.168.77.3:9000 file"])
+        let pid = try XCTUnwrap(DaemonState.load(path: "\(runDir)/ns-\(try namespaceInode(ns))/flannel0.json")?.pid)
+
+        // A manual route beside the file's survives reloads; the file's set is replaced whole.
+        XCTAssertEqual(fu(ns, ["route", "add", "10.244.9.0/24", "via", "192.168.77.9"]).status, 0)
+        try "10.244.4.0/24 192.168.77.4\n".write(toFile: peers, atomically: true, encoding: .utf8)
+        XCTAssertEqual(kill(pid, SIGHUP), 0)
+        try waitFor("the reloaded file is in the table") {
+            try routeList(ns) == ["10.244.4.0/24 192.168.77.4:8285 file", "10.244.9.0/24 192.168.77.9:8285 manual"]
+        }
+
+        // A bad line: the whole reload is refused and the table stays as it was.
+        try "10.244.5.0/24 192.168.77.5\n10.244.6.0/24 nonsense\n".write(toFile: peers, atomically: true, encoding: .utf8)
+        XCTAssertEqual(kill(pid, SIGHUP), 0)
+        let log = "\(runDir)/ns-\(try namespaceInode(ns))/flannel0.log"
+        try waitFor("the daemon logs the bad line") {
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("\(peers):2:")
+        }
+        XCTAssertEqual(try routeList(ns), ["10.244.4.0/24 192.168.77.4:8285 file", "10.244.9.0/24 192.168.77.9:8285 manual"])
+        // Bad requests over the control socket change nothing either.
+        let outside = fu(ns, ["route", "add", "10.250.0.0/24", "via", "192.168.77.9"])
+        XCTAssertEqual(outside.status, 64, outside.description)
+        XCTAssertTrue(outside.stderr.contains("not inside the overlay network 10.244.0.0/16"), outside.stderr)
+        let missing = fu(ns, ["route", "del", "10.244.77.0/24"])
+        XCTAssertEqual(missing.status, 64, missing.description)
+        XCTAssertTrue(missing.stderr.contains("no route for 10.244.77.0/24"), missing.stderr)
+        XCTAssertEqual(try routeList(ns).count, 2)
+        XCTAssertEqual(fu(ns, ["down"]).status, 0)
+    }
+
     /// The inode of the namespace's /proc/<pid>/ns/net as seen from inside it: the key of its state directory.
     func namespaceInode(_ ns: TestNamespace) throws -> String {
         try ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).trimmingCharacters(in: .whitespacesAndNewlines)
