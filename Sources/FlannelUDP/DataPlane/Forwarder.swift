@@ -460,7 +460,7 @@ final class TunToUDPWorker: ForwardingWorker {
                     let needed = TCPSegmenter.segmentCount(UnsafeRawBufferPointer(packet), gsoSize: gsoSize)
                     if needed > queue.free { try send(snapshot) }
                     switch TCPSegmenter.segment(packet, gsoSize: gsoSize, peer: peer, name: name, into: queue) {
-                    case .segmented: break
+                    case .segmented: offloads.superPacketsSegmented.wrappingIncrement(ordering: .relaxed)
                     case .invalid: counters.countDrop(.malformed)
                     case .tooManySegments: counters.countDrop(.oversize)
                     }
@@ -577,6 +577,8 @@ final class UDPToTunWorker: ForwardingWorker {
     private let logger: Logger
     private let vnet: Bool
     private let gro: Bool
+    private let offloads: OffloadState
+    private var largest = 0
     private var decider: PacketDecider
     private let b: BatchBuffers
     private let coalescer: TCPCoalescer?
@@ -595,6 +597,7 @@ final class UDPToTunWorker: ForwardingWorker {
         self.counters = counters
         self.logger = logger
         self.options = options
+        self.offloads = offloads
         vnet = offloads.vnetHeader
         gro = offloads.udpGRO
         decider = PacketDecider(config: config)
@@ -682,6 +685,11 @@ final class UDPToTunWorker: ForwardingWorker {
             // each one IPv4 packet: decide them one by one.
             let total = Int(msg.msg_len)
             let step = segmentSize > 0 ? segmentSize : max(total, 1)
+            if step < total { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
+            if min(step, total) > largest {
+                largest = min(step, total)
+                offloads.largestDatagramReceived.store(UInt64(largest), ordering: .relaxed)
+            }
             var offset = 0
             while offset < total {
                 let length = min(step, total - offset)
@@ -737,6 +745,7 @@ final class UDPToTunWorker: ForwardingWorker {
     private func flushGroup(_ c: TCPCoalescer, _ snapshot: RouteSnapshot) throws(SystemError) {
         let out = c.finish(header: b.header)
         let packets = groupPackets
+        if packets > 1 { offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
         if try writeToTun(UnsafeMutableRawPointer(mutating: out.baseAddress!), out.count) {
             snapshot.peers[groupPeer].counters.countRx(packets: packets, bytes: groupBytes)
             delivered &+= UInt64(packets)

@@ -19,6 +19,15 @@ final class OffloadState: Sendable {
     /// UDP_SEGMENT on send. Turned off for good when the kernel refuses a GSO send (EIO: the route's device
     /// cannot checksum; EINVAL).
     let udpGSO: ManagedAtomic<Bool>
+    /// TCP super-packets read from the tun and segmented here (TSO at work).
+    let superPacketsSegmented = ManagedAtomic<UInt64>(0)
+    /// Super-packets written into the tun that merged two or more segments (coalescing at work).
+    let superPacketsCoalesced = ManagedAtomic<UInt64>(0)
+    /// UDP receives that returned several datagrams in one buffer (GRO at work).
+    let groBuffers = ManagedAtomic<UInt64>(0)
+    /// The largest datagram payload received (each datagram of a GRO buffer counted on its own): never more than
+    /// the peer's tun MTU when the peer keeps the wire contract.
+    let largestDatagramReceived = ManagedAtomic<UInt64>(0)
 
     init(vnetHeader: Bool, tso: Bool, udpGSO: Bool, udpGRO: Bool, coalesce: Bool) {
         self.vnetHeader = vnetHeader
