@@ -32,7 +32,8 @@ _Static_assert(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
                FU_VIRTIO_NET_HDR_GSO_UDP == VIRTIO_NET_HDR_GSO_UDP &&
                FU_VIRTIO_NET_HDR_GSO_TCPV6 == VIRTIO_NET_HDR_GSO_TCPV6 &&
                FU_VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_ECN, "virtio_net_hdr constants");
-_Static_assert(FU_UDP_SEGMENT == UDP_SEGMENT && FU_UDP_GRO == UDP_GRO && FU_SOL_UDP == IPPROTO_UDP, "UDP GSO/GRO options");
+_Static_assert(FU_UDP_SEGMENT == UDP_SEGMENT && FU_UDP_GRO == UDP_GRO && FU_SOL_UDP == IPPROTO_UDP,
+               "UDP GSO/GRO options");
 
 int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name) {
     struct ifreq ifr;

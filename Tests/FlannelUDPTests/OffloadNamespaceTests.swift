@@ -23,8 +23,8 @@ final class OffloadNamespaceTests: XCTestCase {
 
     func testTCPWithOffloadsOnBothEndsAndAgainstThePlainPath() throws {
         guard getuid() == 0 else { throw XCTSkip("needs root: creates network namespaces (fu-dp-<pid>-N)") }
-        guard DPNamespace.tool("ip") != nil, let iperf = DPNamespace.tool("iperf3"), let ping = DPNamespace.tool("ping"),
-              access("/dev/net/tun", R_OK | W_OK) == 0 else {
+        guard DPNamespace.tool("ip") != nil, let iperf = DPNamespace.tool("iperf3"),
+              let ping = DPNamespace.tool("ping"), access("/dev/net/tun", R_OK | W_OK) == 0 else {
             throw XCTSkip("needs ip (iproute2), iperf3, ping and /dev/net/tun")
         }
         var namespaces: [DPNamespace] = []

@@ -482,10 +482,15 @@ final class TunToUDPWorker: ForwardingWorker {
     /// One sendmmsg for the queue; a partial send continues where the kernel stopped. sendmmsg reports an error
     /// only for the first message it could not send: that one is counted as `sendFailed` (all its segments) and
     /// skipped. On EAGAIN (socket buffer full) wait for POLLOUT up to `sendWaitMilliseconds` once per call, then
-    /// drop the rest. EIO/EINVAL on a GSO message: the kernel refuses UDP GSO on this path; GSO goes off for good
-    /// (one log line) and the rest of the queue is sent one datagram per packet.
+    /// drop the rest. A GSO message refused with EIO (the route's device cannot checksum UDP, the one refusal
+    /// that only GSO gets): GSO goes off for good, with one log line. With EINVAL (also what a segment larger
+    /// than the route's MTU gets, so not proof that GSO is unusable): this queue only. Either way the rest of the
+    /// queue is sent again one datagram per packet.
     private func send(_ snapshot: RouteSnapshot) throws(SystemError) {
-        defer { queue.reset() }
+        defer {
+            queue.reset()
+            queue.gso = offloads.udpGSO.load(ordering: .relaxed)
+        }
         queue.prepareMessages()
         var sent = 0
         var waited = false
@@ -524,8 +529,17 @@ final class TunToUDPWorker: ForwardingWorker {
             }
             if Self.isFatal(e) { throw SystemError("sendmmsg on", io.socketName, errno: e) }
             if queue.gso && queue.messageSegments[sent] > 1 && (e == EIO || e == EINVAL) {
-                offloads.udpGSO.store(false, ordering: .relaxed)
-                logger.warning("offload gso off: the kernel refused a UDP GSO send on \(io.socketName) to \(peerDescription(queue.names[sent])) (\(SystemError.describe(e))); sending one datagram per packet")
+                let to = peerDescription(queue.names[sent])
+                if e == EIO {
+                    offloads.udpGSO.store(false, ordering: .relaxed)
+                    let why = SystemError.describe(e)
+                    logger.warning("""
+                        offload gso off: the kernel refused a UDP GSO send on \(io.socketName) to \(to) (\(why)); \
+                        sending one datagram per packet
+                        """)
+                } else {
+                    logPacketError("UDP GSO send on \(io.socketName) to \(to) refused, resent one datagram each", e)
+                }
                 queue.splitMessages(from: sent)
                 queue.prepareMessages(from: sent)
                 continue

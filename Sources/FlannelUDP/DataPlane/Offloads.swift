@@ -67,7 +67,8 @@ final class OffloadState: Sendable {
                 let e = errno
                 guard isRefusal(e) else { throw SystemError("set offloads (TUNSETOFFLOAD) on", tunName, errno: e) }
                 if enabled {
-                    logger.warning("offload tso off: \(tunName) refuses TUNSETOFFLOAD csum+tso4: \(SystemError.describe(e))")
+                    let why = SystemError.describe(e)
+                    logger.warning("offload tso off: \(tunName) refuses TUNSETOFFLOAD csum+tso4: \(why)")
                 }
             }
         }
@@ -80,14 +81,16 @@ final class OffloadState: Sendable {
                           socklen_t(MemoryLayout<Int32>.size)) == 0 {
                 gso = true
             } else {
-                logger.warning("offload gso off: UDP_SEGMENT refused on \(socket.localEndpoint): \(SystemError.describe(errno))")
+                let why = SystemError.describe(errno)
+                logger.warning("offload gso off: UDP_SEGMENT refused on \(socket.localEndpoint): \(why)")
             }
             var one: Int32 = 1
             if setsockopt(socket.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &one,
                           socklen_t(MemoryLayout<Int32>.size)) == 0 {
                 gro = true
             } else {
-                logger.warning("offload gro off: UDP_GRO refused on \(socket.localEndpoint): \(SystemError.describe(errno))")
+                let why = SystemError.describe(errno)
+                logger.warning("offload gro off: UDP_GRO refused on \(socket.localEndpoint): \(why)")
             }
         } else {
             // The socket may have been used with GRO before: make sure receives are one datagram each.
