@@ -10,8 +10,9 @@ import Glibc
 public struct ForwarderOptions: Sendable {
     /// Packets per batch: tun reads before one sendmmsg, datagrams per recvmmsg.
     public var batchSize: Int
-    /// Bytes per packet buffer. 65536 holds any IPv4 packet (and, later, a TSO super-packet plus its virtio
-    /// header); a read that fills the whole buffer is treated as truncated.
+    /// Bytes per packet buffer. 65536 holds any IPv4 packet, TSO super-packets and UDP GRO buffers included (the
+    /// tun -> UDP buffers get room for the virtio header on top); a read that fills the whole buffer is treated
+    /// as truncated.
     public var bufferSize: Int
     /// How long a worker waits for the socket to become writable when sendmmsg says EAGAIN, before dropping the
     /// rest of the batch as `sendFailed`. Never a busy retry.
