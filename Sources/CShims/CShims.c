@@ -7,6 +7,8 @@
 #include <sys/ioctl.h>
 #include <net/if.h>
 #include <linux/if_tun.h>
+#include <linux/udp.h>
+#include <netinet/in.h>
 #include <spawn.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -18,6 +20,20 @@ _Static_assert(FU_IFNAMSIZ == IFNAMSIZ, "IFNAMSIZ");
 _Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR, "tun flags");
 _Static_assert(FU_POSIX_SPAWN_SETSID == POSIX_SPAWN_SETSID, "spawn flag");
 _Static_assert(FU_TUN_F_CSUM == TUN_F_CSUM && FU_TUN_F_TSO4 == TUN_F_TSO4, "offload flags");
+
+_Static_assert(sizeof(struct virtio_net_hdr) == FU_VIRTIO_NET_HDR_LEN, "virtio_net_hdr size");
+_Static_assert(offsetof(struct virtio_net_hdr, gso_type) == 1 && offsetof(struct virtio_net_hdr, hdr_len) == 2 &&
+               offsetof(struct virtio_net_hdr, gso_size) == 4 && offsetof(struct virtio_net_hdr, csum_start) == 6 &&
+               offsetof(struct virtio_net_hdr, csum_offset) == 8, "virtio_net_hdr layout");
+_Static_assert(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
+               FU_VIRTIO_NET_HDR_F_DATA_VALID == VIRTIO_NET_HDR_F_DATA_VALID &&
+               FU_VIRTIO_NET_HDR_GSO_NONE == VIRTIO_NET_HDR_GSO_NONE &&
+               FU_VIRTIO_NET_HDR_GSO_TCPV4 == VIRTIO_NET_HDR_GSO_TCPV4 &&
+               FU_VIRTIO_NET_HDR_GSO_UDP == VIRTIO_NET_HDR_GSO_UDP &&
+               FU_VIRTIO_NET_HDR_GSO_TCPV6 == VIRTIO_NET_HDR_GSO_TCPV6 &&
+               FU_VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_ECN, "virtio_net_hdr constants");
+_Static_assert(FU_UDP_SEGMENT == UDP_SEGMENT && FU_UDP_GRO == UDP_GRO && FU_SOL_UDP == IPPROTO_UDP,
+               "UDP GSO/GRO options");
 
 int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name) {
     struct ifreq ifr;

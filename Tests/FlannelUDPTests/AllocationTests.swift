@@ -134,4 +134,71 @@ final class AllocationTests: XCTestCase {
         XCTAssertEqual(n, 0, "the per-packet decisions allocated \(n) times in 45000 packets")
         XCTAssertGreaterThan(counters.drops(.unknownPeer), 5000)
     }
+
+    /// The offload paths: a 64 KiB super-packet segmented into the send queue (GSO grouping, message vectors),
+    /// and a run of segments coalesced into one super-packet, thousands of times, without an allocation.
+    func testSegmentationAndCoalescingDoNotAllocate() {
+        var spec = TCPPacketSpec()
+        spec.payload = patternPayload(65000)
+        let template = spec.bytes(partialChecksum: true)
+        let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: template.count, alignment: 16)
+        defer { packet.deallocate() }
+        let queue = SendQueue(capacity: 128, gso: true)
+        let name = sockaddr_in()
+
+        var segments: [UInt8] = []
+        var lengths: [Int] = []
+        var seq = spec.sequence
+        for k in 0..<40 {
+            var s = spec
+            s.payload = patternPayload(k == 39 ? 700 : 1420, seed: UInt8(k))
+            s.sequence = seq
+            s.identification = spec.identification &+ UInt16(k)
+            seq &+= UInt32(s.payload.count)
+            let b = s.bytes()
+            segments += b
+            lengths.append(b.count)
+        }
+        let received = UnsafeMutableRawBufferPointer.allocate(byteCount: segments.count, alignment: 16)
+        defer { received.deallocate() }
+        received.copyBytes(from: segments)
+        let coalescer = TCPCoalescer()
+        let header = UnsafeMutableRawPointer.allocate(byteCount: 16, alignment: 16)
+        defer { header.deallocate() }
+
+        var produced = 0
+        func round() {
+            packet.copyMemory(from: UnsafeRawBufferPointer(start: template, count: template.count))
+            if case .segmented(let n) = TCPSegmenter.segment(packet, gsoSize: 1420, peer: 0, name: name,
+                                                               into: queue) {
+                produced &+= n
+            }
+            queue.prepareMessages()
+            queue.reset()
+            var offset = 0
+            var k = 0
+            while k < 40 {
+                let p = UnsafeMutableRawBufferPointer(rebasing: received[offset..<(offset + lengths[k])])
+                if !coalescer.isOpen {
+                    coalescer.begin(p)
+                } else if !coalescer.append(UnsafeRawBufferPointer(p)) {
+                    produced &+= coalescer.finish(header: header).count
+                    coalescer.begin(p)
+                }
+                offset += lengths[k]
+                k += 1
+            }
+            produced &+= coalescer.finish(header: header).count
+        }
+        round()
+        XCTAssertEqual(produced, 46 + 52 + 39 * 1420 + 700)
+        let n = allocations {
+            var r = 0
+            while r < 2000 {
+                round()
+                r += 1
+            }
+        }
+        XCTAssertEqual(n, 0, "segmentation and coalescing allocated \(n) times")
+    }
 }

@@ -44,6 +44,21 @@ enum {
     FU_TUN_F_USO6 = 0x40,
 };
 
+/// struct virtio_net_hdr (<linux/virtio_net.h>): what a tun with IFF_VNET_HDR puts before every packet it hands
+/// out and expects before every packet written to it. 10 bytes, little-endian fields on a little-endian host
+/// (the legacy header uses the host's byte order unless TUNSETVNETLE says otherwise). The Swift side reads and
+/// writes it with byte offsets; these constants and the static assertions in CShims.c pin the layout.
+enum {
+    FU_VIRTIO_NET_HDR_LEN = 10,
+    FU_VIRTIO_NET_HDR_F_NEEDS_CSUM = 1,   // csum_start/csum_offset say where the checksum is to be completed
+    FU_VIRTIO_NET_HDR_F_DATA_VALID = 2,
+    FU_VIRTIO_NET_HDR_GSO_NONE = 0,
+    FU_VIRTIO_NET_HDR_GSO_TCPV4 = 1,
+    FU_VIRTIO_NET_HDR_GSO_UDP = 3,
+    FU_VIRTIO_NET_HDR_GSO_TCPV6 = 4,
+    FU_VIRTIO_NET_HDR_GSO_ECN = 0x80,
+};
+
 /// ioctl(fd, TUNSETIFF, &ifr) with ifr_name = name and ifr_flags = flags; on success copies the name the kernel
 /// chose into out_name (FU_IFNAMSIZ bytes). Exists because TUNSETIFF is an _IOW macro and struct ifreq is a union.
 int fu_tun_set_iff(int fd, const char *name, short flags, char *out_name);

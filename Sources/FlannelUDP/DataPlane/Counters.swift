@@ -129,6 +129,18 @@ public final class PeerCounters: Sendable {
         rxBytes.wrappingIncrement(by: UInt64(bytes), ordering: .relaxed)
     }
 
+    /// `packets` packets of `bytes` bytes in all, sent as one batch (a GSO message, a segmented super-packet).
+    public func countTx(packets: Int, bytes: Int) {
+        txPackets.wrappingIncrement(by: UInt64(packets), ordering: .relaxed)
+        txBytes.wrappingIncrement(by: UInt64(bytes), ordering: .relaxed)
+    }
+
+    /// `packets` packets of `bytes` bytes in all, written as one (a coalesced super-packet).
+    public func countRx(packets: Int, bytes: Int) {
+        rxPackets.wrappingIncrement(by: UInt64(packets), ordering: .relaxed)
+        rxBytes.wrappingIncrement(by: UInt64(bytes), ordering: .relaxed)
+    }
+
     public var snapshot: PeerCountersSnapshot {
         PeerCountersSnapshot(txPackets: txPackets.load(ordering: .relaxed), txBytes: txBytes.load(ordering: .relaxed),
                              rxPackets: rxPackets.load(ordering: .relaxed), rxBytes: rxBytes.load(ordering: .relaxed))

@@ -1,3 +1,4 @@
+import Atomics
 import CShims
 import Logging
 import Synchronization
@@ -9,22 +10,32 @@ import Glibc
 public struct ForwarderOptions: Sendable {
     /// Packets per batch: tun reads before one sendmmsg, datagrams per recvmmsg.
     public var batchSize: Int
-    /// Bytes per packet buffer. 65536 holds any IPv4 packet (and, later, a TSO super-packet plus its virtio
-    /// header); a read that fills the whole buffer is treated as truncated.
+    /// Bytes per packet buffer. 65536 holds any IPv4 packet, TSO super-packets and UDP GRO buffers included (the
+    /// tun -> UDP buffers get room for the virtio header on top); a read that fills the whole buffer is treated
+    /// as truncated.
     public var bufferSize: Int
     /// How long a worker waits for the socket to become writable when sendmmsg says EAGAIN, before dropping the
     /// rest of the batch as `sendFailed`. Never a busy retry.
     public var sendWaitMilliseconds: Int32
     /// Batches a worker processes per wakeup before it polls again (so a stop request is seen under load).
     public var batchesPerWakeup: Int
+    /// Kernel offloads, each probed at start and left off when the kernel refuses it: TSO from the tun (needs a
+    /// tun opened with `vnetHeader: true`) with segmentation here, UDP GSO on send, UDP GRO on receive, TCP
+    /// coalescing into the tun (needs the vnet header too). False forces the plain path: one packet per read,
+    /// write and datagram, as flannel's proxy does (`--no-offload`).
+    public var offloads: Bool
+    /// Segments the tun -> UDP worker queues before it must send them (one sendmmsg).
+    public var sendQueueCapacity: Int
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
-                batchesPerWakeup: Int = 64) {
-        precondition(batchSize >= 1 && bufferSize >= 576)
+                batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024) {
+        precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1)
         self.batchSize = batchSize
         self.bufferSize = bufferSize
         self.sendWaitMilliseconds = sendWaitMilliseconds
         self.batchesPerWakeup = batchesPerWakeup
+        self.offloads = offloads
+        self.sendQueueCapacity = sendQueueCapacity
     }
 }
 
@@ -62,26 +73,31 @@ public final class Forwarder: @unchecked Sendable {
 
     let tunToUDP: TunToUDPWorker
     let udpToTun: UDPToTunWorker
+    let offloads: OffloadState
 
     /// The fatal error that stopped the forwarder, if one did.
     public var failure: SystemError? { failureState.withLock { $0 } }
 
+    /// The offloads in use, for `status`: "batching" (recvmmsg/sendmmsg, always), "tso" (the tun hands out TCP
+    /// super-packets that are segmented here), "gso" (UDP_SEGMENT on send), "gro" (UDP_GRO on receive),
+    /// "coalesce" (TCP segments merged into super-packets written to the tun). "gso" disappears when the kernel
+    /// refuses the first GSO send.
+    public var activeOffloads: [String] { offloads.active }
+
     public convenience init(tun: TunDevice, socket: UDPSocket, table: RouteTable, config: ForwardingConfig,
                             counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
                             onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
-        // With IFF_VNET_HDR every packet carries a virtio-net header: not handled yet (the offload work will add
-        // it in BatchBuffers and the workers, leaving the decisions as they are).
-        guard !tun.vnetHeader else {
-            throw SystemError("forward on", "\(tun.name) (IFF_VNET_HDR is not supported yet)", errno: EINVAL)
-        }
-        try self.init(tunFD: tun.fd, tunName: tun.name, tunDevice: tun, socket: socket, table: table, config: config,
-                      counters: counters, logger: logger, options: options, onFailure: onFailure)
+        try self.init(tunFD: tun.fd, tunName: tun.name, tunDevice: tun, vnetHeader: tun.vnetHeader, socket: socket,
+                      table: table, config: config, counters: counters, logger: logger, options: options,
+                      onFailure: onFailure)
     }
 
     /// Runs the forwarder over any packet descriptor in place of a tun device: each read() returns one IPv4
     /// packet and each write() takes one (a tun, or in tests one end of an AF_UNIX SOCK_DGRAM socketpair).
-    /// The descriptor is not closed by the forwarder.
-    public init(tunFD: Int32, tunName: String, tunDevice: TunDevice? = nil, socket: UDPSocket, table: RouteTable,
+    /// The descriptor is not closed by the forwarder. `vnetHeader`: every read and write carries a
+    /// virtio_net_hdr (a tun opened with IFF_VNET_HDR); the offloads of the tun need it.
+    public init(tunFD: Int32, tunName: String, tunDevice: TunDevice? = nil, vnetHeader: Bool = false,
+                socket: UDPSocket, table: RouteTable,
                 config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
                 options: ForwarderOptions = ForwarderOptions(),
                 onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
@@ -95,13 +111,15 @@ public final class Forwarder: @unchecked Sendable {
         self.tunDevice = tunDevice
         self.socket = socket
         self.onFailure = onFailure
+        offloads = try OffloadState.probe(tunFD: tunFD, tunName: tunName, vnetHeader: vnetHeader, socket: socket,
+                                          enabled: options.offloads, logger: logger)
         stopFD = try syscall("create eventfd", "for the forwarder") { fu_stop_eventfd() }
         let io = WorkerIO(tunFD: tunFD, tunName: tunName, socketFD: socket.fd, socketName: "\(socket.localEndpoint)",
                           stopFD: stopFD)
         tunToUDP = TunToUDPWorker(io: io, table: table, config: config, counters: counters, logger: logger,
-                                  options: options)
+                                  options: options, offloads: offloads)
         udpToTun = UDPToTunWorker(io: io, table: table, config: config, counters: counters, logger: logger,
-                                  options: options)
+                                  options: options, offloads: offloads)
     }
 
     deinit {
@@ -140,7 +158,7 @@ public final class Forwarder: @unchecked Sendable {
             state.withLock { $0.threads.append(tid) }
         }
         logger.info("forwarding between \(tunName) and \(socket.localEndpoint)",
-                    metadata: ["batch": "\(options.batchSize)"])
+                    metadata: ["batch": "\(options.batchSize)", "offloads": "\(activeOffloads.joined(separator: ","))"])
     }
 
     /// Asks both workers to stop and waits for them. Idempotent; safe from any thread but a worker's own.
@@ -263,8 +281,7 @@ struct LogLimiter {
 }
 
 /// Buffers allocated once per worker: `count` packet buffers of `size` bytes each, and the message vectors that
-/// point into them. The layout keeps batching (message vectors) apart from the per-packet decision, so IFF_VNET_HDR
-/// and UDP GSO/GRO can later add a header area and control buffers here without touching the decisions.
+/// point into them, kept apart from the per-packet decisions.
 final class BatchBuffers {
     let count: Int
     let size: Int
@@ -273,10 +290,14 @@ final class BatchBuffers {
     let msgs: UnsafeMutablePointer<fu_mmsghdr>
     let iovs: UnsafeMutablePointer<iovec>
     let names: UnsafeMutablePointer<sockaddr_in>
-    /// Per message: the peer index it goes to / came from.
-    let peers: UnsafeMutablePointer<Int>
+    /// Per message: room for one control message carrying an int (UDP_GRO's segment size).
+    let controls: UnsafeMutableRawPointer
+    let controlStride: Int
     /// ICMP errors are built here (576 bytes is the most they need).
     let scratch: UnsafeMutableRawBufferPointer
+    /// The virtio_net_hdr written before a packet into the tun, and the two-piece iovec for that write.
+    let header: UnsafeMutableRawPointer
+    let writeIovs: UnsafeMutablePointer<iovec>
 
     init(count: Int, size: Int) {
         self.count = count
@@ -290,9 +311,14 @@ final class BatchBuffers {
         iovs.initialize(repeating: iovec(), count: count)
         names = .allocate(capacity: count)
         names.initialize(repeating: sockaddr_in(), count: count)
-        peers = .allocate(capacity: count)
-        peers.initialize(repeating: 0, count: count)
+        controlStride = fu_cmsg_space(MemoryLayout<Int32>.size)
+        controls = .allocate(byteCount: count * controlStride, alignment: 16)
+        controls.initializeMemory(as: UInt8.self, repeating: 0, count: count * controlStride)
         scratch = .allocate(byteCount: 2048, alignment: 64)
+        header = .allocate(byteCount: 16, alignment: 16)
+        header.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
+        writeIovs = .allocate(capacity: 2)
+        writeIovs.initialize(repeating: iovec(), count: 2)
     }
 
     @inline(__always)
@@ -304,12 +330,27 @@ final class BatchBuffers {
         msgs.deallocate()
         iovs.deallocate()
         names.deallocate()
-        peers.deallocate()
+        controls.deallocate()
         scratch.deallocate()
+        header.deallocate()
+        writeIovs.deallocate()
     }
 }
 
-/// tun -> UDP: read() up to a batch of packets, decide each, one sendmmsg for all forwards, ICMP errors
+/// Writes one packet into the tun: as it is, or after a virtio_net_hdr (`header`, already filled in) when the tun
+/// has IFF_VNET_HDR (one writev: the tun takes one packet per write, header included).
+/// - Returns: the result of write/writev, errno set on -1.
+@inline(__always)
+private func writePacket(_ fd: Int32, vnet: Bool, _ b: BatchBuffers, _ packet: UnsafeRawPointer, _ length: Int)
+    -> Int {
+    if !vnet { return Glibc.write(fd, packet, length) }
+    b.writeIovs[0] = iovec(iov_base: b.header, iov_len: VirtioNetHeader.length)
+    b.writeIovs[1] = iovec(iov_base: UnsafeMutableRawPointer(mutating: packet), iov_len: length)
+    return Glibc.writev(fd, b.writeIovs, 2)
+}
+
+/// tun -> UDP: read() up to a batch of packets, decide each, queue the datagrams (TCP super-packets cut into
+/// segments), one sendmmsg for the queue (UDP GSO grouping runs of equal-size segments to one peer), ICMP errors
 /// written back into the tun.
 final class TunToUDPWorker: ForwardingWorker {
     let threadName = "fu-tun-to-udp"
@@ -319,19 +360,27 @@ final class TunToUDPWorker: ForwardingWorker {
     private let table: RouteTable
     private let counters: DataPlaneCounters
     private let logger: Logger
+    private let offloads: OffloadState
+    private let vnet: Bool
     private var decider: PacketDecider
     private let b: BatchBuffers
+    let queue: SendQueue
     private var logLimiter = LogLimiter()
 
     init(io: WorkerIO, table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
-         options: ForwarderOptions) {
+         options: ForwarderOptions, offloads: OffloadState) {
         self.io = io
         self.table = table
         self.counters = counters
         self.logger = logger
         self.options = options
+        self.offloads = offloads
+        vnet = offloads.vnetHeader
         decider = PacketDecider(config: config)
-        b = BatchBuffers(count: options.batchSize, size: options.bufferSize)
+        b = BatchBuffers(count: options.batchSize,
+                         size: options.bufferSize + (offloads.vnetHeader ? VirtioNetHeader.length : 0))
+        queue = SendQueue(capacity: max(options.sendQueueCapacity, options.batchSize),
+                          gso: offloads.udpGSO.load(ordering: .relaxed))
     }
 
     func drain() throws(SystemError) -> Int {
@@ -365,31 +414,61 @@ final class TunToUDPWorker: ForwardingWorker {
         return count
     }
 
-    private func forwardBatch(_ count: Int) throws(SystemError) {
+    func forwardBatch(_ count: Int) throws(SystemError) {
         let snapshot = table.snapshot()
-        var out = 0
         var i = 0
         while i < count {
-            let length = b.lengths[i]
-            let base = b.packet(i)
+            var length = b.lengths[i]
+            var base = b.packet(i)
             i += 1
             if length >= b.size {  // filled the whole buffer: truncated
                 counters.countDrop(.oversize)
                 continue
             }
+            var gsoType = VirtioNetHeader.gsoNone
+            var gsoSize = 0
+            if vnet {
+                guard length >= VirtioNetHeader.length else {
+                    counters.countDrop(.malformed)
+                    continue
+                }
+                let h = VirtioNetHeader(from: base)
+                base += VirtioNetHeader.length
+                length -= VirtioNetHeader.length
+                gsoType = h.gsoType & ~VirtioNetHeader.gsoECN
+                gsoSize = Int(h.gsoSize)
+                if gsoType == VirtioNetHeader.gsoNone {
+                    // A packet the kernel left with a partial checksum (TUN_F_CSUM): complete it, or the peer's
+                    // kernel drops it.
+                    if h.needsChecksum && !InternetChecksum.complete(
+                        UnsafeMutableRawBufferPointer(start: base, count: length), start: Int(h.checksumStart),
+                        offset: Int(h.checksumOffset)) {
+                        counters.countDrop(.malformed)
+                        continue
+                    }
+                } else if gsoType != VirtioNetHeader.gsoTCPv4 {
+                    counters.countDrop(.malformed)  // only TSO4 is switched on
+                    continue
+                }
+            }
+            // Route, TTL and ICMP once per packet read: for a super-packet, in the template of all its segments.
             switch decider.fromTun(UnsafeMutableRawBufferPointer(start: base, count: length), snapshot: snapshot,
                                    scratch: b.scratch) {
             case .forward(let peer, let len):
-                b.names[out] = snapshot.peers[peer].sockaddr
-                b.iovs[out] = iovec(iov_base: base, iov_len: len)
-                b.msgs[out] = fu_mmsghdr(
-                    msg_hdr: msghdr(msg_name: UnsafeMutableRawPointer(b.names + out),
-                                    msg_namelen: socklen_t(MemoryLayout<sockaddr_in>.size),
-                                    msg_iov: b.iovs + out, msg_iovlen: 1, msg_control: nil, msg_controllen: 0,
-                                    msg_flags: 0),
-                    msg_len: 0)
-                b.peers[out] = peer
-                out += 1
+                let name = snapshot.peers[peer].sockaddr
+                let packet = UnsafeMutableRawBufferPointer(start: base, count: len)
+                if gsoType == VirtioNetHeader.gsoTCPv4 {
+                    let needed = TCPSegmenter.segmentCount(UnsafeRawBufferPointer(packet), gsoSize: gsoSize)
+                    if needed > queue.free { try send(snapshot) }
+                    switch TCPSegmenter.segment(packet, gsoSize: gsoSize, peer: peer, name: name, into: queue) {
+                    case .segmented: offloads.superPacketsSegmented.wrappingIncrement(ordering: .relaxed)
+                    case .invalid: counters.countDrop(.malformed)
+                    case .tooManySegments: counters.countDrop(.oversize)
+                    }
+                } else {
+                    if queue.free == 0 { try send(snapshot) }
+                    queue.append(peer: peer, name: name, first: base, firstLength: len)
+                }
             case .icmpToTun(let len, let reason):
                 counters.countDrop(reason)
                 try writeICMPToTun(len)
@@ -398,28 +477,38 @@ final class TunToUDPWorker: ForwardingWorker {
                 if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
             }
         }
-        if out > 0 { try send(out, snapshot) }
+        if !queue.isEmpty { try send(snapshot) }
     }
 
-    /// One sendmmsg for the batch; a partial send continues where the kernel stopped. sendmmsg reports an error
-    /// only for the first message it could not send: that one is counted as `sendFailed` and skipped. On EAGAIN
-    /// (socket buffer full) wait for POLLOUT up to `sendWaitMilliseconds` once per batch, then drop the rest.
-    private func send(_ out: Int, _ snapshot: RouteSnapshot) throws(SystemError) {
+    /// One sendmmsg for the queue; a partial send continues where the kernel stopped. sendmmsg reports an error
+    /// only for the first message it could not send: that one is counted as `sendFailed` (all its segments) and
+    /// skipped. On EAGAIN (socket buffer full) wait for POLLOUT up to `sendWaitMilliseconds` once per call, then
+    /// drop the rest. A GSO message refused with EIO (the route's device cannot checksum UDP, the one refusal
+    /// that only GSO gets): GSO goes off for good, with one log line. With EINVAL (also what a segment larger
+    /// than the route's MTU gets, so not proof that GSO is unusable): this queue only. Either way the rest of the
+    /// queue is sent again one datagram per packet.
+    private func send(_ snapshot: RouteSnapshot) throws(SystemError) {
+        defer {
+            queue.reset()
+            queue.gso = offloads.udpGSO.load(ordering: .relaxed)
+        }
+        queue.prepareMessages()
         var sent = 0
         var waited = false
         var packets: UInt64 = 0
         var bytes: UInt64 = 0
-        while sent < out {
-            let r = Int(fu_sendmmsg(io.socketFD, b.msgs + sent, UInt32(out - sent), 0))
+        while sent < queue.messageCount {
+            let r = Int(fu_sendmmsg(io.socketFD, queue.msgs + sent, UInt32(queue.messageCount - sent), 0))
             if r > 0 {
                 var j = sent
                 while j < sent + r {
-                    let len = b.iovs[j].iov_len
-                    snapshot.peers[b.peers[j]].counters.countTx(bytes: len)
+                    let n = queue.messageSegments[j]
+                    let len = queue.messageBytes[j]
+                    snapshot.peers[queue.messagePeer[j]].counters.countTx(packets: n, bytes: len)
+                    packets &+= UInt64(n)
                     bytes &+= UInt64(len)
                     j += 1
                 }
-                packets &+= UInt64(r)
                 sent += r
                 continue
             }
@@ -432,13 +521,32 @@ final class TunToUDPWorker: ForwardingWorker {
                     _ = poll(&pfd, 1, options.sendWaitMilliseconds)
                     continue
                 }
-                counters.countDrop(.sendFailed, UInt64(out - sent))
-                logPacketError("sendmmsg on \(io.socketName) (socket buffer full, \(out - sent) dropped)", e)
+                var dropped = 0
+                var j = sent
+                while j < queue.messageCount { dropped += queue.messageSegments[j]; j += 1 }
+                counters.countDrop(.sendFailed, UInt64(dropped))
+                logPacketError("sendmmsg on \(io.socketName) (socket buffer full, \(dropped) dropped)", e)
                 break
             }
             if Self.isFatal(e) { throw SystemError("sendmmsg on", io.socketName, errno: e) }
-            counters.countDrop(.sendFailed)
-            logPacketError("sendmmsg on \(io.socketName) to \(peerDescription(b.names[sent]))", e)
+            if queue.gso && queue.messageSegments[sent] > 1 && (e == EIO || e == EINVAL) {
+                let to = peerDescription(queue.names[sent])
+                if e == EIO {
+                    offloads.udpGSO.store(false, ordering: .relaxed)
+                    let why = SystemError.describe(e)
+                    logger.warning("""
+                        offload gso off: the kernel refused a UDP GSO send on \(io.socketName) to \(to) (\(why)); \
+                        sending one datagram per packet
+                        """)
+                } else {
+                    logPacketError("UDP GSO send on \(io.socketName) to \(to) refused, resent one datagram each", e)
+                }
+                queue.splitMessages(from: sent)
+                queue.prepareMessages(from: sent)
+                continue
+            }
+            counters.countDrop(.sendFailed, UInt64(queue.messageSegments[sent]))
+            logPacketError("sendmmsg on \(io.socketName) to \(peerDescription(queue.names[sent]))", e)
             sent += 1
         }
         counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
@@ -446,8 +554,9 @@ final class TunToUDPWorker: ForwardingWorker {
     }
 
     private func writeICMPToTun(_ length: Int) throws(SystemError) {
+        VirtioNetHeader.none.store(to: b.header)
         while true {
-            let n = Glibc.write(io.tunFD, b.scratch.baseAddress!, length)
+            let n = writePacket(io.tunFD, vnet: vnet, b, b.scratch.baseAddress!, length)
             if n >= 0 {
                 counters.icmpSent.wrappingIncrement(ordering: .relaxed)
                 return
@@ -469,8 +578,10 @@ final class TunToUDPWorker: ForwardingWorker {
     }
 }
 
-/// UDP -> tun: recvmmsg a batch with source addresses, decide each, write() deliverable packets into the tun,
-/// send time-exceeded errors back to the peer with sendto.
+/// UDP -> tun: recvmmsg a batch with source addresses (and, with UDP GRO, the segment size of each coalesced
+/// buffer), split each buffer back into its datagrams, decide each, write deliverable packets into the tun (runs
+/// of one TCP flow merged into one super-packet when coalescing is on), send time-exceeded errors back to the
+/// peer with sendto.
 final class UDPToTunWorker: ForwardingWorker {
     let threadName = "fu-udp-to-tun"
     let io: WorkerIO
@@ -479,19 +590,34 @@ final class UDPToTunWorker: ForwardingWorker {
     private let table: RouteTable
     private let counters: DataPlaneCounters
     private let logger: Logger
+    private let vnet: Bool
+    private let gro: Bool
+    private let offloads: OffloadState
+    private var largest = 0
     private var decider: PacketDecider
     private let b: BatchBuffers
+    private let coalescer: TCPCoalescer?
+    // The open coalescing group: its peer, packets and bytes as received (for the counters).
+    private var groupPeer = 0
+    private var groupPackets = 0
+    private var groupBytes = 0
+    private var delivered: UInt64 = 0
+    private var deliveredBytes: UInt64 = 0
     private var logLimiter = LogLimiter()
 
     init(io: WorkerIO, table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
-         options: ForwarderOptions) {
+         options: ForwarderOptions, offloads: OffloadState) {
         self.io = io
         self.table = table
         self.counters = counters
         self.logger = logger
         self.options = options
+        self.offloads = offloads
+        vnet = offloads.vnetHeader
+        gro = offloads.udpGRO
         decider = PacketDecider(config: config)
         b = BatchBuffers(count: options.batchSize, size: options.bufferSize)
+        coalescer = offloads.coalesce ? TCPCoalescer() : nil
         var i = 0
         while i < b.count {
             b.iovs[i] = iovec(iov_base: b.packet(i), iov_len: b.size)
@@ -516,11 +642,13 @@ final class UDPToTunWorker: ForwardingWorker {
     private func receiveBatch() throws(SystemError) -> Int {
         var i = 0
         while i < b.count {
-            // The kernel overwrites msg_namelen, msg_flags and msg_len on every call.
+            // The kernel overwrites msg_namelen, msg_controllen, msg_flags and msg_len on every call.
             b.msgs[i] = fu_mmsghdr(
                 msg_hdr: msghdr(msg_name: UnsafeMutableRawPointer(b.names + i),
                                 msg_namelen: socklen_t(MemoryLayout<sockaddr_in>.size),
-                                msg_iov: b.iovs + i, msg_iovlen: 1, msg_control: nil, msg_controllen: 0,
+                                msg_iov: b.iovs + i, msg_iovlen: 1,
+                                msg_control: gro ? b.controls + i &* b.controlStride : nil,
+                                msg_controllen: gro ? b.controlStride : 0,
                                 msg_flags: 0),
                 msg_len: 0)
             i += 1
@@ -539,45 +667,117 @@ final class UDPToTunWorker: ForwardingWorker {
         }
     }
 
-    private func deliverBatch(_ count: Int) throws(SystemError) {
+    /// The UDP_GRO segment size of message `i`, or 0 when it holds one datagram.
+    @inline(__always)
+    private func groSegmentSize(_ i: Int) -> Int {
+        guard gro else { return 0 }
+        var c = fu_cmsg_firsthdr(&b.msgs[i].msg_hdr)
+        while let cmsg = c {
+            if cmsg.pointee.cmsg_level == Int32(FU_SOL_UDP) && cmsg.pointee.cmsg_type == Int32(FU_UDP_GRO) {
+                return Int(UnsafeRawPointer(fu_cmsg_data(cmsg)!).loadUnaligned(as: Int32.self))
+            }
+            c = fu_cmsg_nxthdr(&b.msgs[i].msg_hdr, cmsg)
+        }
+        return 0
+    }
+
+    func deliverBatch(_ count: Int) throws(SystemError) {
         let snapshot = table.snapshot()
-        var packets: UInt64 = 0
-        var bytes: UInt64 = 0
+        delivered = 0
+        deliveredBytes = 0
         var i = 0
         while i < count {
             let msg = b.msgs[i]
             let base = b.packet(i)
             let source = IPv4Address(networkOrder: b.names[i].sin_addr.s_addr)
+            let segmentSize = groSegmentSize(i)
             i += 1
             if msg.msg_hdr.msg_flags & Int32(MSG_TRUNC) != 0 {
                 counters.countDrop(.oversize)
                 continue
             }
-            switch decider.fromUDP(UnsafeMutableRawBufferPointer(start: base, count: Int(msg.msg_len)),
-                                   outerSource: source, snapshot: snapshot, scratch: b.scratch) {
-            case .deliver(let peer, let len):
-                if try writeToTun(base, len) {
-                    snapshot.peers[peer].counters.countRx(bytes: len)
-                    packets &+= 1
-                    bytes &+= UInt64(len)
-                }
-            case .icmpToPeer(let len, let peer, let reason):
-                counters.countDrop(reason)
-                try sendICMP(len, to: snapshot.peers[peer])
-            case .drop(let reason, let limited):
-                counters.countDrop(reason)
-                if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+            // With GRO the buffer holds datagrams of `segmentSize` bytes back to back (the last may be shorter),
+            // each one IPv4 packet: decide them one by one.
+            let total = Int(msg.msg_len)
+            let step = segmentSize > 0 ? segmentSize : max(total, 1)
+            if step < total { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
+            if min(step, total) > largest {
+                largest = min(step, total)
+                offloads.largestDatagramReceived.store(UInt64(largest), ordering: .relaxed)
+            }
+            var offset = 0
+            while offset < total {
+                let length = min(step, total - offset)
+                try deliver(base + offset, length, source: source, snapshot: snapshot)
+                offset += length
             }
         }
-        counters.udpToTunPackets.wrappingIncrement(by: packets, ordering: .relaxed)
-        counters.udpToTunBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
+        if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }
+        counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
+        counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
     }
 
-    /// One write per packet (the tun takes one packet per write). A full tun queue (EAGAIN) is counted as
-    /// `tunWriteFailed` and the packet dropped, never retried in a loop (flannel busy-retries here).
+    @inline(__always)
+    private func deliver(_ base: UnsafeMutableRawPointer, _ length: Int, source: IPv4Address,
+                         snapshot: RouteSnapshot) throws(SystemError) {
+        switch decider.fromUDP(UnsafeMutableRawBufferPointer(start: base, count: length), outerSource: source,
+                               snapshot: snapshot, scratch: b.scratch) {
+        case .deliver(let peer, let len):
+            if let c = coalescer {
+                let packet = UnsafeMutableRawBufferPointer(start: base, count: len)
+                if c.isOpen {
+                    if c.append(UnsafeRawBufferPointer(packet)) {
+                        groupPackets += 1
+                        groupBytes += len
+                        return
+                    }
+                    try flushGroup(c, snapshot)
+                }
+                if TCPCoalescer.isCandidate(UnsafeRawBufferPointer(packet)) {
+                    c.begin(packet)
+                    groupPeer = peer
+                    groupPackets = 1
+                    groupBytes = len
+                    return
+                }
+            }
+            VirtioNetHeader.none.store(to: b.header)
+            if try writeToTun(base, len) {
+                snapshot.peers[peer].counters.countRx(bytes: len)
+                delivered &+= 1
+                deliveredBytes &+= UInt64(len)
+            }
+        case .icmpToPeer(let len, let peer, let reason):
+            counters.countDrop(reason)
+            try sendICMP(len, to: snapshot.peers[peer])
+        case .drop(let reason, let limited):
+            counters.countDrop(reason)
+            if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+        }
+    }
+
+    /// Writes the open coalescing group (one super-packet, or its single packet as it came).
+    private func flushGroup(_ c: TCPCoalescer, _ snapshot: RouteSnapshot) throws(SystemError) {
+        let out = c.finish(header: b.header)
+        let packets = groupPackets
+        if packets > 1 { offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
+        if try writeToTun(UnsafeMutableRawPointer(mutating: out.baseAddress!), out.count) {
+            snapshot.peers[groupPeer].counters.countRx(packets: packets, bytes: groupBytes)
+            delivered &+= UInt64(packets)
+            deliveredBytes &+= UInt64(groupBytes)
+        } else if packets > 1 {
+            counters.countDrop(.tunWriteFailed, UInt64(packets - 1))  // writeToTun counted one
+        }
+        groupPackets = 0
+        groupBytes = 0
+    }
+
+    /// One write per packet (the tun takes one packet per write), after the virtio header already in
+    /// `b.header` when the tun has one. A full tun queue (EAGAIN) is counted as `tunWriteFailed` and the packet
+    /// dropped, never retried in a loop (flannel busy-retries here).
     private func writeToTun(_ base: UnsafeMutableRawPointer, _ length: Int) throws(SystemError) -> Bool {
         while true {
-            let n = Glibc.write(io.tunFD, base, length)
+            let n = writePacket(io.tunFD, vnet: vnet, b, base, length)
             if n >= 0 { return true }
             let e = errno
             if e == EINTR { continue }

@@ -1,0 +1,149 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// TCP coalescing for the UDP -> tun direction (what the kernel's GRO does on a NIC): consecutive TCP segments of
+/// one flow, as they come out of the underlay, are merged into one super-packet that is written into the tun with
+/// a virtio_net_hdr (GSO_TCPV4, gso_size, NEEDS_CSUM), so the kernel handles one packet where there were dozens.
+///
+/// The merge rules are the kernel's (tcp_gro_receive, inet_gro_receive), a little stricter where that is simpler:
+///   - both packets IPv4 with a 20-byte header (no IP options), not fragments, same TOS, TTL, DF bit, source and
+///     destination, and the identification incremented by one per segment;
+///   - same ports, acknowledgment number, window, header length and TCP options byte for byte (timestamps
+///     included, as the kernel compares them);
+///   - the same flags except PSH; no SYN, RST, URG, FIN anywhere, and CWR only on the first segment;
+///   - sequence numbers contiguous; every segment but the last exactly as long as the first (the gso_size), the
+///     last no longer; after a shorter segment or one with PSH nothing more is merged (PSH goes on the result);
+///   - at most 64 segments and 65535 bytes.
+/// A group of one is written as it came, with an all-zero virtio header.
+///
+/// The first packet stays where it was received until a second one joins; then the group is built in the
+/// coalescer's own buffer. Packets passed in must stay valid until `finish`. No allocation after init.
+final class TCPCoalescer {
+    static let maxSegments = 64
+    static let maxLength = 65535
+
+    private let buffer: UnsafeMutableRawPointer
+    /// The first packet, where it was received (used while the group has one packet).
+    private var head: UnsafeMutableRawPointer?
+    private var length = 0
+    private(set) var count = 0
+    private var tcpHeaderLength = 0
+    private var gsoSize = 0
+    private var nextSequence: UInt32 = 0
+    private var closed = false
+    private var push = false
+
+    var isOpen: Bool { count > 0 }
+
+    init() {
+        buffer = .allocate(byteCount: TCPCoalescer.maxLength &+ 1, alignment: 64)
+    }
+
+    deinit { buffer.deallocate() }
+
+    /// The packet's flags when it may start or join a group: TCP/IPv4, 20-byte IP header, not a fragment, some
+    /// payload, none of SYN, RST, URG, FIN. `packet.count` must be the packet's total length.
+    @inline(__always)
+    static func candidateFlags(_ packet: UnsafeRawBufferPointer) -> UInt8? {
+        guard packet.count >= 40, packet[0] == 0x45, packet[IPv4Header.proto] == TCPHeader.protocolNumber else {
+            return nil
+        }
+        let frag = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.flagsFragment, as: UInt16.self))
+        guard frag & 0x3FFF == 0 else { return nil }
+        let thl = Int(packet[20 &+ TCPHeader.dataOffset] >> 4) &* 4
+        guard thl >= TCPHeader.minimumLength, 20 &+ thl < packet.count else { return nil }
+        let flags = packet[20 &+ TCPHeader.flags]
+        guard flags & (TCPHeader.syn | TCPHeader.rst | TCPHeader.urg | TCPHeader.fin) == 0 else { return nil }
+        return flags
+    }
+
+    static func isCandidate(_ packet: UnsafeRawBufferPointer) -> Bool { candidateFlags(packet) != nil }
+
+    /// Opens a group with `packet`. - Precondition: no group is open and `isCandidate(packet)`.
+    func begin(_ packet: UnsafeMutableRawBufferPointer) {
+        precondition(count == 0)
+        let p = UnsafeRawBufferPointer(packet)
+        head = packet.baseAddress
+        length = packet.count
+        count = 1
+        tcpHeaderLength = Int(p[20 &+ TCPHeader.dataOffset] >> 4) &* 4
+        gsoSize = packet.count &- 20 &- tcpHeaderLength
+        let seq = UInt32(bigEndian: p.loadUnaligned(fromByteOffset: 20 &+ TCPHeader.sequence, as: UInt32.self))
+        nextSequence = seq &+ UInt32(truncatingIfNeeded: gsoSize)
+        push = p[20 &+ TCPHeader.flags] & TCPHeader.psh != 0
+        closed = push
+    }
+
+    /// Merges `packet` into the open group if the rules allow; false leaves everything as it was.
+    func append(_ packet: UnsafeRawBufferPointer) -> Bool {
+        guard count > 0, !closed, count < TCPCoalescer.maxSegments, let flags = TCPCoalescer.candidateFlags(packet)
+        else { return false }
+        let first = UnsafeRawPointer(count == 1 ? head! : buffer)
+        let p = packet.baseAddress!
+        let thl = tcpHeaderLength
+        let payload = packet.count &- 20 &- thl
+        guard Int(packet[20 &+ TCPHeader.dataOffset] >> 4) &* 4 == thl, payload <= gsoSize,
+              length &+ payload <= TCPCoalescer.maxLength else { return false }
+        // IPv4: TOS, TTL, DF, addresses equal; identification = first + count.
+        guard packet[IPv4Header.tos] == first.load(fromByteOffset: IPv4Header.tos, as: UInt8.self),
+              packet[IPv4Header.ttl] == first.load(fromByteOffset: IPv4Header.ttl, as: UInt8.self),
+              packet[IPv4Header.flagsFragment] == first.load(fromByteOffset: IPv4Header.flagsFragment, as: UInt8.self),
+              memcmp(p + IPv4Header.source, first + IPv4Header.source, 8) == 0 else { return false }
+        let id0 = UInt16(bigEndian: first.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
+        let id = UInt16(bigEndian: p.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
+        guard id == id0 &+ UInt16(truncatingIfNeeded: count) else { return false }
+        // TCP: ports, acknowledgment; flags equal but for PSH (and CWR on the first); window; options.
+        let t = p + 20, t0 = first + 20
+        let firstFlags = t0.load(fromByteOffset: TCPHeader.flags, as: UInt8.self)
+        guard flags & TCPHeader.cwr == 0,
+              (flags ^ firstFlags) & ~(TCPHeader.psh | TCPHeader.cwr) == 0,
+              memcmp(t, t0, 4) == 0,
+              memcmp(t + TCPHeader.acknowledgment, t0 + TCPHeader.acknowledgment, 4) == 0,
+              memcmp(t + TCPHeader.window, t0 + TCPHeader.window, 2) == 0,
+              thl == TCPHeader.minimumLength || memcmp(t + 20, t0 + 20, thl &- 20) == 0 else { return false }
+        let seq = UInt32(bigEndian: t.loadUnaligned(fromByteOffset: TCPHeader.sequence, as: UInt32.self))
+        guard seq == nextSequence else { return false }
+
+        if count == 1 { buffer.copyMemory(from: head!, byteCount: length) }
+        (buffer + length).copyMemory(from: p + (20 &+ thl), byteCount: payload)
+        length &+= payload
+        count &+= 1
+        nextSequence &+= UInt32(truncatingIfNeeded: payload)
+        if flags & TCPHeader.psh != 0 { push = true; closed = true }
+        if payload < gsoSize { closed = true }
+        return true
+    }
+
+    /// Closes the open group: writes its virtio header to `header` (`VirtioNetHeader.length` bytes) and returns
+    /// the packet to write after it (valid until the next `begin`).
+    func finish(header: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer {
+        precondition(count > 0)
+        defer {
+            count = 0
+            head = nil
+        }
+        if count == 1 {
+            VirtioNetHeader.none.store(to: header)
+            return UnsafeRawBufferPointer(start: head!, count: length)
+        }
+        let b = buffer
+        b.storeBytes(of: UInt16(truncatingIfNeeded: length).bigEndian, toByteOffset: IPv4Header.totalLength,
+                     as: UInt16.self)
+        b.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.checksum, as: UInt16.self)
+        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(start: b, count: 20))
+        b.storeBytes(of: ipSum.bigEndian, toByteOffset: IPv4Header.checksum, as: UInt16.self)
+        if push {
+            let f = b.load(fromByteOffset: 20 &+ TCPHeader.flags, as: UInt8.self)
+            b.storeBytes(of: f | TCPHeader.psh, toByteOffset: 20 &+ TCPHeader.flags, as: UInt8.self)
+        }
+        // NEEDS_CSUM: the field holds the pseudo-header sum; the kernel (or whoever delivers it) completes it.
+        let pseudo = InternetChecksum.pseudoHeaderSum(b, proto: TCPHeader.protocolNumber, length: length &- 20)
+        b.storeBytes(of: pseudo.bigEndian, toByteOffset: 20 &+ TCPHeader.checksum, as: UInt16.self)
+        VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum, gsoType: VirtioNetHeader.gsoTCPv4,
+                        headerLength: UInt16(truncatingIfNeeded: 20 &+ tcpHeaderLength),
+                        gsoSize: UInt16(truncatingIfNeeded: gsoSize), checksumStart: 20,
+                        checksumOffset: UInt16(TCPHeader.checksum)).store(to: header)
+        return UnsafeRawBufferPointer(start: b, count: length)
+    }
+}

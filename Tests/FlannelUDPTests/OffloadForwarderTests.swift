@@ -1,0 +1,132 @@
+import XCTest
+import Logging
+import CShims
+import CAllocCounter
+@testable import FlannelUDP
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The socket offloads in the forwarding loop, without privileges: the tun is one end of a SOCK_SEQPACKET
+/// socketpair and the underlay is UDP on loopback (which passes GSO sends to a GRO socket whole), as in
+/// ForwarderTests. The workers' drain() runs on the test thread.
+final class OffloadForwarderTests: XCTestCase {
+    var pair: [Int32] = [-1, -1]
+    var socket: UDPSocket!
+    var peer: UDPSocket!
+    var table: RouteTable!
+    var counters: DataPlaneCounters!
+    let config = ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
+    var logger = Logger(label: "test.offload-forwarder")
+
+    override func setUpWithError() throws {
+        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair), 0)
+        for fd in pair { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+        socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        peer = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
+        counters = DataPlaneCounters()
+        logger.logLevel = .critical
+    }
+
+    override func tearDown() {
+        for fd in pair where fd >= 0 { close(fd) }
+        socket?.close()
+        peer?.close()
+    }
+
+    private func forwarder(offloads: Bool) throws -> Forwarder {
+        try Forwarder(tunFD: pair[0], tunName: "test-tun", socket: socket, table: table, config: config,
+                      counters: counters, logger: logger, options: ForwarderOptions(batchSize: 8, offloads: offloads))
+    }
+
+    private func setInt(_ fd: Int32, _ option: Int32, _ value: Int32) -> Int32 {
+        var v = value
+        return setsockopt(fd, Int32(FU_SOL_UDP), option, &v, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    private func send(_ bytes: [UInt8], from fd: Int32, to endpoint: Endpoint) -> Int {
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = endpoint.port.bigEndian
+        sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
+        return bytes.withUnsafeBytes { b in
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        }
+    }
+
+    /// Everything waiting on `fd`, one element per datagram or packet.
+    private func drainFD(_ fd: Int32) -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n < 0 { return out }
+            out.append(Array(buf[0..<n]))
+        }
+    }
+
+    /// `packet` as the forwarder passes it on: TTL one less, header checksum updated.
+    private func forwarded(_ packet: [UInt8]) -> [UInt8] {
+        var p = packet
+        p[8] -= 1
+        p[10] = 0; p[11] = 0
+        put16(&p, 10, referenceChecksum(Array(p[0..<20])))
+        return p
+    }
+
+    private func inbound(_ k: Int, _ size: Int) -> [UInt8] {
+        makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), identification: UInt16(k),
+                 payload: patternPayload(size - 20, seed: UInt8(k)))
+    }
+
+    func testGROBufferIsSplitIntoItsPacketsBeforeTheTun() throws {
+        let f = try forwarder(offloads: true)
+        XCTAssertEqual(f.activeOffloads, ["batching", "gso", "gro"], "a socketpair has no vnet header: no tso")
+        let packets = [inbound(0, 1472), inbound(1, 1472), inbound(2, 1472), inbound(3, 500)]
+        let datagram = packets.reduce([], +)
+
+        // The kernel hands a GRO socket the whole GSO send as one buffer (checked on a socket of our own)...
+        let probe = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        defer { probe.close() }
+        XCTAssertEqual(setInt(probe.fd, Int32(FU_UDP_GRO), 1), 0)
+        XCTAssertEqual(setInt(peer.fd, Int32(FU_UDP_SEGMENT), 1472), 0)
+        XCTAssertEqual(send(datagram, from: peer.fd, to: probe.localEndpoint), datagram.count)
+        XCTAssertEqual(drainFD(probe.fd).map { $0.count }, [datagram.count])
+
+        // ...and the forwarder cuts it back into the four packets, each written to the tun on its own.
+        XCTAssertEqual(send(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(try f.udpToTun.drain(), 1)
+        let written = drainFD(pair[1])
+        XCTAssertEqual(written.count, 4)
+        XCTAssertEqual(written, packets.map(forwarded))
+        XCTAssertEqual(counters.snapshot().udpToTun.packets, 4)
+        XCTAssertEqual(table.snapshot().peers[0].counters.snapshot.rxPackets, 4)
+    }
+
+    func testGSOSendsArriveAsOneDatagramPerPacket() throws {
+        for offloads in [true, false] {
+            counters = DataPlaneCounters()
+            let f = try forwarder(offloads: offloads)
+            XCTAssertEqual(f.activeOffloads, offloads ? ["batching", "gso", "gro"] : ["batching"])
+            let sizes = [1472, 1472, 1472, 1000, 60, 1472]
+            let packets = sizes.enumerated().map { k, size in
+                makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), identification: UInt16(k),
+                         payload: patternPayload(size - 20, seed: UInt8(k)))
+            }
+            for p in packets { _ = p.withUnsafeBytes { write(pair[1], $0.baseAddress, $0.count) } }
+            XCTAssertEqual(try f.tunToUDP.drain(), 6)
+            // The peer's socket has no GRO: what it receives is what is on the wire.
+            let received = drainFD(peer.fd)
+            XCTAssertEqual(received.map { $0.count }, sizes, "offloads \(offloads)")
+            XCTAssertEqual(received, packets.map(forwarded))
+            XCTAssertEqual(counters.snapshot().tunToUDP.packets, 6)
+            XCTAssertEqual(counters.snapshot().tunToUDP.bytes, UInt64(sizes.reduce(0, +)))
+            XCTAssertEqual(counters.drops(.sendFailed), 0)
+        }
+    }
+}
