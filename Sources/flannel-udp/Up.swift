@@ -54,6 +54,9 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("peer-check"), help: ArgumentHelp("strict: accept a datagram only from the peer that owns its inner source; relaxed: any sender, if the inner source is in a known peer subnet (NAT).", valueName: "mode"))
     var peerCheck: PeerCheck = .strict
 
+    @Flag(name: .customLong("no-offload"), help: "Force the plain data path: no TUN TSO, UDP GSO/GRO or TCP coalescing (each is otherwise probed and used when the kernel allows).")
+    var noOffload = false
+
     @Flag(help: "Return once the node is ready, leaving the daemon running in the background.")
     var detach = false
 
@@ -108,6 +111,7 @@ struct Up: ParsableCommand {
         config.peersFile = peers.map { URL(fileURLWithPath: $0).path }
         config.ipMasq = ipMasq
         config.peerCheck = peerCheck
+        config.offloads = !noOffload
         return config
     }
 

@@ -148,6 +148,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 config: ForwardingConfig(network: config.network, subnet: config.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
+                                options: ForwarderOptions(offloads: config.offloads),
                                 onFailure: { [weak self] error in self?.fail("forwarder stopped: \(error)") })
             try fwd.start()
         } catch {
@@ -361,7 +362,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
             underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
             peerCheck: config.peerCheck.rawValue, routes: routeInfos(), counters: counters.snapshot(),
-            offloads: forwarder == nil ? [] : ["batching"],
+            offloads: forwarder?.activeOffloads ?? [],
             lease: registry?.currentLease.map {
                 LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
             })

@@ -15,6 +15,9 @@ public struct NodeConfig: Sendable {
     public var peersFile: String?
     public var ipMasq = false
     public var peerCheck: PeerCheck = .strict
+    /// Kernel offloads (TUN TSO with segmentation here, UDP GSO/GRO, TCP coalescing into the tun), each probed
+    /// and left off when the kernel refuses it. false is the plain path, one packet per syscall entry.
+    public var offloads = true
 
     public init(network: IPv4Network, subnet: IPv4Network) {
         self.network = network

@@ -107,7 +107,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         let config = plan.config
         do {
             step("create tun device \(config.device)")
-            let tun = try TunDevice(name: config.device)
+            // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
+            let tun = try TunDevice(name: config.device, vnetHeader: config.offloads)
             self.tun = tun
             undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
             guard let link = try netlink.link(named: tun.name) else {
