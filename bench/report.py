@@ -214,6 +214,8 @@ def print_table(result, cols):
           f"commit {p.get('commit', '?')}")
     print(f"iperf3 {p.get('time')} s per test, medians of {p.get('runs')} runs, {p.get('pings')} pings at 10 ms, "
           f"UDP -l 64 -b {p.get('udp_rate')}; congestion control: {', '.join(ccs) or 'unknown'}")
+    print(f"load average at start {p.get('loadavg_start', '?')}, at end {p.get('loadavg_end', '?')} "
+          f"(other work on the machine skews every figure)")
     w0 = max(len(label) for _, label, _ in ROWS) + 2
     w = max(12, max(len(c) for c in cols) + 2)
     print()
