@@ -219,7 +219,7 @@ final class CLITests: XCTestCase {
         XCTAssertEqual(fu(ns, upArgs(subnetFile: subnetFile)).status, 0)
         let state = try XCTUnwrap(DaemonState.load(path: "\(runDir)/ns-\(try namespaceInode(ns))/flannel0.json"))
         XCTAssertEqual(kill(state.pid, SIGKILL), 0)
-        try waitUntil("the killed daemon's device disappears") {
+        try waitFor("the killed daemon's device disappears") {
             !((try? ns.run(["ip", "-o", "link", "show"])) ?? "flannel0").contains("flannel0")
         }
         let down = fu(ns, ["down"])

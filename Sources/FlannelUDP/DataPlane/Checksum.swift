@@ -1,0 +1,89 @@
+/// The internet checksum (RFC 1071) and its incremental update (RFC 1624), on raw packet memory.
+///
+/// Everything here works on one's complement sums of big-endian 16-bit words, read with unaligned loads so a packet
+/// may start at any byte of a buffer. Nothing allocates.
+public enum InternetChecksum {
+    /// Adds the buffer's bytes, as big-endian 16-bit words, to `initial` without folding. An odd trailing byte is
+    /// padded with a zero byte, as RFC 1071 says. The result is a 32-bit accumulator; call `fold` to get 16 bits.
+    /// Buffers up to 64 KiB cannot overflow the accumulator when `initial` is itself a folded (16-bit) value.
+    public static func sum(_ bytes: UnsafeRawBufferPointer, initial: UInt32 = 0) -> UInt32 {
+        var acc = UInt64(initial)
+        var i = 0
+        let n = bytes.count
+        // Eight bytes at a time: the sum of 32-bit big-endian words, folded later, equals the sum of 16-bit words
+        // in one's complement arithmetic (RFC 1071 section 2(C), "parallel summation").
+        while i + 8 <= n {
+            let w = UInt64(bigEndian: bytes.loadUnaligned(fromByteOffset: i, as: UInt64.self))
+            acc &+= w >> 32
+            acc &+= w & 0xFFFF_FFFF
+            i += 8
+        }
+        while i + 2 <= n {
+            acc &+= UInt64(UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: i, as: UInt16.self)))
+            i += 2
+        }
+        if i < n {
+            acc &+= UInt64(bytes[i]) << 8
+        }
+        // Fold 64 -> 32 bits keeping the end-around carry.
+        while acc >> 32 != 0 { acc = (acc & 0xFFFF_FFFF) &+ (acc >> 32) }
+        return UInt32(acc)
+    }
+
+    /// Folds a 32-bit accumulator into a 16-bit one's complement sum (end-around carry).
+    public static func fold(_ sum: UInt32) -> UInt16 {
+        var s = sum
+        while s >> 16 != 0 { s = (s & 0xFFFF) &+ (s >> 16) }
+        return UInt16(s)
+    }
+
+    /// The checksum to put in a header: the complement of the folded sum of `bytes` (with the checksum field zero).
+    public static func compute(_ bytes: UnsafeRawBufferPointer) -> UInt16 {
+        ~fold(sum(bytes))
+    }
+
+    /// RFC 1624 equation 3: the new checksum after one 16-bit word of the covered data changes from `old` to
+    /// `new`: HC' = ~(~HC + ~m + m'). Unlike equation 2 it never turns a valid checksum into 0xFFFF (-0).
+    public static func update(_ checksum: UInt16, oldWord: UInt16, newWord: UInt16) -> UInt16 {
+        ~fold(UInt32(~checksum) &+ UInt32(~oldWord) &+ UInt32(newWord))
+    }
+}
+
+/// Offsets and constants of the IPv4 header (RFC 791) used across the data plane.
+public enum IPv4Header {
+    public static let minimumLength = 20
+    public static let versionIHL = 0
+    public static let tos = 1
+    public static let totalLength = 2
+    public static let identification = 4
+    public static let flagsFragment = 6
+    public static let ttl = 8
+    public static let proto = 9
+    public static let checksum = 10
+    public static let source = 12
+    public static let destination = 16
+
+    public static let protocolICMP: UInt8 = 1
+    /// The "don't fragment" bit in the flags/fragment-offset word.
+    public static let dontFragment: UInt16 = 0x4000
+    /// The fragment offset bits (in units of 8 bytes).
+    public static let fragmentOffsetMask: UInt16 = 0x1FFF
+
+    /// Decrements the TTL of the IPv4 header at the start of `packet` and patches the header checksum with the
+    /// RFC 1624 incremental update (the TTL shares a 16-bit word with the protocol byte).
+    ///
+    /// - Returns: false, leaving the packet untouched, when the TTL is 0 or 1: forwarding would send it with TTL 0,
+    ///   which RFC 1812 5.3.1 forbids; the caller drops it (and may send ICMP time exceeded).
+    /// - Precondition: `packet` holds at least 20 bytes (checked by `IPv4Packet.parse` first).
+    public static func decrementTTL(_ packet: UnsafeMutableRawBufferPointer) -> Bool {
+        let ttlValue = packet[ttl]
+        if ttlValue <= 1 { return false }
+        let oldWord = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: ttl, as: UInt16.self))
+        let newWord = oldWord &- 0x0100
+        let oldSum = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: checksum, as: UInt16.self))
+        let newSum = InternetChecksum.update(oldSum, oldWord: oldWord, newWord: newWord)
+        packet[ttl] = ttlValue &- 1
+        packet.storeBytes(of: newSum.bigEndian, toByteOffset: checksum, as: UInt16.self)
+        return true
+    }
+}
