@@ -47,9 +47,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // Test-only counting allocator (interposes malloc & co.) for the data plane's zero-allocation tests.
+        .target(name: "CAllocCounter", path: "Tests/CAllocCounter"),
         .testTarget(
             name: "FlannelUDPTests",
-            dependencies: ["FlannelUDP", "CShims"]
+            dependencies: ["FlannelUDP", "CShims", "CAllocCounter"]
         ),
         .testTarget(
             name: "IntegrationTests",

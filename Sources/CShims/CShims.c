@@ -8,6 +8,9 @@
 #include <net/if.h>
 #include <linux/if_tun.h>
 #include <spawn.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <sched.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
@@ -89,3 +92,18 @@ int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid) {
     }
     return rc;
 }
+
+int fu_spawn_file_actions_addclosefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
+
+int fu_stop_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
+
+int fu_set_thread_name(const char *name) {
+    char buf[16];
+    strncpy(buf, name, sizeof(buf) - 1);
+    buf[sizeof(buf) - 1] = '\0';
+    return pthread_setname_np(pthread_self(), buf);
+}
+
+int fu_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }

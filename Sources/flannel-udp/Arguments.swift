@@ -4,7 +4,7 @@ import FlannelUDP
 // Typed command-line values: a bad value is reported by the parser with the value and what is wrong, before any
 // command runs.
 
-extension IPv4Network: @retroactive ExpressibleByArgument {
+extension IPv4Network: ExpressibleByArgument {
     public init?(argument: String) {
         guard let n = try? IPv4Network(parsing: argument) else { return nil }
         self = n
@@ -12,7 +12,7 @@ extension IPv4Network: @retroactive ExpressibleByArgument {
     public static var defaultCompletionKind: CompletionKind { .default }
 }
 
-extension IPv4Address: @retroactive ExpressibleByArgument {
+extension IPv4Address: ExpressibleByArgument {
     public init?(argument: String) { self.init(argument) }
 }
 

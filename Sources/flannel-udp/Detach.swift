@@ -27,7 +27,8 @@ enum Detach {
 
         var args = CommandLine.arguments.filter { $0 != "--detach" }
         args[0] = CommandLine.arguments[0]
-        args += ["--ready-fd", String(writeEnd)]
+        // In the daemon the readiness pipe is always fd 3; everything above it is closed.
+        args += ["--ready-fd", "3"]
 
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -35,6 +36,8 @@ enum Detach {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
+        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
+        _ = fu_spawn_file_actions_addclosefrom(&actions, 4)
 
         var attr = posix_spawnattr_t()
         posix_spawnattr_init(&attr)

@@ -27,18 +27,19 @@ struct Down: ParsableCommand {
         let state = DaemonState.load(path: paths.stateFile)
 
         var pid: Int32? = state?.isAlive == true ? state?.pid : nil
+        let response: ControlResponse
         do {
             if case .status(let s) = try ControlClient.send(.status, paths: paths) { pid = s.pid }
-            let response = try ControlClient.send(.shutdown, paths: paths)
-            if case .error(let m) = response { throw fail("down", "daemon refused: \(m)") }
-        } catch let e as ControlClient.Failure {
-            if case .notRunning = e {
+            response = try ControlClient.send(.shutdown, paths: paths)
+        } catch {
+            if case .notRunning = error {
                 removeLeftovers(paths: paths, state: state)
                 print("flannel-udp: no daemon running for \(device); nothing to stop")
                 return
             }
-            throw fail("down", e.description)
+            throw fail("down", error.description)
         }
+        if case .error(let m) = response { throw fail("down", "daemon refused: \(m)") }
 
         // Wait for the daemon to let go of its control socket (it does so last) and the device to disappear.
         if !waitStopped(paths: paths, seconds: timeout) {

@@ -53,8 +53,8 @@ struct Status: ParsableCommand {
                 report.daemon = s
                 report.running = true
             }
-        } catch let e as ControlClient.Failure {
-            if case .notRunning = e {} else { report.error = e.description }
+        } catch {
+            if case .notRunning = error {} else { report.error = error.description }
         }
 
         if output.json {
@@ -96,8 +96,9 @@ struct Status: ParsableCommand {
         if let f = s.peersFile { print("peers file:  \(f)") }
         if let lease = s.lease { print("lease:     \(lease.subnet) until \(lease.expires) (\(lease.endpoints.joined(separator: ",")))") }
         print("offloads:  \(s.offloads.isEmpty ? "none" : s.offloads.joined(separator: ", "))")
-        print("traffic:   \(s.traffic.sorted { $0.key < $1.key }.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
-        let drops = s.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }
+        let c = s.counters
+        print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)")
+        let drops = c.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }
         print("drops:     \(drops.isEmpty ? "none" : drops.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
         print("peers:     \(s.routes.count)")
         if !s.routes.isEmpty { printRoutes(s.routes) }

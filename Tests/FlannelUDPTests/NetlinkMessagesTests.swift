@@ -512,8 +512,6 @@ final class NetlinkParserTests: XCTestCase {
 
 // MARK: - Helpers
 
-func net(_ text: String) -> IPv4Network { try! IPv4Network(parsing: text) }
-func ip(_ text: String) -> IPv4Address { IPv4Address(text)! }
 func le32(_ value: UInt32) -> [UInt8] { withUnsafeBytes(of: value.littleEndian, Array.init) }
 
 /// Hand-assembled netlink bytes. Records where each attribute ends so truncation tests know which cuts leave

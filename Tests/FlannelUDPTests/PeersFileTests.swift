@@ -97,6 +97,9 @@ final class RouteStoreTests: XCTestCase {
         XCTAssertThrowsError(try store.add(route("10.245.2.0/24", "192.168.0.2")))
         XCTAssertThrowsError(try store.add(route("10.244.1.0/24", "192.168.0.2")))
         XCTAssertThrowsError(try store.replace([route("10.244.2.0/24", "192.168.0.2"), route("10.244.1.128/25", "192.168.0.2")], origin: .file))
+        XCTAssertNoThrow(try RouteStore(publisher: Recorder(), network: try IPv4Network(parsing: "10.244.0.0/16"),
+                                        ownSubnet: try IPv4Network(parsing: "10.244.1.0/24")).add(route("10.244.0.0/16", "192.168.0.9")),
+                         "a covering route is fine")
         XCTAssertThrowsError(try store.removeAny(try IPv4Network(parsing: "10.244.9.0/24")))
         XCTAssertTrue(rec.published.isEmpty)
         XCTAssertTrue(store.entries().isEmpty)

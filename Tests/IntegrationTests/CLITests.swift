@@ -5,7 +5,7 @@ import XCTest
 /// The command line end to end, as an operator uses it: every subcommand in fresh network namespaces.
 ///
 ///     namespace N (one per test, "fu-cli-<pid>-<n>")
-///       eth0: dummy underlay, 192.168.77.1/24, mtu 1500
+///       eth0: veth underlay (peer eth0peer), 192.168.77.1/24, mtu 1500
 ///       flannel0: made by `flannel-udp up`
 final class CLITests: XCTestCase {
     var runDir = ""
@@ -24,7 +24,9 @@ final class CLITests: XCTestCase {
         let ns = try TestNamespace(prefix: "fu-cli")
         addTeardownBlock { ns.destroy() }
         try ns.run(["ip", "link", "set", "lo", "up"])
-        try ns.run(["ip", "link", "add", "eth0", "type", "dummy"])
+        // This kernel has no dummy driver: a veth pair whose far end stays unused in the same namespace.
+        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
+        try ns.run(["ip", "link", "set", "eth0peer", "up"])
         try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
         try ns.run(["ip", "link", "set", "eth0", "up"])
         return ns
@@ -39,10 +41,11 @@ final class CLITests: XCTestCase {
          "--subnet-file", subnetFile, "--detach"] + extra
     }
 
-    /// Everything `ip` can tell about the namespace, to compare before and after a command that must change nothing.
+    /// Everything `ip` can tell about the namespace's IPv4 side (IPv6 link-local addresses change by themselves as
+    /// duplicate address detection finishes), to compare before and after a command that must change nothing.
     func systemView(_ ns: TestNamespace) throws -> String {
         try ns.run(["ip", "-o", "link", "show"]).replacingOccurrences(of: #"\s+link/.*"#, with: "", options: .regularExpression)
-            + ns.run(["ip", "-o", "addr", "show"]) + ns.run(["ip", "route", "show", "table", "all"])
+            + ns.run(["ip", "-4", "-o", "addr", "show"]) + ns.run(["ip", "-4", "route", "show", "table", "all"])
     }
 
     func testUpStatusDownDown() throws {
@@ -111,8 +114,9 @@ final class CLITests: XCTestCase {
         XCTAssertTrue(second.stderr.contains("already running for flannel0"), second.stderr)
         XCTAssertEqual(try systemView(ns), before)
         XCTAssertFalse(FileManager.default.fileExists(atPath: tmp + "/b.env"))
-        // Same port, other device: the UDP bind fails before any device is made.
-        let third = fu(ns, upArgs(subnetFile: tmp + "/c.env", extra: ["--device", "flannel1"]))
+        // Same port, other device and network: the UDP bind fails before any device is made.
+        let third = fu(ns, ["up", "--network", "10.245.0.0/16", "--subnet", "10.245.1.0/24", "--iface", "eth0",
+                            "--subnet-file", tmp + "/c.env", "--device", "flannel1", "--detach"])
         XCTAssertNotEqual(third.status, 0)
         XCTAssertTrue(third.stderr.contains("192.168.77.1:8285"), third.stderr)
         XCTAssertEqual(try systemView(ns), before)
@@ -159,7 +163,9 @@ final class CLITests: XCTestCase {
             let r = fu(ns, args + (args[0] == "up" ? base : []))
             XCTAssertEqual(r.status, code, "\(args): \(r.description)")
             XCTAssertTrue(r.stderr.contains(fragment), "\(args): stderr lacks '\(fragment)': \(r.stderr)")
-            XCTAssertEqual(try systemView(ns), before, "\(args) changed the namespace")
+            let after = try systemView(ns)
+            XCTAssertEqual(after, before, "\(args) changed the namespace")
+            if after != before { print(before, "----- after", after, separator: "\n") }
             XCTAssertFalse(FileManager.default.fileExists(atPath: subnetFile), "\(args) wrote the subnet file")
         }
         // Not root: refused before anything else.

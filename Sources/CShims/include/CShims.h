@@ -95,6 +95,20 @@ enum {
     FU_SO_RXQ_OVFL = 40,
 };
 
+// ---- data plane threads ----------------------------------------------------------------------------------
+
+/// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK): the forwarder's stop signal, polled beside the tun and the socket.
+/// <sys/eventfd.h> is not part of Swift's Glibc module.
+int fu_stop_eventfd(void);
+
+/// pthread_setname_np(pthread_self(), name), so `top -H` shows which forwarding thread is busy. Needs _GNU_SOURCE.
+/// The name is cut to 15 bytes.
+int fu_set_thread_name(const char *name);
+
+/// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` refers to (a tun device
+/// and a socket belong to the namespace of the thread that creates them). setns needs _GNU_SOURCE.
+int fu_setns_net(int fd);
+
 // ---- credentials ------------------------------------------------------------------------------------------
 
 /// getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid and uid. struct ucred needs _GNU_SOURCE.
@@ -105,6 +119,11 @@ int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
 /// POSIX_SPAWN_SETSID from <spawn.h> (a glibc extension, hidden without _GNU_SOURCE): the detached daemon
 /// starts in a session of its own so that it outlives the shell that ran `up --detach`.
 enum { FU_POSIX_SPAWN_SETSID = 0x80 };
+
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34, a GNU extension): the spawned daemon must not inherit
+/// any descriptor of its parent beyond 0-2 and the readiness pipe; an inherited pipe would keep whoever waits on
+/// the parent's output (a shell's $(...), a test harness) waiting forever. `actions` is a posix_spawn_file_actions_t*.
+int fu_spawn_file_actions_addclosefrom(void *actions, int from);
 
 #ifdef __cplusplus
 }

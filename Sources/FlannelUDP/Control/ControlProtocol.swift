@@ -57,10 +57,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var peersFile: String?
     public var peerCheck: String
     public var routes: [RouteInfo]
-    /// Per-direction packet and byte counters ("tunToUDP.packets", ...).
-    public var traffic: [String: UInt64]
-    /// Drops by reason ("noRoute", "unknownPeer", ...).
-    public var drops: [String: UInt64]
+    /// Per-direction packets and bytes, ICMP sent, and drops by reason ("noRoute", "unknownPeer", ...).
+    public var counters: DataPlaneCountersSnapshot
     /// Offloads in use ("batching", "tso", "gso", "gro").
     public var offloads: [String]
     /// The registry lease, when running against etcd.
@@ -68,8 +66,7 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,
-                peersFile: String?, peerCheck: String, routes: [RouteInfo], traffic: [String: UInt64],
-                drops: [String: UInt64], offloads: [String], lease: LeaseInfo?) {
+                peersFile: String?, peerCheck: String, routes: [RouteInfo], counters: DataPlaneCountersSnapshot, offloads: [String], lease: LeaseInfo?) {
         self.pid = pid
         self.version = version
         self.startedAt = startedAt
@@ -85,8 +82,7 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
         self.peersFile = peersFile
         self.peerCheck = peerCheck
         self.routes = routes
-        self.traffic = traffic
-        self.drops = drops
+        self.counters = counters
         self.offloads = offloads
         self.lease = lease
     }

@@ -68,14 +68,15 @@ public struct DaemonState: Codable, Equatable, Sendable {
         return ticks == startTicks
     }
 
-    /// Field 22 (starttime) of /proc/PID/stat, or nil when there is no such process.
+    /// Field 22 (starttime) of /proc/PID/stat, or nil when there is no such process or it has already exited
+    /// (a zombie waiting to be reaped is dead for our purposes: its descriptors, device and socket are gone).
     public static func startTicks(of pid: Int32) -> UInt64? {
         guard let data = FileManager.default.contents(atPath: "/proc/\(pid)/stat"),
               let text = String(data: data, encoding: .utf8),
               let close = text.lastIndex(of: ")") else { return nil }
         // After "pid (comm)" come fields 3...; starttime is field 22, i.e. index 19 of the remainder.
         let fields = text[text.index(after: close)...].split(separator: " ")
-        guard fields.count > 19 else { return nil }
+        guard fields.count > 19, fields[0] != "Z", fields[0] != "X" else { return nil }
         return UInt64(fields[19])
     }
 

@@ -111,6 +111,11 @@ public struct PacketDecider: Sendable {
         case .invalid(let reason): return .drop(reason)
         }
         if ip.totalLength > config.maxPacketLength { return .drop(.oversize) }
+        // No peer may send from inside this node's own subnet, even through a covering route (10.244.0.0/16 via
+        // a gateway node): such a packet would appear to come from one of our own pods.
+        if config.subnet.contains(ip.source) {
+            return .drop(snapshot.isPeerAddress(outerSource) ? .spoofedSource : .unknownPeer)
+        }
         let owner = snapshot.lookup(ip.source)
         let accepted: Int?
         switch config.peerCheck {

@@ -110,10 +110,16 @@ public final class RouteSnapshot: Sendable, AtomicReference {
 
     /// The index in `peers` of the route with the longest prefix containing `destination`, or nil.
     public func lookup(_ destination: IPv4Address) -> Int? {
-        for length in prefixLengths {
-            let key = RouteSnapshot.networkKey(destination.value & IPv4Network.mask(length), length: length)
-            let found = networks.find(key)
+        // An index loop rather than `for length in prefixLengths`: an unoptimised (debug) build allocates for the
+        // iterator, and the allocation tests run debug builds.
+        var i = 0
+        let count = prefixLengths.count
+        while i < count {
+            let length = prefixLengths[i]
+            let found = networks.find(RouteSnapshot.networkKey(destination.value & IPv4Network.mask(length),
+                                                               length: length))
             if found >= 0 { return Int(found) }
+            i += 1
         }
         return nil
     }

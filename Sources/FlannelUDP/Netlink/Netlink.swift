@@ -51,7 +51,9 @@ public final class Netlink {
 
     private static func openSocket() throws(SystemError) -> OpaquePointer {
         let object = "NETLINK_ROUTE"
-        guard let nl = mnl_socket_open2(NETLINK_ROUTE, Int32(SOCK_CLOEXEC.rawValue)) else {
+        // SOCK_CLOEXEC is O_CLOEXEC on Linux; the name itself can come out ambiguous between glibc's enum and the
+        // macro in <linux/net.h> that CNetlink pulls in, depending on which module Swift imports first.
+        guard let nl = mnl_socket_open2(NETLINK_ROUTE, O_CLOEXEC) else {
             throw SystemError.current("open netlink socket", object)
         }
         // NETLINK_CAP_ACK (Linux 4.3): error messages do not echo our whole request back.

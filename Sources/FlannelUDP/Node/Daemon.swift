@@ -110,7 +110,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         // Bind the UDP port before touching any device, so "address in use" changes nothing.
         let socket: UDPSocket
-        do { socket = try UDPSocket(bindTo: plan.listen) } catch { throw .system(error.description) }
+        do { socket = try UDPSocket(bind: plan.listen) } catch { throw .system(error.description) }
 
         let tun: TunDevice
         do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
@@ -123,11 +123,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
 
-        let fwd = Forwarder(tun: tun, socket: socket, table: table,
-                            config: ForwardingConfig(network: config.network, subnet: config.subnet, peerCheck: config.peerCheck == .strict ? .strict : .relaxed),
-                            counters: counters, logger: logger)
-        fwd.onFatalError = { [weak self] message in self?.fail(message) }
-        do { try fwd.start() } catch { throw .system("start forwarder: \(error)") }
+        let fwd: Forwarder
+        do {
+            fwd = try Forwarder(tun: tun, socket: socket, table: table,
+                                config: ForwardingConfig(network: config.network, subnet: config.subnet,
+                                                         peerCheck: config.peerCheck),
+                                counters: counters, logger: logger,
+                                onFailure: { [weak self] error in self?.fail("forwarder stopped: \(error)") })
+            try fwd.start()
+        } catch {
+            throw .system("start forwarder: \(error)")
+        }
         forwarder = fwd
         forwarderStarted = true
 
@@ -236,8 +242,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         return store.entries().map { entry in
             var info = RouteInfo(subnet: entry.route.subnet.description, endpoint: entry.route.endpoint.description,
                                  origin: entry.origin.rawValue)
-            if let peer = snapshot.peer(for: entry.route.subnet) {
-                let c = peer.counters
+            if let peer = snapshot.entry(for: entry.route.subnet) {
+                let c = peer.counters.snapshot
                 info.txPackets = c.txPackets
                 info.txBytes = c.txBytes
                 info.rxPackets = c.rxPackets
@@ -248,14 +254,13 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     private func status() -> DaemonStatus {
-        let snap = counters.snapshot()
         return DaemonStatus(
             pid: getpid(), version: Daemon.version, startedAt: startedAt,
             uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
             network: config.network.description, subnet: config.subnet.description, mtu: plan?.mtu ?? 0,
             listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
             underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
-            peerCheck: config.peerCheck.rawValue, routes: routeInfos(), traffic: snap.traffic, drops: snap.drops,
-            offloads: forwarder?.activeOffloads ?? [], lease: nil)
+            peerCheck: config.peerCheck.rawValue, routes: routeInfos(), counters: counters.snapshot(),
+            offloads: forwarder == nil ? [] : ["batching"], lease: nil)
     }
 }

@@ -1,11 +1,3 @@
-/// How the data plane checks where a datagram came from.
-public enum PeerCheck: String, Codable, Sendable, CaseIterable {
-    /// Accept a datagram only from the address of the peer whose subnet holds the inner source (default).
-    case strict
-    /// Accept any outer source as long as the inner source lies in some known peer's subnet (peers behind NAT).
-    case relaxed
-}
-
 /// Everything `up` was asked to do, already parsed and checked for form (but not yet against the system).
 public struct NodeConfig: Sendable {
     public var network: IPv4Network

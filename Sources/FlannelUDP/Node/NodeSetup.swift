@@ -110,13 +110,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
                               scope: Route.scopeLink)
             step("add route \(config.network) dev \(tun.name)")
-            do {
-                try netlink.addRoute(route)
-            } catch let e as SystemError where e.errno == EEXIST {
-                // An identical route is fine (the contract says so); anything else under that key is not.
-                let same = try netlink.routes().contains { $0.destination == config.network && $0.outputInterface == link.index && $0.gateway == nil }
-                if !same { throw e }
-            }
+            try addOverlayRoute(route)
             routeInstalled = route
             if let path = config.subnetFile {
                 let previous = FileManager.default.contents(atPath: path)
@@ -135,6 +129,20 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         } catch {
             rollback()
             throw .invalid("\(error)")
+        }
+    }
+
+    /// Adds the overlay route. An identical route already there is fine (the contract says so); EEXIST for
+    /// anything else under that key (same prefix and metric, another device or a gateway) is not.
+    private func addOverlayRoute(_ route: Route) throws(SystemError) {
+        do {
+            try netlink.addRoute(route)
+        } catch {
+            guard error.errno == EEXIST else { throw error }
+            let same = try netlink.routes().contains {
+                $0.destination == route.destination && $0.outputInterface == route.outputInterface && $0.gateway == nil
+            }
+            if !same { throw error }
         }
     }
 

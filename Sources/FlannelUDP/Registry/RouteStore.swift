@@ -27,7 +27,7 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
         public var description: String {
             switch self {
             case .outsideNetwork(let s, let n): return "subnet \(s) is not inside the overlay network \(n)"
-            case .ownSubnet(let s): return "subnet \(s) is this node's own subnet"
+            case .ownSubnet(let s): return "subnet \(s) lies inside this node's own subnet"
             case .notFound(let s): return "no route for \(s)"
             }
         }
@@ -42,7 +42,9 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
     /// Checks one route against the node's network and subnet without changing anything.
     public func check(_ route: PeerRoute) throws(Error) {
         if let network, !network.contains(route.subnet) { throw .outsideNetwork(route.subnet, network) }
-        if let ownSubnet, ownSubnet.overlaps(route.subnet) { throw .ownSubnet(route.subnet) }
+        // A route inside our own subnet would send our pods' traffic away; a covering route (10.244.0.0/16 via a
+        // gateway node) is fine: longest-prefix match keeps our subnet local.
+        if let ownSubnet, ownSubnet.contains(route.subnet) { throw .ownSubnet(route.subnet) }
     }
 
     /// Adds or replaces one route of `origin`.
@@ -104,3 +106,5 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
         publisher.publish(effectiveLocked().map(\.route))
     }
 }
+
+extension RouteTable: RoutePublisher {}

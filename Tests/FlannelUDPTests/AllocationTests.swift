@@ -1,0 +1,137 @@
+import XCTest
+import CAllocCounter
+@testable import FlannelUDP
+
+/// Allocations made by the calling thread while `body` runs (counted by the CAllocCounter test allocator).
+func allocations(_ body: () throws -> Void) rethrows -> UInt64 {
+    let before = fu_alloc_count_this_thread()
+    try body()
+    return fu_alloc_count_this_thread() - before
+}
+
+/// Somewhere to put values so the optimiser cannot drop the code that made them.
+nonisolated(unsafe) var allocationSink: [Int] = []
+
+/// Proof that the per-packet path does not allocate: the decisions for every kind of verdict, run thousands of
+/// times after one warm-up, leave the thread's malloc count where it was.
+final class AllocationTests: XCTestCase {
+    /// The harness itself can fail: a deliberate allocation inside the measured block is seen.
+    func testCounterSeesADeliberateAllocation() {
+        let n = allocations {
+            allocationSink = [Int](repeating: 7, count: 100)
+        }
+        XCTAssertGreaterThanOrEqual(n, 1)
+        let raw = allocations {
+            let p = UnsafeMutableRawPointer.allocate(byteCount: 64, alignment: 64)
+            p.deallocate()
+        }
+        XCTAssertEqual(raw, 1, "aligned allocation through posix_memalign/aligned_alloc is counted too")
+        XCTAssertEqual(allocations {}, 0)
+    }
+
+    func testDecisionsDoNotAllocate() {
+        let config = ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
+        // 2000 filler peers (10.0.0.0/24 ... 10.7.207.0/24) around the ones the packets below use.
+        var routes: [PeerRoute] = (0..<2000).map { i in
+            PeerRoute(subnet: IPv4Network(address: IPv4Address(0x0A00_0000 | UInt32(i) << 8), prefixLength: 24),
+                      endpoint: Endpoint(address: IPv4Address(0xAC10_0000 | UInt32(i)), port: 8285))
+        }
+        routes += [route("10.244.2.0/24", "192.168.0.0"), route("10.244.3.0/24", "192.168.0.1"),
+                   route("10.244.2.128/25", "192.168.9.9")]
+        let table = RouteTable(routes)
+        let counters = DataPlaneCounters()
+        var decider = PacketDecider(config: config)
+
+        // Templates, one per outcome, copied into one reusable packet buffer before each decision.
+        let tunPackets: [[UInt8]] = [
+            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.200"), payload: .init(repeating: 1, count: 1400)),
+            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.245.0.1"), proto: 1,
+                     payload: makeICMP(type: 8, data: .init(repeating: 2, count: 56))),          // net unreachable
+            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.3.1"), ttl: 1),           // time exceeded
+            [0x60] + [UInt8](repeating: 0, count: 39),                                           // not IPv4
+            [0x45, 0, 0, 10] + [UInt8](repeating: 0, count: 16),                                 // malformed
+        ]
+        let udpPackets: [([UInt8], IPv4Address)] = [
+            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: .init(repeating: 3, count: 1400)),
+             ip("192.168.0.0")),
+            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2")), ip("192.168.0.1")),  // spoofed
+            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2")), ip("172.31.0.1")),   // unknown
+            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), ttl: 1), ip("192.168.0.0")), // back
+        ]
+        let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 16)
+        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 16)
+        defer { packet.deallocate(); scratch.deallocate() }
+        let tunTemplates = tunPackets.map { t -> UnsafeMutableRawBufferPointer in
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: t.count, alignment: 1)
+            b.copyBytes(from: t)
+            return b
+        }
+        let udpTemplates = udpPackets.map { t -> (UnsafeMutableRawBufferPointer, IPv4Address) in
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: t.0.count, alignment: 1)
+            b.copyBytes(from: t.0)
+            return (b, t.1)
+        }
+        defer {
+            tunTemplates.forEach { $0.deallocate() }
+            udpTemplates.forEach { $0.0.deallocate() }
+        }
+
+        var seen = Set<String>()
+        func round(record: Bool) {
+            let snapshot = table.snapshot()
+            // Index loops: `for x in array` allocates in an unoptimised build (the tests' configuration).
+            var i = 0
+            while i < tunTemplates.count {
+                let t = tunTemplates[i]
+                i += 1
+                packet.copyMemory(from: UnsafeRawBufferPointer(t))
+                let v = decider.fromTun(UnsafeMutableRawBufferPointer(rebasing: packet[0..<t.count]),
+                                        snapshot: snapshot, scratch: scratch)
+                switch v {
+                case .forward(let peer, let length):
+                    snapshot.peers[peer].counters.countTx(bytes: length)
+                    counters.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
+                case .icmpToTun(_, let reason):
+                    counters.countDrop(reason)
+                    counters.icmpSent.wrappingIncrement(ordering: .relaxed)
+                case .drop(let reason, let limited):
+                    counters.countDrop(reason)
+                    if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+                }
+                if record { seen.insert("\(v)") }
+            }
+            i = 0
+            while i < udpTemplates.count {
+                let (t, outer) = udpTemplates[i]
+                i += 1
+                packet.copyMemory(from: UnsafeRawBufferPointer(t))
+                let v = decider.fromUDP(UnsafeMutableRawBufferPointer(rebasing: packet[0..<t.count]), outerSource: outer,
+                                        snapshot: snapshot, scratch: scratch)
+                switch v {
+                case .deliver(let peer, let length):
+                    snapshot.peers[peer].counters.countRx(bytes: length)
+                case .icmpToPeer(_, let peer, let reason):
+                    _ = snapshot.peers[peer].sockaddr
+                    counters.countDrop(reason)
+                case .drop(let reason, _):
+                    counters.countDrop(reason)
+                }
+                if record { seen.insert("\(v)") }
+            }
+        }
+        round(record: true)  // warm-up (lazy metadata, the clock's first read) and a check of what is covered
+        XCTAssertEqual(seen.count, 9, "\(seen.sorted())")
+        XCTAssertTrue(seen.contains { $0.hasPrefix("forward") } && seen.contains { $0.hasPrefix("icmpToTun") }
+                      && seen.contains { $0.hasPrefix("deliver") } && seen.contains { $0.hasPrefix("icmpToPeer") })
+
+        let n = allocations {
+            var k = 0
+            while k < 5000 {
+                round(record: false)
+                k += 1
+            }
+        }
+        XCTAssertEqual(n, 0, "the per-packet decisions allocated \(n) times in 45000 packets")
+        XCTAssertGreaterThan(counters.drops(.unknownPeer), 5000)
+    }
+}
