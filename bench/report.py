@@ -233,7 +233,7 @@ def print_table(result, cols):
             if v is not None:
                 cells.append(fmt.format(v))
             elif cfg["runs_ok"] == 0:
-                cells.append("failed")
+                cells.append("failed" if cfg["failures"] else "-")  # "-": not measured (interrupted)
             else:
                 cells.append("n/a")
         print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
