@@ -81,7 +81,23 @@ def counters(d, test):
     return read_kv(os.path.join(d, test + ".before")), read_kv(os.path.join(d, test + ".after"))
 
 
-def one_run(d, has_forwarder, has_overlay):
+def udp_test(d, test):
+    """Received kpps and loss % of one 64-byte UDP test, plus the counters around it; {} if it did not run."""
+    j = read_json(os.path.join(d, test + ".json"))
+    if not j or "sum_received" not in j.get("end", {}):
+        return {}
+    recv, sent = j["end"]["sum_received"], j["end"]["sum_sent"]
+    length = j.get("start", {}).get("test_start", {}).get("blksize") or 64
+    got = recv["bytes"] / length  # packets that reached the receiver
+    out = {"got": got,
+           "rx_kpps": got / (recv["seconds"] or 1) / 1e3,
+           "tx_kpps": sent["packets"] / (sent["seconds"] or 1) / 1e3}
+    if sent["packets"]:
+        out["loss_pct"] = 100.0 * (1 - got / sent["packets"])
+    return out
+
+
+def one_run(d, has_forwarder, has_overlay, udp_pps=()):
     """Metrics of one configuration in one run, plus the problems seen; None values are left out."""
     m, problems = {}, []
     notes = read_text(os.path.join(d, "notes"))
@@ -125,23 +141,25 @@ def one_run(d, has_forwarder, has_overlay):
     j = read_json(os.path.join(d, "udp.json"))
     if j and "error" in j:
         problems.append(f"udp: iperf3: {j['error']}")
-    elif j and "sum_received" in j.get("end", {}):
-        recv, sent = j["end"]["sum_received"], j["end"]["sum_sent"]
-        length = j.get("start", {}).get("test_start", {}).get("blksize") or 64
-        got = recv["bytes"] / length  # packets that reached the receiver
-        secs = recv["seconds"] or 1
-        m["udp_rx_kpps"] = got / secs / 1e3
-        m["udp_tx_kpps"] = sent["packets"] / (sent["seconds"] or 1) / 1e3
-        m["udp_loss_pct"] = 100.0 * (1 - got / sent["packets"]) if sent["packets"] else None
+    u = udp_test(d, "udp")
+    if u:
+        m["udp_rx_kpps"], m["udp_tx_kpps"], m["udp_loss_pct"] = u["rx_kpps"], u["tx_kpps"], u.get("loss_pct")
         b, a = counters(d, "udp")
         if has_overlay:  # on the underlay the node is the receiver: its errors are iperf3's, shown below
             m["rcvbuf_node_udp"] = delta(b, a, "rcvbuf_node_b")
         m["rcvbuf_app_udp"] = delta(b, a, "rcvbuf_app")
         m["txdrop_send_udp"] = delta(b, a, "txdrop_node_a")
-        if has_forwarder and got:
+        if has_forwarder and u["got"]:
             fwd = delta(b, a, "fwd_ticks")
             if fwd is not None:
-                m["fwd_cpu_us_per_pkt"] = fwd / CLK_TCK / got * 1e6
+                m["fwd_cpu_us_per_pkt"] = fwd / CLK_TCK / u["got"] * 1e6
+    for k in udp_pps:
+        j = read_json(os.path.join(d, f"udp-{k}.json"))
+        if j and "error" in j:
+            problems.append(f"udp-{k}: iperf3: {j['error']}")
+        u = udp_test(d, f"udp-{k}")
+        if u:
+            m[f"udp{k}k_rx_kpps"], m[f"udp{k}k_loss_pct"] = u["rx_kpps"], u.get("loss_pct")
 
     cc = read_text(os.path.join(d, "cc"))
     if cc:
@@ -162,6 +180,10 @@ def main():
     meta = read_kv(os.path.join(raw, "meta"))
     configs = meta.get("configs", "").split()
     runs = int(meta.get("runs", "0"))
+    udp_pps = [k for k in meta.get("udp_pps", "").split(",") if k]
+    rows = ROWS + [row for k in udp_pps for row in (
+        (f"udp{k}k_rx_kpps", f"UDP 64 B at {k} kpps: received", "{:.1f}"),
+        (f"udp{k}k_loss_pct", f"UDP 64 B at {k} kpps: loss %", "{:.1f}"))]
     names = {c: (meta.get("peer_name", "peer") if c == "peer" else c) for c in configs}
 
     result = {"params": meta, "configs": {}}
@@ -176,7 +198,7 @@ def main():
                 continue
             if not os.path.isdir(d):
                 continue
-            m, p = one_run(d, c in ("flannel-udp", "peer"), c != "underlay")
+            m, p = one_run(d, c in ("flannel-udp", "peer"), c != "underlay", udp_pps)
             m["run"] = r
             for name in ("status-a.json", "status-b.json"):
                 s = read_json(os.path.join(d, name))
@@ -185,7 +207,7 @@ def main():
             per_run.append(m)
             problems += [{"run": r, "problem": x} for x in p]
         medians = {}
-        for key, _, _ in ROWS + [("ping_loss_pct", "", ""), ("tcp4_retrans", "", "")]:
+        for key, _, _ in rows + [("ping_loss_pct", "", ""), ("tcp4_retrans", "", "")]:
             vals = [m[key] for m in per_run if isinstance(m.get(key), (int, float))]
             if vals:
                 medians[key] = statistics.median(vals)
@@ -202,10 +224,10 @@ def main():
         json.dump(result, sys.stdout, indent=2, sort_keys=False)
         print()
         return
-    print_table(result, [names[c] for c in configs])
+    print_table(result, [names[c] for c in configs], rows)
 
 
-def print_table(result, cols):
+def print_table(result, cols, rows):
     p = result["params"]
     ccs = sorted({m.get("cc") for c in result["configs"].values() for m in c["per_run"] if m.get("cc")})
     print(f"flannel-udp bench  {p.get('date', '')}  kernel {p.get('kernel', '')}  {p.get('cpus', '?')} CPUs  "
@@ -214,7 +236,7 @@ def print_table(result, cols):
           f"UDP -l 64 -b {p.get('udp_rate')}; congestion control: {', '.join(ccs) or 'unknown'}")
     print(f"load average at start {p.get('loadavg_start', '?')}, at end {p.get('loadavg_end', '?')} "
           f"(other work on the machine skews every figure)")
-    w0 = max(len(label) for _, label, _ in ROWS) + 2
+    w0 = max(len(label) for _, label, _ in rows) + 2
     w = max(12, max(len(c) for c in cols) + 2)
     print()
     print(" " * w0 + "".join(c.rjust(w) for c in cols))
@@ -225,7 +247,7 @@ def print_table(result, cols):
         v = [m.get("client_mtu") for m in result["configs"][c]["per_run"] if m.get("client_mtu")]
         mtus.append(str(v[0]) if v else "-")
     print("client MTU".ljust(w0) + "".join(x.rjust(w) for x in mtus))
-    for key, label, fmt in ROWS:
+    for key, label, fmt in rows:
         cells = []
         for c in cols:
             cfg = result["configs"][c]

@@ -88,6 +88,18 @@ class ReportTests(unittest.TestCase):
         self.assertEqual(m["txdrop_tcp"], 6)
         self.assertAlmostEqual(m["ping_avg_ms"], 0.2)
 
+    def test_udp_rate_steps(self):
+        with open(os.path.join(self.raw, "meta"), "a") as f:
+            f.write("udp_pps 25,50\n")
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.write(1, "flannel-udp", "udp-25.json", iperf_udp(250000, 250000))
+        self.write(1, "flannel-udp", "udp-50.json", iperf_udp(500000, 450000))
+        m = self.result()["configs"]["flannel-udp"]["median"]
+        self.assertAlmostEqual(m["udp25k_rx_kpps"], 25.0)
+        self.assertAlmostEqual(m["udp25k_loss_pct"], 0.0)
+        self.assertAlmostEqual(m["udp50k_rx_kpps"], 45.0)
+        self.assertAlmostEqual(m["udp50k_loss_pct"], 10.0)
+
     def test_kernel_configuration_has_no_forwarder_cpu(self):
         self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
         m = self.result()["configs"]["vxlan"]["median"]
