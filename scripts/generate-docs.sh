@@ -19,7 +19,7 @@ mkdir -p "$out/completions" "$out/man"
 "$BIN" --generate-completion-script zsh >"$out/completions/_flannel-udp"
 "$BIN" --generate-completion-script fish >"$out/completions/flannel-udp.fish"
 # The plugin stamps the build date into the page; a fixed date keeps the committed file reproducible.
-swift package plugin --allow-writing-to-package-directory generate-manual --multi-page=false \
+swift package plugin --allow-writing-to-package-directory generate-manual --configuration debug \
     --date 2026-11-26 --section 1 --authors "the flannel-udp developers" >/dev/null
 cp .build/plugins/GenerateManual/outputs/flannel-udp/flannel-udp.1 "$out/man/flannel-udp.1"
 

@@ -44,7 +44,7 @@ final class AllocationTests: XCTestCase {
 
         // Templates, one per outcome, copied into one reusable packet buffer before each decision.
         let tunPackets: [[UInt8]] = [
-            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.200"), payload: .init(repeating: 1, count: 1400)),
+            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.200"), payload: filled(1, 1400)),
             makeIPv4(source: ip("10.244.1.2"), destination: ip("10.245.0.1"), proto: 1,
                      payload: makeICMP(type: 8, data: .init(repeating: 2, count: 56))),          // net unreachable
             makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.3.1"), ttl: 1),           // time exceeded
@@ -52,7 +52,7 @@ final class AllocationTests: XCTestCase {
             [0x45, 0, 0, 10] + [UInt8](repeating: 0, count: 16),                                 // malformed
         ]
         let udpPackets: [([UInt8], IPv4Address)] = [
-            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: .init(repeating: 3, count: 1400)),
+            (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: filled(3, 1400)),
              ip("192.168.0.0")),
             (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2")), ip("192.168.0.1")),  // spoofed
             (makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2")), ip("172.31.0.1")),   // unknown
@@ -105,8 +105,8 @@ final class AllocationTests: XCTestCase {
                 let (t, outer) = udpTemplates[i]
                 i += 1
                 packet.copyMemory(from: UnsafeRawBufferPointer(t))
-                let v = decider.fromUDP(UnsafeMutableRawBufferPointer(rebasing: packet[0..<t.count]), outerSource: outer,
-                                        snapshot: snapshot, scratch: scratch)
+                let v = decider.fromUDP(UnsafeMutableRawBufferPointer(rebasing: packet[0..<t.count]),
+                                        outerSource: outer, snapshot: snapshot, scratch: scratch)
                 switch v {
                 case .deliver(let peer, let length):
                     snapshot.peers[peer].counters.countRx(bytes: length)

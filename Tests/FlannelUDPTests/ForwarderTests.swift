@@ -108,7 +108,7 @@ final class ForwarderTests: XCTestCase {
         let f = try makeForwarder()
         setNonBlocking(pair[0])
         let out = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), ttl: 64,
-                           payload: .init(repeating: 0xAB, count: 1000))
+                           payload: Array(repeating: 0xAB, count: 1000))
         writeTun(out)
         writeTun(makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.9.9"), proto: 1,
                           payload: makeICMP(type: 8, rest: [0, 1, 0, 1])))
@@ -174,6 +174,7 @@ final class ForwarderTests: XCTestCase {
     /// The threads: start, traffic both ways, route table swapped while running, stop joins (twice is fine).
     func testThreadsForwardAndStop() throws {
         let f = try makeForwarder()
+        f.stop()  // before start: harmless, and does not keep start() from working
         try f.start()
         writeTun(makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5")))
         XCTAssertNotNil(waitForPacket(peer.fd))
@@ -216,13 +217,13 @@ final class ForwarderTests: XCTestCase {
         setNonBlocking(pair[0])
         setNonBlocking(pair[1])
         let templates: [[UInt8]] = [
-            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), payload: .init(repeating: 1, count: 1400)),
+            makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), payload: filled(1, 1400)),
             makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.6")),
             makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.9.9")),           // ICMP into the tun
             makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), ttl: 1),   // ICMP into the tun
         ]
         let inbound: [[UInt8]] = [
-            makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: .init(repeating: 2, count: 1400)),
+            makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: filled(2, 1400)),
             makeIPv4(source: ip("10.244.2.7"), destination: ip("10.244.1.2")),
             makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), ttl: 1),   // ICMP back to the peer
             makeIPv4(source: ip("10.244.7.5"), destination: ip("10.244.1.2")),           // spoofed

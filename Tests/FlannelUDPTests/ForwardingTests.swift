@@ -1,4 +1,5 @@
 import XCTest
+import Foundation
 @testable import FlannelUDP
 
 /// Node 10.244.1.0/24 in overlay 10.244.0.0/16; peers 10.244.2.0/24 at 192.168.1.2 and 10.244.3.0/24 at
@@ -31,6 +32,30 @@ final class ForwardingTests: XCTestCase {
         var reply: [UInt8] = []
         if case .icmpToPeer(let n, _, _) = v { reply = Array(scratch[0..<n]) }
         return (v, after, reply)
+    }
+
+    func testCountersSnapshotHasEveryReasonAndRoundTripsThroughJSON() throws {
+        let c = DataPlaneCounters()
+        c.countDrop(.noRoute)
+        c.countDrop(.unknownPeer, 3)
+        c.tunToUDPPackets.wrappingIncrement(by: 2, ordering: .relaxed)
+        c.tunToUDPBytes.wrappingIncrement(by: 200, ordering: .relaxed)
+        c.icmpRateLimited.wrappingIncrement(ordering: .relaxed)
+        let snap = c.snapshot()
+        XCTAssertEqual(Set(snap.drops.keys), Set(DropReason.allCases.map(\.rawValue)))
+        XCTAssertEqual(snap.drops(.noRoute), 1)
+        XCTAssertEqual(snap.drops(.unknownPeer), 3)
+        XCTAssertEqual(snap.drops(.malformed), 0)
+        XCTAssertEqual(snap.tunToUDP, DirectionCounts(packets: 2, bytes: 200))
+        XCTAssertEqual(snap.icmpRateLimited, 1)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let json = String(decoding: try encoder.encode(snap), as: UTF8.self)
+        XCTAssertTrue(json.contains("\"unknownPeer\":3"), json)
+        XCTAssertTrue(json.contains("\"tunToUDP\":{\"bytes\":200,\"packets\":2}"), json)
+        XCTAssertEqual(try JSONDecoder().decode(DataPlaneCountersSnapshot.self, from: Data(json.utf8)), snap)
+        // Dense indices: every reason has its own counter.
+        XCTAssertEqual(Set(DropReason.allCases.map(\.index)), Set(0..<DropReason.allCases.count))
     }
 
     func testDefaultICMPSourceIsNeverANodeAddress() {
@@ -100,7 +125,7 @@ final class ForwardingTests: XCTestCase {
         XCTAssertEqual(fromTun(&d, [0x45, 0, 0, 10] + [UInt8](repeating: 0, count: 16)).0, .drop(.malformed))
         var small = PacketDecider(config: ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"),
                                                          maxPacketLength: 100))
-        let big = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.1"), payload: .init(repeating: 0, count: 81))
+        let big = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.1"), payload: filled(0, 81))
         XCTAssertEqual(fromTun(&small, big).0, .drop(.oversize))
         XCTAssertEqual(fromTun(&small, Array(big[0..<100])).0, .drop(.malformed))
         XCTAssertEqual(fromUDP(&small, big, from: "192.168.1.2").0, .drop(.oversize))

@@ -54,7 +54,8 @@ final class ICMPTests: XCTestCase {
 
     func testTooSmallBufferBuildsNothing() {
         XCTAssertEqual(build(.netUnreachable, Self.echoRequest, source: ip("10.244.0.0"), id: 0, capacity: 63), [])
-        XCTAssertEqual(build(.netUnreachable, Self.echoRequest, source: ip("10.244.0.0"), id: 0, capacity: 64).count, 64)
+        XCTAssertEqual(build(.netUnreachable, Self.echoRequest, source: ip("10.244.0.0"), id: 0, capacity: 64).count,
+                       64)
     }
 
     private func mayReport(_ bytes: [UInt8]) -> Bool {

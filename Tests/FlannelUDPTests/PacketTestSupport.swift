@@ -93,3 +93,6 @@ func withMutablePacket<R>(_ bytes: [UInt8], offset: Int = 0,
 }
 
 func word(_ p: [UInt8], _ offset: Int) -> UInt16 { UInt16(p[offset]) << 8 | UInt16(p[offset + 1]) }
+
+/// `count` bytes of `value`.
+func filled(_ value: UInt8, _ count: Int) -> [UInt8] { [UInt8](repeating: value, count: count) }

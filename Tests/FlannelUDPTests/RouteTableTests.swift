@@ -51,8 +51,8 @@ final class RouteTableTests: XCTestCase {
                 let base: UInt32 = Bool.random(using: &rng) ? 0x0AF4_0000 | UInt32.random(in: 0...0xFFFF, using: &rng)
                                                             : UInt32.random(in: 0...UInt32.max, using: &rng)
                 let subnet = IPv4Network(address: IPv4Address(base), prefixLength: len)
-                routes.append(PeerRoute(subnet: subnet, endpoint: Endpoint(address: IPv4Address(0xC0A8_0000 | UInt32(i)),
-                                                                          port: 8285)))
+                let peer = Endpoint(address: IPv4Address(0xC0A8_0000 | UInt32(i)), port: 8285)
+                routes.append(PeerRoute(subnet: subnet, endpoint: peer))
             }
             // Later duplicates win; the reference works on the de-duplicated list.
             var dedup: [IPv4Network: PeerRoute] = [:]
@@ -93,6 +93,18 @@ final class RouteTableTests: XCTestCase {
         XCTAssertEqual(IPv4Address(networkOrder: sa.sin_addr.s_addr), ip("192.168.1.2"))
     }
 
+    func testPeerStatusForStatusCommand() throws {
+        let table = RouteTable([route("10.244.2.0/24", "192.168.1.2"), route("10.244.3.0/24", "192.168.1.3:9000")])
+        table.snapshot().peers[1].counters.countRx(bytes: 84)
+        XCTAssertEqual(table.peerStatus(), [
+            PeerStatus(subnet: "10.244.2.0/24", endpoint: "192.168.1.2:8285", counters: PeerCountersSnapshot()),
+            PeerStatus(subnet: "10.244.3.0/24", endpoint: "192.168.1.3:9000",
+                       counters: PeerCountersSnapshot(rxPackets: 1, rxBytes: 84)),
+        ])
+        let json = try JSONEncoder().encode(table.peerStatus())
+        XCTAssertEqual(try JSONDecoder().decode([PeerStatus].self, from: json), table.peerStatus())
+    }
+
     func testDuplicateSubnetLaterWins() {
         let table = RouteTable([route("10.244.1.0/24", "192.168.1.1"), route("10.244.2.0/24", "192.168.1.2"),
                                 route("10.244.1.0/24", "192.168.1.9")])
@@ -110,7 +122,7 @@ final class RouteTableTests: XCTestCase {
         let second = table.snapshot()
         let moved = second.entry(for: net("10.244.1.0/24"))!
         XCTAssertTrue(moved.counters === first.entry(for: net("10.244.1.0/24"))!.counters)
-        XCTAssertEqual(moved.counters.snapshot, PeerCountersSnapshot(txPackets: 1, txBytes: 100, rxPackets: 0, rxBytes: 0))
+        XCTAssertEqual(moved.counters.snapshot, PeerCountersSnapshot(txPackets: 1, txBytes: 100))
         XCTAssertEqual(moved.route.endpoint.address, ip("192.168.1.7"))
         XCTAssertEqual(second.entry(for: net("10.244.3.0/24"))!.counters.snapshot.txPackets, 0)
         // The old snapshot is untouched and still usable by a worker that holds it.

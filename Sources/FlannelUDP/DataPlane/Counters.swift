@@ -140,4 +140,26 @@ public struct PeerCountersSnapshot: Codable, Equatable, Sendable {
     public var txBytes: UInt64
     public var rxPackets: UInt64
     public var rxBytes: UInt64
+
+    public init(txPackets: UInt64 = 0, txBytes: UInt64 = 0, rxPackets: UInt64 = 0, rxBytes: UInt64 = 0) {
+        self.txPackets = txPackets
+        self.txBytes = txBytes
+        self.rxPackets = rxPackets
+        self.rxBytes = rxBytes
+    }
+}
+
+/// One peer as `status` and `route list` show it.
+public struct PeerStatus: Codable, Equatable, Sendable {
+    /// "10.244.2.0/24"
+    public var subnet: String
+    /// "192.168.1.2:8285"
+    public var endpoint: String
+    public var counters: PeerCountersSnapshot
+
+    public init(subnet: String, endpoint: String, counters: PeerCountersSnapshot) {
+        self.subnet = subnet
+        self.endpoint = endpoint
+        self.counters = counters
+    }
 }

@@ -69,6 +69,11 @@ public final class Forwarder: @unchecked Sendable {
     public convenience init(tun: TunDevice, socket: UDPSocket, table: RouteTable, config: ForwardingConfig,
                             counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
                             onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
+        // With IFF_VNET_HDR every packet carries a virtio-net header: not handled yet (the offload work will add
+        // it in BatchBuffers and the workers, leaving the decisions as they are).
+        guard !tun.vnetHeader else {
+            throw SystemError("forward on", "\(tun.name) (IFF_VNET_HDR is not supported yet)", errno: EINVAL)
+        }
         try self.init(tunFD: tun.fd, tunName: tun.name, tunDevice: tun, socket: socket, table: table, config: config,
                       counters: counters, logger: logger, options: options, onFailure: onFailure)
     }
@@ -113,6 +118,9 @@ public final class Forwarder: @unchecked Sendable {
             return s.started
         }
         precondition(!already, "Forwarder.start() called twice")
+        // A stop() before start() had nothing to stop: clear its signal so the workers do not exit at once.
+        var pending: UInt64 = 0
+        _ = Glibc.read(stopFD, &pending, 8)
         let flags = try syscall("get flags of", tunName) { fcntl(tunFD, F_GETFL) }
         try syscall("set O_NONBLOCK on", tunName) { fcntl(tunFD, F_SETFL, flags | O_NONBLOCK) }
         for worker in [tunToUDP as ForwardingWorker, udpToTun as ForwardingWorker] {
@@ -136,6 +144,8 @@ public final class Forwarder: @unchecked Sendable {
     }
 
     /// Asks both workers to stop and waits for them. Idempotent; safe from any thread but a worker's own.
+    /// Call it before closing the tun device or the socket: a worker reading a closed descriptor fails (EBADF).
+    /// The running threads keep the forwarder alive, so dropping the last reference does not stop it.
     public func stop() {
         var one: UInt64 = 1
         _ = Glibc.write(stopFD, &one, 8)
@@ -147,7 +157,9 @@ public final class Forwarder: @unchecked Sendable {
     public func wait() -> SystemError? {
         joinLock.withLock { _ in
             let threads = state.withLock { s -> [pthread_t] in
-                if s.joined { return [] }
+                // Before start() there is nothing to join, and marking it joined would orphan the threads
+                // start() creates later.
+                if s.joined || !s.started { return [] }
                 s.joined = true
                 return s.threads
             }
@@ -581,7 +593,8 @@ final class UDPToTunWorker: ForwardingWorker {
         while true {
             let n = withUnsafePointer(to: &sa) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(io.socketFD, b.scratch.baseAddress!, length, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    sendto(io.socketFD, b.scratch.baseAddress!, length, 0, $0,
+                           socklen_t(MemoryLayout<sockaddr_in>.size))
                 }
             }
             if n >= 0 {

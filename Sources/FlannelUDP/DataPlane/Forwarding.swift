@@ -120,7 +120,11 @@ public struct PacketDecider: Sendable {
         let accepted: Int?
         switch config.peerCheck {
         case .strict:
-            if let p = owner, snapshot.peers[p].route.endpoint.address == outerSource { accepted = p } else { accepted = nil }
+            if let p = owner, snapshot.peers[p].route.endpoint.address == outerSource {
+                accepted = p
+            } else {
+                accepted = nil
+            }
         case .relaxed:
             accepted = owner
         }

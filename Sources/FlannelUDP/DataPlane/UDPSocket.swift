@@ -28,7 +28,8 @@ public final class UDPSocket: @unchecked Sendable {
     /// - Throws: `SystemError` naming the step and the address, e.g. "bind 192.168.1.1:8285: Address already in use".
     public init(bind endpoint: Endpoint, bufferSize: Int = UDPSocket.defaultBufferSize) throws(SystemError) {
         let fd = try syscall("create UDP socket", "\(endpoint)") {
-            socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+            socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
+                   0)
         }
         do throws(SystemError) {
             UDPSocket.setBuffer(fd, force: Int32(FU_SO_RCVBUFFORCE), plain: SO_RCVBUF, size: bufferSize)

@@ -1,0 +1,239 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+
+/// The data plane end to end through the command line: nodes and pods in namespaces, as in scripts/demo.sh,
+/// with a switch so that any number of nodes (and a stranger) share one underlay.
+///
+///                          wire (bridge br0)
+///          +------------------+------------------+------------------+
+///     eth0 192.168.77.1   eth0 .2             eth0 .3             eth0 .99
+///       node 1              node 2              node 3            stranger
+///     flannel0 10.244.1.0 flannel0 10.244.2.0 flannel0 10.244.3.0
+///     cni0 10.244.1.1       cni0 10.244.2.1     cni0 10.244.3.1
+///       pod 1 10.244.1.2    pod 2 10.244.2.2    pod 3 10.244.3.2
+final class OverlayTests: XCTestCase {
+    var tmp = ""
+    var wire: TestNamespace!
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        tmp = NSTemporaryDirectory() + "fu-ovl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        wire = try TestNamespace(prefix: "fu-ovw")
+        addTeardownBlock { [wire] in wire?.destroy() }
+        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
+        try wire.run(["ip", "link", "set", "br0", "up"])
+    }
+
+    struct Node {
+        var index: Int
+        var ns: TestNamespace
+        var pod: TestNamespace
+        var underlay: String { "192.168.77.\(index)" }
+        var subnet: String { "10.244.\(index).0/24" }
+        var podAddress: String { "10.244.\(index).2" }
+    }
+
+    var portCounter = 0
+
+    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
+    func plug(_ ns: TestNamespace, index: Int) throws {
+        portCounter += 1
+        let port = "p\(portCounter)"
+        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
+        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
+        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
+        try ns.run(["ip", "link", "set", "eth0", "up"])
+    }
+
+    /// A node with a pod behind it, running `flannel-udp up --detach`.
+    func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
+        let ns = try TestNamespace(prefix: "fu-ovn")
+        let pod = try TestNamespace(prefix: "fu-ovp")
+        addTeardownBlock {
+            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": self.tmp + "/run"])
+            pod.destroy()
+            ns.destroy()
+        }
+        try plug(ns, index: index)
+        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472", "netns", pod.name])
+        try ns.run(["ip", "addr", "add", "10.244.\(index).1/24", "dev", "cni0"])
+        try ns.run(["ip", "link", "set", "cni0", "up"])
+        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        try pod.run(["ip", "addr", "add", "10.244.\(index).2/24", "dev", "eth0"])
+        try pod.run(["ip", "link", "set", "eth0", "up"])
+        try pod.run(["ip", "route", "add", "default", "via", "10.244.\(index).1"])
+        let node = Node(index: index, ns: ns, pod: pod)
+        let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
+                           "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + extra)
+        XCTAssertEqual(up.status, 0, up.description)
+        return node
+    }
+
+    @discardableResult
+    func fu(_ node: Node, _ args: [String]) -> CommandResult {
+        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+    }
+
+    func routeAdd(_ node: Node, _ subnet: String, via other: Node) {
+        let r = fu(node, ["route", "add", subnet, "via", other.underlay])
+        XCTAssertEqual(r.status, 0, r.description)
+    }
+
+    func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
+        runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
+    }
+
+    func status(_ node: Node) throws -> [String: Any] {
+        let r = fu(node, ["status", "--json"])
+        XCTAssertEqual(r.status, 0, r.description)
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return try XCTUnwrap(json?["daemon"] as? [String: Any])
+    }
+
+    func counters(_ node: Node) throws -> (drops: [String: Int], udpToTun: Int, peers: [String: [String: Any]]) {
+        let daemon = try status(node)
+        let c = try XCTUnwrap(daemon["counters"] as? [String: Any])
+        let drops = try XCTUnwrap(c["drops"] as? [String: Int])
+        let udpToTun = try XCTUnwrap((c["udpToTun"] as? [String: Any])?["packets"] as? Int)
+        var peers: [String: [String: Any]] = [:]
+        for r in (daemon["routes"] as? [[String: Any]]) ?? [] { peers[r["subnet"] as? String ?? ""] = r }
+        return (drops, udpToTun, peers)
+    }
+
+    func testPingIperfRouteChangesAndTTL() throws {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        routeAdd(a, b.subnet, via: b)
+        routeAdd(b, a.subnet, via: a)
+
+        let ok = ping(from: a.pod, b.podAddress)
+        XCTAssertEqual(ok.status, 0, ok.description)
+
+        // A TCP transfer completes (iperf3 on the far pod, a fixed amount of data from the near one).
+        let server = try startBackground(["ip", "netns", "exec", b.pod.name, "iperf3", "-s", "-1", "-B", b.podAddress])
+        addTeardownBlock {
+            if server.isRunning { server.terminate() }
+            server.waitUntilExit()
+        }
+        try waitFor("iperf3 listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let iperf = runCommand(["ip", "netns", "exec", a.pod.name, "iperf3", "-c", b.podAddress, "-n", "50M", "-J"])
+        XCTAssertEqual(iperf.status, 0, iperf.description)
+        XCTAssertTrue(iperf.stdout.contains("\"sum_received\""), iperf.stdout)
+
+        // No route: the pod's ping gets "Destination Net Unreachable" from a non-local source.
+        XCTAssertEqual(fu(a, ["route", "del", b.subnet]).status, 0)
+        let unreachable = ping(from: a.pod, b.podAddress)
+        XCTAssertNotEqual(unreachable.status, 0)
+        XCTAssertTrue(unreachable.stdout.contains("From 10.244.0.0 icmp_seq=1 Destination Net Unreachable"), unreachable.stdout)
+        // Restored without a restart.
+        routeAdd(a, b.subnet, via: b)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+
+        // TTL: 1 expires in node A's kernel; 2 in A's forwarder (tun -> UDP); 3 in B's forwarder (UDP -> tun),
+        // whose error travels back over the overlay from B's tun address.
+        let ttl1 = ping(from: a.pod, b.podAddress, ["-t", "1"])
+        XCTAssertTrue(ttl1.stdout.contains("Time to live exceeded"), ttl1.stdout)
+        let ttl2 = ping(from: a.pod, b.podAddress, ["-t", "2"])
+        XCTAssertTrue(ttl2.stdout.contains("From 10.244.0.0 icmp_seq=1 Time to live exceeded"), ttl2.stdout)
+        let ttl3 = ping(from: a.pod, b.podAddress, ["-t", "3"])
+        XCTAssertTrue(ttl3.stdout.contains("From 10.244.2.0 icmp_seq=1 Time to live exceeded"), ttl3.stdout)
+        // 4 more expire in B's kernel forwarding to its pod; 5 arrive.
+        XCTAssertEqual(ping(from: a.pod, b.podAddress, ["-t", "5"]).status, 0)
+        XCTAssertGreaterThanOrEqual(try counters(a).drops["ttlExpired"] ?? 0, 1)
+        XCTAssertGreaterThanOrEqual(try counters(b).drops["ttlExpired"] ?? 0, 1)
+        XCTAssertGreaterThanOrEqual(try counters(a).drops["noRoute"] ?? 0, 1)
+    }
+
+    func testLongestPrefixWins() throws {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        let c = try makeNode(3)
+        // Node 3 knows the whole network via node 1, listed first (flannel's first-match scan would pick it), and
+        // 10.244.2.0/24 via node 2.
+        routeAdd(c, "10.244.0.0/16", via: a)
+        routeAdd(c, b.subnet, via: b)
+        routeAdd(b, c.subnet, via: c)
+        routeAdd(a, c.subnet, via: c)
+        let r = ping(from: c.pod, b.podAddress)
+        XCTAssertEqual(r.status, 0, r.description)
+        let peers = try counters(c).peers
+        XCTAssertEqual(peers["10.244.2.0/24"]?["txPackets"] as? Int, 1)
+        XCTAssertEqual(peers["10.244.0.0/16"]?["txPackets"] as? Int, 0)
+        // And the covering route carries what nothing more specific claims.
+        XCTAssertEqual(ping(from: c.pod, a.podAddress).status, 0)
+        XCTAssertEqual(try counters(c).peers["10.244.0.0/16"]?["txPackets"] as? Int, 1)
+    }
+
+    func testDatagramsFromStrangersAndSpoofersNeverReachTheTun() throws {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        routeAdd(a, b.subnet, via: b)
+        routeAdd(b, a.subnet, via: a)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        let stranger = try TestNamespace(prefix: "fu-ovs")
+        addTeardownBlock { stranger.destroy() }
+        try plug(stranger, index: 99)
+
+        let before = try counters(a)
+        // A well-formed packet claiming to come from pod B, sent by the stranger: not a peer's address.
+        let forged = Self.icmpEcho(source: IPv4Address(10, 244, 2, 2), destination: IPv4Address(10, 244, 1, 2))
+        for _ in 0..<5 { try sendUDP(from: stranger, to: a.underlay + ":8285", forged) }
+        // From node B's own address, but claiming a source outside B's subnet.
+        let spoofed = Self.icmpEcho(source: IPv4Address(10, 244, 7, 7), destination: IPv4Address(10, 244, 1, 2))
+        for _ in 0..<3 { try sendUDP(from: b.ns, to: a.underlay + ":8285", spoofed) }
+        try waitFor("A counts the drops") {
+            let now = try counters(a)
+            return (now.drops["unknownPeer"] ?? 0) - (before.drops["unknownPeer"] ?? 0) == 5
+                && (now.drops["spoofedSource"] ?? 0) - (before.drops["spoofedSource"] ?? 0) == 3
+        }
+        XCTAssertEqual(try counters(a).udpToTun, before.udpToTun, "a dropped datagram reached the tun")
+    }
+
+    /// Sends one UDP datagram with `payload` from a socket opened inside `ns` (the socket belongs to the namespace
+    /// of the thread that creates it, so the datagram leaves from `ns`'s eth0).
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payload: [UInt8]) throws {
+        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
+        try ns.withEntered {
+            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
+            defer { close(fd) }
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = target.port.bigEndian
+            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
+            let n = payload.withUnsafeBytes { buf in
+                withUnsafePointer(to: &sa) {
+                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                        sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    }
+                }
+            }
+            guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
+        }
+    }
+
+    /// A minimal valid IPv4 ICMP echo request (header checksum and ICMP checksum correct).
+    static func icmpEcho(source: IPv4Address, destination: IPv4Address) -> [UInt8] {
+        var p: [UInt8] = [0x45, 0, 0, 28, 0x12, 0x34, 0, 0, 64, 1, 0, 0]
+        for a in [source, destination] {
+            let o = a.octets
+            p += [o.0, o.1, o.2, o.3]
+        }
+        p += [8, 0, 0, 0, 0xab, 0xcd, 0, 1]
+        func sum(_ bytes: ArraySlice<UInt8>) -> UInt16 {
+            var s: UInt32 = 0
+            var i = bytes.startIndex
+            while i < bytes.endIndex { s += UInt32(bytes[i]) << 8 | UInt32(bytes[i + 1]); i += 2 }
+            while s > 0xffff { s = (s & 0xffff) + (s >> 16) }
+            return ~UInt16(s)
+        }
+        let h = sum(p[0..<20])
+        p[10] = UInt8(h >> 8); p[11] = UInt8(h & 0xff)
+        let c = sum(p[20..<28])
+        p[22] = UInt8(c >> 8); p[23] = UInt8(c & 0xff)
+        return p
+    }
+}

@@ -1,0 +1,150 @@
+function __flannel-udp_should_offer_completions_for_flags_or_options -a expected_commands
+    set -l non_repeating_flags_or_options $argv[2..]
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __flannel-udp_parse_tokens
+    test "$commands" = "$expected_commands"; and return $non_repeating_flags_or_options_absent
+end
+
+function __flannel-udp_should_offer_completions_for_positional -a expected_commands positional_index_comparison expected_positional_index
+    set -l non_repeating_flags_or_options
+    set -l non_repeating_flags_or_options_absent 0
+    set -l positional_index 0
+    set -l commands
+    __flannel-udp_parse_tokens
+    test "$commands" = "$expected_commands" -a \( "$positional_index" "$positional_index_comparison" "$expected_positional_index" \)
+end
+
+function __flannel-udp_parse_tokens -S
+    set -l unparsed_tokens (__flannel-udp_tokens -pc)
+    switch $unparsed_tokens[1]
+    case 'flannel-udp'
+        __flannel-udp_parse_subcommand 0 'version' 'h/help'
+        switch $unparsed_tokens[1]
+        case 'up'
+            __flannel-udp_parse_subcommand 0 'network=' 'subnet=' 'iface=' 'public-ip=' 'port=' 'mtu=' 'device=' 'peers=' 'subnet-file=' 'ip-masq' 'peer-check=' 'detach' 'log-file=' 'v/verbose' 'version' 'h/help'
+        case 'down'
+            __flannel-udp_parse_subcommand 0 'device=' 'timeout=' 'version' 'h/help'
+        case 'route'
+            __flannel-udp_parse_subcommand 0 'version' 'h/help'
+            switch $unparsed_tokens[1]
+            case 'add'
+                __flannel-udp_parse_subcommand 3 'device=' 'version' 'h/help'
+            case 'del'
+                __flannel-udp_parse_subcommand 1 'device=' 'version' 'h/help'
+            case 'list'
+                __flannel-udp_parse_subcommand 0 'device=' 'json' 'version' 'h/help'
+            end
+        case 'status'
+            __flannel-udp_parse_subcommand 0 'device=' 'json' 'version' 'h/help'
+        case 'cleanup'
+            __flannel-udp_parse_subcommand 0 'network=' 'subnet-file=' 'dry-run' 'version' 'h/help'
+        case 'help'
+            __flannel-udp_parse_subcommand -r 1 'version'
+        end
+    end
+end
+
+function __flannel-udp_tokens
+    if test (string split -m 1 -f 1 -- . "$FISH_VERSION") -gt 3
+        commandline --tokens-raw $argv
+    else
+        commandline -o $argv
+    end
+end
+
+function __flannel-udp_parse_subcommand -S -a positional_count
+    argparse -s r -- $argv
+    set -l option_specs $argv[2..]
+    set -l is_repeating_positional $_flag_r
+    set -el _flag_r
+    set -a commands $unparsed_tokens[1]
+    set positional_index 0
+    while true
+        set -e unparsed_tokens[1]
+        argparse -sn "$commands" $option_specs -- $unparsed_tokens 2> /dev/null
+        set unparsed_tokens $argv
+        set positional_index (math $positional_index + 1)
+        for non_repeating_flag_or_option in $non_repeating_flags_or_options
+            if set -ql "_flag_$(string replace -a - _ -- $non_repeating_flag_or_option)"
+                set non_repeating_flags_or_options_absent 1
+                break
+            end
+        end
+        test (count $unparsed_tokens) -eq 0 -o \( -z "$is_repeating_positional" -a "$positional_index" -gt "$positional_count" \) && break
+    end
+end
+
+function __flannel-udp_complete_directories
+    set -l token (commandline -t)
+    string match -- '*/' $token
+    set -l subdirs $token*/
+    printf %s\n $subdirs
+end
+
+function __flannel-udp_custom_completion
+    set -x SAP_SHELL fish
+    set -x SAP_SHELL_VERSION $FISH_VERSION
+    set -l tokens (__flannel-udp_tokens -p)
+    if test -z "$(__flannel-udp_tokens -t)"
+        set -l index (count (__flannel-udp_tokens -pc))
+        set tokens $tokens[..$index] \'\' $tokens[(math $index + 1)..]
+    end
+    command $tokens[1] $argv $tokens
+end
+
+complete -c 'flannel-udp' -f
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'up' -d 'Bring the node up and forward overlay traffic until stopped.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'down' -d 'Stop the daemon of a device and remove everything it made.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'route' -d 'Change or show the running daemon\'s peer table.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'status' -d 'Show the device, the overlay route and the daemon\'s state and counters.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'cleanup' -d 'Remove what an earlier backend left inside the overlay network.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp" -eq 1' -fa 'help' -d 'Show subcommand help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" network' -l 'network' -d 'The whole overlay network, e.g. 10.244.0.0/16.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" subnet' -l 'subnet' -d 'This node\'s subnet inside the network, e.g. 10.244.1.0/24.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" iface' -l 'iface' -d 'The underlay interface (default: the interface of the default route).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" public-ip' -l 'public-ip' -d 'The address peers send to (default: the underlay\'s first IPv4 address).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" port' -l 'port' -d 'The UDP port (1-65535).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" mtu' -l 'mtu' -d 'The overlay MTU (default: underlay MTU - 28).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" device' -l 'device' -d 'The tun device to create.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" peers' -l 'peers' -d 'A peers file: one \'SUBNET IP[:PORT]\' per line, \'#\' comments; re-read on SIGHUP.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" subnet-file' -l 'subnet-file' -d 'Where to write flannel\'s subnet.env.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" ip-masq' -l 'ip-masq' -d 'Write FLANNEL_IPMASQ=true to the subnet file.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" peer-check' -l 'peer-check' -d 'strict: accept a datagram only from the peer that owns its inner source; relaxed: any sender, if the inner source is in a known peer subnet (NAT).' -rfka 'strict relaxed'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" detach' -l 'detach' -d 'Return once the node is ready, leaving the daemon running in the background.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" log-file' -l 'log-file' -d 'With --detach: where the daemon logs (default: its state directory).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" v verbose' -l 'verbose' -s 'v' -d 'Log each packet-level event (debug level).'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp down" device' -l 'device' -d 'The overlay device.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp down" timeout' -l 'timeout' -d 'Seconds to wait for the daemon to stop before killing it.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp down" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp down" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp route" -eq 1' -fa 'add' -d 'Send a peer subnet to a node: route add SUBNET via IP[:PORT].'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp route" -eq 1' -fa 'del' -d 'Remove the route for a peer subnet.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_positional "flannel-udp route" -eq 1' -fa 'list' -d 'Show the kernel\'s overlay route and the daemon\'s peer table with counters.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route add" device' -l 'device' -d 'The overlay device.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route add" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route add" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route del" device' -l 'device' -d 'The overlay device.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route del" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route del" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route list" device' -l 'device' -d 'The overlay device.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route list" json' -l 'json' -d 'Print JSON for scripts instead of a table.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route list" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp route list" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp status" device' -l 'device' -d 'The overlay device.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp status" json' -l 'json' -d 'Print JSON for scripts instead of a table.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp status" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp status" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp cleanup" network' -l 'network' -d 'The overlay network (default: FLANNEL_NETWORK from the subnet file).' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp cleanup" subnet-file' -l 'subnet-file' -d 'The subnet file to read the network from.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp cleanup" dry-run' -l 'dry-run' -d 'Print what would be removed and change nothing.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp cleanup" version' -l 'version' -d 'Show the version.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp cleanup" h help' -s 'h' -l 'help' -d 'Show help information.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp help" version' -l 'version' -d 'Show the version.'
