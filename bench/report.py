@@ -1,0 +1,279 @@
+#!/usr/bin/env python3
+"""Turn bench/run's raw files into medians: a table (default) or JSON (--json).
+
+Raw layout (written by bench/run):
+    meta                         "key value" lines: time, runs, kernel, configs, ...
+    runN/CONFIG/failed           present if the configuration could not be set up or reached
+    runN/CONFIG/notes            anything that went wrong in a single test
+    runN/CONFIG/cc, mtu          congestion control in the client namespace, client MTU
+    runN/CONFIG/ping.txt         ping -q output
+    runN/CONFIG/T.json           iperf3 -J output for T in tcp1, tcp4, udp
+    runN/CONFIG/T.before/.after  counter snapshots around T ("key value" lines, see snapshot() in bench/run)
+    runN/CONFIG/status-*.json    flannel-udp status --json after the tests (flannel-udp only)
+"""
+import json
+import os
+import re
+import statistics
+import sys
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+GB = 1e9
+
+# (key, label, format) in table order; a None label starts a section.
+ROWS = [
+    ("tcp1_gbps", "TCP 1 stream  Gbit/s", "{:.2f}"),
+    ("tcp4_gbps", "TCP 4 streams Gbit/s", "{:.2f}"),
+    ("tcp1_retrans", "TCP 1 stream  retransmits", "{:.0f}"),
+    ("udp_rx_kpps", "UDP 64 B received kpps", "{:.1f}"),
+    ("udp_tx_kpps", "UDP 64 B sent kpps", "{:.1f}"),
+    ("udp_loss_pct", "UDP 64 B loss %", "{:.1f}"),
+    ("ping_avg_ms", "ping avg ms", "{:.3f}"),
+    ("ping_mdev_ms", "ping mdev ms", "{:.3f}"),
+    ("fwd_cpu_s_per_gb", "forwarder CPU s/GB (TCP)", "{:.2f}"),
+    ("fwd_cpu_us_per_pkt", "forwarder CPU us/pkt (UDP)", "{:.2f}"),
+    ("softirq_s_per_gb", "softirq s/GB (TCP, machine)", "{:.2f}"),
+    ("rcvbuf_node_udp", "RcvbufErrors recv node (UDP)", "{:.0f}"),
+    ("rcvbuf_node_tcp", "RcvbufErrors recv node (TCP)", "{:.0f}"),
+    ("rcvbuf_app_udp", "RcvbufErrors iperf3 recv (UDP)", "{:.0f}"),
+    ("txdrop_send_udp", "tx_dropped send dev (UDP)", "{:.0f}"),
+    ("txdrop_tcp", "tx_dropped both devs (TCP)", "{:.0f}"),
+]
+
+
+def read_kv(path):
+    out = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split(None, 1)
+                if len(parts) == 2:
+                    out[parts[0]] = parts[1].strip()
+    except OSError:
+        pass
+    return out
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def delta(before, after, key):
+    try:
+        return float(after[key]) - float(before[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def counters(d, test):
+    return read_kv(os.path.join(d, test + ".before")), read_kv(os.path.join(d, test + ".after"))
+
+
+def udp_test(d, test):
+    """Received kpps and loss % of one 64-byte UDP test, plus the counters around it; {} if it did not run."""
+    j = read_json(os.path.join(d, test + ".json"))
+    if not j or "sum_received" not in j.get("end", {}):
+        return {}
+    recv, sent = j["end"]["sum_received"], j["end"]["sum_sent"]
+    length = j.get("start", {}).get("test_start", {}).get("blksize") or 64
+    got = recv["bytes"] / length  # packets that reached the receiver
+    out = {"got": got,
+           "rx_kpps": got / (recv["seconds"] or 1) / 1e3,
+           "tx_kpps": sent["packets"] / (sent["seconds"] or 1) / 1e3}
+    if sent["packets"]:
+        out["loss_pct"] = 100.0 * (1 - got / sent["packets"])
+    return out
+
+
+def one_run(d, has_forwarder, has_overlay, udp_pps=()):
+    """Metrics of one configuration in one run, plus the problems seen; None values are left out."""
+    m, problems = {}, []
+    notes = read_text(os.path.join(d, "notes"))
+    if notes and notes.strip():
+        problems += [line for line in notes.strip().splitlines() if line.strip()]
+
+    ping = read_text(os.path.join(d, "ping.txt")) or ""
+    rtt = re.search(r"= [\d.]+/([\d.]+)/[\d.]+/([\d.]+) ms", ping)
+    if rtt:
+        m["ping_avg_ms"], m["ping_mdev_ms"] = float(rtt.group(1)), float(rtt.group(2))
+    loss = re.search(r"([\d.]+)% packet loss", ping)
+    if loss:
+        m["ping_loss_pct"] = float(loss.group(1))
+
+    tcp_bytes, tcp_fwd, tcp_soft, tcp_rcvbuf, tcp_txdrop = 0.0, 0.0, 0.0, 0.0, 0.0
+    for test, n in (("tcp1", 1), ("tcp4", 4)):
+        j = read_json(os.path.join(d, test + ".json"))
+        if not j or "error" in j or "sum_received" not in j.get("end", {}):
+            if j and "error" in j:
+                problems.append(f"{test}: iperf3: {j['error']}")
+            continue
+        recv, sent = j["end"]["sum_received"], j["end"]["sum_sent"]
+        m[f"{test}_gbps"] = recv["bits_per_second"] / 1e9
+        m[f"{test}_retrans"] = sent.get("retransmits")
+        m[f"{test}_cc"] = j["end"].get("sender_tcp_congestion")
+        b, a = counters(d, test)
+        tcp_bytes += recv["bytes"]
+        tcp_fwd += delta(b, a, "fwd_ticks") or 0
+        tcp_soft += delta(b, a, "softirq") or 0
+        tcp_rcvbuf += delta(b, a, "rcvbuf_node_b") or 0
+        tcp_txdrop += (delta(b, a, "txdrop_node_a") or 0) + (delta(b, a, "txdrop_node_b") or 0)
+    if tcp_bytes > 0:  # over the TCP tests that worked
+        if has_forwarder:
+            m["fwd_cpu_s_per_gb"] = tcp_fwd / CLK_TCK / (tcp_bytes / GB)
+        m["softirq_s_per_gb"] = tcp_soft / CLK_TCK / (tcp_bytes / GB)
+        if has_overlay:
+            m["rcvbuf_node_tcp"] = tcp_rcvbuf
+        if has_forwarder or "txdrop_node_a" in counters(d, "tcp1")[0]:
+            m["txdrop_tcp"] = tcp_txdrop
+
+    j = read_json(os.path.join(d, "udp.json"))
+    if j and "error" in j:
+        problems.append(f"udp: iperf3: {j['error']}")
+    u = udp_test(d, "udp")
+    if u:
+        m["udp_rx_kpps"], m["udp_tx_kpps"], m["udp_loss_pct"] = u["rx_kpps"], u["tx_kpps"], u.get("loss_pct")
+        b, a = counters(d, "udp")
+        if has_overlay:  # on the underlay the node is the receiver: its errors are iperf3's, shown below
+            m["rcvbuf_node_udp"] = delta(b, a, "rcvbuf_node_b")
+        m["rcvbuf_app_udp"] = delta(b, a, "rcvbuf_app")
+        m["txdrop_send_udp"] = delta(b, a, "txdrop_node_a")
+        if has_forwarder and u["got"]:
+            fwd = delta(b, a, "fwd_ticks")
+            if fwd is not None:
+                m["fwd_cpu_us_per_pkt"] = fwd / CLK_TCK / u["got"] * 1e6
+    for k in udp_pps:
+        j = read_json(os.path.join(d, f"udp-{k}.json"))
+        if j and "error" in j:
+            problems.append(f"udp-{k}: iperf3: {j['error']}")
+        u = udp_test(d, f"udp-{k}")
+        if u:
+            m[f"udp{k}k_rx_kpps"], m[f"udp{k}k_loss_pct"] = u["rx_kpps"], u.get("loss_pct")
+
+    cc = read_text(os.path.join(d, "cc"))
+    if cc:
+        m["cc"] = cc.strip()
+    mtu = read_text(os.path.join(d, "mtu"))
+    if mtu and mtu.split():
+        m["client_mtu"] = int(mtu.split()[-1])
+    return {k: v for k, v in m.items() if v is not None}, problems
+
+
+def main():
+    args = sys.argv[1:]
+    as_json = "--json" in args
+    args = [a for a in args if a != "--json"]
+    if len(args) != 1:
+        sys.exit("usage: report.py [--json] RAW_DIR")
+    raw = args[0]
+    meta = read_kv(os.path.join(raw, "meta"))
+    configs = meta.get("configs", "").split()
+    runs = int(meta.get("runs", "0"))
+    udp_pps = [k for k in meta.get("udp_pps", "").split(",") if k]
+    rows = ROWS + [row for k in udp_pps for row in (
+        (f"udp{k}k_rx_kpps", f"UDP 64 B at {k} kpps: received", "{:.1f}"),
+        (f"udp{k}k_loss_pct", f"UDP 64 B at {k} kpps: loss %", "{:.1f}"))]
+    names = {c: (meta.get("peer_name", "peer") if c == "peer" else c) for c in configs}
+
+    result = {"params": meta, "configs": {}}
+    result["params"]["clk_tck"] = CLK_TCK
+    for c in configs:
+        per_run, failures, problems = [], [], []
+        for r in range(1, runs + 1):
+            d = os.path.join(raw, f"run{r}", c)
+            failed = read_text(os.path.join(d, "failed"))
+            if failed is not None:
+                failures.append({"run": r, "error": failed.strip()})
+                continue
+            if not os.path.isdir(d):
+                continue
+            m, p = one_run(d, c in ("flannel-udp", "peer"), c != "underlay", udp_pps)
+            m["run"] = r
+            for name in ("status-a.json", "status-b.json"):
+                s = read_json(os.path.join(d, name))
+                if s is not None:
+                    m[name[:-5].replace("-", "_")] = s
+            per_run.append(m)
+            problems += [{"run": r, "problem": x} for x in p]
+        medians = {}
+        for key, _, _ in rows + [("ping_loss_pct", "", ""), ("tcp4_retrans", "", "")]:
+            vals = [m[key] for m in per_run if isinstance(m.get(key), (int, float))]
+            if vals:
+                medians[key] = statistics.median(vals)
+        result["configs"][names[c]] = {
+            "runs_ok": len(per_run),
+            "runs": runs,
+            "failures": failures,
+            "problems": problems,
+            "median": medians,
+            "per_run": per_run,
+        }
+
+    if as_json:
+        json.dump(result, sys.stdout, indent=2, sort_keys=False)
+        print()
+        return
+    print_table(result, [names[c] for c in configs], rows)
+
+
+def print_table(result, cols, rows):
+    p = result["params"]
+    ccs = sorted({m.get("cc") for c in result["configs"].values() for m in c["per_run"] if m.get("cc")})
+    print(f"flannel-udp bench  {p.get('date', '')}  kernel {p.get('kernel', '')}  {p.get('cpus', '?')} CPUs  "
+          f"commit {p.get('commit', '?')}")
+    print(f"iperf3 {p.get('time')} s per test, medians of {p.get('runs')} runs, {p.get('pings')} pings at 10 ms, "
+          f"UDP -l 64 -b {p.get('udp_rate')}; congestion control: {', '.join(ccs) or 'unknown'}")
+    print(f"load average at start {p.get('loadavg_start', '?')}, at end {p.get('loadavg_end', '?')} "
+          f"(other work on the machine skews every figure)")
+    w0 = max(len(label) for _, label, _ in rows) + 2
+    w = max(12, max(len(c) for c in cols) + 2)
+    print()
+    print(" " * w0 + "".join(c.rjust(w) for c in cols))
+    print(("runs ok").ljust(w0) + "".join(
+        f"{result['configs'][c]['runs_ok']}/{result['configs'][c]['runs']}".rjust(w) for c in cols))
+    mtus = []
+    for c in cols:
+        v = [m.get("client_mtu") for m in result["configs"][c]["per_run"] if m.get("client_mtu")]
+        mtus.append(str(v[0]) if v else "-")
+    print("client MTU".ljust(w0) + "".join(x.rjust(w) for x in mtus))
+    for key, label, fmt in rows:
+        cells = []
+        for c in cols:
+            cfg = result["configs"][c]
+            v = cfg["median"].get(key)
+            if v is not None:
+                cells.append(fmt.format(v))
+            elif cfg["runs_ok"] == 0:
+                cells.append("failed" if cfg["failures"] else "-")  # "-": not measured (interrupted)
+            else:
+                cells.append("n/a")
+        print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
+    notes = []
+    for c in cols:
+        cfg = result["configs"][c]
+        for f in cfg["failures"]:
+            notes.append(f"{c}: run {f['run']}: {f['error']}")
+        for x in cfg["problems"]:
+            notes.append(f"{c}: run {x['run']}: {x['problem']}")
+    print()
+    print("n/a: the kernel does the forwarding (no forwarder process) or the figure does not apply.")
+    print("softirq is machine-wide (/proc/stat), so other load on the machine shows up in it.")
+    if notes:
+        print()
+        for n in notes:
+            print("note: " + n)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Tests for bench/report.py on raw files made here (no root, no network): python3 bench/test_report.py"""
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import unittest
+from contextlib import redirect_stdout
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # noqa: E402
+
+TCK = report.CLK_TCK
+
+
+def iperf_tcp(gbps, seconds=10.0, retrans=3):
+    nbytes = gbps * 1e9 / 8 * seconds
+    return {"start": {"test_start": {"blksize": 131072}},
+            "end": {"sum_sent": {"seconds": seconds, "bytes": nbytes, "bits_per_second": gbps * 1e9,
+                                 "retransmits": retrans},
+                    "sum_received": {"seconds": seconds, "bytes": nbytes, "bits_per_second": gbps * 1e9},
+                    "sender_tcp_congestion": "bbr"}}
+
+
+def iperf_udp(sent_pkts, got_pkts, seconds=10.0):
+    return {"start": {"test_start": {"blksize": 64}},
+            "end": {"sum_sent": {"seconds": seconds, "bytes": sent_pkts * 64, "packets": sent_pkts},
+                    "sum_received": {"seconds": seconds, "bytes": got_pkts * 64, "packets": sent_pkts}}}
+
+
+def kv(**values):
+    return "".join(f"{k} {v}\n" for k, v in values.items())
+
+
+class ReportTests(unittest.TestCase):
+    def setUp(self):
+        self.tmp = tempfile.TemporaryDirectory()
+        self.raw = self.tmp.name
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=10, runs=3, configs="vxlan flannel-udp peer", peer_name="flannel-c"))
+
+    def tearDown(self):
+        self.tmp.cleanup()
+
+    def write(self, run, cfg, name, content):
+        d = os.path.join(self.raw, f"run{run}", cfg)
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, name), "w") as f:
+            f.write(content if isinstance(content, str) else json.dumps(content))
+
+    def good_run(self, run, cfg, gbps, fwd_ticks, overlay=True):
+        self.write(run, cfg, "cc", "bbr\n")
+        self.write(run, cfg, "mtu", "mtu 1472\n")
+        self.write(run, cfg, "ping.txt", "200 packets transmitted, 200 received, 0% packet loss, time 2000ms\n"
+                                         "rtt min/avg/max/mdev = 0.100/0.200/0.300/0.050 ms\n")
+        for test in ("tcp1", "tcp4"):
+            self.write(run, cfg, test + ".json", iperf_tcp(gbps))
+            self.write(run, cfg, test + ".before", kv(fwd_ticks=0, softirq=0, rcvbuf_node_b=10, rcvbuf_app=0,
+                                                      txdrop_node_a=0, txdrop_node_b=0))
+            self.write(run, cfg, test + ".after", kv(fwd_ticks=fwd_ticks, softirq=TCK, rcvbuf_node_b=15,
+                                                     rcvbuf_app=0, txdrop_node_a=2, txdrop_node_b=1))
+        self.write(run, cfg, "udp.json", iperf_udp(1000000, 500000))
+        self.write(run, cfg, "udp.before", kv(fwd_ticks=0, rcvbuf_node_b=0, rcvbuf_app=0, txdrop_node_a=0))
+        self.write(run, cfg, "udp.after", kv(fwd_ticks=TCK * 5, rcvbuf_node_b=7, rcvbuf_app=3, txdrop_node_a=400))
+
+    def result(self):
+        out = io.StringIO()
+        with redirect_stdout(out):
+            sys.argv = ["report.py", "--json", self.raw]
+            report.main()
+        return json.loads(out.getvalue())
+
+    def test_medians_rates_and_counter_deltas(self):
+        for run, gbps in ((1, 1.0), (2, 3.0), (3, 2.0)):
+            self.good_run(run, "flannel-udp", gbps, fwd_ticks=TCK * 10)
+        m = self.result()["configs"]["flannel-udp"]["median"]
+        self.assertAlmostEqual(m["tcp1_gbps"], 2.0)
+        # two TCP tests of 2 Gbit/s x 10 s = 5 GB moved for 20 CPU seconds
+        self.assertAlmostEqual(m["fwd_cpu_s_per_gb"], 20 / 5.0)
+        self.assertAlmostEqual(m["udp_rx_kpps"], 50.0)
+        self.assertAlmostEqual(m["udp_loss_pct"], 50.0)
+        self.assertAlmostEqual(m["fwd_cpu_us_per_pkt"], 5 / 500000 * 1e6)
+        self.assertEqual(m["rcvbuf_node_tcp"], 10)  # 5 per TCP test
+        self.assertEqual(m["rcvbuf_node_udp"], 7)
+        self.assertEqual(m["txdrop_send_udp"], 400)
+        self.assertEqual(m["txdrop_tcp"], 6)
+        self.assertAlmostEqual(m["ping_avg_ms"], 0.2)
+
+    def test_udp_rate_steps(self):
+        with open(os.path.join(self.raw, "meta"), "a") as f:
+            f.write("udp_pps 25,50\n")
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.write(1, "flannel-udp", "udp-25.json", iperf_udp(250000, 250000))
+        self.write(1, "flannel-udp", "udp-50.json", iperf_udp(500000, 450000))
+        m = self.result()["configs"]["flannel-udp"]["median"]
+        self.assertAlmostEqual(m["udp25k_rx_kpps"], 25.0)
+        self.assertAlmostEqual(m["udp25k_loss_pct"], 0.0)
+        self.assertAlmostEqual(m["udp50k_rx_kpps"], 45.0)
+        self.assertAlmostEqual(m["udp50k_loss_pct"], 10.0)
+
+    def test_kernel_configuration_has_no_forwarder_cpu(self):
+        self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
+        m = self.result()["configs"]["vxlan"]["median"]
+        self.assertNotIn("fwd_cpu_s_per_gb", m)
+        self.assertIn("softirq_s_per_gb", m)
+
+    def test_failed_configuration_is_reported_and_others_kept(self):
+        self.write(1, "peer", "failed", "setup failed: adapter exited 1\n")
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.write(2, "flannel-udp", "notes", "udp: iperf3 exited 124\n")
+        self.write(2, "flannel-udp", "tcp1.json", {"error": "unable to connect to server"})
+        r = self.result()["configs"]
+        self.assertEqual(r["flannel-c"]["runs_ok"], 0)
+        self.assertEqual(r["flannel-c"]["failures"], [{"run": 1, "error": "setup failed: adapter exited 1"}])
+        self.assertEqual(r["flannel-udp"]["runs_ok"], 2)
+        self.assertAlmostEqual(r["flannel-udp"]["median"]["tcp1_gbps"], 1.0)
+        problems = [p["problem"] for p in r["flannel-udp"]["problems"]]
+        self.assertIn("udp: iperf3 exited 124", problems)
+        self.assertIn("tcp1: iperf3: unable to connect to server", problems)
+
+    def test_table_marks_failed_and_not_applicable(self):
+        self.write(1, "peer", "failed", "setup failed\n")
+        self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
+        out = subprocess.run([sys.executable, report.__file__, self.raw], capture_output=True, text=True, check=True)
+        line = next(x for x in out.stdout.splitlines() if x.startswith("forwarder CPU s/GB"))
+        # vxlan: no forwarder; flannel-udp: never measured; flannel-c: failed
+        self.assertEqual(line.split()[-3:], ["n/a", "-", "failed"])
+
+
+if __name__ == "__main__":
+    unittest.main()
