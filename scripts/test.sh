@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl
+install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl python3
 require_swift
 
 step "swift build --build-tests"
@@ -14,6 +14,9 @@ swift build --build-tests 2>&1 | grep -E "error|warning: unreachable|Compiling|B
 
 step "man page and completions"
 scripts/generate-docs.sh --check
+
+step "bench report unit tests"
+python3 bench/test_report.py 2>&1 | tail -1
 
 if [ "$(id -u)" -ne 0 ]; then
     echo "note: not root: the integration tests will skip (they need to create network namespaces)"

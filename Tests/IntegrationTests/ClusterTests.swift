@@ -149,6 +149,40 @@ final class ClusterTests: XCTestCase {
         XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains("\(fourth.subnet.address)-24"))
     }
 
+    func testTenNodesStartedAtOnceGetDistinctSubnets() throws {
+        // A /20 of /24s leaves 15 free subnets (flannel's SubnetMin skips the first): the ten race for few.
+        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/20","SubnetLen":24,"Backend":{"Type":"udp"}}"#])
+        let namespaces = try (1...10).map { i -> TestNamespace in
+            let ns = try TestNamespace(prefix: "fu-cln")
+            addTeardownBlock { [tmp] in
+                _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+                ns.destroy()
+            }
+            try underlay.plug(ns, address: "192.168.77.\(10 + i)/24")
+            return ns
+        }
+        // All ten `up`s run at the same time, each on its own thread; each writes only its own slot.
+        nonisolated(unsafe) let results = UnsafeMutableBufferPointer<CommandResult>.allocate(capacity: namespaces.count)
+        defer { results.deallocate() }
+        let dir = tmp, url = etcdURL
+        let names = namespaces.map(\.name)
+        DispatchQueue.concurrentPerform(iterations: names.count) { i in
+            (results.baseAddress! + i).initialize(to: runCommand(
+                ["ip", "netns", "exec", names[i], flannelUDPBinary(), "up", "--etcd-endpoints", url,
+                 "--iface", "eth0", "--subnet-file", "\(dir)/ten-\(i).env", "--detach"],
+                environment: ["FLANNEL_UDP_RUN_DIR": dir + "/run"]))
+        }
+        var subnets: [String] = []
+        for i in 0..<namespaces.count {
+            XCTAssertEqual(results[i].status, 0, results[i].description)
+            subnets.append(try SubnetFile.load(path: "\(tmp)/ten-\(i).env").subnet.description)
+        }
+        XCTAssertEqual(Set(subnets).count, 10, "subnets: \(subnets.sorted())")
+        let keys = try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"])
+            .split(separator: "\n").filter { !$0.isEmpty }
+        XCTAssertEqual(keys.count, 10, "\(keys)")
+    }
+
     func testBadRegistryConfigIsOneClearError() throws {
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#])
         let ns = try TestNamespace(prefix: "fu-cln")
