@@ -124,7 +124,8 @@ public final class ControlServer: @unchecked Sendable {  // fd fields are immuta
         }
         let response: ControlResponse
         do {
-            switch try AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what) {
+            switch try AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
+                                              timeoutSeconds: ControlProtocol.requestTimeoutSeconds) {
             case .tooLong:
                 response = .error("request longer than \(ControlProtocol.maxRequestBytes) bytes")
             case .eof(let bytes) where bytes.isEmpty:
