@@ -18,10 +18,8 @@ final class FaultTests: HostileTopologyTestCase {
         try waitFor("pod A reaches pod B again", timeout: 15) {
             ping(from: a.pod, b.podAddress, ["-W", "1"]).status == 0
         }
+        // Send errors while the link was down were per-packet (counted as sendFailed, if any), never fatal.
         XCTAssertEqual(try daemonPID(a), pid)
-        // Errors while the link was down were per-packet (counted), never fatal.
-        let c = try counters(a)
-        XCTAssertGreaterThanOrEqual(c.drop("sendFailed") + c.drop("noRoute"), 0)
     }
 
     func testKilledDaemonThenUpAgainAndCleanup() throws {
