@@ -49,9 +49,16 @@ struct Status: ParsableCommand {
             report.error = "\(error)"
         }
         do {
-            if case .status(let s) = try ControlClient.send(.status, paths: paths) {
+            switch try ControlClient.send(.status, paths: paths) {
+            case .status(let s):
                 report.daemon = s
                 report.running = true
+            case .error(let message):
+                // E.g. a non-root caller: the daemon runs but refused us; not "not running" (exit 3).
+                report.running = true
+                report.error = "daemon: \(message)"
+            case .ok, .routes:
+                report.error = "daemon: unexpected response to status"
             }
         } catch {
             if case .notRunning = error {} else { report.error = error.description }

@@ -119,12 +119,17 @@ public final class ControlServer: @unchecked Sendable {  // fd fields are immuta
         let what = "control client (pid \(pid))"
         guard uid == 0 else {
             logger.warning("control: refused a request from uid \(uid) (pid \(pid)): only root may control the daemon")
+            // Take the request off the socket first (never decoded): closing with it unread makes the client's
+            // write fail with EPIPE, and the client would report a broken pipe instead of this refusal.
+            _ = try? AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
+                                             timeoutSeconds: ControlProtocol.requestTimeoutSeconds)
             try? AbstractSocket.writeAll(fd, ControlProtocol.encodeLine(ControlResponse.error("permission denied: only root may control flannel-udp")), what: what)
             return
         }
         let response: ControlResponse
         do {
-            switch try AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what) {
+            switch try AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
+                                              timeoutSeconds: ControlProtocol.requestTimeoutSeconds) {
             case .tooLong:
                 response = .error("request longer than \(ControlProtocol.maxRequestBytes) bytes")
             case .eof(let bytes) where bytes.isEmpty:

@@ -56,10 +56,27 @@ enum AbstractSocket {
     }
 
     /// Reads until a newline, EOF, or `limit` bytes. Timeouts and errors throw.
-    static func readLine(_ fd: Int32, limit: Int, what: String) throws(SystemError) -> ReadOutcome {
+    ///
+    /// With `timeoutSeconds` the whole line must arrive within that time (ETIMEDOUT otherwise). SO_RCVTIMEO alone
+    /// bounds each recv, not the request: a client trickling one byte per second would hold the (single) control
+    /// thread for as long as it likes, and every other client with it.
+    static func readLine(_ fd: Int32, limit: Int, what: String, timeoutSeconds: Int? = nil) throws(SystemError)
+        -> ReadOutcome {
         var data: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
+        let deadline = timeoutSeconds.map { monotonicMilliseconds() + Int64($0) * 1000 }
         while true {
+            if let deadline {
+                let remaining = deadline - monotonicMilliseconds()
+                guard remaining > 0 else { throw SystemError("read from", what, errno: ETIMEDOUT) }
+                var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+                let r = poll(&pfd, 1, Int32(clamping: remaining))
+                if r < 0 {
+                    if errno == EINTR { continue }
+                    throw SystemError.current("poll", what)
+                }
+                if r == 0 { throw SystemError("read from", what, errno: ETIMEDOUT) }
+            }
             let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -73,5 +90,11 @@ enum AbstractSocket {
             data.append(contentsOf: chunk[0..<n])
             if data.count > limit { return .tooLong }
         }
+    }
+
+    static func monotonicMilliseconds() -> Int64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
     }
 }

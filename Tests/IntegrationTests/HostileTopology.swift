@@ -1,0 +1,237 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+
+/// The topology shared by the hostile-traffic and fault tests: nodes with a pod each on one underlay switch, and
+/// strangers on the same switch, all in fresh namespaces (names `fu-h*-<pid>-N`), removed on exit.
+///
+///                          wire (bridge br0)
+///          +------------------+------------------+
+///     eth0 192.168.77.1   eth0 .2             eth0 .99
+///       node 1              node 2            stranger
+///     flannel0 10.244.1.0 flannel0 10.244.2.0
+///     cni0 10.244.1.1       cni0 10.244.2.1
+///       pod 1 10.244.1.2    pod 2 10.244.2.2
+///
+/// IPv6 is disabled inside the node namespaces so the kernel's router solicitations on a new tun do not show up
+/// as `notIPv4` drops in the exact counts the tests assert.
+class HostileTopologyTestCase: XCTestCase {
+    var tmp = ""
+    var wire: TestNamespace!
+    var portCounter = 0
+
+    struct Node {
+        var index: Int
+        var ns: TestNamespace
+        var pod: TestNamespace
+        var underlay: String { "192.168.77.\(index)" }
+        var subnet: String { "10.244.\(index).0/24" }
+        var podAddress: String { "10.244.\(index).2" }
+    }
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        tmp = NSTemporaryDirectory() + "fu-hst-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        wire = try TestNamespace(prefix: "fu-hw")
+        addTeardownBlock { [wire] in wire?.destroy() }
+        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
+        try wire.run(["ip", "link", "set", "br0", "up"])
+    }
+
+    var environment: [String: String] { ["FLANNEL_UDP_RUN_DIR": tmp + "/run"] }
+
+    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24; returns the switch port.
+    @discardableResult
+    func plug(_ ns: TestNamespace, index: Int) throws -> String {
+        portCounter += 1
+        let port = "p\(portCounter)"
+        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
+        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
+        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
+        try ns.run(["ip", "link", "set", "eth0", "up"])
+        return port
+    }
+
+    /// A node and its pod; with `start` the node runs `flannel-udp up --detach`.
+    func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> Node {
+        let ns = try TestNamespace(prefix: "fu-hn")
+        let pod = try TestNamespace(prefix: "fu-hp")
+        addTeardownBlock { [environment] in
+            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: environment)
+            pod.destroy()
+            ns.destroy()
+        }
+        try ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+        try ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        try plug(ns, index: index)
+        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472",
+                    "netns", pod.name])
+        try ns.run(["ip", "addr", "add", "10.244.\(index).1/24", "dev", "cni0"])
+        try ns.run(["ip", "link", "set", "cni0", "up"])
+        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        try pod.run(["ip", "addr", "add", "10.244.\(index).2/24", "dev", "eth0"])
+        try pod.run(["ip", "link", "set", "eth0", "up"])
+        try pod.run(["ip", "route", "add", "default", "via", "10.244.\(index).1"])
+        let node = Node(index: index, ns: ns, pod: pod)
+        if start {
+            let up = self.up(node, extra)
+            XCTAssertEqual(up.status, 0, up.description)
+        }
+        return node
+    }
+
+    func up(_ node: Node, _ extra: [String] = []) -> CommandResult {
+        fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
+                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + extra)
+    }
+
+    /// Two running nodes that know each other.
+    func makePair() throws -> (Node, Node) {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
+        XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
+        return (a, b)
+    }
+
+    @discardableResult
+    func fu(_ node: Node, _ args: [String]) -> CommandResult {
+        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: environment)
+    }
+
+    func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
+        runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
+    }
+
+    func daemonStatus(_ node: Node) throws -> [String: Any] {
+        let r = fu(node, ["status", "--json"])
+        XCTAssertEqual(r.status, 0, r.description)
+        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        return try XCTUnwrap(json?["daemon"] as? [String: Any], r.stdout)
+    }
+
+    struct Counters {
+        var drops: [String: Int]
+        var udpToTun: Int
+        var tunToUDP: Int
+        var icmpSent: Int
+        var peers: [String: [String: Any]]
+        func drop(_ reason: String) -> Int { drops[reason] ?? 0 }
+        func rx(_ subnet: String) -> Int { peers[subnet]?["rxPackets"] as? Int ?? 0 }
+    }
+
+    func counters(_ node: Node) throws -> Counters {
+        let daemon = try daemonStatus(node)
+        let c = try XCTUnwrap(daemon["counters"] as? [String: Any])
+        let drops = try XCTUnwrap(c["drops"] as? [String: Int])
+        let udpToTun = try XCTUnwrap((c["udpToTun"] as? [String: Any])?["packets"] as? Int)
+        let tunToUDP = try XCTUnwrap((c["tunToUDP"] as? [String: Any])?["packets"] as? Int)
+        var peers: [String: [String: Any]] = [:]
+        for r in (daemon["routes"] as? [[String: Any]]) ?? [] { peers[r["subnet"] as? String ?? ""] = r }
+        return Counters(drops: drops, udpToTun: udpToTun, tunToUDP: tunToUDP, icmpSent: c["icmpSent"] as? Int ?? 0,
+                        peers: peers)
+    }
+
+    func daemonPID(_ node: Node) throws -> pid_t {
+        let pid = try XCTUnwrap(try daemonStatus(node)["pid"] as? Int)
+        return pid_t(pid)
+    }
+
+    /// Sends datagrams from one UDP socket opened inside `ns` (the socket belongs to the namespace of the thread
+    /// that creates it, so they leave from `ns`'s eth0). Returns how many the kernel took.
+    @discardableResult
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payloads: [[UInt8]]) throws -> Int {
+        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
+        return try ns.withEntered {
+            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
+            defer { close(fd) }
+            var big: Int32 = 1 << 20
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
+            var sa = sockaddr_in()
+            sa.sin_family = sa_family_t(AF_INET)
+            sa.sin_port = target.port.bigEndian
+            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
+            var sent = 0
+            for payload in payloads {
+                let n = payload.withUnsafeBytes { buf in
+                    withUnsafePointer(to: &sa) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                        }
+                    }
+                }
+                guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
+                sent += 1
+            }
+            return sent
+        }
+    }
+}
+
+/// Deterministic random numbers (SplitMix64), so a failing flood can be replayed.
+struct SplitMix64: RandomNumberGenerator {
+    var state: UInt64
+    mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
+
+/// Builds IPv4 packets with correct checksums (unless told otherwise).
+enum Forge {
+    static func checksum(_ bytes: ArraySlice<UInt8>) -> UInt16 {
+        var s: UInt32 = 0
+        var i = bytes.startIndex
+        while i < bytes.endIndex {
+            s += UInt32(bytes[i]) << 8 | UInt32(i + 1 < bytes.endIndex ? bytes[i + 1] : 0)
+            i += 2
+        }
+        while s > 0xffff { s = (s & 0xffff) + (s >> 16) }
+        return ~UInt16(s)
+    }
+
+    static func ipv4(source: IPv4Address, destination: IPv4Address, proto: UInt8, payload: [UInt8], ttl: UInt8 = 64,
+                     flagsFragment: UInt16 = 0) -> [UInt8] {
+        let total = 20 + payload.count
+        var p: [UInt8] = [0x45, 0, UInt8(total >> 8), UInt8(total & 0xff), 0x12, 0x34,
+                          UInt8(flagsFragment >> 8), UInt8(flagsFragment & 0xff), ttl, proto, 0, 0]
+        for a in [source, destination] {
+            let o = a.octets
+            p += [o.0, o.1, o.2, o.3]
+        }
+        let h = checksum(p[0..<20])
+        p[10] = UInt8(h >> 8); p[11] = UInt8(h & 0xff)
+        return p + payload
+    }
+
+    static func icmp(type: UInt8, code: UInt8, rest: [UInt8] = [0, 0, 0, 0], data: [UInt8] = []) -> [UInt8] {
+        var m = [type, code, 0, 0] + rest + data
+        let c = checksum(m[0...])
+        m[2] = UInt8(c >> 8); m[3] = UInt8(c & 0xff)
+        return m
+    }
+
+    static func echo(source: IPv4Address, destination: IPv4Address, ttl: UInt8 = 64) -> [UInt8] {
+        ipv4(source: source, destination: destination, proto: 1,
+             payload: icmp(type: 8, code: 0, rest: [0xab, 0xcd, 0, 1], data: Array(repeating: 0x61, count: 16)),
+             ttl: ttl)
+    }
+
+    /// What the daemon must count for a datagram from a sender that is no peer: the validator's verdict first
+    /// (IPv4Packet.parse), and every valid packet as `unknownPeer`.
+    static func strangerDropReason(_ d: [UInt8]) -> String {
+        guard let first = d.first else { return "malformed" }
+        guard first >> 4 == 4 else { return "notIPv4" }
+        let hl = Int(first & 0x0f) * 4
+        guard hl >= 20, d.count >= hl else { return "malformed" }
+        let total = Int(d[2]) << 8 | Int(d[3])
+        guard total >= hl, total <= d.count else { return "malformed" }
+        return "unknownPeer"
+    }
+}

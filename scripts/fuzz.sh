@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Fuzz the parsers and the per-packet decisions with libFuzzer (swiftc -sanitize=fuzzer,address).
+#
+#   scripts/fuzz.sh [--runs N | --seconds S] [target...]
+#
+# Targets (all by default):
+#   packet      IPv4 validator, ICMP builder, PacketDecider.fromTun/fromUDP against a small route table
+#   control     control-protocol request decoder (JSON line), with a round trip
+#   peers       peers file parser
+#   subnetfile  subnet.env parser, with a round trip through what we write
+#   etcd        NetworkConfig(json:), LeaseAttributes(json:), SubnetKey.parse (first byte picks which)
+#
+# Each target starts from its committed seed corpus fuzz/corpus/<target>/ (read only: new inputs go to
+# .build-fuzz/corpus/<target>/, which is kept between runs) and runs N iterations (default 5000) or S seconds.
+# A crash or a violated invariant leaves the input in .build-fuzz/crashes/<target>/ and fails the script;
+# reproduce it with: FLANNEL_FUZZ_TARGET=<target> .build-fuzz/flannel-udp-fuzz <file>
+#
+# The library sources are compiled directly with swiftc into one instrumented binary; the one package they
+# need (swift-atomics) is taken from the debug build, so this runs `swift build` first when that is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/lib.sh
+require_swift
+
+ALL_TARGETS=(packet control peers subnetfile etcd)
+runs=5000
+seconds=""
+targets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runs) runs="$2"; seconds=""; shift 2 ;;
+        --seconds) seconds="$2"; runs=""; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) die "unknown option $1 (see --help)" ;;
+        *) [[ " ${ALL_TARGETS[*]} " == *" $1 "* ]] || die "unknown target '$1' (one of: ${ALL_TARGETS[*]})"
+           targets+=("$1"); shift ;;
+    esac
+done
+[ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
+
+# What the fuzz entry exercises, and what those files need to compile.
+SOURCES=(
+    Support/IPv4.swift Support/SystemError.swift
+    DataPlane/Packet.swift DataPlane/Checksum.swift DataPlane/ICMP.swift DataPlane/Forwarding.swift
+    DataPlane/RouteTable.swift DataPlane/Counters.swift
+    Registry/PeerRoute.swift Registry/PeersFile.swift Registry/NetworkConfig.swift Registry/SubnetLease.swift
+    Registry/JSONValue.swift
+    Control/ControlProtocol.swift Control/SubnetFile.swift
+)
+
+out=.build-fuzz
+bin="$out/flannel-udp-fuzz"
+modules=.build/debug/Modules
+if [ ! -f "$modules/Atomics.swiftmodule" ] || ! ls .build/debug/Atomics.build/*.o >/dev/null 2>&1; then
+    step "swift build --target Atomics (the fuzz build links the debug build's swift-atomics)"
+    swift build --target Atomics >/dev/null
+fi
+shims="$(find .build/checkouts -path '*/_AtomicsShims/include/module.modulemap' | head -1)"
+[ -n "$shims" ] || die "swift-atomics checkout not found under .build/checkouts"
+
+mkdir -p "$out"
+inputs=(fuzz/FuzzTargets.swift)
+for s in "${SOURCES[@]}"; do inputs+=("Sources/FlannelUDP/$s"); done
+newest="$(ls -t "${inputs[@]}" "$0" | head -1)"
+if [ ! -x "$bin" ] || [ "$newest" -nt "$bin" ]; then
+    step "swiftc -sanitize=fuzzer,address -> $bin"
+    swiftc -sanitize=fuzzer,address -Onone -parse-as-library -module-name FlannelUDPFuzz -use-ld=lld -suppress-warnings \
+        -I "$modules" -Xcc -fmodule-map-file="$shims" \
+        "${inputs[@]}" .build/debug/Atomics.build/*.o .build/debug/_AtomicsShims.build/*/*.o -o "$bin" 2>&1 | grep -v "^\s*$" || true
+    [ -x "$bin" ] || die "fuzz build failed"
+fi
+
+failed=()
+for t in "${targets[@]}"; do
+    mkdir -p "$out/corpus/$t" "$out/crashes/$t" "fuzz/corpus/$t"
+    limit=(-runs="$runs")
+    [ -n "$seconds" ] && limit=(-max_total_time="$seconds")
+    step "fuzz $t (${runs:+$runs runs}${seconds:+$seconds s})"
+    log="$out/$t.log"
+    if FLANNEL_FUZZ_TARGET="$t" "$bin" "${limit[@]}" -max_len=4096 -timeout=10 -rss_limit_mb=2048 \
+        -print_final_stats=1 -artifact_prefix="$out/crashes/$t/" "$out/corpus/$t" "fuzz/corpus/$t" >"$log" 2>&1; then
+        grep -E "^stat::number_of_executed_units|Done [0-9]+ runs" "$log" | tail -1 | sed 's/^/    /'
+    else
+        tail -40 "$log"
+        echo "    CRASH in $t: see $log and $out/crashes/$t/"
+        failed+=("$t")
+    fi
+done
+if [ ${#failed[@]} -gt 0 ]; then
+    die "fuzzing found crashes in: ${failed[*]}"
+fi
+echo "fuzz: ${#targets[@]} targets, no crashes"
