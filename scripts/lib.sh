@@ -29,4 +29,4 @@ require_swift() {
 
 # Packages every entry point needs: libmnl for building, iproute2/ping/iperf3 for namespaces and traffic,
 # etcd for the registry tests, pkg-config so SwiftPM finds libmnl.
-BASE_PACKAGES=(libmnl-dev pkg-config iproute2 iputils-ping iperf3 procps)
+BASE_PACKAGES=(libmnl-dev pkg-config iproute2 iputils-ping iperf3 procps util-linux python3)

@@ -6,11 +6,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl python3
+install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl
 require_swift
 
 step "swift build --build-tests"
 swift build --build-tests 2>&1 | grep -E "error|warning: unreachable|Compiling|Build" | grep -v "^\[" | tail -5
+
+step "fuzz (20000 runs per target)"
+scripts/fuzz.sh --runs 20000
 
 step "man page and completions"
 scripts/generate-docs.sh --check
