@@ -27,7 +27,9 @@ final class FaultTests: HostileTopologyTestCase {
         let first = try daemonPID(a)
         XCTAssertEqual(kill(first, SIGKILL), 0)
         try waitFor("the killed daemon is gone") { kill(first, 0) != 0 || Self.isZombie(first) }
-        XCTAssertEqual(fu(a, ["status"]).status, 3, "status of a killed daemon")
+        // The kernel releases the control socket as the process's descriptors close, which can trail the exit a
+        // little on a loaded machine: poll for the verdict rather than read it once.
+        try waitFor("status of a killed daemon says: not running (3)", timeout: 5) { fu(a, ["status"]).status == 3 }
         // Nothing it left behind blocks a new one.
         let again = up(a)
         XCTAssertEqual(again.status, 0, again.description)

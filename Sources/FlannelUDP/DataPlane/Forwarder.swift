@@ -699,7 +699,12 @@ final class UDPToTunWorker: ForwardingWorker {
             // With GRO the buffer holds datagrams of `segmentSize` bytes back to back (the last may be shorter),
             // each one IPv4 packet: decide them one by one.
             let total = Int(msg.msg_len)
-            let step = segmentSize > 0 ? segmentSize : max(total, 1)
+            if total == 0 {
+                // An empty datagram carries no packet at all: malformed, and counted like any other drop.
+                counters.countDrop(.malformed)
+                continue
+            }
+            let step = segmentSize > 0 ? segmentSize : total
             if step < total { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
             if min(step, total) > largest {
                 largest = min(step, total)
