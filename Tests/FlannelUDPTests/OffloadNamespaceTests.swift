@@ -151,7 +151,10 @@ final class OffloadNamespaceTests: XCTestCase {
 
             for (f, c, on, label) in [(f1, c1, offload1, "node1"), (f2, c2, offload2, "node2")] {
                 let o = f.offloads
-                let largest = o.largestDatagramReceived.load(ordering: .relaxed)
+                let stats = f.offloadStatistics
+                XCTAssertEqual(stats.active, f.activeOffloads)
+                XCTAssertEqual(stats.superPacketsSegmented, o.superPacketsSegmented.load(ordering: .relaxed))
+                let largest = stats.largestDatagramReceived
                 XCTAssertGreaterThan(largest, 1400, "\(what): \(label) saw full-size datagrams")
                 XCTAssertLessThanOrEqual(largest, 1472, "\(what): \(label) received a datagram over the tun MTU")
                 XCTAssertGreaterThan(c.snapshot().udpToTun.packets, 10_000, "\(what): \(label)")
