@@ -106,6 +106,8 @@ final class OffloadForwarderTests: XCTestCase {
         XCTAssertEqual(written, packets.map(forwarded))
         XCTAssertEqual(counters.snapshot().udpToTun.packets, 4)
         XCTAssertEqual(table.snapshot().peers[0].counters.snapshot.rxPackets, 4)
+        XCTAssertEqual(f.offloadStatistics.groBuffers, 1)
+        XCTAssertEqual(f.offloadStatistics.largestDatagramReceived, 1472)
     }
 
     func testGSOSendsArriveAsOneDatagramPerPacket() throws {

@@ -84,6 +84,9 @@ public final class Forwarder: @unchecked Sendable {
     /// refuses the first GSO send.
     public var activeOffloads: [String] { offloads.active }
 
+    /// The offloads in use and what they have done so far (see `OffloadStatistics`).
+    public var offloadStatistics: OffloadStatistics { offloads.statistics }
+
     public convenience init(tun: TunDevice, socket: UDPSocket, table: RouteTable, config: ForwardingConfig,
                             counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
                             onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
