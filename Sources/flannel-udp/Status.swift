@@ -103,6 +103,9 @@ struct Status: ParsableCommand {
         if let f = s.peersFile { print("peers file:  \(f)") }
         if let lease = s.lease { print("lease:     \(lease.subnet) until \(lease.expires) (\(lease.endpoints.joined(separator: ",")))") }
         print("offloads:  \(s.offloads.isEmpty ? "none" : s.offloads.joined(separator: ", "))")
+        if let o = s.offloadStatistics {
+            print("           \(o.superPacketsSegmented) super-packets segmented, \(o.superPacketsCoalesced) coalesced, \(o.groBuffers) GRO buffers, largest datagram \(o.largestDatagramReceived) bytes")
+        }
         let c = s.counters
         print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)")
         let drops = c.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }

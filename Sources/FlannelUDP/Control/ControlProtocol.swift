@@ -64,6 +64,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var offloads: [String]
     /// The registry lease, when running against etcd.
     public var lease: LeaseInfo?
+    /// What the offloads did: super-packets segmented and coalesced, GRO buffers, largest datagram received.
+    public var offloadStatistics: OffloadStatistics?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,

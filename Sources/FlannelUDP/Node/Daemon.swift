@@ -355,7 +355,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     private func status() -> DaemonStatus {
-        return DaemonStatus(
+        var status = DaemonStatus(
             pid: getpid(), version: Daemon.version, startedAt: startedAt,
             uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
             network: config.network.description, subnet: config.subnet.description, mtu: plan?.mtu ?? 0,
@@ -366,5 +366,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             lease: registry?.currentLease.map {
                 LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
             })
+        status.offloadStatistics = forwarder?.offloadStatistics
+        return status
     }
 }
