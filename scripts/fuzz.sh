@@ -42,7 +42,7 @@ done
 SOURCES=(
     Support/IPv4.swift Support/SystemError.swift
     DataPlane/Packet.swift DataPlane/Checksum.swift DataPlane/ICMP.swift DataPlane/Forwarding.swift
-    DataPlane/RouteTable.swift DataPlane/Counters.swift
+    DataPlane/RouteTable.swift DataPlane/Counters.swift DataPlane/OffloadStatistics.swift
     Registry/PeerRoute.swift Registry/PeersFile.swift Registry/NetworkConfig.swift Registry/SubnetLease.swift
     Registry/JSONValue.swift
     Control/ControlProtocol.swift Control/SubnetFile.swift
