@@ -26,7 +26,6 @@ enum Detach {
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)  // the child keeps only the write end
 
         var args = CommandLine.arguments.filter { $0 != "--detach" }
-        args[0] = CommandLine.arguments[0]
         // In the daemon the readiness pipe is always fd 3; everything above it is closed.
         args += ["--ready-fd", "3"]
 

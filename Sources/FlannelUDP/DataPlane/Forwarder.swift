@@ -281,6 +281,14 @@ struct LogLimiter {
         defer { suppressed = 0 }
         return (true, suppressed)
     }
+
+    /// Logs a per-packet error as a warning, at most once a second, with how many were suppressed since.
+    mutating func warn(_ logger: Logger, _ what: @autoclosure () -> String, _ e: Int32) {
+        let (ok, suppressed) = allow()
+        guard ok else { return }
+        logger.warning("\(what()): \(SystemError.describe(e))",
+                       metadata: suppressed > 0 ? ["suppressed": "\(suppressed)"] : [:])
+    }
 }
 
 /// Buffers allocated once per worker: `count` packet buffers of `size` bytes each, and the message vectors that
@@ -408,7 +416,7 @@ final class TunToUDPWorker: ForwardingWorker {
                 let e = errno
                 if e == EINTR { continue }
                 if e == EAGAIN || e == EWOULDBLOCK { break }
-                if e == ENOBUFS || e == ENOMEM { logPacketError("read from \(io.tunName)", e); break }
+                if e == ENOBUFS || e == ENOMEM { logLimiter.warn(logger, "read from \(io.tunName)", e); break }
                 throw SystemError("read from", io.tunName, errno: e)
             }
             b.lengths[count] = n
@@ -528,7 +536,7 @@ final class TunToUDPWorker: ForwardingWorker {
                 var j = sent
                 while j < queue.messageCount { dropped += queue.messageSegments[j]; j += 1 }
                 counters.countDrop(.sendFailed, UInt64(dropped))
-                logPacketError("sendmmsg on \(io.socketName) (socket buffer full, \(dropped) dropped)", e)
+                logLimiter.warn(logger, "sendmmsg on \(io.socketName) (socket buffer full, \(dropped) dropped)", e)
                 break
             }
             if Self.isFatal(e) { throw SystemError("sendmmsg on", io.socketName, errno: e) }
@@ -542,14 +550,14 @@ final class TunToUDPWorker: ForwardingWorker {
                         sending one datagram per packet
                         """)
                 } else {
-                    logPacketError("UDP GSO send on \(io.socketName) to \(to) refused, resent one datagram each", e)
+                    logLimiter.warn(logger, "UDP GSO send on \(io.socketName) to \(to) refused, resent one datagram each", e)
                 }
                 queue.splitMessages(from: sent)
                 queue.prepareMessages(from: sent)
                 continue
             }
             counters.countDrop(.sendFailed, UInt64(queue.messageSegments[sent]))
-            logPacketError("sendmmsg on \(io.socketName) to \(peerDescription(queue.names[sent]))", e)
+            logLimiter.warn(logger, "sendmmsg on \(io.socketName) to \(peerDescription(queue.names[sent]))", e)
             sent += 1
         }
         counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
@@ -568,16 +576,9 @@ final class TunToUDPWorker: ForwardingWorker {
             if e == EINTR { continue }
             if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
             counters.countDrop(.tunWriteFailed)
-            logPacketError("write ICMP error to \(io.tunName)", e)
+            logLimiter.warn(logger, "write ICMP error to \(io.tunName)", e)
             return
         }
-    }
-
-    private func logPacketError(_ what: @autoclosure () -> String, _ e: Int32) {
-        let (ok, suppressed) = logLimiter.allow()
-        guard ok else { return }
-        logger.warning("\(what()): \(SystemError.describe(e))",
-                       metadata: suppressed > 0 ? ["suppressed": "\(suppressed)"] : [:])
     }
 }
 
@@ -665,7 +666,7 @@ final class UDPToTunWorker: ForwardingWorker {
             if Self.isFatal(e) || e == EINVAL { throw SystemError("recvmmsg on", io.socketName, errno: e) }
             // A pending socket error (e.g. ECONNREFUSED queued by an ICMP port unreachable): consumed by this
             // call; log it and go on.
-            logPacketError("recvmmsg on \(io.socketName)", e)
+            logLimiter.warn(logger, "recvmmsg on \(io.socketName)", e)
             return 0
         }
     }
@@ -791,7 +792,7 @@ final class UDPToTunWorker: ForwardingWorker {
             if e == EINTR { continue }
             if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
             counters.countDrop(.tunWriteFailed)
-            logPacketError("write to \(io.tunName)", e)
+            logLimiter.warn(logger, "write to \(io.tunName)", e)
             return false
         }
     }
@@ -813,16 +814,9 @@ final class UDPToTunWorker: ForwardingWorker {
             if e == EINTR { continue }
             if Self.isFatal(e) { throw SystemError("sendto on", io.socketName, errno: e) }
             counters.countDrop(.sendFailed)
-            logPacketError("send ICMP error to \(peer.route.endpoint)", e)
+            logLimiter.warn(logger, "send ICMP error to \(peer.route.endpoint)", e)
             return
         }
-    }
-
-    private func logPacketError(_ what: @autoclosure () -> String, _ e: Int32) {
-        let (ok, suppressed) = logLimiter.allow()
-        guard ok else { return }
-        logger.warning("\(what()): \(SystemError.describe(e))",
-                       metadata: suppressed > 0 ? ["suppressed": "\(suppressed)"] : [:])
     }
 }
 
