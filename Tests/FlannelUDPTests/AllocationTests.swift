@@ -182,13 +182,13 @@ final class AllocationTests: XCTestCase {
                 if !coalescer.isOpen {
                     coalescer.begin(p)
                 } else if !coalescer.append(UnsafeRawBufferPointer(p)) {
-                    produced &+= coalescer.finish(header: header).count
+                    produced &+= packetLength(of: coalescer.finish(header: header))
                     coalescer.begin(p)
                 }
                 offset += lengths[k]
                 k += 1
             }
-            produced &+= coalescer.finish(header: header).count
+            produced &+= packetLength(of: coalescer.finish(header: header))
         }
         round()
         XCTAssertEqual(produced, 46 + 52 + 39 * 1420 + 700)

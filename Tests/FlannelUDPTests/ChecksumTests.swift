@@ -36,6 +36,30 @@ final class ChecksumTests: XCTestCase {
         }
     }
 
+    /// Packet-sized buffers (up to a whole 64 KiB super-packet, all 0xFF so every word carries) at odd and even
+    /// offsets, summed on top of an `initial` value of every magnitude the callers pass (a pseudo-header sum, a
+    /// folded sum, an unfolded 32-bit accumulator), agree with the plain word loop.
+    func testLongBuffersWithInitialValuesMatchReference() {
+        var rng = SeededRandom(seed: 65535)
+        for length in [1431, 1432, 1472, 9001, 32768, 65535, 65536] {
+            for fill in 0..<2 {
+                let bytes: [UInt8] = (0..<length).map { _ in fill == 0 ? UInt8.random(in: 0...255, using: &rng) : 0xFF }
+                for initial: UInt32 in [0, 6, 0xFFFF, 0x1_2345, 0xFFFF_FFFF] {
+                    // The reference: the initial value's folded 16 bits as two leading bytes of the data.
+                    let folded = InternetChecksum.fold(initial)
+                    let expected = referenceChecksum([UInt8(folded >> 8), UInt8(folded & 0xFF)] + bytes)
+                    for offset in [0, 1, 3] {
+                        withMutablePacket(bytes, offset: offset) { buf in
+                            let sum = InternetChecksum.sum(UnsafeRawBufferPointer(buf), initial: initial)
+                            XCTAssertEqual(~InternetChecksum.fold(sum), expected,
+                                           "length \(length) fill \(fill) initial \(initial) offset \(offset)")
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     func testFoldCarriesAround() {
         XCTAssertEqual(InternetChecksum.fold(0x0001_FFFF), 0x0001)
         XCTAssertEqual(InternetChecksum.fold(0xFFFF_FFFF), 0xFFFF)

@@ -44,8 +44,10 @@ final class CoalescingTests: XCTestCase {
         }
         defer { buffers.forEach { $0.deallocate() } }
         func flush() {
-            let p = c.finish(header: header)
-            out.append((VirtioNetHeader(from: header), Array(p)))
+            let pieces = c.finish(header: header)
+            XCTAssertEqual(pieces[0].iov_base, header, "the gather list starts with the virtio header")
+            XCTAssertEqual(pieces[0].iov_len, VirtioNetHeader.length)
+            out.append((VirtioNetHeader(from: header), packetBytes(of: pieces)))
         }
         for b in buffers {
             if c.isOpen {

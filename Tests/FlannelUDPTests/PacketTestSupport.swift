@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import FlannelUDP
 
 /// Helpers shared by the data plane's unit tests: packet construction, hex, a seeded random generator.
@@ -96,3 +99,23 @@ func word(_ p: [UInt8], _ offset: Int) -> UInt16 { UInt16(p[offset]) << 8 | UInt
 
 /// `count` bytes of `value`.
 func filled(_ value: UInt8, _ count: Int) -> [UInt8] { [UInt8](repeating: value, count: count) }
+
+/// The packet a coalescer's gather list writes after its virtio header (pieces 1...), gathered into one array.
+func packetBytes(of pieces: UnsafeBufferPointer<iovec>) -> [UInt8] {
+    var bytes: [UInt8] = []
+    for piece in pieces.dropFirst() {
+        bytes += UnsafeRawBufferPointer(start: piece.iov_base, count: piece.iov_len)
+    }
+    return bytes
+}
+
+/// The length of that packet, without copying (for the allocation test).
+func packetLength(of pieces: UnsafeBufferPointer<iovec>) -> Int {
+    var n = 0
+    var i = 1
+    while i < pieces.count {
+        n &+= pieces[i].iov_len
+        i &+= 1
+    }
+    return n
+}

@@ -17,14 +17,20 @@ import Glibc
 ///   - at most 64 segments and 65535 bytes.
 /// A group of one is written as it came, with an all-zero virtio header.
 ///
-/// The first packet stays where it was received until a second one joins; then the group is built in the
-/// coalescer's own buffer. Packets passed in must stay valid until `finish`. No allocation after init.
+/// Nothing is copied but headers: the group is a gather list (iovecs) for one writev into the tun: the virtio
+/// header, the first packet's IPv4 + TCP headers (copied into the coalescer's own buffer when a second packet
+/// joins, then patched), and every packet's payload where it was received. Packets passed in must stay valid
+/// until `finish`'s iovecs have been written. No allocation after init.
 final class TCPCoalescer {
     static let maxSegments = 64
     static let maxLength = 65535
 
-    private let buffer: UnsafeMutableRawPointer
-    /// The first packet, where it was received (used while the group has one packet).
+    /// The super-packet's IPv4 + TCP headers (at most 20 + 60 bytes), once the group has two packets.
+    private let headerBuffer: UnsafeMutableRawPointer
+    /// iovecs[0]: the virtio header; [1]: the headers (or the whole packet while the group has one); [2...]: the
+    /// payloads.
+    private let iovecs: UnsafeMutablePointer<iovec>
+    /// The first packet, where it was received.
     private var head: UnsafeMutableRawPointer?
     private var length = 0
     private(set) var count = 0
@@ -37,10 +43,15 @@ final class TCPCoalescer {
     var isOpen: Bool { count > 0 }
 
     init() {
-        buffer = .allocate(byteCount: TCPCoalescer.maxLength &+ 1, alignment: 64)
+        headerBuffer = .allocate(byteCount: 128, alignment: 64)
+        iovecs = .allocate(capacity: TCPCoalescer.maxSegments &+ 2)
+        iovecs.initialize(repeating: iovec(), count: TCPCoalescer.maxSegments &+ 2)
     }
 
-    deinit { buffer.deallocate() }
+    deinit {
+        headerBuffer.deallocate()
+        iovecs.deallocate()
+    }
 
     /// The packet's flags when it may start or join a group: TCP/IPv4, 20-byte IP header, not a fragment, some
     /// payload, none of SYN, RST, URG, FIN. `packet.count` must be the packet's total length.
@@ -79,7 +90,7 @@ final class TCPCoalescer {
     func append(_ packet: UnsafeRawBufferPointer) -> Bool {
         guard count > 0, !closed, count < TCPCoalescer.maxSegments, let flags = TCPCoalescer.candidateFlags(packet)
         else { return false }
-        let first = UnsafeRawPointer(count == 1 ? head! : buffer)
+        let first = UnsafeRawPointer(head!)
         let p = packet.baseAddress!
         let thl = tcpHeaderLength
         let payload = packet.count &- 20 &- thl
@@ -105,8 +116,12 @@ final class TCPCoalescer {
         let seq = UInt32(bigEndian: t.loadUnaligned(fromByteOffset: TCPHeader.sequence, as: UInt32.self))
         guard seq == nextSequence else { return false }
 
-        if count == 1 { buffer.copyMemory(from: head!, byteCount: length) }
-        (buffer + length).copyMemory(from: p + (20 &+ thl), byteCount: payload)
+        if count == 1 {
+            headerBuffer.copyMemory(from: head!, byteCount: 20 &+ thl)
+            iovecs[1] = iovec(iov_base: headerBuffer, iov_len: 20 &+ thl)
+            iovecs[2] = iovec(iov_base: head! + (20 &+ thl), iov_len: gsoSize)
+        }
+        iovecs[count &+ 2] = iovec(iov_base: UnsafeMutableRawPointer(mutating: p + (20 &+ thl)), iov_len: payload)
         length &+= payload
         count &+= 1
         nextSequence &+= UInt32(truncatingIfNeeded: payload)
@@ -116,18 +131,22 @@ final class TCPCoalescer {
     }
 
     /// Closes the open group: writes its virtio header to `header` (`VirtioNetHeader.length` bytes) and returns
-    /// the packet to write after it (valid until the next `begin`).
-    func finish(header: UnsafeMutableRawPointer) -> UnsafeRawBufferPointer {
+    /// the gather list to write: `header` first, then the packet's pieces (valid until the next `begin`, and only
+    /// while the packets passed in stay where they are).
+    func finish(header: UnsafeMutableRawPointer) -> UnsafeBufferPointer<iovec> {
         precondition(count > 0)
+        let pieces = count == 1 ? 2 : count &+ 2
         defer {
             count = 0
             head = nil
         }
+        iovecs[0] = iovec(iov_base: header, iov_len: VirtioNetHeader.length)
         if count == 1 {
             VirtioNetHeader.none.store(to: header)
-            return UnsafeRawBufferPointer(start: head!, count: length)
+            iovecs[1] = iovec(iov_base: head!, iov_len: length)
+            return UnsafeBufferPointer(start: iovecs, count: pieces)
         }
-        let b = buffer
+        let b = headerBuffer
         b.storeBytes(of: UInt16(truncatingIfNeeded: length).bigEndian, toByteOffset: IPv4Header.totalLength,
                      as: UInt16.self)
         b.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.checksum, as: UInt16.self)
@@ -144,6 +163,6 @@ final class TCPCoalescer {
                         headerLength: UInt16(truncatingIfNeeded: 20 &+ tcpHeaderLength),
                         gsoSize: UInt16(truncatingIfNeeded: gsoSize), checksumStart: 20,
                         checksumOffset: UInt16(TCPHeader.checksum)).store(to: header)
-        return UnsafeRawBufferPointer(start: b, count: length)
+        return UnsafeBufferPointer(start: iovecs, count: pieces)
     }
 }

@@ -767,10 +767,10 @@ final class UDPToTunWorker: ForwardingWorker {
 
     /// Writes the open coalescing group (one super-packet, or its single packet as it came).
     private func flushGroup(_ c: TCPCoalescer, _ snapshot: RouteSnapshot) throws(SystemError) {
-        let out = c.finish(header: b.header)
+        let pieces = c.finish(header: b.header)
         let packets = groupPackets
         if packets > 1 { offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
-        if try writeToTun(UnsafeMutableRawPointer(mutating: out.baseAddress!), out.count) {
+        if try writeToTun(pieces) {
             snapshot.peers[groupPeer].counters.countRx(packets: packets, bytes: groupBytes)
             delivered &+= UInt64(packets)
             deliveredBytes &+= UInt64(groupBytes)
@@ -788,13 +788,26 @@ final class UDPToTunWorker: ForwardingWorker {
         while true {
             let n = writePacket(io.tunFD, vnet: vnet, b, base, length)
             if n >= 0 { return true }
-            let e = errno
-            if e == EINTR { continue }
-            if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
-            counters.countDrop(.tunWriteFailed)
-            logLimiter.warn(logger, "write to \(io.tunName)", e)
-            return false
+            guard try tunWriteFailed(errno) else { return false }
         }
+    }
+
+    /// One writev of a coalesced group's gather list (virtio header first), with `writeToTun`'s error handling.
+    private func writeToTun(_ pieces: UnsafeBufferPointer<iovec>) throws(SystemError) -> Bool {
+        while true {
+            let n = Glibc.writev(io.tunFD, pieces.baseAddress!, Int32(pieces.count))
+            if n >= 0 { return true }
+            guard try tunWriteFailed(errno) else { return false }
+        }
+    }
+
+    /// A failed tun write: true to retry (EINTR); a fatal error is thrown; anything else is counted and logged.
+    private func tunWriteFailed(_ e: Int32) throws(SystemError) -> Bool {
+        if e == EINTR { return true }
+        if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
+        counters.countDrop(.tunWriteFailed)
+        logLimiter.warn(logger, "write to \(io.tunName)", e)
+        return false
     }
 
     private func sendICMP(_ length: Int, to peer: PeerEntry) throws(SystemError) {
