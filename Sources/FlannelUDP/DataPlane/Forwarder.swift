@@ -26,10 +26,23 @@ public struct ForwarderOptions: Sendable {
     public var offloads: Bool
     /// Segments the tun -> UDP worker queues before it must send them (one sendmmsg).
     public var sendQueueCapacity: Int
+    /// Bytes the tun -> UDP worker reads from the tun before it sends what it has (a batch ends at `batchSize`
+    /// packets or at this many bytes, whichever comes first). With TSO one read is a 64 KiB super-packet, so 64
+    /// reads would be 4 MiB: more than a core's L2 cache, and the segments would be sent long after they were
+    /// read, from memory that has gone cold. A few super-packets per sendmmsg keep both the copy-out and the
+    /// pipeline to the peer short. Small packets still batch up to `batchSize`.
+    public var readBytesPerBatch: Int
+    /// Datagram buffers per recvmmsg when UDP GRO is on (each may hold up to 64 KiB of coalesced datagrams), for
+    /// the same reason: 8 keeps a batch in cache between the copy in and the copy out to the tun.
+    public var groBatchSize: Int
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
-                batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024) {
-        precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1)
+                batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
+                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8) {
+        precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
+                     && groBatchSize >= 1)
+        self.readBytesPerBatch = readBytesPerBatch
+        self.groBatchSize = groBatchSize
         self.batchSize = batchSize
         self.bufferSize = bufferSize
         self.sendWaitMilliseconds = sendWaitMilliseconds
@@ -377,6 +390,8 @@ final class TunToUDPWorker: ForwardingWorker {
     private let b: BatchBuffers
     let queue: SendQueue
     private var logLimiter = LogLimiter()
+    /// The last `readBatch` stopped because the tun had nothing more (not because the batch was full).
+    private var tunEmpty = false
 
     init(io: WorkerIO, table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
          options: ForwarderOptions, offloads: OffloadState) {
@@ -403,24 +418,32 @@ final class TunToUDPWorker: ForwardingWorker {
             total += n
             try forwardBatch(n)
             batches += 1
-            if n < b.count { break }  // the tun is empty
+            if tunEmpty { break }  // the tun is empty
         }
         return total
     }
 
     private func readBatch() throws(SystemError) -> Int {
         var count = 0
+        var budget = options.readBytesPerBatch
+        tunEmpty = false
         while count < b.count {
             let n = Glibc.read(io.tunFD, b.packet(count), b.size)
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
-                if e == EAGAIN || e == EWOULDBLOCK { break }
-                if e == ENOBUFS || e == ENOMEM { logLimiter.warn(logger, "read from \(io.tunName)", e); break }
+                if e == EAGAIN || e == EWOULDBLOCK { tunEmpty = true; break }
+                if e == ENOBUFS || e == ENOMEM {
+                    logLimiter.warn(logger, "read from \(io.tunName)", e)
+                    tunEmpty = true
+                    break
+                }
                 throw SystemError("read from", io.tunName, errno: e)
             }
             b.lengths[count] = n
             count += 1
+            budget -= n
+            if budget <= 0 { break }
         }
         return count
     }
@@ -601,6 +624,8 @@ final class UDPToTunWorker: ForwardingWorker {
     private var decider: PacketDecider
     private let b: BatchBuffers
     private let coalescer: TCPCoalescer?
+    /// Messages per recvmmsg: `batchSize`, or `groBatchSize` when each may be a 64 KiB GRO buffer.
+    private let receiveCount: Int
     // The open coalescing group: its peer, packets and bytes as received (for the counters).
     private var groupPeer = 0
     private var groupPackets = 0
@@ -622,6 +647,7 @@ final class UDPToTunWorker: ForwardingWorker {
         decider = PacketDecider(config: config)
         b = BatchBuffers(count: options.batchSize, size: options.bufferSize)
         coalescer = offloads.coalesce ? TCPCoalescer() : nil
+        receiveCount = gro ? min(options.batchSize, options.groBatchSize) : options.batchSize
         var i = 0
         while i < b.count {
             b.iovs[i] = iovec(iov_base: b.packet(i), iov_len: b.size)
@@ -638,14 +664,14 @@ final class UDPToTunWorker: ForwardingWorker {
             total += n
             try deliverBatch(n)
             batches += 1
-            if n < b.count { break }
+            if n < receiveCount { break }
         }
         return total
     }
 
     private func receiveBatch() throws(SystemError) -> Int {
         var i = 0
-        while i < b.count {
+        while i < receiveCount {
             // The kernel overwrites msg_namelen, msg_controllen, msg_flags and msg_len on every call.
             b.msgs[i] = fu_mmsghdr(
                 msg_hdr: msghdr(msg_name: UnsafeMutableRawPointer(b.names + i),
@@ -658,7 +684,7 @@ final class UDPToTunWorker: ForwardingWorker {
             i += 1
         }
         while true {
-            let r = fu_recvmmsg(io.socketFD, b.msgs, UInt32(b.count), Int32(MSG_DONTWAIT))
+            let r = fu_recvmmsg(io.socketFD, b.msgs, UInt32(receiveCount), Int32(MSG_DONTWAIT))
             if r >= 0 { return Int(r) }
             let e = errno
             if e == EINTR { continue }
