@@ -113,6 +113,22 @@ final class NetlinkRequestTests: XCTestCase {
         XCTAssertEqual(NetlinkMessages.setMTU(1472, index: 4, sequence: 3), expected)
     }
 
+    func testSetTxQueueLength() {
+        // ip link set <4> txqueuelen 1000
+        let expected: [UInt8] = [
+            40, 0, 0, 0,
+            16, 0,                  // RTM_NEWLINK
+            0x05, 0x00,             // REQUEST | ACK
+            3, 0, 0, 0, 0, 0, 0, 0,
+            0, 0, 0, 0,
+            4, 0, 0, 0,             // ifi_index
+            0, 0, 0, 0,
+            0, 0, 0, 0,
+            8, 0, 13, 0, 0xe8, 0x03, 0, 0,  // IFLA_TXQLEN 1000
+        ]
+        XCTAssertEqual(NetlinkMessages.setTxQueueLength(1000, index: 4, sequence: 3), expected)
+    }
+
     func testSetUpAndDown() {
         func expected(_ up: UInt8) -> [UInt8] {
             [32, 0, 0, 0, 16, 0, 0x05, 0x00, 4, 0, 0, 0, 0, 0, 0, 0,

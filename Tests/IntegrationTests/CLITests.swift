@@ -56,6 +56,7 @@ final class CLITests: XCTestCase {
 
         let link = try ns.run(["ip", "-o", "link", "show", "flannel0"])
         XCTAssertTrue(link.contains("mtu 1472"), link)
+        XCTAssertTrue(link.contains("qlen 1000"), "a longer tx queue than the tun default of 500: \(link)")
         XCTAssertTrue(link.contains(",UP"), link)
         XCTAssertTrue(try ns.run(["ip", "-o", "addr", "show", "dev", "flannel0"]).contains("inet 10.244.1.0/32"))
         XCTAssertTrue(try ns.run(["ip", "route", "show"]).contains("10.244.0.0/16 dev flannel0"))

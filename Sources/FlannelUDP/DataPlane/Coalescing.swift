@@ -17,6 +17,13 @@ import Glibc
 ///   - at most 64 segments and 65535 bytes.
 /// A group of one is written as it came, with an all-zero virtio header.
 ///
+/// Unlike the kernel's GRO, the segments' own TCP checksums are not verified before they are merged (that would be
+/// a second pass over every byte); the merged packet goes in with NEEDS_CSUM, so the receiving stack trusts it.
+/// What protects the bytes is the outer UDP checksum over the whole inner packet, which the kernel verifies before
+/// the datagram reaches us (or the NIC does). A peer that sends a zero UDP checksum (legal in IPv4) and a wrong
+/// TCP checksum gets its segment accepted where it would otherwise be dropped; a peer can inject packets anyway
+/// (see the threat model), so this changes integrity only against corruption inside the sending host.
+///
 /// Nothing is copied but headers: the group is a gather list (iovecs) for one writev into the tun: the virtio
 /// header, the first packet's IPv4 + TCP headers (copied into the coalescer's own buffer when a second packet
 /// joins, then patched), and every packet's payload where it was received. Packets passed in must stay valid

@@ -277,6 +277,19 @@ extension ForwardingWorker {
     static func isFatal(_ e: Int32) -> Bool {
         e == EBADF || e == EBADFD || e == EFAULT || e == ENOTSOCK || e == ENXIO || e == ENODEV
     }
+
+    /// The errno of a failed one-packet write or send: true to retry it (EINTR); a fatal errno is thrown as
+    /// "`operation` `object`: ..."; anything else is counted as `drop`, logged at most once a second as `what`,
+    /// and false returned: the packet is dropped, never retried in a loop (flannel busy-retries a full tun).
+    static func packetIOFailed(_ e: Int32, _ operation: String, _ object: String, counting drop: DropReason,
+                               in counters: DataPlaneCounters, log what: @autoclosure () -> String,
+                               _ limiter: inout LogLimiter, _ logger: Logger) throws(SystemError) -> Bool {
+        if e == EINTR { return true }
+        if isFatal(e) { throw SystemError(operation, object, errno: e) }
+        counters.countDrop(drop)
+        limiter.warn(logger, what(), e)
+        return false
+    }
 }
 
 /// At most one log line per second per worker for per-packet errors, with the number suppressed since.
@@ -590,17 +603,13 @@ final class TunToUDPWorker: ForwardingWorker {
     private func writeICMPToTun(_ length: Int) throws(SystemError) {
         VirtioNetHeader.none.store(to: b.header)
         while true {
-            let n = writePacket(io.tunFD, vnet: vnet, b, b.scratch.baseAddress!, length)
-            if n >= 0 {
+            if writePacket(io.tunFD, vnet: vnet, b, b.scratch.baseAddress!, length) >= 0 {
                 counters.icmpSent.wrappingIncrement(ordering: .relaxed)
                 return
             }
-            let e = errno
-            if e == EINTR { continue }
-            if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
-            counters.countDrop(.tunWriteFailed)
-            logLimiter.warn(logger, "write ICMP error to \(io.tunName)", e)
-            return
+            guard try Self.packetIOFailed(errno, "write to", io.tunName, counting: .tunWriteFailed, in: counters,
+                                          log: "write ICMP error to \(io.tunName)", &logLimiter, logger)
+            else { return }
         }
     }
 }
@@ -827,13 +836,9 @@ final class UDPToTunWorker: ForwardingWorker {
         }
     }
 
-    /// A failed tun write: true to retry (EINTR); a fatal error is thrown; anything else is counted and logged.
     private func tunWriteFailed(_ e: Int32) throws(SystemError) -> Bool {
-        if e == EINTR { return true }
-        if Self.isFatal(e) { throw SystemError("write to", io.tunName, errno: e) }
-        counters.countDrop(.tunWriteFailed)
-        logLimiter.warn(logger, "write to \(io.tunName)", e)
-        return false
+        try Self.packetIOFailed(e, "write to", io.tunName, counting: .tunWriteFailed, in: counters,
+                                log: "write to \(io.tunName)", &logLimiter, logger)
     }
 
     private func sendICMP(_ length: Int, to peer: PeerEntry) throws(SystemError) {
@@ -849,12 +854,9 @@ final class UDPToTunWorker: ForwardingWorker {
                 counters.icmpSent.wrappingIncrement(ordering: .relaxed)
                 return
             }
-            let e = errno
-            if e == EINTR { continue }
-            if Self.isFatal(e) { throw SystemError("sendto on", io.socketName, errno: e) }
-            counters.countDrop(.sendFailed)
-            logLimiter.warn(logger, "send ICMP error to \(peer.route.endpoint)", e)
-            return
+            guard try Self.packetIOFailed(errno, "sendto on", io.socketName, counting: .sendFailed, in: counters,
+                                          log: "send ICMP error to \(peer.route.endpoint)", &logLimiter, logger)
+            else { return }
         }
     }
 }

@@ -129,6 +129,18 @@ public final class Netlink {
         }
     }
 
+    /// Sets the transmit queue length of an interface (IFLA_TXQLEN, like `ip link set DEV txqueuelen N`). For a
+    /// tun this is the ring of packets waiting for the reader; the kernel drops (tx_dropped) when it is full.
+    public func setTxQueueLength(_ length: Int, index: Int32) throws(SystemError) {
+        let operation = "set txqueuelen \(length) on"
+        guard let value = UInt32(exactly: length) else {
+            throw SystemError(operation, interfaceName(index), errno: EINVAL)
+        }
+        try perform(operation, interfaceName(index), query: false) { seq in
+            NetlinkMessages.setTxQueueLength(value, index: index, sequence: seq)
+        }
+    }
+
     /// Sets or clears IFF_UP on an interface, like `ip link set DEV up|down`.
     public func setUp(_ up: Bool, index: Int32) throws(SystemError) {
         try perform(up ? "bring up" : "bring down", interfaceName(index), query: false) { seq in

@@ -37,9 +37,18 @@ enum NetlinkMessages {
 
     /// RTM_NEWLINK on an existing interface (no NLM_F_CREATE) that changes only IFLA_MTU.
     static func setMTU(_ mtu: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
+        setLinkU32(UInt16(IFLA_MTU), mtu, index: index, sequence: sequence)
+    }
+
+    /// RTM_NEWLINK on an existing interface that changes only IFLA_TXQLEN (`ip link set DEV txqueuelen N`).
+    static func setTxQueueLength(_ length: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
+        setLinkU32(UInt16(IFLA_TXQLEN), length, index: index, sequence: sequence)
+    }
+
+    private static func setLinkU32(_ type: UInt16, _ value: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
         let m = MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence)
         m.putFixedHeader(linkHeader(index: index))
-        m.putU32(UInt16(IFLA_MTU), mtu)
+        m.putU32(type, value)
         return m.bytes
     }
 

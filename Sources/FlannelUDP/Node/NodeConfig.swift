@@ -34,6 +34,13 @@ public struct NodeConfig: Sendable {
     /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay.
     public static let encapsulationOverhead = 28
 
+    /// The tun's transmit queue: packets routed into the overlay wait there for the forwarder to read them, and the
+    /// kernel drops (tx_dropped) what does not fit. The tun driver's default is 500 (flannel keeps it and loses
+    /// packets there under load); 1000 is what Linux gives an Ethernet device: room for a couple of milliseconds of
+    /// full-rate small packets while the forwarder thread waits for a CPU, without turning TSO super-packets
+    /// (up to 64 KiB each) into a bufferbloat queue.
+    public static let tunTxQueueLength = 1000
+
     /// The tun device's address: the subnet's network address as a /32 (10.244.1.0/24 -> 10.244.1.0/32).
     public var tunAddress: IPv4Address { subnet.address }
 

@@ -116,6 +116,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             }
             step("set mtu \(plan.mtu) dev \(tun.name)")
             try netlink.setMTU(plan.mtu, index: link.index)
+            step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
+            try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
             let address = InterfaceAddress(index: link.index, address: config.tunAddress, prefixLength: 32)
             step("add address \(config.tunAddress)/32 dev \(tun.name)")
             try netlink.addAddress(address)
