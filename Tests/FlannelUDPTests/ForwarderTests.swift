@@ -7,35 +7,8 @@ import CAllocCounter
 import Glibc
 #endif
 
-/// The forwarding loop without privileges: the tun is one end of an AF_UNIX SOCK_SEQPACKET socketpair (one
-/// packet per read/write, like a tun), the underlay is UDP on loopback, and the "remote node" is another UDP
-/// socket on loopback. Nothing outside this process is touched.
-///
-///     test  <-- seqpacket -->  Forwarder  <-- UDP 127.0.0.1 -->  peer socket (node 10.244.2.0/24)
-final class ForwarderTests: XCTestCase {
-    var pair: [Int32] = [-1, -1]
-    var socket: UDPSocket!
-    var peer: UDPSocket!
-    var table: RouteTable!
-    var counters: DataPlaneCounters!
-    let config = ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
-    var logger = Logger(label: "test.forwarder")
-
-    override func setUpWithError() throws {
-        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair), 0)
-        socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
-        peer = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
-        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
-        counters = DataPlaneCounters()
-        logger.logLevel = .critical
-    }
-
-    override func tearDown() {
-        for fd in pair where fd >= 0 { close(fd) }
-        socket?.close()
-        peer?.close()
-    }
-
+/// The forwarding loop without privileges, on the socketpair-and-loopback fixture of `LoopbackForwarderTestCase`.
+final class ForwarderTests: LoopbackForwarderTestCase {
     private func makeForwarder(onFailure: (@Sendable (SystemError) -> Void)? = nil) throws -> Forwarder {
         try Forwarder(tunFD: pair[0], tunName: "test-tun", socket: socket, table: table, config: config,
                       counters: counters, logger: logger, options: ForwarderOptions(batchSize: 8), onFailure: onFailure)

@@ -10,29 +10,10 @@ import Glibc
 /// The socket offloads in the forwarding loop, without privileges: the tun is one end of a SOCK_SEQPACKET
 /// socketpair and the underlay is UDP on loopback (which passes GSO sends to a GRO socket whole), as in
 /// ForwarderTests. The workers' drain() runs on the test thread.
-final class OffloadForwarderTests: XCTestCase {
-    var pair: [Int32] = [-1, -1]
-    var socket: UDPSocket!
-    var peer: UDPSocket!
-    var table: RouteTable!
-    var counters: DataPlaneCounters!
-    let config = ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
-    var logger = Logger(label: "test.offload-forwarder")
-
+final class OffloadForwarderTests: LoopbackForwarderTestCase {
     override func setUpWithError() throws {
-        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair), 0)
+        try super.setUpWithError()
         for fd in pair { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
-        socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
-        peer = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
-        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
-        counters = DataPlaneCounters()
-        logger.logLevel = .critical
-    }
-
-    override func tearDown() {
-        for fd in pair where fd >= 0 { close(fd) }
-        socket?.close()
-        peer?.close()
     }
 
     private func forwarder(offloads: Bool) throws -> Forwarder {

@@ -1,0 +1,36 @@
+import XCTest
+import Logging
+@testable import FlannelUDP
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The fixture of the unprivileged forwarding-loop tests: the tun is one end of an AF_UNIX SOCK_SEQPACKET
+/// socketpair (one packet per read/write, like a tun), the underlay is UDP on loopback, and the "remote node" is
+/// another UDP socket on loopback that owns 10.244.2.0/24. Nothing outside this process is touched.
+///
+///     test  <-- seqpacket -->  Forwarder  <-- UDP 127.0.0.1 -->  peer socket (node 10.244.2.0/24)
+class LoopbackForwarderTestCase: XCTestCase {
+    var pair: [Int32] = [-1, -1]
+    var socket: UDPSocket!
+    var peer: UDPSocket!
+    var table: RouteTable!
+    var counters: DataPlaneCounters!
+    let config = ForwardingConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
+    var logger = Logger(label: "test.forwarder")
+
+    override func setUpWithError() throws {
+        XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair), 0)
+        socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        peer = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
+        counters = DataPlaneCounters()
+        logger.logLevel = .critical
+    }
+
+    override func tearDown() {
+        for fd in pair where fd >= 0 { close(fd) }
+        socket?.close()
+        peer?.close()
+    }
+}
