@@ -56,6 +56,30 @@ struct DPNamespace: Sendable {
         DPNamespace.run([DPNamespace.tool("ip")!, "netns", "exec", name] + argv)
     }
 
+    /// Two nodes joined by a veth underlay `under0` (192.168.77.1/24 and .2/24), each with a pod behind a `cni0`
+    /// veth: 10.244.N.1/24 on the node, 10.244.N.2/24 on the pod with its default route there, MTU 1472 (the
+    /// overlay's, as the flannel CNI plugin sets it), and forwarding on inside the node namespaces only.
+    static func plumbNodesAndPods(_ node1: DPNamespace, _ node2: DPNamespace, _ pod1: DPNamespace,
+                                  _ pod2: DPNamespace, file: StaticString = #filePath, line: UInt = #line) {
+        node1.ip("link", "add", "under0", "type", "veth", "peer", "name", "under0", "netns", node2.name)
+        node1.ip("addr", "add", "192.168.77.1/24", "dev", "under0")
+        node2.ip("addr", "add", "192.168.77.2/24", "dev", "under0")
+        for (node, pod, third) in [(node1, pod1, 1), (node2, pod2, 2)] {
+            node.ip("link", "set", "lo", "up")
+            node.ip("link", "set", "under0", "up")
+            node.ip("link", "add", "cni0", "type", "veth", "peer", "name", "eth0", "netns", pod.name)
+            node.ip("addr", "add", "10.244.\(third).1/24", "dev", "cni0")
+            node.ip("link", "set", "cni0", "up", "mtu", "1472")
+            pod.ip("link", "set", "lo", "up")
+            pod.ip("addr", "add", "10.244.\(third).2/24", "dev", "eth0")
+            pod.ip("link", "set", "eth0", "up", "mtu", "1472")
+            pod.ip("route", "add", "default", "via", "10.244.\(third).1")
+            let r = node.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+            XCTAssertEqual(r.status, 0, r.output, file: file, line: line)
+        }
+    }
+
+
     /// Runs `body` on a new thread that has joined this namespace (so a tun device or socket it creates lives
     /// here). The thread ends afterwards, so no thread of the test process is left in the namespace.
     func inside<T: Sendable>(_ body: @escaping @Sendable () throws -> T) throws -> T {
@@ -103,30 +127,13 @@ final class ForwarderNamespaceTests: XCTestCase {
         let (node1, node2, pod1, pod2, stranger) = (namespaces[0], namespaces[1], namespaces[2], namespaces[3],
                                                     namespaces[4])
 
-        // Underlay and the stranger's link.
-        node1.ip("link", "add", "under0", "type", "veth", "peer", "name", "under0", "netns", node2.name)
-        node1.ip("addr", "add", "192.168.77.1/24", "dev", "under0")
-        node2.ip("addr", "add", "192.168.77.2/24", "dev", "under0")
+        // Underlay, pods, and the stranger's link.
+        DPNamespace.plumbNodesAndPods(node1, node2, pod1, pod2)
         node2.ip("link", "add", "side0", "type", "veth", "peer", "name", "eth0", "netns", stranger.name)
         node2.ip("addr", "add", "192.168.78.2/24", "dev", "side0")
         stranger.ip("addr", "add", "192.168.78.3/24", "dev", "eth0")
         stranger.ip("link", "set", "eth0", "up")
         stranger.ip("route", "add", "default", "via", "192.168.78.2")
-        // Pods behind each node, MTU = the overlay's, as the flannel CNI plugin sets it.
-        for (node, pod, third) in [(node1, pod1, 1), (node2, pod2, 2)] {
-            node.ip("link", "set", "lo", "up")
-            node.ip("link", "set", "under0", "up")
-            node.ip("link", "add", "cni0", "type", "veth", "peer", "name", "eth0", "netns", pod.name)
-            node.ip("addr", "add", "10.244.\(third).1/24", "dev", "cni0")
-            node.ip("link", "set", "cni0", "up", "mtu", "1472")
-            pod.ip("link", "set", "lo", "up")
-            pod.ip("addr", "add", "10.244.\(third).2/24", "dev", "eth0")
-            pod.ip("link", "set", "eth0", "up", "mtu", "1472")
-            pod.ip("route", "add", "default", "via", "10.244.\(third).1")
-            // Forwarding on, inside the node namespace only.
-            let r = node.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-            XCTAssertEqual(r.status, 0, r.output)
-        }
         node2.ip("link", "set", "side0", "up")
 
         // Tun devices and sockets are created by a thread inside each node's namespace.

@@ -33,22 +33,7 @@ final class OffloadNamespaceTests: XCTestCase {
         for n in 11...14 { namespaces.append(try DPNamespace.create(n)) }
         let (node1, node2, pod1, pod2) = (namespaces[0], namespaces[1], namespaces[2], namespaces[3])
 
-        node1.ip("link", "add", "under0", "type", "veth", "peer", "name", "under0", "netns", node2.name)
-        node1.ip("addr", "add", "192.168.77.1/24", "dev", "under0")
-        node2.ip("addr", "add", "192.168.77.2/24", "dev", "under0")
-        for (node, pod, third) in [(node1, pod1, 1), (node2, pod2, 2)] {
-            node.ip("link", "set", "lo", "up")
-            node.ip("link", "set", "under0", "up")
-            node.ip("link", "add", "cni0", "type", "veth", "peer", "name", "eth0", "netns", pod.name)
-            node.ip("addr", "add", "10.244.\(third).1/24", "dev", "cni0")
-            node.ip("link", "set", "cni0", "up", "mtu", "1472")
-            pod.ip("link", "set", "lo", "up")
-            pod.ip("addr", "add", "10.244.\(third).2/24", "dev", "eth0")
-            pod.ip("link", "set", "eth0", "up", "mtu", "1472")
-            pod.ip("route", "add", "default", "via", "10.244.\(third).1")
-            let r = node.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
-            XCTAssertEqual(r.status, 0, r.output)
-        }
+        DPNamespace.plumbNodesAndPods(node1, node2, pod1, pod2)
 
         var logger = Logger(label: "test.offload-namespace")
         logger.logLevel = .warning

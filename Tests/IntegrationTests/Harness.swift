@@ -93,3 +93,15 @@ func attachPod(_ pod: TestNamespace, to node: TestNamespace, subnet: IPv4Network
     try pod.run(["ip", "link", "set", "eth0", "up"])
     try pod.run(["ip", "route", "add", "default", "via", "\(gateway)"])
 }
+
+/// One ping from `pod` to `target` (numeric, 2 s wait), with `extra` options such as `-t 1`.
+func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
+    runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
+}
+
+/// The "daemon" object of a `flannel-udp status --json` run, which must have succeeded.
+func daemonJSON(_ r: CommandResult, file: StaticString = #filePath, line: UInt = #line) throws -> [String: Any] {
+    XCTAssertEqual(r.status, 0, r.description, file: file, line: line)
+    let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+    return try XCTUnwrap(json?["daemon"] as? [String: Any], r.stdout, file: file, line: line)
+}

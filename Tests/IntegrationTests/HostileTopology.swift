@@ -101,15 +101,8 @@ class HostileTopologyTestCase: XCTestCase {
         runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: environment)
     }
 
-    func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
-        runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
-    }
-
     func daemonStatus(_ node: Node) throws -> [String: Any] {
-        let r = fu(node, ["status", "--json"])
-        XCTAssertEqual(r.status, 0, r.description)
-        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
-        return try XCTUnwrap(json?["daemon"] as? [String: Any], r.stdout)
+        try daemonJSON(fu(node, ["status", "--json"]))
     }
 
     struct Counters {

@@ -67,15 +67,8 @@ final class OverlayTests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.description)
     }
 
-    func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
-        runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
-    }
-
     func status(_ node: Node) throws -> [String: Any] {
-        let r = fu(node, ["status", "--json"])
-        XCTAssertEqual(r.status, 0, r.description)
-        let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
-        return try XCTUnwrap(json?["daemon"] as? [String: Any])
+        try daemonJSON(fu(node, ["status", "--json"]))
     }
 
     func counters(_ node: Node) throws -> (drops: [String: Int], udpToTun: Int, peers: [String: [String: Any]]) {
