@@ -9,6 +9,7 @@ Raw layout (written by bench/run):
     runN/CONFIG/ping.txt         ping -q output
     runN/CONFIG/T.json           iperf3 -J output for T in tcp1, tcp4, udp
     runN/CONFIG/T.before/.after  counter snapshots around T ("key value" lines, see snapshot() in bench/run)
+    runN/CONFIG/memory           forwarder memory per node after the tests, kB (configurations with a forwarder)
     runN/CONFIG/status-*.json    flannel-udp status --json after the tests (flannel-udp only)
 """
 import json
@@ -32,12 +33,25 @@ ROWS = [
     ("ping_mdev_ms", "ping mdev ms", "{:.3f}"),
     ("fwd_cpu_s_per_gb", "forwarder CPU s/GB (TCP)", "{:.2f}"),
     ("fwd_cpu_us_per_pkt", "forwarder CPU us/pkt (UDP)", "{:.2f}"),
+    ("fwd_peak_rss_mb", "forwarder peak RSS MB (node)", "{:.1f}"),
+    ("fwd_anon_mb", "forwarder anon RSS MB (node)", "{:.1f}"),
     ("softirq_s_per_gb", "softirq s/GB (TCP, machine)", "{:.2f}"),
     ("rcvbuf_node_udp", "RcvbufErrors recv node (UDP)", "{:.0f}"),
     ("rcvbuf_node_tcp", "RcvbufErrors recv node (TCP)", "{:.0f}"),
     ("rcvbuf_app_udp", "RcvbufErrors iperf3 recv (UDP)", "{:.0f}"),
     ("txdrop_send_udp", "tx_dropped send dev (UDP)", "{:.0f}"),
     ("txdrop_tcp", "tx_dropped both devs (TCP)", "{:.0f}"),
+]
+
+# flannel-udp's figures divided by another configuration's from the same run: (key, label) in table order.
+RATIO_SUBJECT = "flannel-udp"
+RATIOS = [
+    ("tcp1_gbps", "TCP 1 stream"),
+    ("tcp4_gbps", "TCP 4 streams"),
+    ("udp_rx_kpps", "UDP 64 B received"),
+    ("fwd_cpu_s_per_gb", "forwarder CPU per GB"),
+    ("fwd_peak_rss_mb", "forwarder peak RSS"),
+    ("fwd_anon_mb", "forwarder anon RSS"),
 ]
 
 
@@ -161,6 +175,14 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=()):
         if u:
             m[f"udp{k}k_rx_kpps"], m[f"udp{k}k_loss_pct"] = u["rx_kpps"], u.get("loss_pct")
 
+    mem = read_kv(os.path.join(d, "memory"))
+    if has_forwarder and mem:
+        # the larger node: both run the same forwarder, the receiving one usually holds more in its buffers
+        for key, field in (("fwd_peak_rss_mb", "hwm_kb"), ("fwd_anon_mb", "anon_kb")):
+            vals = [float(mem[f"{field}_{n}"]) for n in "ab" if f"{field}_{n}" in mem]
+            if vals and max(vals) > 0:
+                m[key] = max(vals) / 1024
+
     cc = read_text(os.path.join(d, "cc"))
     if cc:
         m["cc"] = cc.strip()
@@ -220,11 +242,63 @@ def main():
             "per_run": per_run,
         }
 
+    result["ratios"] = ratios(result, [names[c] for c in configs])
     if as_json:
         json.dump(result, sys.stdout, indent=2, sort_keys=False)
         print()
         return
     print_table(result, [names[c] for c in configs], rows)
+
+
+def ratios(result, cols):
+    """flannel-udp's figure over each other configuration's, per run where both measured it, and their median.
+    Ratios from the same run share the machine's state at that moment, so they vary less than the medians do."""
+    out = {}
+    subject = result["configs"].get(RATIO_SUBJECT)
+    if subject is None:
+        return out
+    mine = {m["run"]: m for m in subject["per_run"]}
+    for c in cols:
+        if c == RATIO_SUBJECT:
+            continue
+        theirs = {m["run"]: m for m in result["configs"][c]["per_run"]}
+        entry = {}
+        for key, _ in RATIOS:
+            per_run = [mine[r][key] / theirs[r][key] for r in sorted(mine.keys() & theirs.keys())
+                       if isinstance(mine[r].get(key), (int, float)) and isinstance(theirs[r].get(key), (int, float))
+                       and theirs[r][key] > 0]
+            if per_run:
+                entry[key] = {"median": statistics.median(per_run), "per_run": per_run}
+        if entry:
+            out[c] = entry
+    return out
+
+
+def print_ratios(result, cols):
+    r = result["ratios"]
+    others = [c for c in cols if c in r]
+    if not others:
+        return
+    w0 = max(len(label) for _, label in RATIOS) + 2
+    w = max(12, max(len(c) for c in others) + 2)
+    print()
+    print(f"{RATIO_SUBJECT} over each, median of the per-run ratios (same run, same namespaces):")
+    print(" " * w0 + "".join(c.rjust(w) for c in others))
+    for key, label in RATIOS:
+        cells = []
+        for c in others:
+            e = r[c].get(key)
+            cells.append(f"{e['median']:.2f}x" if e else "n/a")
+        if any(x != "n/a" for x in cells):
+            print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
+    spans = []
+    for c in others:
+        for key, label in RATIOS[:2]:
+            e = r[c].get(key)
+            if e and len(e["per_run"]) > 1:
+                spans.append(f"{label} / {c}: {min(e['per_run']):.2f}x-{max(e['per_run']):.2f}x")
+    if spans:
+        print("per run: " + "; ".join(spans))
 
 
 def print_table(result, cols, rows):
@@ -259,6 +333,7 @@ def print_table(result, cols, rows):
             else:
                 cells.append("n/a")
         print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
+    print_ratios(result, cols)
     notes = []
     for c in cols:
         cfg = result["configs"][c]

@@ -128,6 +128,40 @@ class ReportTests(unittest.TestCase):
         # vxlan: no forwarder; flannel-udp: never measured; flannel-c: failed
         self.assertEqual(line.split()[-3:], ["n/a", "-", "failed"])
 
+    def test_memory_is_the_larger_node(self):
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.write(1, "flannel-udp", "memory", kv(hwm_kb_a=10240, rss_kb_a=9000, anon_kb_a=2048,
+                                                  hwm_kb_b=20480, rss_kb_b=9000, anon_kb_b=1024))
+        self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
+        self.write(1, "vxlan", "memory", kv(hwm_kb_a=0, rss_kb_a=0, anon_kb_a=0))  # no forwarder process
+        r = self.result()["configs"]
+        self.assertAlmostEqual(r["flannel-udp"]["median"]["fwd_peak_rss_mb"], 20.0)
+        self.assertAlmostEqual(r["flannel-udp"]["median"]["fwd_anon_mb"], 2.0)
+        self.assertNotIn("fwd_peak_rss_mb", r["vxlan"]["median"])
+
+    def test_ratios_pair_runs_not_medians(self):
+        # flannel-udp 1, 3, 2 Gbit/s against vxlan 2, 3, 8: per-run ratios 0.5, 1.0, 0.25 -> median 0.5,
+        # where the ratio of the medians would be 2/3.
+        for run, mine, theirs in ((1, 1.0, 2.0), (2, 3.0, 3.0), (3, 2.0, 8.0)):
+            self.good_run(run, "flannel-udp", mine, fwd_ticks=TCK)
+            self.good_run(run, "vxlan", theirs, fwd_ticks=0)
+        # the peer worked in run 2 only: one ratio
+        self.good_run(2, "peer", 0.25, fwd_ticks=TCK * 10)
+        for run, cfg, hwm in ((2, "flannel-udp", 30720), (2, "peer", 1024)):
+            self.write(run, cfg, "memory", kv(hwm_kb_a=hwm, hwm_kb_b=hwm))
+        r = self.result()["ratios"]
+        self.assertEqual(r["vxlan"]["tcp1_gbps"]["per_run"], [0.5, 1.0, 0.25])
+        self.assertAlmostEqual(r["vxlan"]["tcp1_gbps"]["median"], 0.5)
+        self.assertNotIn("fwd_cpu_s_per_gb", r["vxlan"])  # vxlan has no forwarder
+        self.assertEqual(r["flannel-c"]["tcp4_gbps"]["per_run"], [12.0])
+        # CPU per GB over the two TCP tests: flannel-udp 2 s for 7.5 GB, the peer 20 s for 0.625 GB
+        self.assertAlmostEqual(r["flannel-c"]["fwd_cpu_s_per_gb"]["median"], (2 / 7.5) / (20 / 0.625))
+        self.assertAlmostEqual(r["flannel-c"]["fwd_peak_rss_mb"]["median"], 30.0)
+        out = subprocess.run([sys.executable, report.__file__, self.raw], capture_output=True, text=True, check=True)
+        line = next(x for x in out.stdout.splitlines() if x.startswith("TCP 1 stream") and x.endswith("x"))
+        self.assertEqual(line.split()[-2:], ["0.50x", "12.00x"])
+        self.assertIn("TCP 1 stream / vxlan: 0.25x-1.00x", out.stdout)
+
 
 if __name__ == "__main__":
     unittest.main()
