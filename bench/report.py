@@ -280,25 +280,25 @@ def print_ratios(result, cols):
     if not others:
         return
     w0 = max(len(label) for _, label in RATIOS) + 2
-    w = max(12, max(len(c) for c in others) + 2)
-    print()
-    print(f"{RATIO_SUBJECT} over each, median of the per-run ratios (same run, same namespaces):")
-    print(" " * w0 + "".join(c.rjust(w) for c in others))
+    table = []
     for key, label in RATIOS:
         cells = []
         for c in others:
             e = r[c].get(key)
-            cells.append(f"{e['median']:.2f}x" if e else "n/a")
+            if not e:
+                cells.append("n/a")
+            elif len(e["per_run"]) > 1:
+                cells.append(f"{e['median']:.2f}x ({min(e['per_run']):.2f}-{max(e['per_run']):.2f})")
+            else:
+                cells.append(f"{e['median']:.2f}x")
         if any(x != "n/a" for x in cells):
-            print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
-    spans = []
-    for c in others:
-        for key, label in RATIOS[:2]:
-            e = r[c].get(key)
-            if e and len(e["per_run"]) > 1:
-                spans.append(f"{label} / {c}: {min(e['per_run']):.2f}x-{max(e['per_run']):.2f}x")
-    if spans:
-        print("per run: " + "; ".join(spans))
+            table.append((label, cells))
+    w = max(len(x) for x in others + [x for _, cells in table for x in cells]) + 3
+    print()
+    print(f"{RATIO_SUBJECT} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces")
+    print(" " * w0 + "".join(c.rjust(w) for c in others))
+    for label, cells in table:
+        print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
 
 
 def print_table(result, cols, rows):
