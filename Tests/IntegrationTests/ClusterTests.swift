@@ -90,7 +90,7 @@ final class ClusterTests: XCTestCase {
     }
 
     func pings(_ from: Node, _ to: Node) -> Bool {
-        runCommand(["ip", "netns", "exec", from.pod.name, "ping", "-n", "-c", "1", "-W", "1", to.podAddress]).status == 0
+        ping(from: from.pod, to.podAddress, wait: 1).status == 0
     }
 
     func peerSubnets(_ node: Node) throws -> Set<String> {

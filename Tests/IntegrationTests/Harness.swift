@@ -94,9 +94,9 @@ func attachPod(_ pod: TestNamespace, to node: TestNamespace, subnet: IPv4Network
     try pod.run(["ip", "route", "add", "default", "via", "\(gateway)"])
 }
 
-/// One ping from `pod` to `target` (numeric, 2 s wait), with `extra` options such as `-t 1`.
-func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = []) -> CommandResult {
-    runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "2"] + extra + [target])
+/// One ping from `pod` to `target` (numeric, waiting `seconds` for the reply), with `extra` options such as `-t 1`.
+func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = [], wait seconds: Int = 2) -> CommandResult {
+    runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "\(seconds)"] + extra + [target])
 }
 
 /// The "daemon" object of a `flannel-udp status --json` run, which must have succeeded.
