@@ -94,6 +94,17 @@ func attachPod(_ pod: TestNamespace, to node: TestNamespace, subnet: IPv4Network
     try pod.run(["ip", "route", "add", "default", "via", "\(gateway)"])
 }
 
+/// A node namespace on the test underlay (192.168.77.<index>/24) with a pod namespace behind it, whose subnet is
+/// 10.244.<index>.0/24 and whose pod is .2 in it: the layout of the overlay and hostile-topology tests.
+struct OverlayNode {
+    var index: Int
+    var ns: TestNamespace
+    var pod: TestNamespace
+    var underlay: String { "192.168.77.\(index)" }
+    var subnet: String { "10.244.\(index).0/24" }
+    var podAddress: String { "10.244.\(index).2" }
+}
+
 /// One ping from `pod` to `target` (numeric, waiting `seconds` for the reply), with `extra` options such as `-t 1`.
 func ping(from pod: TestNamespace, _ target: String, _ extra: [String] = [], wait seconds: Int = 2) -> CommandResult {
     runCommand(["ip", "netns", "exec", pod.name, "ping", "-n", "-c", "1", "-W", "\(seconds)"] + extra + [target])

@@ -20,14 +20,7 @@ class HostileTopologyTestCase: XCTestCase {
     var wire: TestNamespace!
     var portCounter = 0
 
-    struct Node {
-        var index: Int
-        var ns: TestNamespace
-        var pod: TestNamespace
-        var underlay: String { "192.168.77.\(index)" }
-        var subnet: String { "10.244.\(index).0/24" }
-        var podAddress: String { "10.244.\(index).2" }
-    }
+    typealias Node = OverlayNode
 
     override func setUpWithError() throws {
         try requireRoot()

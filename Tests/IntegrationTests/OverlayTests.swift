@@ -25,14 +25,7 @@ final class OverlayTests: XCTestCase {
         addTeardownBlock { [wire] in wire?.destroy() }
     }
 
-    struct Node {
-        var index: Int
-        var ns: TestNamespace
-        var pod: TestNamespace
-        var underlay: String { "192.168.77.\(index)" }
-        var subnet: String { "10.244.\(index).0/24" }
-        var podAddress: String { "10.244.\(index).2" }
-    }
+    typealias Node = OverlayNode
 
     /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
     func plug(_ ns: TestNamespace, index: Int) throws {
