@@ -3,18 +3,6 @@ import XCTest
 
 /// The subnet choice: own lease, previous subnet, random free subnet within SubnetMin..SubnetMax.
 final class SubnetAllocatorTests: XCTestCase {
-    /// A deterministic generator (SplitMix64) so that random picks can be checked.
-    struct SeededGenerator: RandomNumberGenerator {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-    }
-
     private func net(_ s: String) -> IPv4Network { try! IPv4Network(parsing: s) }
     private let me = IPv4Address(192, 168, 0, 10)
     private let other = IPv4Address(192, 168, 0, 20)
@@ -43,7 +31,7 @@ final class SubnetAllocatorTests: XCTestCase {
     func testFirst100FreeAreCandidatesAndChoiceIsRandomAmongThem() throws {
         let a = SubnetAllocator(config: config())
         var seen = Set<IPv4Network>()
-        var rng = SeededGenerator(state: 42)
+        var rng = SeededRandom(seed: 42)
         for _ in 0..<2000 {
             let plan = try a.plan(leases: [:], publicIP: me, previous: nil, using: &rng)
             XCTAssertNil(plan.reuse)
@@ -62,7 +50,7 @@ final class SubnetAllocatorTests: XCTestCase {
             net("10.244.1.0/24"): .udp(publicIP: other), net("10.244.2.0/24"): .udp(publicIP: other),
             net("10.244.4.0/24"): .udp(publicIP: IPv4Address(192, 168, 0, 30)),
         ]
-        var rng = SeededGenerator(state: 7)
+        var rng = SeededRandom(seed: 7)
         for _ in 0..<50 {
             let plan = try SubnetAllocator(config: c).plan(leases: leases, publicIP: me, previous: nil, using: &rng)
             XCTAssertEqual(plan.create, net("10.244.3.0/24"))
@@ -110,14 +98,14 @@ final class SubnetAllocatorTests: XCTestCase {
         XCTAssertEqual(try a.plan(leases: leases, publicIP: me, previous: net("10.244.9.0/24")).create,
                        net("10.244.9.0/24"))
         // Held by someone else: a fresh one, never that one.
-        var rng = SeededGenerator(state: 1)
+        var rng = SeededRandom(seed: 1)
         for _ in 0..<200 {
             let plan = try a.plan(leases: leases, publicIP: me, previous: net("10.244.8.0/24"), using: &rng)
             XCTAssertNotEqual(plan.create, net("10.244.8.0/24"))
         }
         // Outside the config (the first subnet, a different length, another network): ignored.
         for stale in ["10.244.0.0/24", "10.244.9.0/25", "10.245.9.0/24"] {
-            var rng = SeededGenerator(state: 3)
+            var rng = SeededRandom(seed: 3)
             for _ in 0..<100 {
                 let plan = try a.plan(leases: [:], publicIP: me, previous: net(stale), using: &rng)
                 XCTAssertNotEqual(plan.create, net(stale), stale)
