@@ -120,25 +120,26 @@ public final class Netlink {
     /// - Throws: EINVAL without asking the kernel for a negative or oversized value; the kernel's EINVAL (with its
     ///   reason) for one outside the device's range.
     public func setMTU(_ mtu: Int, index: Int32) throws(SystemError) {
-        let operation = "set mtu \(mtu) on"
-        guard let value = UInt32(exactly: mtu) else {
-            throw SystemError(operation, interfaceName(index), errno: EINVAL)
-        }
-        try perform(operation, interfaceName(index), query: false) { seq in
-            NetlinkMessages.setMTU(value, index: index, sequence: seq)
-        }
+        try setLinkValue("mtu", mtu, index: index) { NetlinkMessages.setMTU($0, index: index, sequence: $1) }
     }
 
     /// Sets the transmit queue length of an interface (IFLA_TXQLEN, like `ip link set DEV txqueuelen N`). For a
     /// tun this is the ring of packets waiting for the reader; the kernel drops (tx_dropped) when it is full.
     public func setTxQueueLength(_ length: Int, index: Int32) throws(SystemError) {
-        let operation = "set txqueuelen \(length) on"
-        guard let value = UInt32(exactly: length) else {
+        try setLinkValue("txqueuelen", length, index: index) {
+            NetlinkMessages.setTxQueueLength($0, index: index, sequence: $1)
+        }
+    }
+
+    /// One RTM_NEWLINK that changes a 32-bit attribute, `message(value, sequence)`; errors read "set `what`
+    /// `value` on DEV". A negative or oversized `value` fails with EINVAL without asking the kernel.
+    private func setLinkValue(_ what: String, _ value: Int, index: Int32,
+                              _ message: (UInt32, UInt32) -> [UInt8]) throws(SystemError) {
+        let operation = "set \(what) \(value) on"
+        guard let v = UInt32(exactly: value) else {
             throw SystemError(operation, interfaceName(index), errno: EINVAL)
         }
-        try perform(operation, interfaceName(index), query: false) { seq in
-            NetlinkMessages.setTxQueueLength(value, index: index, sequence: seq)
-        }
+        try perform(operation, interfaceName(index), query: false) { seq in message(v, seq) }
     }
 
     /// Sets or clears IFF_UP on an interface, like `ip link set DEV up|down`.
