@@ -72,34 +72,28 @@ final class OffloadState: Sendable {
                 }
             }
         }
-        var gso = false
-        var gro = false
-        if enabled {
-            var zero: Int32 = 0
-            // Size 0 is "no GSO by default": accepted by every kernel that knows the option, changes nothing.
-            if setsockopt(socket.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_SEGMENT), &zero,
-                          socklen_t(MemoryLayout<Int32>.size)) == 0 {
-                gso = true
-            } else {
-                let why = SystemError.describe(errno)
-                logger.warning("offload gso off: UDP_SEGMENT refused on \(socket.localEndpoint): \(why)")
-            }
-            var one: Int32 = 1
-            if setsockopt(socket.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &one,
-                          socklen_t(MemoryLayout<Int32>.size)) == 0 {
-                gro = true
-            } else {
-                let why = SystemError.describe(errno)
-                logger.warning("offload gro off: UDP_GRO refused on \(socket.localEndpoint): \(why)")
-            }
-        } else {
+        // UDP_SEGMENT size 0 is "no GSO by default": accepted by every kernel that knows the option, changes nothing.
+        let gso = enabled
+            && setUDPOption(socket, Int32(FU_UDP_SEGMENT), 0, refused: "offload gso off: UDP_SEGMENT", logger)
+        let gro = enabled && setUDPOption(socket, Int32(FU_UDP_GRO), 1, refused: "offload gro off: UDP_GRO", logger)
+        if !enabled {
             // The socket may have been used with GRO before: make sure receives are one datagram each.
-            var zero: Int32 = 0
-            _ = setsockopt(socket.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &zero, socklen_t(MemoryLayout<Int32>.size))
+            _ = setUDPOption(socket, Int32(FU_UDP_GRO), 0, refused: nil, logger)
         }
         return OffloadState(vnetHeader: vnetHeader, tso: tso, udpGSO: gso, udpGRO: gro,
                             coalesce: vnetHeader && tso && enabled)
     }
+}
+
+/// setsockopt(SOL_UDP, `option`, `value`) on `socket`; true when the kernel took it. A refusal is logged as
+/// "`refused` refused on ADDRESS: reason" unless `refused` is nil.
+private func setUDPOption(_ socket: UDPSocket, _ option: Int32, _ value: Int32, refused: String?,
+                          _ logger: Logger) -> Bool {
+    var v = value
+    if setsockopt(socket.fd, Int32(FU_SOL_UDP), option, &v, socklen_t(MemoryLayout<Int32>.size)) == 0 { return true }
+    let why = SystemError.describe(errno)
+    if let refused { logger.warning("\(refused) refused on \(socket.localEndpoint): \(why)") }
+    return false
 }
 
 extension OffloadState {
