@@ -51,8 +51,7 @@ final class TCPCoalescer {
 
     init() {
         headerBuffer = .allocate(byteCount: 128, alignment: 64)
-        iovecs = .allocate(capacity: TCPCoalescer.maxSegments &+ 2)
-        iovecs.initialize(repeating: iovec(), count: TCPCoalescer.maxSegments &+ 2)
+        iovecs = .allocate(count: TCPCoalescer.maxSegments &+ 2, initializedTo: iovec())
     }
 
     deinit {

@@ -340,22 +340,17 @@ final class BatchBuffers {
         self.count = count
         self.size = size
         memory = .allocate(byteCount: count * size, alignment: 64)
-        lengths = .allocate(capacity: count)
-        lengths.initialize(repeating: 0, count: count)
-        msgs = .allocate(capacity: count)
-        msgs.initialize(repeating: fu_mmsghdr(), count: count)
-        iovs = .allocate(capacity: count)
-        iovs.initialize(repeating: iovec(), count: count)
-        names = .allocate(capacity: count)
-        names.initialize(repeating: sockaddr_in(), count: count)
+        lengths = .allocate(count: count, initializedTo: 0)
+        msgs = .allocate(count: count, initializedTo: fu_mmsghdr())
+        iovs = .allocate(count: count, initializedTo: iovec())
+        names = .allocate(count: count, initializedTo: sockaddr_in())
         controlStride = fu_cmsg_space(MemoryLayout<Int32>.size)
         controls = .allocate(byteCount: count * controlStride, alignment: 16)
         controls.initializeMemory(as: UInt8.self, repeating: 0, count: count * controlStride)
         scratch = .allocate(byteCount: 2048, alignment: 64)
         header = .allocate(byteCount: 16, alignment: 16)
         header.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
-        writeIovs = .allocate(capacity: 2)
-        writeIovs.initialize(repeating: iovec(), count: 2)
+        writeIovs = .allocate(count: 2, initializedTo: iovec())
     }
 
     @inline(__always)
