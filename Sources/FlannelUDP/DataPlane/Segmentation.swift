@@ -63,9 +63,8 @@ enum TCPSegmenter {
         let id0 = UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
         let seq0 = UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: ihl &+ TCPHeader.sequence, as: UInt32.self))
         let flags = bytes[ihl &+ TCPHeader.flags]
-        // The pseudo-header without its length: source, destination, protocol.
-        let pseudo = InternetChecksum.sum(UnsafeRawBufferPointer(start: base + IPv4Header.source, count: 8),
-                                          initial: UInt32(TCPHeader.protocolNumber))
+        // The pseudo-header without its length (source, destination, protocol), once; each segment adds its own.
+        let pseudo = InternetChecksum.pseudoHeaderSum(base, proto: TCPHeader.protocolNumber, length: 0)
         var k = 0
         var offset = headerLength
         while k < count {
@@ -90,7 +89,7 @@ enum TCPSegmenter {
             tcp.storeBytes(of: f, toByteOffset: TCPHeader.flags, as: UInt8.self)
             tcp.storeBytes(of: UInt16(0), toByteOffset: TCPHeader.checksum, as: UInt16.self)
             let segmentLength = thl &+ segmentPayload
-            var acc = UInt32(InternetChecksum.fold(pseudo &+ UInt32(segmentLength)))
+            var acc = UInt32(InternetChecksum.fold(UInt32(pseudo) &+ UInt32(segmentLength)))
             acc &+= UInt32(InternetChecksum.fold(InternetChecksum.sum(UnsafeRawBufferPointer(start: tcp, count: thl))))
             acc &+= UInt32(InternetChecksum.fold(InternetChecksum.sum(
                 UnsafeRawBufferPointer(start: base + offset, count: segmentPayload))))
