@@ -11,7 +11,8 @@ struct Up: ParsableCommand {
         abstract: "Bring the node up and forward overlay traffic until stopped.",
         discussion: """
             Creates the tun device (default flannel0) with the subnet's network address as /32, MTU \
-            underlay MTU - 28 and a transmit queue of 1000 packets, installs '<network> dev <device>', writes flannel's subnet.env and forwards packets \
+            underlay MTU - 28 and a transmit queue of 1000 packets, installs '<network> dev <device>', \
+            writes flannel's subnet.env and forwards packets \
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
             A failed start leaves nothing behind.
