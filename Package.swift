@@ -6,6 +6,7 @@
 //   CShims       the few C helpers Swift cannot import (macros, mmsghdr, ifreq/TUNSETIFF, virtio-net header)
 //   FlannelUDP   the library: netlink, tun device, data plane, control socket, peer sources
 //   flannel-udp  the command-line tool, one file per subcommand
+//   tun-bound    bench/run's ceiling: the cheapest tun/UDP forwarder (bench/tun-bound), not part of the product
 import PackageDescription
 
 let package = Package(
@@ -13,6 +14,7 @@ let package = Package(
     platforms: [.macOS(.v13)],
     products: [
         .executable(name: "flannel-udp", targets: ["flannel-udp"]),
+        .executable(name: "tun-bound", targets: ["tun-bound"]),
         .library(name: "FlannelUDP", targets: ["FlannelUDP"]),
     ],
     dependencies: [
@@ -52,6 +54,8 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        // bench/run's ceiling for any tun/UDP forwarder; not flannel's wire format (see its header).
+        .executableTarget(name: "tun-bound", dependencies: ["CShims"], path: "bench/tun-bound"),
         // Test-only counting allocator (interposes malloc & co.) for the data plane's zero-allocation tests.
         .target(name: "CAllocCounter", path: "Tests/CAllocCounter"),
         .testTarget(

@@ -43,6 +43,9 @@ ROWS = [
     ("txdrop_tcp", "tx_dropped both devs (TCP)", "{:.0f}"),
 ]
 
+# configurations whose forwarding runs in processes in the node namespaces (CPU and memory are measured)
+FORWARDERS = ("tun-bound", "flannel-udp", "peer")
+
 # flannel-udp's figures divided by another configuration's from the same run: (key, label) in table order.
 RATIO_SUBJECT = "flannel-udp"
 RATIOS = [
@@ -220,7 +223,7 @@ def main():
                 continue
             if not os.path.isdir(d):
                 continue
-            m, p = one_run(d, c in ("flannel-udp", "peer"), c != "underlay", udp_pps)
+            m, p = one_run(d, c in FORWARDERS, c != "underlay", udp_pps)
             m["run"] = r
             for name in ("status-a.json", "status-b.json"):
                 s = read_json(os.path.join(d, name))

@@ -106,6 +106,17 @@ class ReportTests(unittest.TestCase):
         self.assertNotIn("fwd_cpu_s_per_gb", m)
         self.assertIn("softirq_s_per_gb", m)
 
+    def test_tun_bound_is_a_forwarder_with_ratios(self):
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=10, runs=1, configs="tun-bound flannel-udp"))
+        self.good_run(1, "tun-bound", 4.0, fwd_ticks=TCK)
+        self.good_run(1, "flannel-udp", 3.0, fwd_ticks=TCK)
+        r = self.result()
+        # two TCP tests of 4 Gbit/s x 10 s = 10 GB, for 1 s of forwarder CPU each
+        self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["fwd_cpu_s_per_gb"], 0.2)
+        self.assertAlmostEqual(r["ratios"]["tun-bound"]["tcp4_gbps"]["median"], 0.75)
+        self.assertAlmostEqual(r["ratios"]["tun-bound"]["fwd_cpu_s_per_gb"]["median"], 4.0 / 3.0)
+
     def test_failed_configuration_is_reported_and_others_kept(self):
         self.write(1, "peer", "failed", "setup failed: adapter exited 1\n")
         self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
