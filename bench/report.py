@@ -35,6 +35,8 @@ ROWS = [
     ("fwd_cpu_us_per_pkt", "forwarder CPU us/pkt (UDP)", "{:.2f}"),
     ("fwd_peak_rss_mb", "forwarder peak RSS MB (node)", "{:.1f}"),
     ("fwd_anon_mb", "forwarder anon RSS MB (node)", "{:.1f}"),
+    ("machine_cpu_s_per_gb", "machine CPU s/GB (TCP 4)", "{:.2f}"),
+    ("machine_busy_pct", "machine busy % (TCP 4)", "{:.0f}"),
     ("softirq_s_per_gb", "softirq s/GB (TCP, machine)", "{:.2f}"),
     ("rcvbuf_node_udp", "RcvbufErrors recv node (UDP)", "{:.0f}"),
     ("rcvbuf_node_tcp", "RcvbufErrors recv node (TCP)", "{:.0f}"),
@@ -53,6 +55,7 @@ RATIOS = [
     ("tcp4_gbps", "TCP 4 streams"),
     ("udp_rx_kpps", "UDP 64 B received"),
     ("fwd_cpu_s_per_gb", "forwarder CPU per GB"),
+    ("machine_cpu_s_per_gb", "machine CPU per GB"),
     ("fwd_peak_rss_mb", "forwarder peak RSS"),
     ("fwd_anon_mb", "forwarder anon RSS"),
 ]
@@ -114,7 +117,7 @@ def udp_test(d, test):
     return out
 
 
-def one_run(d, has_forwarder, has_overlay, udp_pps=()):
+def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
     """Metrics of one configuration in one run, plus the problems seen; None values are left out."""
     m, problems = {}, []
     notes = read_text(os.path.join(d, "notes"))
@@ -144,6 +147,11 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=()):
         tcp_bytes += recv["bytes"]
         tcp_fwd += delta(b, a, "fwd_ticks") or 0
         tcp_soft += delta(b, a, "softirq") or 0
+        busy, seconds = delta(b, a, "busy"), delta(b, a, "time")
+        if n == 4 and busy is not None and recv["bytes"] > 0:  # absent in raw files from before the counter
+            m["machine_cpu_s_per_gb"] = busy / CLK_TCK / (recv["bytes"] / GB)
+            if seconds and cpus:
+                m["machine_busy_pct"] = 100.0 * busy / CLK_TCK / (seconds * cpus)
         tcp_rcvbuf += delta(b, a, "rcvbuf_node_b") or 0
         tcp_txdrop += (delta(b, a, "txdrop_node_a") or 0) + (delta(b, a, "txdrop_node_b") or 0)
     if tcp_bytes > 0:  # over the TCP tests that worked
@@ -206,6 +214,7 @@ def main():
     configs = meta.get("configs", "").split()
     runs = int(meta.get("runs", "0"))
     udp_pps = [k for k in meta.get("udp_pps", "").split(",") if k]
+    cpus = int(meta["cpus"]) if meta.get("cpus", "").isdigit() else None
     rows = ROWS + [row for k in udp_pps for row in (
         (f"udp{k}k_rx_kpps", f"UDP 64 B at {k} kpps: received", "{:.1f}"),
         (f"udp{k}k_loss_pct", f"UDP 64 B at {k} kpps: loss %", "{:.1f}"))]
@@ -223,7 +232,7 @@ def main():
                 continue
             if not os.path.isdir(d):
                 continue
-            m, p = one_run(d, c in FORWARDERS, c != "underlay", udp_pps)
+            m, p = one_run(d, c in FORWARDERS, c != "underlay", udp_pps, cpus)
             m["run"] = r
             for name in ("status-a.json", "status-b.json"):
                 s = read_json(os.path.join(d, name))
@@ -346,7 +355,7 @@ def print_table(result, cols, rows):
             notes.append(f"{c}: run {x['run']}: {x['problem']}")
     print()
     print("n/a: the kernel does the forwarding (no forwarder process) or the figure does not apply.")
-    print("softirq is machine-wide (/proc/stat), so other load on the machine shows up in it.")
+    print("machine CPU and softirq are machine-wide (/proc/stat), so other load on the machine shows up in them.")
     if notes:
         print()
         for n in notes:

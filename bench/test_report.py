@@ -57,9 +57,9 @@ class ReportTests(unittest.TestCase):
                                          "rtt min/avg/max/mdev = 0.100/0.200/0.300/0.050 ms\n")
         for test in ("tcp1", "tcp4"):
             self.write(run, cfg, test + ".json", iperf_tcp(gbps))
-            self.write(run, cfg, test + ".before", kv(fwd_ticks=0, softirq=0, rcvbuf_node_b=10, rcvbuf_app=0,
+            self.write(run, cfg, test + ".before", kv(fwd_ticks=0, softirq=0, busy=0, time=100, rcvbuf_node_b=10, rcvbuf_app=0,
                                                       txdrop_node_a=0, txdrop_node_b=0))
-            self.write(run, cfg, test + ".after", kv(fwd_ticks=fwd_ticks, softirq=TCK, rcvbuf_node_b=15,
+            self.write(run, cfg, test + ".after", kv(fwd_ticks=fwd_ticks, softirq=TCK, busy=TCK * 4, time=110, rcvbuf_node_b=15,
                                                      rcvbuf_app=0, txdrop_node_a=2, txdrop_node_b=1))
         self.write(run, cfg, "udp.json", iperf_udp(1000000, 500000))
         self.write(run, cfg, "udp.before", kv(fwd_ticks=0, rcvbuf_node_b=0, rcvbuf_app=0, txdrop_node_a=0))
@@ -108,7 +108,7 @@ class ReportTests(unittest.TestCase):
 
     def test_tun_bound_is_a_forwarder_with_ratios(self):
         with open(os.path.join(self.raw, "meta"), "w") as f:
-            f.write(kv(time=10, runs=1, configs="tun-bound flannel-udp"))
+            f.write(kv(time=10, runs=1, cpus=2, configs="tun-bound flannel-udp"))
         self.good_run(1, "tun-bound", 4.0, fwd_ticks=TCK)
         self.good_run(1, "flannel-udp", 3.0, fwd_ticks=TCK)
         r = self.result()
@@ -116,6 +116,10 @@ class ReportTests(unittest.TestCase):
         self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["fwd_cpu_s_per_gb"], 0.2)
         self.assertAlmostEqual(r["ratios"]["tun-bound"]["tcp4_gbps"]["median"], 0.75)
         self.assertAlmostEqual(r["ratios"]["tun-bound"]["fwd_cpu_s_per_gb"]["median"], 4.0 / 3.0)
+        # the machine was busy 4 s of the 10 s 4-stream test: 4 s for 5 GB, 4 s of 2 CPUs x 10 s
+        self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["machine_cpu_s_per_gb"], 0.8)
+        self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["machine_busy_pct"], 20.0)
+        self.assertAlmostEqual(r["ratios"]["tun-bound"]["machine_cpu_s_per_gb"]["median"], 4.0 / 3.0)
 
     def test_failed_configuration_is_reported_and_others_kept(self):
         self.write(1, "peer", "failed", "setup failed: adapter exited 1\n")
