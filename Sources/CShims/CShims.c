@@ -62,28 +62,6 @@ int fu_tun_set_vnet_hdr_size(int fd, int size) {
     return ioctl(fd, TUNSETVNETHDRSZ, &size);
 }
 
-int fu_tun_get_flags(int fd, unsigned int *flags) {
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof(ifr));
-    int rc = ioctl(fd, TUNGETIFF, &ifr);
-    if (rc == 0) {
-        *flags = (unsigned short)ifr.ifr_flags;
-    }
-    return rc;
-}
-
-int fu_set_txqueuelen(int sock, const char *name, int qlen) {
-    struct ifreq ifr;
-    memset(&ifr, 0, sizeof(ifr));
-    if (strlen(name) >= IFNAMSIZ) {
-        errno = ENAMETOOLONG;
-        return -1;
-    }
-    strncpy(ifr.ifr_name, name, IFNAMSIZ - 1);
-    ifr.ifr_qlen = qlen;
-    return ioctl(sock, SIOCSIFTXQLEN, &ifr);
-}
-
 int fu_recvmmsg(int fd, fu_mmsghdr *vec, unsigned int vlen, int flags) {
     return recvmmsg(fd, (struct mmsghdr *)vec, vlen, flags, NULL);
 }

@@ -69,12 +69,6 @@ int fu_tun_set_offload(int fd, unsigned int flags);
 /// ioctl(fd, TUNSETVNETHDRSZ, &size). _IOW macro.
 int fu_tun_set_vnet_hdr_size(int fd, int size);
 
-/// ioctl(fd, TUNGETIFF, &ifr) returning ifr_flags in *flags. _IOR macro.
-int fu_tun_get_flags(int fd, unsigned int *flags);
-
-/// ioctl(sock, SIOCSIFTXQLEN) for the device's transmit queue length; struct ifreq is a union.
-int fu_set_txqueuelen(int sock, const char *name, int qlen);
-
 // ---- batched socket I/O -----------------------------------------------------------------------------------
 
 /// Mirror of glibc's struct mmsghdr (hidden behind _GNU_SOURCE). A static assertion in CShims.c checks that
