@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Turn bench/run's raw files into medians: a table (default) or JSON (--json).
+"""Turn bench/run's raw files into medians: a table (default) or JSON (--json); or, with --check, exit 1 unless
+every configuration worked in every run (for a smoke run).
 
 Raw layout (written by bench/run):
     meta                         "key value" lines: time, runs, kernel, configs, ...
@@ -205,10 +206,10 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
 
 def main():
     args = sys.argv[1:]
-    as_json = "--json" in args
-    args = [a for a in args if a != "--json"]
+    as_json, check = "--json" in args, "--check" in args
+    args = [a for a in args if a not in ("--json", "--check")]
     if len(args) != 1:
-        sys.exit("usage: report.py [--json] RAW_DIR")
+        sys.exit("usage: report.py [--json | --check] RAW_DIR")
     raw = args[0]
     meta = read_kv(os.path.join(raw, "meta"))
     configs = meta.get("configs", "").split()
@@ -255,11 +256,31 @@ def main():
         }
 
     result["ratios"] = ratios(result, [names[c] for c in configs])
+    if check:
+        sys.exit(check_all_ran(result))
     if as_json:
         json.dump(result, sys.stdout, indent=2, sort_keys=False)
         print()
         return
     print_table(result, [names[c] for c in configs], rows)
+
+
+def check_all_ran(result):
+    """For a smoke run: 0 when every configuration worked in every run and measured TCP, else 1, with why."""
+    bad = []
+    for name, c in result["configs"].items():
+        if c["runs_ok"] != c["runs"] or "tcp4_gbps" not in c["median"]:
+            why = [f["error"] for f in c["failures"]] + [p["problem"] for p in c["problems"]]
+            if not why:
+                why = [f"{c['runs_ok']} of {c['runs']} runs worked" if c["runs_ok"] != c["runs"] else "no TCP figure"]
+            bad.append(f"{name}: {'; '.join(why)}")
+    if not result["configs"]:
+        bad.append("no configuration in the raw files")
+    for line in bad:
+        print("bench check: " + line)
+    if not bad:
+        print("bench check: every configuration ran: " + ", ".join(result["configs"]))
+    return 1 if bad else 0
 
 
 def ratios(result, cols):

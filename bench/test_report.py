@@ -121,6 +121,23 @@ class ReportTests(unittest.TestCase):
         self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["machine_busy_pct"], 20.0)
         self.assertAlmostEqual(r["ratios"]["tun-bound"]["machine_cpu_s_per_gb"]["median"], 4.0 / 3.0)
 
+    def test_check_fails_on_a_configuration_that_did_not_run(self):
+        self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.write(1, "peer", "failed", "setup failed: adapter exited 1\n")
+        def check():
+            return subprocess.run([sys.executable, report.__file__, "--check", self.raw], capture_output=True, text=True)
+        out = check()
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("flannel-c: setup failed: adapter exited 1", out.stdout)
+        # runs=3 in the meta: one good run of three is not enough either
+        self.assertIn("vxlan: 1 of 3 runs worked", out.stdout)
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=1, runs=1, configs="vxlan flannel-udp"))
+        out = check()
+        self.assertEqual(out.returncode, 0, out.stdout)
+        self.assertIn("every configuration ran: vxlan, flannel-udp", out.stdout)
+
     def test_failed_configuration_is_reported_and_others_kept(self):
         self.write(1, "peer", "failed", "setup failed: adapter exited 1\n")
         self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)

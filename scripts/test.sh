@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # All the tests: unit tests (no privileges) and integration tests (root; each runs in network namespaces it
-# creates and removes), the check that the man page and completions match the command definitions, and a
-# closing summary line. Installs what it needs first; safe to run again. CI runs exactly this (.ci/run).
+# creates and removes), short fuzz runs, the check that the man page and completions match the command
+# definitions, the bench report's tests and a 1-second bench run that every configuration must pass (root), and
+# a closing summary line. Installs what it needs first; safe to run again. CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -21,6 +22,22 @@ scripts/generate-docs.sh --check
 step "bench report unit tests"
 python3 bench/test_report.py 2>&1 | tail -1
 
+# The benchmark on a fresh machine: every configuration must set up, pass traffic and tear down. Figures from
+# 1-second tests say nothing about speed and are not checked.
+step "bench smoke run (bench/run --time 1 --runs 1)"
+bench_ok=1
+if [ "$(id -u)" -ne 0 ]; then
+    echo "skipped: not root (the benchmark creates network namespaces)"
+else
+    raw="$(mktemp -d)"
+    if ! bench/run --time 1 --runs 1 --pings 20 --keep-raw "$raw" >/dev/null 2>"$raw.err" ||
+        ! python3 bench/report.py --check "$raw"; then
+        bench_ok=0
+        tail -5 "$raw.err"
+    fi
+    rm -rf "$raw" "$raw.err"
+fi
+
 if [ "$(id -u)" -ne 0 ]; then
     echo "note: not root: the integration tests will skip (they need to create network namespaces)"
 fi
@@ -38,4 +55,8 @@ failed="$(sed -nE 's/.* ([0-9]+) failures?.*/\1/p' <<<"$summary")"
 total=${total:-0} skipped=${skipped:-0} failed=${failed:-0}
 if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then failed=1; fi
 echo "tests: $((total - skipped - failed)) passed, $failed failed, $skipped skipped"
+if [ "$bench_ok" -eq 0 ]; then
+    echo "bench smoke run FAILED (see above)"
+    [ "$rc" -ne 0 ] || rc=1
+fi
 exit "$rc"
