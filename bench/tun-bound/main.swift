@@ -21,22 +21,24 @@ import Glibc
     exit(1)
 }
 
+/// Bad command-line input: the message and exit status 2.
+func usage(_ message: String) -> Never {
+    FileHandle.standardError.write("tun-bound: \(message)\n".data(using: .utf8)!)
+    exit(2)
+}
+
 func ipv4(_ text: String) -> in_addr {
     var a = in_addr()
-    guard inet_pton(AF_INET, text, &a) == 1 else {
-        FileHandle.standardError.write("tun-bound: not an IPv4 address: \(text)\n".data(using: .utf8)!)
-        exit(2)
-    }
+    guard inet_pton(AF_INET, text, &a) == 1 else { usage("not an IPv4 address: \(text)") }
     return a
 }
 
 let args = CommandLine.arguments
 guard args.count == 4 || args.count == 5, args[1].utf8.count < Int(FU_IFNAMSIZ) else {
-    FileHandle.standardError.write("usage: tun-bound TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]\n".data(using: .utf8)!)
-    exit(2)
+    usage("usage: TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
 }
 let port = args.count == 5 ? UInt16(args[4]) : 8285
-guard let port else { fail("bad port \(args[4])") }
+guard let port, port != 0 else { usage("not a UDP port: \(args[4])") }
 
 let tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC)
 if tun < 0 { fail("open /dev/net/tun") }
