@@ -15,7 +15,15 @@ struct Up: ParsableCommand {
             writes flannel's subnet.env and forwards packets \
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
-            A failed start leaves nothing behind.
+            A failed start leaves nothing behind. \
+            With --ip-masq it also installs flanneld's masquerade and forward rules, in one transaction: nftables \
+            table 'ip flannel-ipv4' (chains postrtg and forward) by default, or with --masq-backend iptables the \
+            nat chain FLANNEL-POSTRTG and the filter chain FLANNEL-FWD with their jumps from POSTROUTING and \
+            FORWARD (through iptables-restore --noflush). Pods' traffic leaving the network is masqueraded to the \
+            node's address (fully-random ports), traffic inside the network and packets kube-proxy marked \
+            (0x4000) are not, and forwarding to and from the network is accepted. The rules are checked every \
+            --masq-resync seconds and put back (with a log line) if someone removed them; 'status' shows them and \
+            'down' removes them.
             """
     )
 
@@ -49,8 +57,14 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("subnet-file"), help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "path"))
     var subnetFile: String = SubnetFile.defaultPath
 
-    @Flag(name: .customLong("ip-masq"), help: "Write FLANNEL_IPMASQ=true to the subnet file.")
+    @Flag(name: .customLong("ip-masq"), help: "Install flanneld's masquerade and forward rules (kept in place, removed by 'down') and write FLANNEL_IPMASQ=true to the subnet file.")
     var ipMasq = false
+
+    @Option(name: .customLong("masq-backend"), help: ArgumentHelp("With --ip-masq: nftables (table ip flannel-ipv4) or iptables (chains FLANNEL-POSTRTG, FLANNEL-FWD).", valueName: "backend"))
+    var masqBackend: MasqueradeBackend = .nftables
+
+    @Option(name: .customLong("masq-resync"), help: ArgumentHelp("With --ip-masq: seconds between checks that put the rules back if they were removed (flanneld's --iptables-resync).", valueName: "s"))
+    var masqResync: Double = 5
 
     @Option(name: .customLong("peer-check"), help: ArgumentHelp("strict: accept a datagram only from the peer that owns its inner source; relaxed: any sender, if the inner source is in a known peer subnet (NAT).", valueName: "mode"))
     var peerCheck: PeerCheck = .strict
@@ -73,6 +87,9 @@ struct Up: ParsableCommand {
 
     func validate() throws {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        if !(masqResync > 0 && masqResync <= 3600) {
+            throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
+        }
         if etcd.endpoints != nil {
             if network != nil || subnet != nil {
                 throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
@@ -111,6 +128,8 @@ struct Up: ParsableCommand {
         config.subnetFile = subnetFile
         config.peersFile = peers.map { URL(fileURLWithPath: $0).path }
         config.ipMasq = ipMasq
+        config.masqBackend = masqBackend
+        config.masqResyncSeconds = masqResync
         config.peerCheck = peerCheck
         config.offloads = !noOffload
         return config
