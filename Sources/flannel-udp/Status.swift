@@ -9,7 +9,9 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the device, the overlay route and the daemon's state and counters.",
         discussion: """
-            Reads the device over netlink and asks the daemon over its control socket. Exit status: 0 the daemon \
+            Reads the device over netlink and asks the daemon over its control socket: counters, peers, offloads \
+            and, with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored). \
+            Exit status: 0 the daemon \
             is running, 3 it is not, 1 an error (e.g. the control socket refused us).
             """
     )
