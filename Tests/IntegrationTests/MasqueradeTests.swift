@@ -109,6 +109,37 @@ final class MasqueradeTests: XCTestCase {
         if backend == "iptables" { XCTAssertTrue(save.contains(":FORWARD DROP"), "down must not touch the policy: \(save)") }
     }
 
+    /// up fails after the rules went in (the subnet file cannot be written): the rules go with everything else.
+    func testFailedUpRemovesTheRulesItInstalled() throws {
+        let a = try makeNode(1)
+        let notADirectory = tmp + "/plain-file"
+        try "".write(toFile: notADirectory, atomically: true, encoding: .utf8)
+        for backend in ["nftables", "iptables"] {
+            let up = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0", "--ip-masq",
+                            "--masq-backend", backend, "--subnet-file", notADirectory + "/subnet.env", "--detach"])
+            XCTAssertNotEqual(up.status, 0, up.description)
+            XCTAssertTrue(up.stderr.contains(notADirectory + "/subnet.env"), up.stderr)
+            XCTAssertFalse(try a.ns.run(["nft", "-s", "list", "ruleset"]).contains("flannel"), "\(backend) rules left by a failed up")
+            XCTAssertFalse(try a.ns.run(["iptables-save"]).contains("FLANNEL"), "\(backend) rules left by a failed up")
+            XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+        }
+    }
+
+    /// The install batch cannot go in (a chain of ours exists with another hook): up fails naming nft's error,
+    /// and the batch changed nothing, not even the chains it would have flushed.
+    func testRulesThatCannotBeInstalledStopUpAndChangeNothing() throws {
+        let a = try makeNode(1)
+        try a.ns.run(["nft", "add table ip flannel-ipv4; add chain ip flannel-ipv4 postrtg { type filter hook input priority 0; }; add rule ip flannel-ipv4 postrtg accept"])
+        let before = try a.ns.run(["nft", "-s", "list", "ruleset"])
+        let up = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0", "--ip-masq",
+                        "--subnet-file", tmp + "/subnet.env", "--detach"])
+        XCTAssertNotEqual(up.status, 0, up.description)
+        XCTAssertTrue(up.stderr.contains("nftables: install table ip flannel-ipv4: Error: Could not process rule"), up.stderr)
+        XCTAssertEqual(try a.ns.run(["nft", "-s", "list", "ruleset"]), before)
+        XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+        XCTAssertFalse(FileManager.default.fileExists(atPath: tmp + "/subnet.env"))
+    }
+
     // MARK: - helpers
 
     /// A node with a pod behind it (not started yet).
