@@ -128,6 +128,34 @@ final class CleanupLeftoversTests: XCTestCase {
         XCTAssertEqual(nothing.stdout, "nothing to clean up in 10.244.0.0/16\n", nothing.description)
     }
 
+    /// flanneld's own udp backend leaves a flannel0 tun (here a persistent one, as a daemon that died mid-way
+    /// might): cleanup removes it with its route; a flannel0 that a live flannel-udp daemon owns it never touches.
+    func testStaleFlannel0IsRemovedButALiveDaemonsIsNot() throws {
+        let ns = try TestNamespace(prefix: "fu-clb")
+        addTeardownBlock { ns.destroy() }
+        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
+        try ns.run(["ip", "link", "set", "eth0peer", "up"])
+        try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
+        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try ns.run(["ip", "tuntap", "add", "flannel0", "mode", "tun"])
+        try ns.run(["ip", "addr", "add", "10.244.1.0/32", "dev", "flannel0"])
+        try ns.run(["ip", "link", "set", "flannel0", "up"])
+        try ns.run(["ip", "route", "add", "10.244.0.0/16", "dev", "flannel0"])
+
+        let real = fu(ns, ["cleanup", "--network", "10.244.0.0/16"])
+        XCTAssertEqual(real.status, 0, real.description)
+        XCTAssertEqual(real.stdout, "[#] delete route 10.244.0.0/16 dev flannel0\n[#] delete tun device flannel0\n")
+        XCTAssertFalse(try ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+
+        let up = fu(ns, ["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--iface", "eth0",
+                         "--subnet-file", tmp + "/subnet.env", "--detach"])
+        XCTAssertEqual(up.status, 0, up.description)
+        addTeardownBlock { _ = self.fu(ns, ["down"]) }
+        let live = fu(ns, ["cleanup", "--network", "10.244.0.0/16"])
+        XCTAssertEqual(live.stdout, "nothing to clean up in 10.244.0.0/16\n", live.description)
+        XCTAssertTrue(try ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+    }
+
     private func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
         runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
     }
