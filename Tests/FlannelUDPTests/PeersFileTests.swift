@@ -157,7 +157,7 @@ final class CleanupPlanTests: XCTestCase {
             "delete route 10.244.3.0/24 via 10.244.3.0 dev flannel.1",
             "delete vxlan device flannel.1",
         ])
-        XCTAssertEqual(Cleanup.plan(network: net, links: links, addresses: addrs, routes: [hostgw], keepDevices: ["eth0", "flannel.1"]), [])
+        XCTAssertEqual(Cleanup.plan(network: net, links: links, addresses: addrs, routes: [hostgw], keepDevices: ["eth0", "flannel.1", "flannel0"]), [])
     }
 
     func testFlannelVXLANNames() {

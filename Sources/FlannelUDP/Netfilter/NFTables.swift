@@ -29,16 +29,11 @@ public final class NFTables: @unchecked Sendable {  // guarded by `lock`
     /// - Parameters:
     ///   - operation: what this does in words, for the error ("install", "list").
     ///   - object: what it does it to ("table ip flannel-ipv4").
-    ///   - json: print listings as JSON (`nft -j`).
     /// - Throws: `NetfilterError` carrying nft's own error text.
     @discardableResult
-    public func run(_ commands: String, operation: String, object: String, json: Bool = false)
-        throws(NetfilterError) -> String {
+    public func run(_ commands: String, operation: String, object: String) throws(NetfilterError) -> String {
         lock.lock()
         defer { lock.unlock() }
-        let flags = nft_ctx_output_get_flags(context)
-        let jsonFlag = UInt32(NFT_CTX_OUTPUT_JSON)  // an anonymous C enum: imported as Int
-        nft_ctx_output_set_flags(context, json ? flags | jsonFlag : flags & ~jsonFlag)
         let rc = nft_run_cmd_from_buffer(context, commands)
         // Reading a buffer also resets it for the next command.
         let output = nft_ctx_get_output_buffer(context).map { String(cString: $0) } ?? ""
