@@ -130,13 +130,23 @@ final class CleanupBackendsTests: XCTestCase {
         let v6 = Cleanup.NetfilterView.Table(family: "ip6", name: "flannel-ipv6", listing: "table ip6 flannel-ipv6 {\n}\n")
         let nat = IPTablesSave.parse(NetfilterRulesTests.natSave, table: "nat")
         let filter = IPTablesSave.parse(NetfilterRulesTests.filterSave, table: "filter")
-        let view = Cleanup.NetfilterView(nftTables: [ours, v6], iptables: [nat, filter])
+        let nat6 = IPTablesSave.parse("""
+            *nat
+            :POSTROUTING ACCEPT [0:0]
+            :FLANNEL-POSTRTG - [0:0]
+            -A POSTROUTING -m comment --comment "flanneld masq" -j FLANNEL-POSTRTG
+            -A FLANNEL-POSTRTG -s fd00:10:244::/56 ! -d ff00::/8 -m comment --comment "flanneld masq" -j MASQUERADE
+            COMMIT
+            """, table: "nat")
+        let view = Cleanup.NetfilterView(nftTables: [ours, v6], iptables: [nat, filter], ip6tables: [nat6])
         XCTAssertEqual(Cleanup.plan(network: network, links: [], addresses: [], routes: [], netfilter: view).map(\.description), [
             "delete iptables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
             "delete iptables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
             "delete iptables chain -t nat FLANNEL-POSTRTG (1 rule)",
             "delete iptables rule -t filter -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD",
             "delete iptables chain -t filter FLANNEL-FWD (1 rule)",
+            "delete ip6tables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
+            "delete ip6tables chain -t nat FLANNEL-POSTRTG (1 rule)",
             "delete nftables table ip flannel-ipv4",
             "delete nftables table ip6 flannel-ipv6",
         ])

@@ -7,7 +7,8 @@ import XCTest
 ///     namespace N ("fu-clb-<pid>-<n>")
 ///       eth0 192.168.77.1/24 (veth, peer eth0peer)
 ///       flanneld's leftovers: flannel.1 (vxlan, 10.244.1.0/32) with a route and a neighbour per peer,
-///         nftables table ip flannel-ipv4, iptables FLANNEL-POSTRTG / FLANNEL-FWD with their jumps,
+///         nftables table ip flannel-ipv4, iptables FLANNEL-POSTRTG / FLANNEL-FWD with their jumps (and the
+///         ip6tables FLANNEL-POSTRTG of its IPv6 side),
 ///         a host-gw route 10.244.3.0/24 via 192.168.77.3, cni0 (bridge) still at 10.244.5.1/24 after the node's
 ///         subnet changed to 10.244.1.0/24
 ///       someone else's: keep0 (bridge, 172.16.9.1/24), a route 172.16.5.0/24 via 192.168.77.2, an iptables
@@ -17,7 +18,7 @@ final class CleanupLeftoversTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        for tool in ["nft", "iptables", "iptables-save"] where ExternalTool.locate(tool) == nil {
+        for tool in ["nft", "iptables", "iptables-save", "ip6tables"] where ExternalTool.locate(tool) == nil {
             throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
         }
         tmp = NSTemporaryDirectory() + "fu-clb-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
@@ -73,6 +74,9 @@ final class CleanupLeftoversTests: XCTestCase {
         try ns.run(["iptables", "-t", "filter", "-N", "FLANNEL-FWD"])
         try ns.run(["iptables", "-t", "filter", "-A", "FORWARD", "-m", "comment", "--comment", "flanneld forward", "-j", "FLANNEL-FWD"])
         try ns.run(["iptables", "-t", "filter", "-A", "FLANNEL-FWD", "-s", "10.244.0.0/16", "-m", "comment", "--comment", "flanneld forward", "-j", "ACCEPT"])
+        try ns.run(["ip6tables", "-t", "nat", "-N", "FLANNEL-POSTRTG"])
+        try ns.run(["ip6tables", "-t", "nat", "-A", "POSTROUTING", "-m", "comment", "--comment", "flanneld masq", "-j", "FLANNEL-POSTRTG"])
+        try ns.run(["ip6tables", "-t", "nat", "-A", "FLANNEL-POSTRTG", "-s", "fd00:10:244::/56", "-m", "comment", "--comment", "flanneld masq", "-j", "MASQUERADE"])
         // host-gw from before that, and a cni0 still addressed for the old subnet.
         try ns.run(["ip", "route", "add", "10.244.3.0/24", "via", "192.168.77.3", "dev", "eth0"])
         try ns.run(["ip", "link", "add", "cni0", "type", "bridge"])
@@ -94,6 +98,8 @@ final class CleanupLeftoversTests: XCTestCase {
             "delete iptables chain -t nat FLANNEL-POSTRTG (1 rule)",
             "delete iptables rule -t filter -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD",
             "delete iptables chain -t filter FLANNEL-FWD (1 rule)",
+            "delete ip6tables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
+            "delete ip6tables chain -t nat FLANNEL-POSTRTG (1 rule)",
             "delete nftables table ip flannel-ipv4",
             "delete address 10.244.5.1/24 dev cni0",
             "add address 10.244.1.1/24 dev cni0",
@@ -164,7 +170,7 @@ final class CleanupLeftoversTests: XCTestCase {
     private func systemView(_ ns: TestNamespace) throws -> String {
         let links = try ns.run(["ip", "-o", "link", "show"])
             .replacingOccurrences(of: #"\s+link/.*"#, with: "", options: .regularExpression)
-        let save = try ns.run(["iptables-save"]).split(separator: "\n")
+        let save = try (ns.run(["iptables-save"]) + ns.run(["ip6tables-save"])).split(separator: "\n")
             .filter { !$0.hasPrefix("#") }
             .map { $0.replacingOccurrences(of: #"\[\d+:\d+\]"#, with: "", options: .regularExpression) }
             .joined(separator: "\n")

@@ -77,15 +77,17 @@ public final class IPTablesMasquerade: MasqueradeRules, @unchecked Sendable {  /
         return lines.isEmpty ? nil : lines.joined(separator: "\n") + "\n"
     }
 
-    static func save(_ table: String) throws(NetfilterError) -> IPTablesSave {
-        IPTablesSave.parse(try ExternalTool.run("iptables-save", ["-t", table]), table: table)
+    /// - Parameter ipv6: ip6tables-save instead (flanneld's IPv6 chains, which only cleanup touches).
+    static func save(_ table: String, ipv6: Bool = false) throws(NetfilterError) -> IPTablesSave {
+        IPTablesSave.parse(try ExternalTool.run(ipv6 ? "ip6tables-save" : "iptables-save", ["-t", table]), table: table)
     }
 
-    static func restore(_ input: String, operation: String) throws(NetfilterError) {
+    static func restore(_ input: String, operation: String, ipv6: Bool = false) throws(NetfilterError) {
+        let tool = ipv6 ? "ip6tables" : "iptables"
         do {
-            _ = try ExternalTool.run("iptables-restore", ["-w", "5", "--noflush"], input: input)
+            _ = try ExternalTool.run("\(tool)-restore", ["-w", "5", "--noflush"], input: input)
         } catch {
-            throw NetfilterError("iptables: \(operation)", "chains \(natChain), \(forwardChain)",
+            throw NetfilterError("\(tool): \(operation)", "chains \(natChain), \(forwardChain)",
                                  "\(error.description)\ninput was:\n\(input)")
         }
     }

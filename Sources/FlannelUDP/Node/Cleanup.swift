@@ -13,7 +13,7 @@ import Glibc
 ///   the routes into the network through it and its neighbour entries inside the network;
 /// - flanneld's masquerade rules: nftables table `ip flannel-ipv4` when it mentions the network or holds no
 ///   rules, its IPv6 twin `ip6 flannel-ipv6`, and the iptables chains `FLANNEL-POSTRTG` / `FLANNEL-FWD` (nat or
-///   filter) under the same condition, with every jump to them;
+///   filter) under the same condition, with every jump to them, and the ip6tables chains of those names;
 /// - a `cni0` bridge with an address outside this node's subnet (the "cni0 already has an IP address different
 ///   from ..." failure after a subnet change): reported, and with `fixCNI0` re-addressed to the subnet's gateway;
 /// - a dead daemon's state file (its pid no longer runs).
@@ -23,10 +23,10 @@ public enum Cleanup {
         case deleteNeighbour(Neighbour, device: String)
         case deleteLink(index: Int32, name: String, kind: String = "vxlan")
         case deleteNFTable(family: String, name: String)
-        /// A jump to one of flanneld's chains, as iptables-save prints it.
-        case deleteIPTablesRule(table: String, rule: IPTablesSave.Rule)
+        /// A jump to one of flanneld's chains, as iptables-save (ip6tables-save with `ipv6`) prints it.
+        case deleteIPTablesRule(table: String, rule: IPTablesSave.Rule, ipv6: Bool = false)
         /// One of flanneld's chains: flushed, then deleted.
-        case deleteIPTablesChain(table: String, chain: String, rules: Int)
+        case deleteIPTablesChain(table: String, chain: String, rules: Int, ipv6: Bool = false)
         case deleteAddress(InterfaceAddress, device: String)
         case addAddress(InterfaceAddress, device: String)
         case removeFile(String)
@@ -44,9 +44,10 @@ public enum Cleanup {
             case .deleteNeighbour(let n, let dev): return "delete neighbour \(n) dev \(dev)"
             case .deleteLink(_, let name, let kind): return "delete \(kind) device \(name)"
             case .deleteNFTable(let family, let name): return "delete nftables table \(family) \(name)"
-            case .deleteIPTablesRule(let table, let rule): return "delete iptables rule -t \(table) \(rule.line)"
-            case .deleteIPTablesChain(let table, let chain, let rules):
-                return "delete iptables chain -t \(table) \(chain) (\(rules) rule\(rules == 1 ? "" : "s"))"
+            case .deleteIPTablesRule(let table, let rule, let ipv6):
+                return "delete \(ipv6 ? "ip6tables" : "iptables") rule -t \(table) \(rule.line)"
+            case .deleteIPTablesChain(let table, let chain, let rules, let ipv6):
+                return "delete \(ipv6 ? "ip6tables" : "iptables") chain -t \(table) \(chain) (\(rules) rule\(rules == 1 ? "" : "s"))"
             case .deleteAddress(let a, let dev): return "delete address \(a) dev \(dev)"
             case .addAddress(let a, let dev): return "add address \(a) dev \(dev)"
             case .removeFile(let path): return "remove \(path)"
@@ -76,9 +77,12 @@ public enum Cleanup {
         }
         public var nftTables: [Table]
         public var iptables: [IPTablesSave]
-        public init(nftTables: [Table] = [], iptables: [IPTablesSave] = []) {
+        /// ip6tables' nat and filter tables: flanneld's IPv6 chains carry the same names.
+        public var ip6tables: [IPTablesSave]
+        public init(nftTables: [Table] = [], iptables: [IPTablesSave] = [], ip6tables: [IPTablesSave] = []) {
             self.nftTables = nftTables
             self.iptables = iptables
+            self.ip6tables = ip6tables
         }
     }
 
@@ -136,18 +140,21 @@ public enum Cleanup {
 
     private static func planNetfilter(network: IPv4Network, _ view: NetfilterView) -> [Action] {
         var actions: [Action] = []
-        for table in view.iptables {
-            for chain in [IPTablesMasquerade.natChain, IPTablesMasquerade.forwardChain] {
-                let inside = table.rules(in: chain)
-                let body = inside.map(\.spec).joined(separator: "\n")
-                guard table.chains.contains(chain) || !table.jumps(to: chain).isEmpty else { continue }
-                guard mentions(body, network) else {
-                    actions.append(.note("note: iptables chain -t \(table.table) \(chain) is for another network; left alone"))
-                    continue
-                }
-                actions += table.jumps(to: chain).map { .deleteIPTablesRule(table: table.table, rule: $0) }
-                if table.chains.contains(chain) {
-                    actions.append(.deleteIPTablesChain(table: table.table, chain: chain, rules: inside.count))
+        // IPv6 chains cannot name an IPv4 network: like the ip6 nftables table they go by flanneld's names alone.
+        for (tables, ipv6) in [(view.iptables, false), (view.ip6tables, true)] {
+            for table in tables {
+                for chain in [IPTablesMasquerade.natChain, IPTablesMasquerade.forwardChain] {
+                    let inside = table.rules(in: chain)
+                    let body = inside.map(\.spec).joined(separator: "\n")
+                    guard table.chains.contains(chain) || !table.jumps(to: chain).isEmpty else { continue }
+                    guard ipv6 || mentions(body, network) else {
+                        actions.append(.note("note: iptables chain -t \(table.table) \(chain) is for another network; left alone"))
+                        continue
+                    }
+                    actions += table.jumps(to: chain).map { .deleteIPTablesRule(table: table.table, rule: $0, ipv6: ipv6) }
+                    if table.chains.contains(chain) {
+                        actions.append(.deleteIPTablesChain(table: table.table, chain: chain, rules: inside.count, ipv6: ipv6))
+                    }
                 }
             }
         }

@@ -37,6 +37,10 @@ public final class CleanupSystem {
         if ExternalTool.locate("iptables-save") != nil {
             view.iptables = [try IPTablesMasquerade.save("nat"), try IPTablesMasquerade.save("filter")]
         }
+        if ExternalTool.locate("ip6tables-save") != nil {
+            view.ip6tables = [try IPTablesMasquerade.save("nat", ipv6: true),
+                              try IPTablesMasquerade.save("filter", ipv6: true)]
+        }
         return view
     }
 
@@ -54,11 +58,12 @@ public final class CleanupSystem {
             case .deleteNFTable(let family, let name):
                 try nft().run(NFTablesMasquerade.removeBatch(family: family, table: name), operation: "delete",
                               object: "table \(family) \(name)")
-            case .deleteIPTablesRule(let table, let rule):
+            case .deleteIPTablesRule(let table, let rule, let ipv6):
                 try IPTablesMasquerade.restore("*\(table)\n-D \(rule.chain) \(rule.spec)\nCOMMIT\n",
-                                               operation: "delete rule")
-            case .deleteIPTablesChain(let table, let chain, _):
-                try IPTablesMasquerade.restore("*\(table)\n-F \(chain)\n-X \(chain)\nCOMMIT\n", operation: "delete chain")
+                                               operation: "delete rule", ipv6: ipv6)
+            case .deleteIPTablesChain(let table, let chain, _, let ipv6):
+                try IPTablesMasquerade.restore("*\(table)\n-F \(chain)\n-X \(chain)\nCOMMIT\n", operation: "delete chain",
+                                               ipv6: ipv6)
             case .deleteAddress(let address, _):
                 try netlink.deleteAddress(address)
             case .addAddress(let address, _):
