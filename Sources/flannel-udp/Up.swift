@@ -16,14 +16,9 @@ struct Up: ParsableCommand {
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
             A failed start leaves nothing behind. \
-            With --ip-masq it also installs flanneld's masquerade and forward rules, in one transaction: nftables \
-            table 'ip flannel-ipv4' (chains postrtg and forward) by default, or with --masq-backend iptables the \
-            nat chain FLANNEL-POSTRTG and the filter chain FLANNEL-FWD with their jumps from POSTROUTING and \
-            FORWARD (through iptables-restore --noflush). Pods' traffic leaving the network is masqueraded to the \
-            node's address (fully-random ports), traffic inside the network and packets kube-proxy marked \
-            (0x4000) are not, and forwarding to and from the network is accepted. The rules are checked every \
-            --masq-resync seconds and put back (with a log line) if someone removed them; 'status' shows them and \
-            'down' removes them.
+            --ip-masq adds flanneld's masquerade and forward rules (pods' traffic out of the network leaves with \
+            the node's address; inside it, and kube-proxy's marked packets, untouched), in one transaction, kept \
+            in place every --masq-resync seconds.
             """
     )
 
