@@ -3,6 +3,7 @@
 // flannel-udp: flannel's UDP overlay backend as one Swift system tool for Linux.
 // Targets:
 //   CNetlink     libmnl (Debian: libmnl-dev) as a system library
+//   CNFTables    libnftables (Debian: libnftables-dev) as a system library, for the masquerade rules
 //   CShims       the few C helpers Swift cannot import (macros, mmsghdr, ifreq/TUNSETIFF, virtio-net header)
 //   FlannelUDP   the library: netlink, tun device, data plane, control socket, peer sources
 //   flannel-udp  the command-line tool, one file per subcommand
@@ -31,11 +32,17 @@ let package = Package(
             pkgConfig: "libmnl",
             providers: [.apt(["libmnl-dev"])]
         ),
+        .systemLibrary(
+            name: "CNFTables",
+            pkgConfig: "libnftables",
+            providers: [.apt(["libnftables-dev"])]
+        ),
         .target(name: "CShims"),
         .target(
             name: "FlannelUDP",
             dependencies: [
                 "CNetlink",
+                "CNFTables",
                 "CShims",
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Atomics", package: "swift-atomics"),

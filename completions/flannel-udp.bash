@@ -188,7 +188,7 @@ _flannel-udp_up() {
     repeating_flags=()
     non_repeating_flags=(--ip-masq --no-offload --detach --verbose -v --version -h --help)
     repeating_options=()
-    non_repeating_options=(--network --subnet --etcd-endpoints --etcd-prefix --etcd-username --etcd-password --etcd-cafile --etcd-certfile --etcd-keyfile --iface --public-ip --port --mtu --device --peers --subnet-file --peer-check --log-file)
+    non_repeating_options=(--network --subnet --etcd-endpoints --etcd-prefix --etcd-username --etcd-password --etcd-cafile --etcd-certfile --etcd-keyfile --iface --public-ip --port --mtu --device --peers --subnet-file --masq-backend --masq-resync --peer-check --log-file)
     __flannel-udp_offer_flags_options 0
 
     # Offer option value completions
@@ -239,6 +239,13 @@ _flannel-udp_up() {
         return
         ;;
     '--subnet-file')
+        return
+        ;;
+    '--masq-backend')
+        __flannel-udp_add_completions -W 'nftables'$'\n''iptables'
+        return
+        ;;
+    '--masq-resync')
         return
         ;;
     '--peer-check')
@@ -354,14 +361,17 @@ _flannel-udp_status() {
 
 _flannel-udp_cleanup() {
     repeating_flags=()
-    non_repeating_flags=(--dry-run --version -h --help)
+    non_repeating_flags=(--fix-cni0 --dry-run --version -h --help)
     repeating_options=()
-    non_repeating_options=(--network --subnet-file)
+    non_repeating_options=(--network --subnet --subnet-file)
     __flannel-udp_offer_flags_options 0
 
     # Offer option value completions
     case "${prev}" in
     '--network')
+        return
+        ;;
+    '--subnet')
         return
         ;;
     '--subnet-file')

@@ -27,6 +27,7 @@ require_swift() {
     command -v swift >/dev/null 2>&1 || die "Swift 6.x is needed (expected at $SWIFT_DIR); see https://swift.org/install"
 }
 
-# Packages every entry point needs: libmnl for building, iproute2/ping/iperf3 for namespaces and traffic,
-# etcd for the registry tests, pkg-config so SwiftPM finds libmnl.
-BASE_PACKAGES=(libmnl-dev pkg-config iproute2 iputils-ping iperf3 procps util-linux python3)
+# Packages every entry point needs: libmnl and libnftables for building, iproute2/ping/iperf3 for namespaces and
+# traffic, nftables/iptables (the nft and iptables-restore tools) for --ip-masq and its tests, pkg-config so
+# SwiftPM finds the libraries.
+BASE_PACKAGES=(libmnl-dev libnftables-dev nftables iptables pkg-config iproute2 iputils-ping iperf3 procps util-linux python3)

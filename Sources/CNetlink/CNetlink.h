@@ -7,5 +7,6 @@
 #include <linux/rtnetlink.h>
 #include <linux/if_link.h>
 #include <linux/if_addr.h>
+#include <linux/neighbour.h>
 #include <linux/if.h>
 #endif

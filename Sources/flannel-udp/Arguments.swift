@@ -18,6 +18,8 @@ extension IPv4Address: ExpressibleByArgument {
 
 extension PeerCheck: ExpressibleByArgument {}
 
+extension MasqueradeBackend: ExpressibleByArgument {}
+
 /// Parses a network argument with a precise message ("... has host bits set (did you mean ...)").
 func parseNetwork(_ text: String, strict: Bool = true) throws -> IPv4Network {
     do { return try IPv4Network(parsing: text, strict: strict) } catch { throw ValidationError(error.description) }

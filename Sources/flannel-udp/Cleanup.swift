@@ -7,30 +7,43 @@ import Glibc
 
 struct Cleanup: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Remove what an earlier backend left inside the overlay network.",
+        abstract: "Remove what an earlier flannel backend left inside the overlay network.",
         discussion: """
-            Removes host-gw routes to subnets of the network via a gateway, a leftover flannel.<VNI> vxlan device \
-            and routes through it, and the state of a dead flannel-udp daemon. Prints each change as it makes it; \
-            --dry-run prints them without making them. Nothing outside the network is ever touched. The network \
-            comes from --network, else from the subnet file.
+            Removes host-gw routes to subnets of the network via a gateway; any flannel backend's device \
+            (flannel.<VNI> and flannel-v6.<VNI> vxlan, flannel.ipip, flannel-wg and flannel-wg-v6 wireguard, a \
+            flannel0 tun that no live flannel-udp daemon owns) with its routes and neighbour entries; flanneld's \
+            masquerade rules (nftables tables ip flannel-ipv4 and ip6 flannel-ipv6, iptables and ip6tables chains \
+            FLANNEL-POSTRTG and FLANNEL-FWD with every jump to them); and the state of a dead flannel-udp daemon. \
+            A cni0 bridge with an address outside this node's subnet is reported, and with --fix-cni0 \
+            re-addressed (the stale address deleted, the subnet's gateway address added). Prints each change as \
+            '[#] ...' as it makes it; --dry-run prints them without making them. Nothing outside the network is \
+            ever touched. The network and subnet come from --network and --subnet, else from the subnet file.
             """
     )
 
     @Option(help: ArgumentHelp("The overlay network (default: FLANNEL_NETWORK from the subnet file).", valueName: "cidr"))
     var network: String?
 
-    @Option(name: .customLong("subnet-file"), help: ArgumentHelp("The subnet file to read the network from.", valueName: "path"))
+    @Option(help: ArgumentHelp("This node's subnet, to check cni0 against (default: FLANNEL_SUBNET from the subnet file).", valueName: "cidr"))
+    var subnet: String?
+
+    @Option(name: .customLong("subnet-file"), help: ArgumentHelp("The subnet file to read the network and subnet from.", valueName: "path"))
     var subnetFile: String = SubnetFile.defaultPath
+
+    @Flag(name: .customLong("fix-cni0"), help: "Re-address a cni0 bridge whose address is outside this node's subnet.")
+    var fixCNI0 = false
 
     @Flag(name: .customLong("dry-run"), help: "Print what would be removed and change nothing.")
     var dryRun = false
 
     func validate() throws {
         if let network { _ = try parseNetwork(network) }
+        if let subnet { _ = try parseNetwork(subnet, strict: false) }
     }
 
     func run() throws {
         if !dryRun { try requireRoot("cleanup") }
+        let file = try? SubnetFile.load(path: subnetFile)
         let net: IPv4Network
         if let network {
             net = try parseNetwork(network)
@@ -39,51 +52,50 @@ struct Cleanup: ParsableCommand {
                 throw fail("cleanup", "no --network given and \(error)", Exit.usage)
             }
         }
+        let nodeSubnet = try subnet.map { try parseNetwork($0, strict: false) } ?? file.map(\.subnet)
+        let ownSubnet = nodeSubnet.map { IPv4Network(address: $0.address, prefixLength: $0.prefixLength) }
 
-        let nl: Netlink
-        let actions: [FlannelUDP.Cleanup.Action]
+        let system: CleanupSystem
+        var actions: [FlannelUDP.Cleanup.Action]
         do {
-            nl = try Netlink()
+            system = try CleanupSystem()
+            let nl = system.netlink
             let links = try nl.links()
             // Devices of live daemons in this namespace are not leftovers.
             let keep = Set(links.map(\.name).filter { name in
                 (try? ControlClient.send(.routeList, paths: RuntimePaths(device: name), timeoutSeconds: 1)) != nil
             })
+            var netfilter = FlannelUDP.Cleanup.NetfilterView()
+            do { netfilter = try system.readNetfilter() } catch {
+                if !dryRun { throw error }
+                FileHandle.standardErrorWrite("flannel-udp cleanup: cannot read the netfilter rules (\(error)); not listing them\n")
+            }
             actions = FlannelUDP.Cleanup.plan(network: net, links: links, addresses: try nl.addresses(),
-                                              routes: try nl.routes(), keepDevices: keep)
+                                              routes: try nl.routes(), neighbours: try nl.neighbours(),
+                                              netfilter: netfilter, subnet: ownSubnet, keepDevices: keep,
+                                              fixCNI0: fixCNI0)
         } catch {
             throw fail("cleanup", "\(error)")
         }
         let paths = RuntimePaths(device: "flannel0")
         let stale = FlannelUDP.Cleanup.staleStateFiles(runDirectory: paths.runDirectory, namespaceID: paths.namespaceID)
-        let all = actions + stale.map { .removeFile($0) }
+        actions += stale.map { .removeFile($0) }
 
-        if all.isEmpty {
+        for note in actions where !note.isChange { print(note) }
+        let changes = actions.filter(\.isChange)
+        if changes.isEmpty {
             print("nothing to clean up in \(net)")
             return
         }
         var failures = 0
-        for action in all {
+        for action in changes {
             if dryRun {
                 print("[dry-run] \(action)")
                 continue
             }
             print("[#] \(action)")
-            do {
-                switch action {
-                case .deleteRoute(let route, _):
-                    try nl.deleteRoute(route)
-                case .deleteLink(let index, _):
-                    try nl.deleteLink(index: index)
-                case .removeFile(let path):
-                    if unlink(path) != 0 && errno != ENOENT { throw SystemError.current("remove", path) }
-                    let log = path.replacingOccurrences(of: ".json", with: ".log")
-                    unlink(log)
-                }
-            } catch let e as SystemError where e.errno == ESRCH || e.errno == ENODEV {
-                // Already gone (a route that went with its device): that is the goal.
-            } catch {
-                FileHandle.standardErrorWrite("flannel-udp cleanup: \(error)\n")
+            do { try system.apply(action) } catch {
+                FileHandle.standardErrorWrite("flannel-udp cleanup: \(action): \(error)\n")
                 failures += 1
             }
         }

@@ -9,7 +9,8 @@ struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop the daemon of a device and remove everything it made.",
         discussion: """
-            Asks the daemon over its control socket to stop; it removes its route, its device, the subnet file \
+            Asks the daemon over its control socket to stop; it removes its masquerade rules, its route, its \
+            device, the subnet file \
             it wrote and its state. Waits until the device is gone. If no daemon is running, removes what a dead \
             one left (state file, log). Succeeds when there is nothing to remove.
             """

@@ -9,7 +9,9 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the device, the overlay route and the daemon's state and counters.",
         discussion: """
-            Reads the device over netlink and asks the daemon over its control socket. Exit status: 0 the daemon \
+            Reads the device over netlink and asks the daemon over its control socket: counters, peers, offloads \
+            and, with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored). \
+            Exit status: 0 the daemon \
             is running, 3 it is not, 1 an error (e.g. the control socket refused us).
             """
     )
@@ -106,6 +108,15 @@ struct Status: ParsableCommand {
         if let o = s.offloadStatistics {
             print("           \(o.superPacketsSegmented) super-packets segmented, \(o.superPacketsCoalesced) coalesced, \(o.groBuffers) GRO buffers, largest datagram \(o.largestDatagramReceived) bytes")
         }
+        if let m = s.masquerade {
+            var line = "masquerade: \(m.backend) \(m.objects.joined(separator: ", ")); \(m.inPlace ? "in place" : "NOT in place")"
+            line += ", checked every \(formatSeconds(m.resyncSeconds)), restored \(m.restored) time(s)"
+            if let last = m.lastRestored { line += ", last \(last)" }
+            print(line)
+            if let e = m.lastError { print("            error: \(e)") }
+        } else {
+            print("masquerade: off")
+        }
         let c = s.counters
         print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)")
         let drops = c.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }
@@ -113,6 +124,10 @@ struct Status: ParsableCommand {
         print("peers:     \(s.routes.count)")
         if !s.routes.isEmpty { printRoutes(s.routes) }
     }
+}
+
+func formatSeconds(_ seconds: Double) -> String {
+    seconds == seconds.rounded() ? "\(Int(seconds)) s" : "\(seconds) s"
 }
 
 func formatDuration(_ seconds: Double) -> String {

@@ -15,7 +15,10 @@ struct Up: ParsableCommand {
             writes flannel's subnet.env and forwards packets \
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
-            A failed start leaves nothing behind.
+            A failed start leaves nothing behind. \
+            --ip-masq adds flanneld's masquerade and forward rules (pods' traffic out of the network leaves with \
+            the node's address; inside it, and kube-proxy's marked packets, untouched), in one transaction, kept \
+            in place every --masq-resync seconds.
             """
     )
 
@@ -49,8 +52,14 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("subnet-file"), help: ArgumentHelp("Where to write flannel's subnet.env.", valueName: "path"))
     var subnetFile: String = SubnetFile.defaultPath
 
-    @Flag(name: .customLong("ip-masq"), help: "Write FLANNEL_IPMASQ=true to the subnet file.")
+    @Flag(name: .customLong("ip-masq"), help: "Install flanneld's masquerade and forward rules (kept in place, removed by 'down') and write FLANNEL_IPMASQ=true to the subnet file.")
     var ipMasq = false
+
+    @Option(name: .customLong("masq-backend"), help: ArgumentHelp("With --ip-masq: nftables (table ip flannel-ipv4) or iptables (chains FLANNEL-POSTRTG, FLANNEL-FWD).", valueName: "backend"))
+    var masqBackend: MasqueradeBackend = .nftables
+
+    @Option(name: .customLong("masq-resync"), help: ArgumentHelp("With --ip-masq: seconds between checks that put the rules back if they were removed (flanneld's --iptables-resync).", valueName: "s"))
+    var masqResync: Double = 5
 
     @Option(name: .customLong("peer-check"), help: ArgumentHelp("strict: accept a datagram only from the peer that owns its inner source; relaxed: any sender, if the inner source is in a known peer subnet (NAT).", valueName: "mode"))
     var peerCheck: PeerCheck = .strict
@@ -73,6 +82,9 @@ struct Up: ParsableCommand {
 
     func validate() throws {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        if !(masqResync > 0 && masqResync <= 3600) {
+            throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
+        }
         if etcd.endpoints != nil {
             if network != nil || subnet != nil {
                 throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
@@ -111,6 +123,8 @@ struct Up: ParsableCommand {
         config.subnetFile = subnetFile
         config.peersFile = peers.map { URL(fileURLWithPath: $0).path }
         config.ipMasq = ipMasq
+        config.masqBackend = masqBackend
+        config.masqResyncSeconds = masqResync
         config.peerCheck = peerCheck
         config.offloads = !noOffload
         return config

@@ -66,6 +66,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var lease: LeaseInfo?
     /// What the offloads did: super-packets segmented and coalesced, GRO buffers, largest datagram received.
     public var offloadStatistics: OffloadStatistics?
+    /// The masquerade rules with --ip-masq: where they are, whether they are in place, how often they were restored.
+    public var masquerade: MasqueradeStatus?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,

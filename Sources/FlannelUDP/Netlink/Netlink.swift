@@ -190,6 +190,21 @@ public final class Netlink {
         }
     }
 
+    // MARK: - Neighbours
+
+    /// The IPv4 neighbour (ARP) entries of every interface (an RTM_GETNEIGH dump; the kernel filters by family).
+    public func neighbours() throws(SystemError) -> [Neighbour] {
+        try exchange("list neighbours", "", replyType: UInt16(RTM_NEWNEIGH), query: true,
+                     build: NetlinkMessages.dumpNeighbours, parse: NetlinkMessages.parseNeighbour)
+    }
+
+    /// Removes one IPv4 neighbour entry (ENOENT when there is no such entry).
+    public func deleteNeighbour(_ neighbour: Neighbour) throws(SystemError) {
+        try perform("delete neighbour", "\(neighbour.address) dev \(interfaceName(neighbour.index))", query: false) { seq in
+            NetlinkMessages.deleteNeighbour(neighbour, sequence: seq)
+        }
+    }
+
     // MARK: - Routes
 
     /// The IPv4 unicast routes of one table (an RTM_GETROUTE dump, filtered here by table and type; cached clones

@@ -113,6 +113,28 @@ enum NetlinkMessages {
         return m.bytes
     }
 
+    // MARK: - Neighbours
+
+    /// RTM_GETNEIGH dump of the IPv4 neighbour (ARP) tables of every interface.
+    static func dumpNeighbours(sequence: UInt32) -> [UInt8] {
+        let m = MessageBuilder(type: UInt16(RTM_GETNEIGH), flags: UInt16(NLM_F_DUMP), sequence: sequence)
+        var header = ndmsg()
+        header.ndm_family = UInt8(AF_INET)
+        m.putFixedHeader(header)
+        return m.bytes
+    }
+
+    /// RTM_DELNEIGH for one IPv4 entry, as `ip neigh del ADDRESS dev DEV` sends it: interface and NDA_DST.
+    static func deleteNeighbour(_ neighbour: Neighbour, sequence: UInt32) -> [UInt8] {
+        let m = MessageBuilder(type: UInt16(RTM_DELNEIGH), flags: 0, sequence: sequence)
+        var header = ndmsg()
+        header.ndm_family = UInt8(AF_INET)
+        header.ndm_ifindex = neighbour.index
+        m.putFixedHeader(header)
+        m.putIPv4(UInt16(NDA_DST), neighbour.address)
+        return m.bytes
+    }
+
     // MARK: - Routes
 
     /// RTM_GETROUTE dump of the IPv4 routing tables (all tables; `Netlink.routes` filters by table).
@@ -315,6 +337,16 @@ enum NetlinkMessages {
         return status
     }
 
+    /// Parses an RTM_NEWNEIGH reply for IPv4. Nil for another family or a malformed message (no NDA_DST, or one
+    /// that is not 4 bytes).
+    static func parseNeighbour(_ message: UnsafeRawBufferPointer) -> Neighbour? {
+        guard let (header, attrs) = open(message, type: UInt16(RTM_NEWNEIGH), fixed: ndmsg.self),
+              header.ndm_family == UInt8(AF_INET), let address = attrs.ipv4(UInt16(NDA_DST))
+        else { return nil }
+        let lladdr = attrs.payload(UInt16(NDA_LLADDR)).map { Array($0) }
+        return Neighbour(index: header.ndm_ifindex, address: address, linkAddress: lladdr, state: header.ndm_state)
+    }
+
     /// The fixed header and attributes of a whole message of `type`, or nil: shorter than its header, claiming
     /// more bytes than there are, another type, or attributes that are not whole.
     private static func open<Fixed>(_ message: UnsafeRawBufferPointer, type: UInt16, fixed: Fixed.Type)
@@ -340,6 +372,7 @@ extension NetlinkMessages {
     static func parseAddress(_ bytes: [UInt8]) -> InterfaceAddress? { bytes.withUnsafeBytes { parseAddress($0) } }
     static func parseRoute(_ bytes: [UInt8]) -> RouteMessage? { bytes.withUnsafeBytes { parseRoute($0) } }
     static func parseStatus(_ bytes: [UInt8]) -> Status? { bytes.withUnsafeBytes { parseStatus($0) } }
+    static func parseNeighbour(_ bytes: [UInt8]) -> Neighbour? { bytes.withUnsafeBytes { parseNeighbour($0) } }
 }
 
 /// One request under construction, in a zeroed, aligned buffer, written with libmnl's put functions (which keep

@@ -105,3 +105,32 @@ public struct Route: Sendable, Hashable {
     /// RTN_UNICAST (1): an ordinary route.
     public static let typeUnicast = UInt8(RTN_UNICAST)
 }
+
+/// An IPv4 neighbour (ARP) entry, as `ip neigh` shows it: what flanneld's vxlan backend installs for each peer's
+/// flannel.<VNI> address.
+public struct Neighbour: Sendable, Hashable, CustomStringConvertible {
+    /// The interface index (ndm_ifindex).
+    public var index: Int32
+    /// The neighbour's IPv4 address (NDA_DST).
+    public var address: IPv4Address
+    /// Its link-layer address (NDA_LLADDR), when the entry has one.
+    public var linkAddress: [UInt8]?
+    /// The NUD_* state (ndm_state): NUD_PERMANENT (0x80) for an entry added by hand or by flanneld.
+    public var state: UInt16
+
+    public init(index: Int32, address: IPv4Address, linkAddress: [UInt8]? = nil, state: UInt16 = 0x80) {
+        self.index = index
+        self.address = address
+        self.linkAddress = linkAddress
+        self.state = state
+    }
+
+    /// "10.244.2.0 lladdr 0a:58:0a:f4:02:00"; the device is left out because only an index is known here.
+    public var description: String {
+        guard let lladdr = linkAddress, !lladdr.isEmpty else { return "\(address)" }
+        return "\(address) lladdr " + lladdr.map { byte in
+            let hex = String(byte, radix: 16)
+            return byte < 16 ? "0" + hex : hex
+        }.joined(separator: ":")
+    }
+}

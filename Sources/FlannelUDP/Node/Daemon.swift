@@ -54,6 +54,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private lazy var store = RouteStore(publisher: table, network: config.network, ownSubnet: config.subnet)
     private let counters = DataPlaneCounters()
     private var forwarder: Forwarder?
+    private var masquerade: MasqueradeResync?
     private let fatalLock = NSLock()
     private var fatalError: String?
 
@@ -133,6 +134,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         let tun: TunDevice
         do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
+        masquerade = setup.masquerade
         var forwarderStarted = false
         defer {
             if forwarderStarted { forwarder?.stop() }
@@ -367,6 +369,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
             })
         status.offloadStatistics = forwarder?.offloadStatistics
+        status.masquerade = masquerade?.status
         return status
     }
 }

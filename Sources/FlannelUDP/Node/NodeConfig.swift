@@ -13,7 +13,12 @@ public struct NodeConfig: Sendable {
     /// Where to write flannel's subnet.env; nil to skip.
     public var subnetFile: String? = SubnetFile.defaultPath
     public var peersFile: String?
+    /// Install flanneld's masquerade and forward rules (and promise them in subnet.env's FLANNEL_IPMASQ).
     public var ipMasq = false
+    /// Where the masquerade rules go: nftables (flanneld's default) or iptables.
+    public var masqBackend: MasqueradeBackend = .nftables
+    /// How often the masquerade rules are checked and put back (flanneld's --iptables-resync).
+    public var masqResyncSeconds: Double = 5
     public var peerCheck: PeerCheck = .strict
     /// Kernel offloads (TUN TSO with segmentation here, UDP GSO/GRO, TCP coalescing into the tun), each probed
     /// and left off when the kernel refuses it. false is the plain path, one packet per syscall entry.
@@ -52,6 +57,9 @@ public struct NodeConfig: Sendable {
         if network.prefixLength > 30 { return "network \(network) is too small for an overlay (at most /30)" }
         if let problem = TunDevice.validateName(device) { return "device: \(problem)" }
         if let underlay, let problem = TunDevice.validateName(underlay) { return "iface: \(problem)" }
+        if !(masqResyncSeconds > 0 && masqResyncSeconds <= 3600) {
+            return "masq-resync \(masqResyncSeconds) is outside 0-3600 seconds (it must be more than 0)"
+        }
         if port == 0 { return "port 0 is not a valid UDP port (1-65535)" }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"

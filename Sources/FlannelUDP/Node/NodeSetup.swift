@@ -34,6 +34,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     private let logger: Logger
     private var undo: [(String, () -> Void)] = []
     public private(set) var tun: TunDevice?
+    /// With --ip-masq: the installed rules and the thread that keeps them in place.
+    public private(set) var masquerade: MasqueradeResync?
     private var routeInstalled: Route?
     private var subnetFileBackup: (path: String, previous: Data?)?
 
@@ -128,6 +130,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             step("add route \(config.network) dev \(tun.name)")
             try addOverlayRoute(route)
             routeInstalled = route
+            if config.ipMasq {
+                try installMasquerade(config)
+            }
             if let path = config.subnetFile {
                 let previous = FileManager.default.contents(atPath: path)
                 let file = SubnetFile(network: config.network, subnet: config.subnet, mtu: plan.mtu, ipMasq: config.ipMasq)
@@ -146,6 +151,23 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             rollback()
             throw .invalid("\(error)")
         }
+    }
+
+    /// Installs the masquerade and forward rules (one transaction, so a failure changes nothing) and starts keeping
+    /// them in place. Undo stops the checks first, then removes the rules.
+    private func installMasquerade(_ config: NodeConfig) throws(NetfilterError) {
+        let rules = try makeMasqueradeRules(config.masqBackend,
+                                            spec: MasqueradeSpec(network: config.network, subnet: config.subnet))
+        let objects = rules.objects.joined(separator: ", ")
+        step("install masquerade rules: \(rules.backend.rawValue) \(objects)")
+        try rules.install()
+        undo.append(("remove masquerade rules: \(rules.backend.rawValue) \(objects)", { [logger] in
+            do { try rules.remove() } catch { logger.warning("\(error)") }
+        }))
+        let resync = MasqueradeResync(rules: rules, period: config.masqResyncSeconds, logger: logger)
+        resync.start()
+        masquerade = resync
+        undo.append(("stop masquerade resync", { resync.stop(); self.masquerade = nil }))
     }
 
     /// Adds the overlay route. An identical route already there is fine (the contract says so); EEXIST for

@@ -1,0 +1,81 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The system side of `cleanup`: reads what `Cleanup.plan` judges, and carries out one action at a time.
+public final class CleanupSystem {
+    public let netlink: Netlink
+    private var nftables: NFTables?
+
+    public init() throws(SystemError) {
+        netlink = try Netlink()
+    }
+
+    private func nft() throws(NetfilterError) -> NFTables {
+        if let nftables { return nftables }
+        let made = try NFTables()
+        nftables = made
+        return made
+    }
+
+    /// flanneld's nftables tables (listed in full) and the iptables nat and filter tables. iptables is read only
+    /// when iptables-save is installed: a node without it has no iptables rules of flanneld's either.
+    public func readNetfilter() throws(NetfilterError) -> Cleanup.NetfilterView {
+        var view = Cleanup.NetfilterView()
+        let nft = try nft()
+        let tables = try nft.run("list tables\n", operation: "list", object: "tables")
+        let wanted = [("ip", NFTablesMasquerade.table), ("ip6", NFTablesMasquerade.ipv6Table)]
+        for line in tables.split(separator: "\n") {
+            let words = line.split(separator: " ").map(String.init)
+            guard words.count == 3, words[0] == "table",
+                  wanted.contains(where: { $0.0 == words[1] && $0.1 == words[2] }) else { continue }
+            let object = "table \(words[1]) \(words[2])"
+            let listing = try nft.run("list \(object)\n", operation: "list", object: object)
+            view.nftTables.append(.init(family: words[1], name: words[2], listing: listing))
+        }
+        if ExternalTool.locate("iptables-save") != nil {
+            view.iptables = [try IPTablesMasquerade.save("nat"), try IPTablesMasquerade.save("filter")]
+        }
+        if ExternalTool.locate("ip6tables-save") != nil {
+            view.ip6tables = [try IPTablesMasquerade.save("nat", ipv6: true),
+                              try IPTablesMasquerade.save("filter", ipv6: true)]
+        }
+        return view
+    }
+
+    /// Carries out one change. Something already gone (a route or neighbour that went with its device) is not an
+    /// error: that is the goal.
+    public func apply(_ action: Cleanup.Action) throws {
+        do {
+            switch action {
+            case .deleteRoute(let route, _):
+                try netlink.deleteRoute(route)
+            case .deleteNeighbour(let neighbour, _):
+                try netlink.deleteNeighbour(neighbour)
+            case .deleteLink(let index, _, _):
+                try netlink.deleteLink(index: index)
+            case .deleteNFTable(let family, let name):
+                try nft().run(NFTablesMasquerade.removeBatch(family: family, table: name), operation: "delete",
+                              object: "table \(family) \(name)")
+            case .deleteIPTablesRule(let table, let rule, let ipv6):
+                try IPTablesMasquerade.restore("*\(table)\n-D \(rule.chain) \(rule.spec)\nCOMMIT\n",
+                                               operation: "delete rule", ipv6: ipv6)
+            case .deleteIPTablesChain(let table, let chain, _, let ipv6):
+                try IPTablesMasquerade.restore("*\(table)\n-F \(chain)\n-X \(chain)\nCOMMIT\n", operation: "delete chain",
+                                               ipv6: ipv6)
+            case .deleteAddress(let address, _):
+                try netlink.deleteAddress(address)
+            case .addAddress(let address, _):
+                try netlink.addAddress(address)
+            case .removeFile(let path):
+                if unlink(path) != 0 && errno != ENOENT { throw SystemError.current("remove", path) }
+                unlink(path.replacingOccurrences(of: ".json", with: ".log"))
+            case .note:
+                break
+            }
+        } catch let e as SystemError where e.errno == ESRCH || e.errno == ENODEV || e.errno == ENOENT {
+            // Already gone.
+        }
+    }
+}
