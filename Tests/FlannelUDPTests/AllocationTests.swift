@@ -168,7 +168,7 @@ final class AllocationTests: XCTestCase {
 
         var produced = 0
         func round() {
-            packet.copyMemory(from: UnsafeRawBufferPointer(start: template, count: template.count))
+            template.withUnsafeBytes { packet.copyMemory(from: $0) }
             if case .segmented(let n) = TCPSegmenter.segment(packet, gsoSize: 1420, peer: 0, name: name,
                                                                into: queue) {
                 produced &+= n
