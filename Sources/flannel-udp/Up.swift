@@ -16,6 +16,8 @@ struct Up: ParsableCommand {
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
             A failed start leaves nothing behind.
+
+            \(UpEnvironment.help)
             """
     )
 
