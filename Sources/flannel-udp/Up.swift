@@ -17,6 +17,8 @@ struct Up: ParsableCommand {
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
             A failed start leaves nothing behind.
 
+            \(Up.serviceHelp)
+
             \(UpEnvironment.help)
             """
     )
@@ -60,6 +62,9 @@ struct Up: ParsableCommand {
     @Flag(name: .customLong("no-offload"), help: "Force the plain data path: no TUN TSO, UDP GSO/GRO or TCP coalescing (each is otherwise probed and used when the kernel allows).")
     var noOffload = false
 
+    @Option(name: .customLong("metrics-addr"), help: ArgumentHelp("Serve /healthz and Prometheus /metrics over HTTP on this IPv4 address and port, e.g. 127.0.0.1:9100 (off by default).", valueName: "host:port"))
+    var metricsAddr: String?
+
     @Flag(help: "Return once the node is ready, leaving the daemon running in the background.")
     var detach = false
 
@@ -75,6 +80,9 @@ struct Up: ParsableCommand {
 
     func validate() throws {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        if let metricsAddr {
+            do { _ = try MetricsAddress(parsing: metricsAddr) } catch { throw ValidationError(error.description) }
+        }
         if etcd.endpoints != nil {
             if network != nil || subnet != nil {
                 throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
@@ -133,6 +141,9 @@ struct Up: ParsableCommand {
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
         let daemon = Daemon(config: config, logger: logger, etcd: try etcd.options())
+        let service = try startService(logger: logger)  // UpService.swift
+        daemon.observer = service
+        defer { service.shutdown() }
         do {
             try daemon.run(readiness: Readiness(fd: readyFD))
         } catch {
