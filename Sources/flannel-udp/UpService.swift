@@ -24,14 +24,12 @@ extension Up {
                                    watchdog: foreground ? try WatchdogSettings.fromEnvironment() : nil,
                                    metricsAddress: try metricsAddr.map { try MetricsAddress(parsing: $0) },
                                    logger: logger)
-        } catch let error as SystemdNotifier.BadSocket {
-            throw fail("up", "\(error)", Exit.usage)
-        } catch let error as WatchdogSettings.Invalid {
-            throw fail("up", "\(error)", Exit.usage)
-        } catch let error as MetricsAddress.Invalid {
-            throw fail("up", "\(error)", Exit.usage)
         } catch {
-            throw fail("up", "\(error)", Exit.failure)
+            // A daemon started by --detach tells its parent why, as for any other failed start.
+            Readiness(fd: readyFD).failed("\(error)")
+            let usage = error is SystemdNotifier.BadSocket || error is WatchdogSettings.Invalid
+                || error is MetricsAddress.Invalid
+            throw fail("up", "\(error)", usage ? Exit.usage : Exit.failure)
         }
     }
 }
