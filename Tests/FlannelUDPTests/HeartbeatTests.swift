@@ -23,4 +23,13 @@ final class HeartbeatTests: LoopbackForwarderTestCase {
         let stopped = forwarder.heartbeats.map(\.count)
         XCTAssertEqual(forwarder.heartbeats.map(\.count), stopped)
     }
+
+    func testWatchdogPingsOnlyWhileEveryWorkerMoves() {
+        var monitor = HeartbeatMonitor([("a", 1), ("b", 1)])
+        XCTAssertEqual(monitor.stuck([("a", 2), ("b", 5)]), [])
+        XCTAssertEqual(monitor.stuck([("a", 3), ("b", 5)]), ["b"], "b is stuck: no ping")
+        XCTAssertEqual(monitor.stuck([("a", 3), ("b", 6)]), ["a"])
+        XCTAssertEqual(monitor.stuck([("a", 4), ("b", 7)]), [], "both moved again: ping")
+        XCTAssertEqual(monitor.stuck([]), ["forwarder"], "no forwarder, no ping")
+    }
 }

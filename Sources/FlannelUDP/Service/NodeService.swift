@@ -145,7 +145,7 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         let interval = Int32(max(1, min(Double(Int32.max), settings.pingIntervalSeconds * 1000)))
         let wakeFD = wake.readFD
         let thread = Thread { [weak self, weak daemon] in
-            var last = daemon?.heartbeats.map(\.count) ?? []
+            var monitor = HeartbeatMonitor(daemon?.heartbeats ?? [])
             self?.notify(["WATCHDOG=1"])
             var quiet: Set<String> = []
             while true {
@@ -154,10 +154,8 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
                 if n < 0 && errno == EINTR { continue }
                 if n != 0 { return }  // woken to stop (or poll failed: stop pinging, the manager will notice)
                 guard let self, let daemon else { return }
-                let beats = daemon.heartbeats
-                let stuck = zip(beats, last).filter { $0.0.count == $0.1 }.map(\.0.worker)
-                last = beats.map(\.count)
-                if stuck.isEmpty && !beats.isEmpty {
+                let stuck = monitor.stuck(daemon.heartbeats)
+                if stuck.isEmpty {
                     self.notify(["WATCHDOG=1"])
                     quiet.removeAll()
                 } else {
@@ -170,5 +168,21 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         }
         thread.name = "fu-watchdog"
         thread.start()
+    }
+}
+
+/// The watchdog's decision at each tick: the workers whose heartbeat has not moved since the previous tick. Ping
+/// only when there are none; no heartbeats at all (the forwarder is gone) counts as stuck.
+public struct HeartbeatMonitor: Sendable {
+    private var last: [String: UInt64]
+
+    public init(_ beats: [(worker: String, count: UInt64)]) {
+        last = Dictionary(beats.map { ($0.worker, $0.count) }, uniquingKeysWith: { $1 })
+    }
+
+    public mutating func stuck(_ beats: [(worker: String, count: UInt64)]) -> [String] {
+        defer { last = Dictionary(beats.map { ($0.worker, $0.count) }, uniquingKeysWith: { $1 }) }
+        if beats.isEmpty { return ["forwarder"] }
+        return beats.filter { last[$0.worker] == $0.count }.map(\.worker)
     }
 }
