@@ -5,7 +5,8 @@ import XCTest
 import Glibc
 #endif
 
-/// `--metrics-addr` in cluster mode, on ClusterTests' topology (etcd on the wire): /metrics scraped with the
+/// The service features in cluster mode, on ClusterTests' topology (etcd on the wire): a node configured with
+/// flanneld's FLANNELD_* variables only; and `--metrics-addr`: /metrics scraped with the
 /// Prometheus client library's own text parser (Debian's python3-prometheus-client) during traffic and compared
 /// with `status --json`; /healthz while the lease is held and after it is deleted from etcd by hand. The endpoint
 /// listens on the node namespace's loopback.
@@ -127,6 +128,31 @@ extension ClusterTests {
         XCTAssertEqual(unhealthy?.status, 503, "no 503 before the endpoint closed")
         XCTAssertTrue(unhealthy?.body.contains("lease was removed") == true, unhealthy?.body ?? "")
         try waitFor("the node without a lease stops", timeout: 10) { fu(a.ns, ["status"]).status == 3 }
+    }
+
+    func testNodeFromFlanneldEnvironmentFileJoinsTheRegistry() throws {
+        // What a flanneld environment file holds (flanneld's own flag names), and nothing on the command line but
+        // --detach. --etcd-prefix must be honoured too: the registry lives under another prefix here.
+        try etcdctl(["put", "/flannel-env/network/config", #"{"Network":"10.250.0.0/16","Backend":{"Type":"udp"}}"#])
+        let ns = try TestNamespace(prefix: "fu-cln")
+        addTeardownBlock { [tmp] in
+            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            ns.destroy()
+        }
+        try underlay.plug(ns, address: "192.168.77.7/24")
+        try ns.run(["ip", "addr", "add", "192.168.77.77/24", "dev", "eth0"])
+        let up = fu(ns, ["up", "--detach"], environment: [
+            "FLANNELD_ETCD_ENDPOINTS": etcdURL, "FLANNELD_ETCD_PREFIX": "/flannel-env/network",
+            "FLANNELD_IFACE": "eth0", "FLANNELD_PUBLIC_IP": "192.168.77.77", "FLANNELD_IP_MASQ": "true",
+            "FLANNELD_SUBNET_FILE": "\(tmp)/flanneld-env.env",
+        ])
+        XCTAssertEqual(up.status, 0, up.description)
+        let file = try SubnetFile.load(path: "\(tmp)/flanneld-env.env")
+        XCTAssertTrue(try IPv4Network(parsing: "10.250.0.0/16").contains(IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)))
+        XCTAssertTrue(try String(contentsOfFile: "\(tmp)/flanneld-env.env", encoding: .utf8).contains("FLANNEL_IPMASQ=true"))
+        let key = "/flannel-env/network/subnets/\(file.subnet.address)-\(file.subnet.prefixLength)"
+        XCTAssertEqual(try etcdctl(["get", key, "--print-value-only"]).trimmingCharacters(in: .whitespacesAndNewlines),
+                       #"{"PublicIP":"192.168.77.77","PublicIPv6":null}"#)
     }
 
     /// A JSON number as JSONSerialization hands it out (an Int, a Double or an NSNumber).
