@@ -24,7 +24,7 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         let value = Mutex<Providers?>(nil)
     }
 
-    /// "127.0.0.1:9100", with the port the kernel chose when 0 was asked for.
+    /// "127.0.0.1:9100" as bound; nil once stopped.
     public var localAddress: String? {
         guard let a = channel?.localAddress, let port = a.port else { return nil }
         return "\(a.ipAddress ?? address.host):\(port)"

@@ -33,9 +33,6 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
 
     public var heartbeatMilliseconds: Int32 { watchdog?.heartbeatMilliseconds ?? 1000 }
 
-    /// The address the metrics endpoint listens on (its port resolved when 0 was asked for).
-    public var metricsAddress: String? { metricsServer?.localAddress }
-
     /// Binds the metrics endpoint (before anything else changes, so a taken port changes nothing).
     public init(notifier: SystemdNotifier?, watchdog: WatchdogSettings?, metricsAddress: MetricsAddress?,
                 logger: Logger) throws {
