@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # All the tests: unit tests (no privileges) and integration tests (root; each runs in network namespaces it
 # creates and removes), short fuzz runs, the check that the man page and completions match the command
-# definitions, the bench report's tests and a 1-second bench run that every configuration must pass (root), and
-# a closing summary line. Installs what it needs first; safe to run again. CI runs exactly this (.ci/run).
+# definitions, the systemd unit check, the bench report's tests and a 1-second bench run that every
+# configuration must pass (root), and a closing summary line. Installs what it needs first; safe to run again.
+# CI runs exactly this (.ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 
-install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl
+# systemd + man-db: systemd-analyze verify of the unit file (with its Documentation=man: page);
+# python3-prometheus-client: the Prometheus text parser the metrics test scrapes /metrics with.
+install_packages "${BASE_PACKAGES[@]}" etcd-server etcd-client openssl systemd man-db python3-prometheus-client
 require_swift
 
 step "swift build --build-tests"
@@ -18,6 +21,9 @@ scripts/fuzz.sh --runs 20000
 
 step "man page and completions"
 scripts/generate-docs.sh --check
+
+step "systemd unit (systemd-analyze verify, strict)"
+scripts/verify-unit.sh "$(swift build --show-bin-path)/flannel-udp" --self-test
 
 step "bench report unit tests"
 python3 bench/test_report.py 2>&1 | tail -1

@@ -20,6 +20,36 @@ struct FlannelUDPCommand: ParsableCommand {
         version: Daemon.version,
         subcommands: [Up.self, Down.self, RouteCommand.self, Status.self, Cleanup.self]
     )
+
+    /// The parser's own main, except that `up` also takes its options from the environment (`UpEnvironment`),
+    /// and a bad value from there is reported as one line naming the variable.
+    static func main() {
+        var arguments = Array(CommandLine.arguments.dropFirst())
+        var settings: [EnvironmentOptions.Setting] = []
+        if arguments.first == "up" {
+            do throws(EnvironmentOptions.Invalid) {
+                (arguments, settings) = try UpEnvironment.expand(Array(arguments.dropFirst()))
+            } catch {
+                FileHandle.standardErrorWrite("flannel-udp up: \(error)\n")
+                Glibc.exit(Exit.usage.rawValue)
+            }
+        }
+        var command: ParsableCommand
+        do {
+            command = try parseAsRoot(arguments)
+        } catch {
+            if exitCode(for: error) != .success, let line = UpEnvironment.attribute(error, to: settings) {
+                FileHandle.standardErrorWrite("flannel-udp up: \(line)\n")
+                Glibc.exit(Exit.usage.rawValue)
+            }
+            exit(withError: error)
+        }
+        do {
+            try command.run()
+        } catch {
+            exit(withError: error)
+        }
+    }
 }
 
 /// Exit codes shared by every subcommand (documented in the README and the man page).

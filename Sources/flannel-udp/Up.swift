@@ -19,6 +19,10 @@ struct Up: ParsableCommand {
             --ip-masq adds flanneld's masquerade and forward rules (pods' traffic out of the network leaves with \
             the node's address; inside it, and kube-proxy's marked packets, untouched), in one transaction, kept \
             in place every --masq-resync seconds.
+
+            \(Up.serviceHelp)
+
+            \(UpEnvironment.help)
             """
     )
 
@@ -67,6 +71,9 @@ struct Up: ParsableCommand {
     @Flag(name: .customLong("no-offload"), help: "Force the plain data path: no TUN TSO, UDP GSO/GRO or TCP coalescing (each is otherwise probed and used when the kernel allows).")
     var noOffload = false
 
+    @Option(name: .customLong("metrics-addr"), help: ArgumentHelp("Serve /healthz and Prometheus /metrics over HTTP on this IPv4 address and port, e.g. 127.0.0.1:9100 (off by default).", valueName: "host:port"))
+    var metricsAddr: String?
+
     @Flag(help: "Return once the node is ready, leaving the daemon running in the background.")
     var detach = false
 
@@ -84,6 +91,9 @@ struct Up: ParsableCommand {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
+        }
+        if let metricsAddr {
+            do { _ = try MetricsAddress(parsing: metricsAddr) } catch { throw ValidationError(error.description) }
         }
         if etcd.endpoints != nil {
             if network != nil || subnet != nil {
@@ -145,6 +155,9 @@ struct Up: ParsableCommand {
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
         let daemon = Daemon(config: config, logger: logger, etcd: try etcd.options())
+        let service = try startService(logger: logger)  // UpService.swift
+        daemon.observer = service
+        defer { service.shutdown() }
         do {
             try daemon.run(readiness: Readiness(fd: readyFD))
         } catch {

@@ -67,12 +67,14 @@ final class ClusterTests: XCTestCase {
         var podAddress: String { IPv4Address(subnet.address.value + 2).description }
     }
 
-    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+    func fu(_ ns: TestNamespace, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
+        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args,
+                   environment: environment.merging(["FLANNEL_UDP_RUN_DIR": tmp + "/run"]) { $1 })
     }
 
-    /// A node joined to the wire and brought up from etcd, with a pod in the subnet it leased.
-    func makeNode(_ index: Int) throws -> Node {
+    /// A node joined to the wire and brought up from etcd, with a pod in the subnet it leased; `extra` options
+    /// for its `up`.
+    func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
         let ns = try TestNamespace(prefix: "fu-cln")
         let pod = try TestNamespace(prefix: "fu-clp")
         addTeardownBlock { [tmp] in
@@ -81,7 +83,7 @@ final class ClusterTests: XCTestCase {
             ns.destroy()
         }
         try underlay.plug(ns, address: "192.168.77.\(index)/24")
-        let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"])
+        let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + extra)
         XCTAssertEqual(up.status, 0, up.description)
         let file = try SubnetFile.load(path: "\(tmp)/subnet-\(index).env")
         let subnet = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)

@@ -35,12 +35,17 @@ public struct ForwarderOptions: Sendable {
     /// Datagram buffers per recvmmsg when UDP GRO is on (each may hold up to 64 KiB of coalesced datagrams), for
     /// the same reason: 8 keeps a batch in cache between the copy in and the copy out to the tun.
     public var groBatchSize: Int
+    /// The longest a worker sleeps in poll() with nothing to do. Each pass of its loop bumps its heartbeat
+    /// (`Forwarder.heartbeats`), so an idle worker still proves it is alive at least this often; the systemd
+    /// watchdog pings only while every heartbeat moves.
+    public var heartbeatMilliseconds: Int32
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
-                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8) {
+                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000) {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
-                     && groBatchSize >= 1)
+                     && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
+        self.heartbeatMilliseconds = heartbeatMilliseconds
         self.readBytesPerBatch = readBytesPerBatch
         self.groBatchSize = groBatchSize
         self.batchSize = batchSize
@@ -99,6 +104,14 @@ public final class Forwarder: @unchecked Sendable {
 
     /// The offloads in use and what they have done so far (see `OffloadStatistics`).
     public var offloadStatistics: OffloadStatistics { offloads.statistics }
+
+    /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
+    /// and stops moving when the worker is stuck or gone.
+    public var heartbeats: [(worker: String, count: UInt64)] {
+        [tunToUDP as ForwardingWorker, udpToTun as ForwardingWorker].map {
+            ($0.threadName, $0.heartbeat.load(ordering: .relaxed))
+        }
+    }
 
     public convenience init(tun: TunDevice, socket: UDPSocket, table: RouteTable, config: ForwardingConfig,
                             counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
@@ -244,18 +257,23 @@ protocol ForwardingWorker: AnyObject {
     var io: WorkerIO { get }
     var inputFD: Int32 { get }
     var options: ForwarderOptions { get }
+    /// Bumped (relaxed, no lock) on every pass of the poll loop; see `Forwarder.heartbeats`.
+    var heartbeat: ManagedAtomic<UInt64> { get }
     /// Processes input until it would block or `options.batchesPerWakeup` batches are done; returns the number
     /// of packets taken in. Throws only fatal errors.
     func drain() throws(SystemError) -> Int
 }
 
 extension ForwardingWorker {
-    /// poll(input, stop) -> drain, until the stop eventfd is readable or a fatal error.
+    /// poll(input, stop) -> drain, until the stop eventfd is readable or a fatal error. The poll times out after
+    /// `options.heartbeatMilliseconds`, so the heartbeat moves while the input is idle.
     func run() throws(SystemError) {
         var fds = [pollfd(fd: inputFD, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: io.stopFD, events: Int16(POLLIN), revents: 0)]
+        let timeout = options.heartbeatMilliseconds
         while true {
-            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, -1) }
+            heartbeat.wrappingIncrement(ordering: .relaxed)
+            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, timeout) }
             if n < 0 {
                 let e = errno
                 if e == EINTR { continue }
@@ -386,6 +404,7 @@ private func writePacket(_ fd: Int32, vnet: Bool, _ b: BatchBuffers, _ packet: U
 /// written back into the tun.
 final class TunToUDPWorker: ForwardingWorker {
     let threadName = "fu-tun-to-udp"
+    let heartbeat = ManagedAtomic<UInt64>(0)
     let io: WorkerIO
     let options: ForwarderOptions
     var inputFD: Int32 { io.tunFD }
@@ -615,6 +634,7 @@ final class TunToUDPWorker: ForwardingWorker {
 /// peer with sendto.
 final class UDPToTunWorker: ForwardingWorker {
     let threadName = "fu-udp-to-tun"
+    let heartbeat = ManagedAtomic<UInt64>(0)
     let io: WorkerIO
     let options: ForwarderOptions
     var inputFD: Int32 { io.socketFD }

@@ -42,7 +42,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     private var config: NodeConfig
     private let registrySettings: EtcdOptions?
-    private var registry: EtcdRegistry?
+    var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
     private var registryTask: Task<Void, Never>?
     private let keepLeaseLock = NSLock()
     private var keepLease = false
@@ -53,10 +53,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let table = RouteTable()
     private lazy var store = RouteStore(publisher: table, network: config.network, ownSubnet: config.subnet)
     private let counters = DataPlaneCounters()
-    private var forwarder: Forwarder?
+    var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
-    private let fatalLock = NSLock()
-    private var fatalError: String?
+    let fatalLock = NSLock()
+    var fatalError: String?
+    /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
+    public var observer: DaemonObserver?
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
     ///   registry); `config.network` and `config.subnet` are then ignored.
@@ -150,7 +152,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 config: ForwardingConfig(network: config.network, subnet: config.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
-                                options: ForwarderOptions(offloads: config.offloads),
+                                options: ForwarderOptions(offloads: config.offloads,
+                                                          heartbeatMilliseconds: observer?.heartbeatMilliseconds ?? 1000),
                                 onFailure: { [weak self] error in self?.fail("forwarder stopped: \(error)") })
             try fwd.start()
         } catch {
@@ -166,8 +169,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         control.start(handler: self)
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
+        observer?.daemonReady(self)
 
         waitForSignals()
+        observer?.daemonStopping(self)
         leaseHeld = !keepLeaseLock.withLock { keepLease }
         if let message = fatalLock.withLock({ fatalError }) {
             throw .system(message)
@@ -266,7 +271,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             guard sigwait(&set, &sig) == 0 else { continue }
             if sig == SIGHUP {
                 logger.info("SIGHUP: re-reading peers file")
+                observer?.daemonReloading(self)
                 if case .error(let m) = reloadPeers() { logger.error("\(m)") }
+                observer?.daemonReloaded(self)
                 continue
             }
             logger.info("signal \(sig == SIGINT ? "SIGINT" : "SIGTERM"): shutting down")

@@ -1,0 +1,54 @@
+import Foundation
+
+/// What the service layer (sd_notify, watchdog, health and metrics endpoint) is told by the running daemon.
+/// Called on the daemon's main thread; implementations return quickly.
+public protocol DaemonObserver: AnyObject, Sendable {
+    /// How long a forwarding worker may sit in poll() between heartbeats (`ForwarderOptions`).
+    var heartbeatMilliseconds: Int32 { get }
+    /// The forwarder runs with its routes in place: traffic can pass.
+    func daemonReady(_ daemon: Daemon)
+    /// SIGHUP: a re-read starts ...
+    func daemonReloading(_ daemon: Daemon)
+    /// ... and is done (whether or not it worked; the log says).
+    func daemonReloaded(_ daemon: Daemon)
+    /// The daemon is about to tear everything down (a signal, `down`, or a fatal error such as a lost lease).
+    func daemonStopping(_ daemon: Daemon)
+}
+
+/// Whether the node does its job, for /healthz.
+public struct DaemonHealth: Equatable, Sendable {
+    public var healthy: Bool
+    /// "ok", or why not ("etcd: our lease was removed from the registry", "the forwarder stopped: ...").
+    public var reason: String
+}
+
+extension Daemon {
+    /// The status as `status --json` shows it: the one snapshot that /metrics is rendered from too.
+    public func statusSnapshot() -> DaemonStatus? {
+        if case .status(let s) = handle(.status) { return s }
+        return nil
+    }
+
+    /// Each forwarding worker's heartbeat (see `Forwarder.heartbeats`); empty before the forwarder starts.
+    public var heartbeats: [(worker: String, count: UInt64)] { forwarder?.heartbeats ?? [] }
+
+    /// Healthy while the data plane runs and, in cluster mode, our lease is held and not past its expiry. A
+    /// fatal error (the lease removed from etcd, a failed worker) makes it unhealthy at once, before the daemon
+    /// starts tearing down.
+    public var health: DaemonHealth {
+        if let fatal = fatalLock.withLock({ fatalError }) { return DaemonHealth(healthy: false, reason: fatal) }
+        guard let forwarder else { return DaemonHealth(healthy: false, reason: "the data plane is not running yet") }
+        if let failure = forwarder.failure {
+            return DaemonHealth(healthy: false, reason: "the data plane stopped: \(failure)")
+        }
+        if let registry {
+            guard let lease = registry.currentLease else {
+                return DaemonHealth(healthy: false, reason: "etcd: no lease held")
+            }
+            if lease.expiration < Date() {
+                return DaemonHealth(healthy: false, reason: "etcd: lease \(lease.subnet) expired at \(lease.expiration)")
+            }
+        }
+        return DaemonHealth(healthy: true, reason: "ok")
+    }
+}

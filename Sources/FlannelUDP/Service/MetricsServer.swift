@@ -1,0 +1,133 @@
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import Synchronization
+
+/// The HTTP endpoint of `--metrics-addr`: `GET /healthz` (200 "ok", or 503 with the reason) and `GET /metrics`
+/// (Prometheus text). One event-loop thread, swift-nio's HTTP/1 server pipeline, one response per request.
+/// Everything it shows comes from the two closures given to `start`; it changes nothing.
+public final class MetricsServer: @unchecked Sendable {  // the channel is set once in init
+    private let group: MultiThreadedEventLoopGroup
+    private let logger: Logger
+    private let address: MetricsAddress
+    private let providers = ProviderBox()
+    private var channel: Channel?
+
+    struct Providers: Sendable {
+        var health: @Sendable () -> DaemonHealth
+        var metrics: @Sendable () -> String
+    }
+
+    /// What the handlers read: set once by `start`, read on every request.
+    final class ProviderBox: Sendable {
+        let value = Mutex<Providers?>(nil)
+    }
+
+    /// "127.0.0.1:9100" as bound; nil once stopped.
+    public var localAddress: String? {
+        guard let a = channel?.localAddress, let port = a.port else { return nil }
+        return "\(a.ipAddress ?? address.host):\(port)"
+    }
+
+    public struct BindFailed: Error, CustomStringConvertible {
+        public var address: MetricsAddress
+        public var reason: String
+        public var description: String { "bind metrics endpoint \(address): \(reason)" }
+    }
+
+    /// Binds the listening socket; requests wait for `start`.
+    public init(address: MetricsAddress, logger: Logger) throws(BindFailed) {
+        self.address = address
+        self.logger = logger
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let providers = self.providers
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 64)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { channel in
+                channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMap {
+                    channel.pipeline.addHandler(MetricsHandler(providers: providers))
+                }
+            }
+        do {
+            channel = try bootstrap.bind(host: address.host, port: address.port).wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw BindFailed(address: address, reason: Self.describe(error))
+        }
+        logger.info("metrics and health endpoint on http://\(localAddress ?? address.description)/metrics, /healthz")
+    }
+
+    func start(health: @escaping @Sendable () -> DaemonHealth, metrics: @escaping @Sendable () -> String) {
+        providers.value.withLock { $0 = Providers(health: health, metrics: metrics) }
+    }
+
+    /// Closes the endpoint and stops its thread. Idempotent.
+    public func stop() {
+        guard let channel else { return }
+        self.channel = nil
+        _ = try? channel.close().wait()
+        do { try group.syncShutdownGracefully() } catch { logger.warning("metrics endpoint: shutdown: \(error)") }
+    }
+
+    /// "Address already in use" rather than NIO's type dump.
+    static func describe(_ error: Error) -> String {
+        if let e = error as? IOError { return SystemError.describe(e.errnoCode) }
+        return "\(error)"
+    }
+}
+
+private final class MetricsHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let providers: MetricsServer.ProviderBox
+    private var head: HTTPRequestHead?
+
+    init(providers: MetricsServer.ProviderBox) { self.providers = providers }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h): head = h
+        case .body: break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            respond(context: context, to: head)
+        }
+    }
+
+    private func respond(context: ChannelHandlerContext, to request: HTTPRequestHead) {
+        let p = providers.value.withLock { $0 }
+        let path = request.uri.split(separator: "?", maxSplits: 1).first.map(String.init) ?? request.uri
+        var status = HTTPResponseStatus.ok
+        var body: String
+        var contentType = "text/plain; charset=utf-8"
+        if request.method != .GET && request.method != .HEAD {
+            (status, body) = (.methodNotAllowed, "only GET and HEAD\n")
+        } else if path == "/healthz" {
+            let h = p?.health() ?? DaemonHealth(healthy: false, reason: "starting")
+            (status, body) = h.healthy ? (.ok, "ok\n") : (.serviceUnavailable, h.reason + "\n")
+        } else if path == "/metrics" {
+            body = p?.metrics() ?? ""
+            contentType = PrometheusText.contentType
+        } else {
+            (status, body) = (.notFound, "not found; try /metrics or /healthz\n")
+        }
+        let keepAlive = request.isKeepAlive
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
+        if request.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(string: body)))), promise: nil)
+        }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}

@@ -1,0 +1,35 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+
+/// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in poll(), and stops moving
+/// once the worker is gone.
+final class HeartbeatTests: LoopbackForwarderTestCase {
+    func testHeartbeatsMoveWhileIdleAndStopWithTheWorkers() throws {
+        let forwarder = try Forwarder(tunFD: pair[0], tunName: "test", socket: socket, table: table, config: config,
+                                      counters: counters, logger: logger,
+                                      options: ForwarderOptions(offloads: false, heartbeatMilliseconds: 10))
+        try forwarder.start()
+        let first = forwarder.heartbeats
+        XCTAssertEqual(first.map(\.worker), ["fu-tun-to-udp", "fu-udp-to-tun"])
+        let deadline = Date().addingTimeInterval(5)
+        var moved = false
+        while !moved && Date() < deadline {
+            moved = zip(forwarder.heartbeats, first).allSatisfy { $0.0.count >= $0.1.count + 3 }
+            if !moved { usleep(5000) }  // polling a condition with a deadline
+        }
+        XCTAssertTrue(moved, "heartbeats did not move while idle: \(forwarder.heartbeats)")
+        forwarder.stop()  // joins both workers: nothing bumps the heartbeats any more
+        let stopped = forwarder.heartbeats.map(\.count)
+        XCTAssertEqual(forwarder.heartbeats.map(\.count), stopped)
+    }
+
+    func testWatchdogPingsOnlyWhileEveryWorkerMoves() {
+        var monitor = HeartbeatMonitor([("a", 1), ("b", 1)])
+        XCTAssertEqual(monitor.stuck([("a", 2), ("b", 5)]), [])
+        XCTAssertEqual(monitor.stuck([("a", 3), ("b", 5)]), ["b"], "b is stuck: no ping")
+        XCTAssertEqual(monitor.stuck([("a", 3), ("b", 6)]), ["a"])
+        XCTAssertEqual(monitor.stuck([("a", 4), ("b", 7)]), [], "both moved again: ping")
+        XCTAssertEqual(monitor.stuck([]), ["forwarder"], "no forwarder, no ping")
+    }
+}

@@ -1,0 +1,244 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `up` under a service manager: the sd_notify conversation of a foreground node, and a node configured from the
+/// environment only. Two nodes with a pod each on the overlay tests' underlay:
+///
+///                          wire (bridge br0)
+///          +------------------+------------------+
+///     eth0 192.168.77.1   eth0 .2
+///       node 1 (foreground, NOTIFY_SOCKET=@... owned by the test inside node 1's namespace)
+///       pod 10.244.1.2      node 2 (--detach), pod 10.244.2.2
+final class ServiceTests: XCTestCase {
+    var tmp = ""
+    var wire: TestWire!
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        tmp = NSTemporaryDirectory() + "fu-svc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        wire = try TestWire(prefix: "fu-svw")
+        addTeardownBlock { [wire] in wire?.destroy() }
+    }
+
+    /// A node namespace on the wire with a pod behind it; `down` and both namespaces go in teardown.
+    func makeNamespaces(_ index: Int, device: String = "flannel0") throws -> OverlayNode {
+        let ns = try TestNamespace(prefix: "fu-svn")
+        let pod = try TestNamespace(prefix: "fu-svp")
+        addTeardownBlock { [tmp] in
+            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down", "--device", device],
+                           environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            pod.destroy()
+            ns.destroy()
+        }
+        try wire.plug(ns, address: "192.168.77.\(index)/24")
+        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
+        return OverlayNode(index: index, ns: ns, pod: pod)
+    }
+
+    func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
+        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args,
+                   environment: environment.merging(["FLANNEL_UDP_RUN_DIR": tmp + "/run"]) { $1 })
+    }
+
+    // MARK: - sd_notify
+
+    func testNotifyReadyReloadWatchdogStopping() throws {
+        let a = try makeNamespaces(1)
+        let b = try makeNamespaces(2)
+        let upB = fu(b, ["up", "--network", "10.244.0.0/16", "--subnet", b.subnet, "--iface", "eth0",
+                         "--subnet-file", "\(tmp)/b.env", "--detach"])
+        XCTAssertEqual(upB.status, 0, upB.description)
+        XCTAssertEqual(fu(b, ["route", "add", "10.244.1.0/24", "via", "192.168.77.1"]).status, 0)
+        let peers = "\(tmp)/peers-a"
+        try "10.244.2.0/24 192.168.77.2\n".write(toFile: peers, atomically: true, encoding: .utf8)
+
+        // The manager's socket: abstract, so it lives in node 1's namespace, where the daemon will look for it.
+        let name = "@fu-notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let listener = try a.ns.withEntered { try NotifyListener(name: name) }
+
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        daemon.arguments = ["ip", "netns", "exec", a.ns.name, "env", "NOTIFY_SOCKET=\(name)", "WATCHDOG_USEC=1000000",
+                            "FLANNEL_UDP_RUN_DIR=\(tmp)/run", flannelUDPBinary(), "up", "--network", "10.244.0.0/16",
+                            "--subnet", a.subnet, "--iface", "eth0", "--peers", peers, "--subnet-file", "\(tmp)/a.env"]
+        let log = "\(tmp)/a.log"
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
+        daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        daemon.standardError = daemon.standardOutput
+        try daemon.run()
+        addTeardownBlock {
+            if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
+            daemon.waitUntilExit()
+        }
+        func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+
+        // READY=1 comes first, and when it comes a pod-to-pod ping passes at once.
+        let ready = try listener.next(timeout: 20, log: logText)
+        XCTAssertTrue(ready.contains("READY=1"), ready)
+        XCTAssertTrue(ready.contains("STATUS=forwarding flannel0 10.244.1.0/24 in 10.244.0.0/16"), ready)
+        let first = ping(from: a.pod, b.podAddress)
+        XCTAssertEqual(first.status, 0, "READY=1 was sent before traffic could pass: \(first.description)")
+
+        // Regular watchdog pings: WATCHDOG_USEC=1 s asks for one every 0.5 s.
+        let start = Date()
+        var pings = 0
+        while pings < 4 {
+            let m = try listener.next(timeout: 3, log: logText)
+            if m == "WATCHDOG=1" { pings += 1 } else { XCTFail("unexpected message while idle: \(m)") }
+        }
+        let elapsed = Date().timeIntervalSince(start)
+        XCTAssertLessThan(elapsed, 4, "4 watchdog pings took \(elapsed) s")
+
+        // SIGHUP: RELOADING=1 (with MONOTONIC_USEC), then READY=1 with the new peer count.
+        try "10.244.2.0/24 192.168.77.2\n10.244.3.0/24 192.168.77.3\n".write(toFile: peers, atomically: true, encoding: .utf8)
+        XCTAssertEqual(kill(daemon.processIdentifier, SIGHUP), 0)  // `ip netns exec` and env exec: this is the daemon
+        let reloading = try listener.next(timeout: 5, log: logText) { $0 != "WATCHDOG=1" }
+        XCTAssertTrue(reloading.hasPrefix("RELOADING=1\nMONOTONIC_USEC="), reloading)
+        let reloaded = try listener.next(timeout: 5, log: logText) { $0 != "WATCHDOG=1" }
+        XCTAssertTrue(reloaded.hasPrefix("READY=1\n") && reloaded.contains("with 2 peer(s)"), reloaded)
+
+        // SIGTERM: STOPPING=1, and a clean exit.
+        XCTAssertEqual(kill(daemon.processIdentifier, SIGTERM), 0)
+        let stopping = try listener.next(timeout: 5, log: logText) { $0 != "WATCHDOG=1" }
+        XCTAssertTrue(stopping.hasPrefix("STOPPING=1"), stopping)
+        try waitFor("the daemon exits", timeout: 10) { !daemon.isRunning }
+        XCTAssertEqual(daemon.terminationStatus, 0, logText())
+        XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+    }
+
+    func testBadNotifySocketIsAUsageError() throws {
+        let a = try makeNamespaces(1)
+        for (env, variable) in [(["NOTIFY_SOCKET": "relative"], "NOTIFY_SOCKET=relative"),
+                                (["NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"], "WATCHDOG_USEC=soon")] {
+            let r = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
+                           "--subnet-file", "\(tmp)/a.env"], environment: env)
+            XCTAssertEqual(r.status, 64, r.description)
+            XCTAssertTrue(r.stderr.hasPrefix("flannel-udp up: \(variable): "), r.stderr)
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
+        }
+    }
+
+    // MARK: - configuration from the environment
+
+    /// The node's observable shape: what `status --json` says about device and addresses, and subnet.env.
+    func shape(_ node: OverlayNode, device: String = "flannel0", subnetFile: String) throws -> [String] {
+        let d = try daemonJSON(fu(node, ["status", "--json", "--device", device]))
+        var shape = ["device", "network", "subnet", "mtu", "listen", "publicIP", "underlay", "peerCheck"].map {
+            "\($0)=\(d[$0] ?? "nil")"
+        }
+        shape.append(try String(contentsOfFile: subnetFile, encoding: .utf8))
+        shape.append(try node.ns.run(["ip", "-4", "-o", "addr", "show", "dev", device])
+            .split(separator: " ").filter { $0.contains("/") }.joined())
+        return shape
+    }
+
+    func testEnvironmentOnlyGivesTheSameNodeAsFlags() throws {
+        let flags = try makeNamespaces(1)
+        let env = try makeNamespaces(2)
+        // Node 1 by flags, node 2 by variables only, FLANNEL_UDP_* and flanneld's FLANNELD_* mixed; the same
+        // settings apart from the node's own addresses.
+        func flagArgs(_ n: OverlayNode) -> [String] {
+            ["up", "--network", "10.244.0.0/16", "--subnet", n.subnet, "--iface", "eth0", "--public-ip", n.underlay,
+             "--port", "8300", "--mtu", "1400", "--ip-masq", "--peer-check", "relaxed",
+             "--subnet-file", "\(tmp)/\(n.index).env", "--detach"]
+        }
+        let up1 = fu(flags, flagArgs(flags))
+        XCTAssertEqual(up1.status, 0, up1.description)
+        let variables = ["FLANNEL_UDP_NETWORK": "10.244.0.0/16", "FLANNEL_UDP_SUBNET": env.subnet,
+                         "FLANNELD_IFACE": "eth0", "FLANNELD_PUBLIC_IP": env.underlay, "FLANNEL_UDP_PORT": "8300",
+                         "FLANNEL_UDP_MTU": "1400", "FLANNELD_IP_MASQ": "true", "FLANNEL_UDP_PEER_CHECK": "relaxed",
+                         "FLANNELD_SUBNET_FILE": "\(tmp)/\(env.index).env"]
+        let up2 = fu(env, ["up", "--detach"], environment: variables)
+        XCTAssertEqual(up2.status, 0, up2.description)
+
+        func normalized(_ n: OverlayNode) throws -> [String] {
+            try shape(n, subnetFile: "\(tmp)/\(n.index).env").map {
+                $0.replacingOccurrences(of: "192.168.77.\(n.index)", with: "UNDERLAY")
+                    .replacingOccurrences(of: "10.244.\(n.index).", with: "SUBNET.")
+            }
+        }
+        let a = try normalized(flags), b = try normalized(env)
+        XCTAssertEqual(a, b)
+        XCTAssertTrue(a.contains("mtu=1400") && a.contains("listen=UNDERLAY:8300"), "\(a)")
+        XCTAssertTrue(b.contains { $0.contains("FLANNEL_IPMASQ=true") }, "\(b)")
+
+        // The values stay in the environment: the re-spawned daemon's argv has none of them.
+        let pid = try XCTUnwrap(try daemonJSON(fu(env, ["status", "--json"]))["pid"] as? Int)
+        let argv = try String(contentsOfFile: "/proc/\(pid)/cmdline", encoding: .utf8)
+        XCTAssertFalse(argv.contains("10.244") || argv.contains("8300"), argv)
+        XCTAssertTrue(try String(contentsOfFile: "/proc/\(pid)/environ", encoding: .utf8).contains("FLANNEL_UDP_SUBNET="))
+
+        // Pods reach each other across the two (same port, relaxed peer check on both).
+        XCTAssertEqual(fu(flags, ["route", "add", env.subnet, "via", "\(env.underlay):8300"]).status, 0)
+        XCTAssertEqual(fu(env, ["route", "add", flags.subnet, "via", "\(flags.underlay):8300"]).status, 0)
+        XCTAssertEqual(ping(from: flags.pod, env.podAddress).status, 0)
+    }
+
+    func testCommandLineWinsAndBadValuesNameTheVariable() throws {
+        let n = try makeNamespaces(1)
+        let base = ["FLANNEL_UDP_NETWORK": "10.244.0.0/16", "FLANNEL_UDP_SUBNET": n.subnet, "FLANNELD_IFACE": "eth0",
+                    "FLANNEL_UDP_SUBNET_FILE": "\(tmp)/n.env"]
+        for (name, value) in [("FLANNEL_UDP_PORT", "99999"), ("FLANNELD_IP_MASQ", "maybe"),
+                              ("FLANNEL_UDP_METRICS_ADDR", "nowhere"), ("FLANNEL_UDP_SUBNET", "10.245.1.0/24")] {
+            let r = fu(n, ["up", "--detach"], environment: base.merging([name: value]) { $1 })
+            XCTAssertEqual(r.status, 64, "\(name)=\(value): \(r.description)")
+            XCTAssertTrue(r.stderr.hasPrefix("flannel-udp up: ") && r.stderr.contains("\(name)=\(value)"), r.stderr)
+            XCTAssertEqual(r.stderr.split(separator: "\n").count, 1, r.stderr)
+            XCTAssertFalse(try n.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"), "\(name) changed something")
+        }
+        // The command line beats both spellings.
+        let up = fu(n, ["up", "--mtu", "1300", "--detach"],
+                    environment: base.merging(["FLANNEL_UDP_MTU": "1400", "FLANNELD_MTU": "1200"]) { $1 })
+        XCTAssertEqual(up.status, 0, up.description)
+        XCTAssertEqual(try daemonJSON(fu(n, ["status", "--json"]))["mtu"] as? Int, 1300)
+    }
+}
+
+/// The service manager's end of sd_notify: an AF_UNIX datagram socket bound to an abstract name in the calling
+/// thread's network namespace (create it inside `TestNamespace.withEntered`).
+final class NotifyListener {
+    let fd: Int32
+
+    init(name: String) throws {
+        precondition(name.hasPrefix("@"))
+        fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw NamespaceError("socket AF_UNIX", errno) }
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(name.utf8.dropFirst())
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in bytes.enumerated() { raw[i + 1] = b } }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+        let rc = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) } }
+        guard rc == 0 else {
+            let e = errno
+            close(fd)
+            throw NamespaceError("bind \(name)", e)
+        }
+    }
+
+    deinit { close(fd) }
+
+    /// The next message that satisfies `accept` (others are skipped), waiting up to `timeout` seconds in all.
+    func next(timeout: TimeInterval, log: () -> String = { "" }, _ accept: (String) -> Bool = { _ in true }) throws -> String {
+        let deadline = Date().addingTimeInterval(timeout)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let left = Int32(max(0, deadline.timeIntervalSinceNow * 1000))
+            var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let n = poll(&pfd, 1, left)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { throw TimedOut(what: "an sd_notify message arrives; daemon log:\n\(log())", seconds: timeout) }
+            let got = recv(fd, &buffer, buffer.count, 0)
+            guard got >= 0 else { throw NamespaceError("recv", errno) }
+            let message = String(decoding: buffer[0..<got], as: UTF8.self)
+            if accept(message) { return message }
+        }
+    }
+}
