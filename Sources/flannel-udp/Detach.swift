@@ -15,11 +15,11 @@ enum Detach {
     static func spawnDaemon(device: String, logFile: String?, etcdPassword: String?) throws {
         let paths = RuntimePaths(device: device)
         let log = logFile ?? paths.logFile
-        do {
-            try AtomicFile.makeDirectories((log as NSString).deletingLastPathComponent, mode: 0o700)
-        } catch {
-            throw fail("up", "\(error)")
-        }
+        // Opened here, checked (directory, no symlink, a regular file of root's), so a bad log path fails `up`
+        // before the daemon has changed anything.
+        let logFD: Int32
+        do { logFD = try LogFile.open(log) } catch { throw fail("up", "\(error)") }
+        defer { _ = close(logFD) }
 
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw fail("up", "\(SystemError.current("create", "readiness pipe"))") }
@@ -35,7 +35,7 @@ enum Detach {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, logFD, 1)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         _ = fu_spawn_file_actions_addclosefrom(&actions, 4)

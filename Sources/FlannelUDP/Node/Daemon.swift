@@ -106,6 +106,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             throw .system(error.description)
         }
         defer { control.stop() }
+        // Where we will write, checked while nothing has changed yet.
+        do { try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory) } catch {
+            throw .system(error.description)
+        }
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
@@ -278,7 +282,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 subnet: config.subnet.description, subnetFile: config.subnetFile,
                                 listen: plan.listen.description, startedAt: startedAt)
         do {
-            try AtomicFile.makeDirectories(paths.stateDirectory, mode: 0o700)
+            try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700, owner: geteuid())
             try state.write(to: paths.stateFile)
         } catch {
             logger.warning("cannot write state file: \(error)")

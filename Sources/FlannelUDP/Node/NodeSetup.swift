@@ -99,6 +99,25 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         }
     }
 
+    /// Checks, before anything is changed, where `up` will write: the subnet file's directory (0755) and the run
+    /// directory that holds the state (0700), created where missing (see `SecureDirectory.ensure`), and the subnet
+    /// file itself, which may be missing or a regular file but nothing else: a symlink there is refused rather
+    /// than replaced, so that neither the link nor its target changes.
+    public static func checkPaths(subnetFile: String?, runDirectory: String) throws(SystemError) {
+        if let subnetFile {
+            try SecureDirectory.ensure(AtomicFile.split(subnetFile).directory, mode: 0o755, owner: geteuid())
+            var st = stat()
+            if lstat(subnetFile, &st) != 0 {
+                if errno != ENOENT { throw SystemError.current("inspect subnet file", subnetFile) }
+            } else if st.st_mode & S_IFMT == S_IFLNK {
+                throw SystemError("use subnet file", "\(subnetFile) (a symlink)", errno: ELOOP)
+            } else if st.st_mode & S_IFMT != S_IFREG {
+                throw SystemError("use subnet file", "\(subnetFile) (not a regular file)", errno: EINVAL)
+            }
+        }
+        try SecureDirectory.ensure(runDirectory, mode: 0o700, owner: geteuid())
+    }
+
     private func step(_ what: String) { logger.info("[#] \(what)") }
 
     /// Creates and configures the tun device, installs the overlay route and writes the subnet file.
