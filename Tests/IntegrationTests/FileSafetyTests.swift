@@ -3,7 +3,7 @@ import XCTest
 @testable import FlannelUDP
 
 /// The files root writes, against a local user who owns or can write the directories they go in, plants symlinks
-/// where they will be opened (issue 12).
+/// where they will be opened, or leaves a stale subnet.env behind (issue 12).
 ///
 ///     namespace N ("fu-fs-<pid>-<n>"): eth0 (veth, peer eth0peer) 192.168.77.1/24; flannel0 made by `up`
 ///     files: /tmp/fu-fs-<pid>-<random>/ (root, 0755) holding the test's directories, decoys and run directory
@@ -61,6 +61,9 @@ final class FileSafetyTests: XCTestCase {
     }
 
     func contents(_ path: String) -> String? { try? String(contentsOfFile: path, encoding: .utf8) }
+
+    let ours = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\nFLANNEL_MTU=1472\nFLANNEL_IPMASQ=false\n"
+    let stale = "FLANNEL_NETWORK=10.9.0.0/16\nFLANNEL_SUBNET=10.9.4.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
 
     // MARK: directories another user controls
 
@@ -132,5 +135,73 @@ final class FileSafetyTests: XCTestCase {
         XCTAssertEqual(try FileManager.default.destinationOfSymbolicLink(atPath: subnetFile), decoy)
         XCTAssertEqual(try FileManager.default.contentsOfDirectory(atPath: dir), ["subnet.env"], "a temporary file is left")
         XCTAssertEqual(try systemView(ns), before)
+    }
+
+    // MARK: subnet.env that this daemon did not write
+
+    /// Decided: at the end of a run, `down` removes the subnet file only if it still holds exactly what the daemon
+    /// wrote; whatever was there before `up` (an older run's file) is not brought back.
+    func testStaleSubnetFileFromAnOlderRunIsNotRestoredByDown() throws {
+        let ns = try makeNode()
+        let subnetFile = tmp + "/subnet.env"
+        try stale.write(toFile: subnetFile, atomically: false, encoding: .utf8)
+        XCTAssertEqual(up(ns, subnetFile: subnetFile).status, 0)
+        XCTAssertEqual(contents(subnetFile), ours)
+        let down = fu(ns, ["down"])
+        XCTAssertEqual(down.status, 0, down.description)
+        XCTAssertNil(contents(subnetFile), "down left a subnet.env that this daemon did not write")
+    }
+
+    /// Decided: a subnet file that someone rewrote while the daemon ran is theirs; `down` leaves it as it is.
+    func testSubnetFileRewrittenWhileRunningIsLeftAlone() throws {
+        let ns = try makeNode()
+        let subnetFile = tmp + "/subnet.env"
+        XCTAssertEqual(up(ns, subnetFile: subnetFile).status, 0)
+        let theirs = ours.replacingOccurrences(of: "FLANNEL_MTU=1472", with: "FLANNEL_MTU=1400")
+        try theirs.write(toFile: subnetFile, atomically: true, encoding: .utf8)
+        XCTAssertEqual(fu(ns, ["down"]).status, 0)
+        XCTAssertEqual(contents(subnetFile), theirs)
+    }
+
+    /// Decided: a failed `up` changes nothing, so the file that was there before is put back byte for byte.
+    func testFailedUpPutsBackTheSubnetFileThatWasThere() throws {
+        let ns = try makeNode()
+        let subnetFile = tmp + "/subnet.env"
+        try stale.write(toFile: subnetFile, atomically: false, encoding: .utf8)
+        try ns.run(["ip", "route", "add", "10.244.0.0/16", "via", "192.168.77.9", "dev", "eth0"])
+        let r = up(ns, subnetFile: subnetFile)
+        XCTAssertNotEqual(r.status, 0, r.description)
+        XCTAssertTrue(r.stderr.contains("add route 10.244.0.0/16 dev flannel0"), r.stderr)
+        XCTAssertEqual(contents(subnetFile), stale)
+    }
+
+    /// A killed daemon cannot tidy up; `down` removes its subnet file only if it holds exactly what that daemon
+    /// wrote (recorded in its state), not one that merely names the same subnet.
+    func testKilledDaemonsSubnetFileIsRemovedOnlyIfUnchanged() throws {
+        let ns = try makeNode()
+        let subnetFile = tmp + "/subnet.env"
+        let inode = try ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        let statePath = "\(runDir)/ns-\(inode)/flannel0.json"
+        func upAndKill() throws {
+            let r = up(ns, subnetFile: subnetFile)
+            XCTAssertEqual(r.status, 0, r.description)
+            let state = try XCTUnwrap(DaemonState.load(path: statePath))
+            XCTAssertEqual(state.subnetFileContents, ours)
+            XCTAssertEqual(kill(state.pid, SIGKILL), 0)
+            try waitFor("the killed daemon's device disappears") {
+                !((try? ns.run(["ip", "-o", "link", "show"])) ?? "flannel0").contains("flannel0")
+            }
+        }
+        try upAndKill()
+        let theirs = ours.replacingOccurrences(of: "FLANNEL_MTU=1472", with: "FLANNEL_MTU=1400")
+        try theirs.write(toFile: subnetFile, atomically: true, encoding: .utf8)
+        XCTAssertEqual(fu(ns, ["down"]).status, 0)
+        XCTAssertEqual(contents(subnetFile), theirs, "down removed a subnet file the killed daemon did not write")
+
+        try upAndKill()
+        let down = fu(ns, ["down"])
+        XCTAssertEqual(down.status, 0, down.description)
+        XCTAssertTrue(down.stdout.contains("[#] remove \(subnetFile)"), down.stdout)
+        XCTAssertNil(contents(subnetFile))
     }
 }

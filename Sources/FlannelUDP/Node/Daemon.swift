@@ -168,6 +168,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         control.start(handler: self)
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
+        setup.started()
 
         waitForSignals()
         leaseHeld = !keepLeaseLock.withLock { keepLease }
@@ -280,7 +281,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let state = DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
                                 device: config.device, network: config.network.description,
                                 subnet: config.subnet.description, subnetFile: config.subnetFile,
-                                listen: plan.listen.description, startedAt: startedAt)
+                                listen: plan.listen.description, startedAt: startedAt,
+                                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents)
         do {
             try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700, owner: geteuid())
             try state.write(to: paths.stateFile)
