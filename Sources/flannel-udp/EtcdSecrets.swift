@@ -6,6 +6,10 @@ extension EtcdArguments {
     /// `FLANNELD_ETCD_PASSWORD`. Whichever wins, both variables are erased from this process's environment and the
     /// value of `--etcd-password` is overwritten in its argv, so neither /proc/PID/environ nor /proc/PID/cmdline
     /// holds the secret from here on, and nothing this process starts inherits it (see `EtcdPassword`).
+    ///
+    /// For the generic FLANNEL_UDP_<OPTION> environment mechanism: it must leave `EtcdPassword.variables` to this
+    /// function (turned into `--etcd-password`, the value would be warned about as if typed on the command line,
+    /// and not erased); `FLANNEL_UDP_ETCD_PASSWORD_FILE` can go through it like any other path option.
     func takePassword() throws -> String? {
         let fromEnvironment = EtcdPassword.takeFromEnvironment()
         if let password {
