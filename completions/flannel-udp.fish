@@ -23,7 +23,7 @@ function __flannel-udp_parse_tokens -S
         __flannel-udp_parse_subcommand 0 'version' 'h/help'
         switch $unparsed_tokens[1]
         case 'up'
-            __flannel-udp_parse_subcommand 0 'network=' 'subnet=' 'etcd-endpoints=' 'etcd-prefix=' 'etcd-username=' 'etcd-password=' 'etcd-cafile=' 'etcd-certfile=' 'etcd-keyfile=' 'iface=' 'public-ip=' 'port=' 'mtu=' 'device=' 'peers=' 'subnet-file=' 'ip-masq' 'masq-backend=' 'masq-resync=' 'peer-check=' 'no-offload' 'metrics-addr=' 'detach' 'log-file=' 'v/verbose' 'version' 'h/help'
+            __flannel-udp_parse_subcommand 0 'network=' 'subnet=' 'etcd-endpoints=' 'etcd-prefix=' 'etcd-username=' 'etcd-password=' 'etcd-password-file=' 'etcd-cafile=' 'etcd-certfile=' 'etcd-keyfile=' 'iface=' 'public-ip=' 'port=' 'mtu=' 'device=' 'peers=' 'subnet-file=' 'ip-masq' 'masq-backend=' 'masq-resync=' 'peer-check=' 'no-offload' 'metrics-addr=' 'detach' 'log-file=' 'v/verbose' 'version' 'h/help'
         case 'down'
             __flannel-udp_parse_subcommand 0 'device=' 'keep-lease' 'timeout=' 'version' 'h/help'
         case 'route'
@@ -108,7 +108,8 @@ complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_o
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-endpoints' -l 'etcd-endpoints' -d 'Comma-separated etcd URLs; the network and this node\'s subnet then come from flannel\'s registry there.' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-prefix' -l 'etcd-prefix' -d 'The registry\'s key prefix.' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-username' -l 'etcd-username' -d 'etcd user name.' -rfka ''
-complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-password' -l 'etcd-password' -d 'etcd password.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-password' -l 'etcd-password' -d 'etcd password; every local user can read it in ps until \'up\' starts: prefer --etcd-password-file or $FLANNEL_UDP_ETCD_PASSWORD.' -rfka ''
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-password-file' -l 'etcd-password-file' -d 'A file holding the etcd password (one trailing newline ignored): a regular file owned by root, mode 600 or stricter.' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-cafile' -l 'etcd-cafile' -d 'CA certificate for etcd\'s TLS.' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-certfile' -l 'etcd-certfile' -d 'Client certificate for etcd\'s TLS.' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" etcd-keyfile' -l 'etcd-keyfile' -d 'Client key for etcd\'s TLS.' -rfka ''

@@ -9,23 +9,25 @@ import Glibc
 /// `up --detach`: start this same program again, without --detach, as the daemon, and wait for it to say whether
 /// it came up. A threaded Swift process must not fork(), so this is posix_spawn of /proc/self/exe with a pipe
 /// for the verdict (`READY` or `ERROR <why>`), stdin from /dev/null, stdout/stderr to the log file, in a new
-/// session so the daemon outlives the shell.
+/// session so the daemon outlives the shell. The etcd password goes to the daemon in its environment, never in its
+/// argv (every local user can read argv; see `EtcdPassword`).
 enum Detach {
-    static func spawnDaemon(device: String, logFile: String?) throws {
+    static func spawnDaemon(device: String, logFile: String?, etcdPassword: String?) throws {
         let paths = RuntimePaths(device: device)
         let log = logFile ?? paths.logFile
-        do {
-            try AtomicFile.makeDirectories((log as NSString).deletingLastPathComponent, mode: 0o700)
-        } catch {
-            throw fail("up", "\(error)")
-        }
+        // Opened here, checked (directory, no symlink, a regular file of root's), so a bad log path fails `up`
+        // before the daemon has changed anything.
+        let logFD: Int32
+        do { logFD = try LogFile.open(log) } catch { throw fail("up", "\(error)") }
+        defer { _ = close(logFD) }
 
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw fail("up", "\(SystemError.current("create", "readiness pipe"))") }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)  // the child keeps only the write end
 
-        var args = CommandLine.arguments.filter { $0 != "--detach" }
+        var args = [CommandLine.arguments[0]]
+            + EtcdPassword.daemonArguments(Array(CommandLine.arguments.dropFirst())).filter { $0 != "--detach" }
         // In the daemon the readiness pipe is always fd 3; everything above it is closed.
         args += ["--ready-fd", "3"]
 
@@ -33,7 +35,7 @@ enum Detach {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, log, O_WRONLY | O_CREAT | O_APPEND, 0o600)
+        posix_spawn_file_actions_adddup2(&actions, logFD, 1)
         posix_spawn_file_actions_adddup2(&actions, 1, 2)
         posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
         _ = fu_spawn_file_actions_addclosefrom(&actions, 4)
@@ -46,7 +48,13 @@ enum Detach {
         var pid: pid_t = 0
         let cArgs = args.map { strdup($0) } + [nil]
         defer { cArgs.forEach { free($0) } }
-        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, environ)
+        var environment: [String] = []
+        if var entry = environ as UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? {
+            while let p = entry.pointee { environment.append(String(cString: p)); entry += 1 }
+        }
+        let cEnv = EtcdPassword.daemonEnvironment(environment, password: etcdPassword).map { strdup($0) } + [nil]
+        defer { cEnv.forEach { free($0) } }
+        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, cEnv)
         _ = close(writeEnd)
         guard rc == 0 else {
             _ = close(readEnd)

@@ -10,8 +10,8 @@ struct Down: ParsableCommand {
         abstract: "Stop the daemon of a device and remove everything it made.",
         discussion: """
             Asks the daemon over its control socket to stop; it removes its masquerade rules, its route, its \
-            device, the subnet file \
-            it wrote and its state. Waits until the device is gone. If no daemon is running, removes what a dead \
+            device, the subnet file it wrote (if nobody has changed it since) and its state. Waits until the \
+            device is gone. If no daemon is running, removes what a dead \
             one left (state file, log). Succeeds when there is nothing to remove.
             """
     )
@@ -79,11 +79,15 @@ struct Down: ParsableCommand {
     }
 
     /// A daemon that was killed cannot clean up after itself: its device and route went with it (the tun is not
-    /// persistent), but its state file, log and subnet file remain.
+    /// persistent), but its state file, log and subnet file remain. The subnet file goes only if it still holds
+    /// exactly what that daemon wrote (recorded in its state); anything else there is someone else's.
     private func removeLeftovers(paths: RuntimePaths, state: DaemonState?) {
-        if let state, !state.isAlive, let subnetFile = state.subnetFile,
-           let file = try? SubnetFile.load(path: subnetFile), file.subnet.description == state.subnet {
-            if unlink(subnetFile) == 0 { print("[#] remove \(subnetFile)") }
+        if let state, !state.isAlive, let subnetFile = state.subnetFile, let written = state.subnetFileContents {
+            do {
+                if try AtomicFile.removeIfUnchanged(subnetFile, expected: written) { print("[#] remove \(subnetFile)") }
+            } catch {
+                FileHandle.standardErrorWrite("flannel-udp down: \(error)\n")
+            }
         }
         for path in [paths.stateFile, paths.logFile] where unlink(path) == 0 {
             if path == paths.stateFile { print("[#] remove \(path)") }

@@ -95,6 +95,9 @@ struct Up: ParsableCommand {
         if let metricsAddr {
             do { _ = try MetricsAddress(parsing: metricsAddr) } catch { throw ValidationError(error.description) }
         }
+        if etcd.password != nil && etcd.passwordFile != nil {
+            throw ValidationError("give --etcd-password or --etcd-password-file, not both")
+        }
         if etcd.endpoints != nil {
             if network != nil || subnet != nil {
                 throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
@@ -142,9 +145,13 @@ struct Up: ParsableCommand {
 
     func run() throws {
         try requireRoot("up")
+        let etcdPassword = try etcd.takePassword()
         let config = try makeConfig()
+        var etcdOptions = try etcd.options()
+        etcdOptions?.password = etcdPassword
+        if let warning = etcdOptions?.plainTextCredentialsWarning { warn("up", warning) }
         if detach {
-            try Detach.spawnDaemon(device: config.device, logFile: logFile)
+            try Detach.spawnDaemon(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
             return
         }
         LoggingSystem.bootstrap { label in
@@ -154,7 +161,7 @@ struct Up: ParsableCommand {
         }
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
-        let daemon = Daemon(config: config, logger: logger, etcd: try etcd.options())
+        let daemon = Daemon(config: config, logger: logger, etcd: etcdOptions)
         let service = try startService(logger: logger)  // UpService.swift
         daemon.observer = service
         defer { service.shutdown() }
@@ -181,8 +188,11 @@ struct EtcdArguments: ParsableArguments {
     @Option(name: .customLong("etcd-username"), help: ArgumentHelp("etcd user name.", valueName: "name"))
     var username: String?
 
-    @Option(name: .customLong("etcd-password"), help: ArgumentHelp("etcd password.", valueName: "password"))
+    @Option(name: .customLong("etcd-password"), help: ArgumentHelp("etcd password; every local user can read it in ps until 'up' starts: prefer --etcd-password-file or $\(EtcdPassword.variable).", valueName: "password"))
     var password: String?
+
+    @Option(name: .customLong("etcd-password-file"), help: ArgumentHelp("A file holding the etcd password (one trailing newline ignored): a regular file owned by root, mode 600 or stricter.", valueName: "path"))
+    var passwordFile: String?
 
     @Option(name: .customLong("etcd-cafile"), help: ArgumentHelp("CA certificate for etcd's TLS.", valueName: "path"))
     var caFile: String?
@@ -193,12 +203,12 @@ struct EtcdArguments: ParsableArguments {
     @Option(name: .customLong("etcd-keyfile"), help: ArgumentHelp("Client key for etcd's TLS.", valueName: "path"))
     var keyFile: String?
 
-    /// nil without --etcd-endpoints.
+    /// nil without --etcd-endpoints. The password is left to `takePassword()`.
     func options() throws -> EtcdOptions? {
         guard let endpoints else { return nil }
         do {
             return EtcdOptions(endpoints: try EtcdOptions.parseEndpoints(endpoints), prefix: prefix, username: username,
-                               password: password, caFile: caFile, certFile: certFile, keyFile: keyFile)
+                               caFile: caFile, certFile: certFile, keyFile: keyFile)
         } catch {
             throw ValidationError("--etcd-endpoints: \(error)")
         }

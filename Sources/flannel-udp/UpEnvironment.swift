@@ -6,9 +6,12 @@ import Foundation
 /// definitions: swift-argument-parser's tool description (`--experimental-dump-help`), so nothing here names an
 /// option one by one.
 enum UpEnvironment {
-    /// Options that make no sense from a service environment: `--detach` (a daemon re-spawned by --detach
-    /// inherits the environment and would detach again), and the parser's built-ins.
-    static let excluded: Set<String> = ["detach", "help", "version", "experimental-dump-help"]
+    /// Options not taken from the environment here: `--detach` (a daemon re-spawned by --detach inherits the
+    /// environment and would detach again), the parser's built-ins, and `--etcd-password`, whose variables
+    /// (FLANNEL_UDP_ETCD_PASSWORD, FLANNELD_ETCD_PASSWORD) `EtcdArguments.takePassword` reads itself so that it
+    /// can erase them from the daemon's environment (mapped to the option, the secret would stay there and be
+    /// treated as one typed on the command line).
+    static let excluded: Set<String> = ["detach", "help", "version", "experimental-dump-help", "etcd-password"]
 
     /// `up`'s options as the parser defines them, hidden ones left out.
     static func options() -> [EnvironmentOptions.Option] {
@@ -72,7 +75,9 @@ extension UpEnvironment {
             true, false, 1 or 0. flanneld's FLANNELD_<OPTION> names are accepted for the options that mean the \
             same: \(flanneld). The command line wins over FLANNEL_UDP_*, which wins over FLANNELD_*; an empty \
             variable counts as unset; --detach is never taken from the environment. Values from the environment \
-            stay there: they are not copied into the daemon's command line.
+            stay there: they are not copied into the daemon's command line. The etcd password's variables, \
+            \(EtcdPassword.variable) and \(EtcdPassword.flanneldVariable), are read once and then erased from the \
+            daemon's environment.
             """
     }
 }

@@ -160,6 +160,10 @@ final class EtcdGatewayTests: XCTestCase {
                 XCTAssertTrue("\(error)".contains("'"), "\(error)")
             }
         }
+        XCTAssertThrowsError(try EtcdOptions.parseEndpoints("http://flannel:s3cret@10.0.0.1:2379")) { error in
+            XCTAssertTrue("\(error)".contains("host '10.0.0.1' carries credentials in the URL"), "\(error)")
+            XCTAssertFalse("\(error)".contains("s3cret"), "the refusal repeats the password: \(error)")
+        }
         XCTAssertEqual(try EtcdOptions.normalizePrefix("/coreos.com/network/"), "/coreos.com/network")
         XCTAssertEqual(try EtcdOptions.normalizePrefix("flannel"), "/flannel")
         XCTAssertThrowsError(try EtcdOptions.normalizePrefix("//"))

@@ -13,10 +13,8 @@ final class CLITests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-cli-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
+        tmp = try makeTestDirectory("fu-cli", for: self)
         runDir = tmp + "/run"
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
     }
 
     /// A namespace with a 1500-MTU underlay `eth0` at 192.168.77.1/24, removed when the test ends.

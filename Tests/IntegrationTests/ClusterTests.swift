@@ -22,9 +22,7 @@ final class ClusterTests: XCTestCase {
               FileManager.default.isExecutableFile(atPath: "/usr/bin/etcdctl") else {
             throw XCTSkip("cluster tests need etcd: apt-get install -y etcd-server etcd-client (scripts/test.sh does)")
         }
-        tmp = NSTemporaryDirectory() + "fu-cl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        tmp = try makeTestDirectory("fu-cl", for: self)
         underlay = try TestWire(prefix: "fu-clw", address: "192.168.77.250/24")
         wire = underlay.ns
         addTeardownBlock { [weak self] in

@@ -116,3 +116,15 @@ func daemonJSON(_ r: CommandResult, file: StaticString = #filePath, line: UInt =
     let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
     return try XCTUnwrap(json?["daemon"] as? [String: Any], r.stdout, file: file, line: line)
 }
+
+/// A fresh directory for one test's files, `/tmp/<prefix>-<pid>-<random>`, mode 0755 whatever the umask: the
+/// daemon writes its subnet file, state and log under it, and refuses a directory that group or others can write
+/// (`SecureDirectory`). Removed when the test ends.
+func makeTestDirectory(_ prefix: String, for test: XCTestCase) throws -> String {
+    let path = NSTemporaryDirectory() + "\(prefix)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+    try FileManager.default.createDirectory(atPath: path, withIntermediateDirectories: true,
+                                            attributes: [.posixPermissions: 0o755])
+    try FileManager.default.setAttributes([.posixPermissions: 0o755], ofItemAtPath: path)
+    test.addTeardownBlock { try? FileManager.default.removeItem(atPath: path) }
+    return path
+}

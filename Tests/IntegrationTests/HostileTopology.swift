@@ -24,9 +24,7 @@ class HostileTopologyTestCase: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-hst-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        tmp = try makeTestDirectory("fu-hst", for: self)
         wire = try TestNamespace(prefix: "fu-hw")
         addTeardownBlock { [wire] in wire?.destroy() }
         try wire.run(["ip", "link", "add", "br0", "type", "bridge"])

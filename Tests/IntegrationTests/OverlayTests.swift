@@ -18,9 +18,7 @@ final class OverlayTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-ovl-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        tmp = try makeTestDirectory("fu-ovl", for: self)
         wire = try TestWire(prefix: "fu-ovw")
         addTeardownBlock { [wire] in wire?.destroy() }
     }

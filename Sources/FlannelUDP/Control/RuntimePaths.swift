@@ -49,9 +49,12 @@ public struct DaemonState: Codable, Equatable, Sendable {
     public var subnetFile: String?
     public var listen: String
     public var startedAt: Date
+    /// Exactly what the daemon wrote to `subnetFile`: `down` removes a killed daemon's subnet file only if it still
+    /// holds this (nil, as from an older version, means: leave it).
+    public var subnetFileContents: String?
 
     public init(pid: Int32, startTicks: UInt64, device: String, network: String, subnet: String, subnetFile: String?,
-                listen: String, startedAt: Date) {
+                listen: String, startedAt: Date, subnetFileContents: String? = nil) {
         self.pid = pid
         self.startTicks = startTicks
         self.device = device
@@ -60,6 +63,7 @@ public struct DaemonState: Codable, Equatable, Sendable {
         self.subnetFile = subnetFile
         self.listen = listen
         self.startedAt = startedAt
+        self.subnetFileContents = subnetFileContents
     }
 
     /// True while the recorded process still exists and is the same process (same start time).

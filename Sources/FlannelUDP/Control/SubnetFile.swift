@@ -80,53 +80,9 @@ public struct SubnetFile: Equatable, Sendable {
     }
 
     /// Writes the file atomically: a temporary file in the same directory, fsync, rename over the target, so the
-    /// CNI plugin never reads a half-written file. Creates the directory (0755) if needed.
+    /// CNI plugin never reads a half-written file. The directory is checked (and created, 0755) first: see
+    /// `AtomicFile.write`.
     public func write(to path: String) throws(SystemError) {
         try AtomicFile.write(contents, to: path, mode: 0o644)
-    }
-}
-
-/// Atomic whole-file replacement (write temp, fsync, rename), shared by the subnet file and the state file.
-public enum AtomicFile {
-    public static func write(_ text: String, to path: String, mode: mode_t) throws(SystemError) {
-        let dir = (path as NSString).deletingLastPathComponent
-        if !dir.isEmpty { try makeDirectories(dir, mode: 0o755) }
-        let tmp = "\(path).tmp.\(getpid())"
-        let fd = try syscall("create", tmp) { open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode) }
-        var ok = false
-        defer {
-            if !ok { unlink(tmp) }
-        }
-        var bytes = Array(text.utf8)
-        let written: SystemError? = bytes.withUnsafeMutableBytes { buf in
-            var off = 0
-            while off < buf.count {
-                let n = Glibc.write(fd, buf.baseAddress! + off, buf.count - off)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    return SystemError.current("write", tmp)
-                }
-                off += n
-            }
-            return fsync(fd) == 0 ? nil : SystemError.current("fsync", tmp)
-        }
-        if let written {
-            _ = close(fd)
-            throw written
-        }
-        try syscall("close", tmp) { close(fd) }
-        try syscall("rename \(tmp) to", path) { rename(tmp, path) }
-        ok = true
-    }
-
-    /// mkdir -p.
-    public static func makeDirectories(_ path: String, mode: mode_t) throws(SystemError) {
-        var current = path.hasPrefix("/") ? "" : "."
-        for part in path.split(separator: "/") {
-            current += "/" + part
-            if mkdir(current, mode) != 0 && errno != EEXIST {
-                throw SystemError.current("create directory", current)
-            }
-        }
     }
 }

@@ -109,6 +109,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             throw .system(error.description)
         }
         defer { control.stop() }
+        // Where we will write, checked while nothing has changed yet.
+        do { try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory) } catch {
+            throw .system(error.description)
+        }
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
@@ -169,6 +173,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         control.start(handler: self)
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
+        setup.started()
         observer?.daemonReady(self)
 
         waitForSignals()
@@ -285,9 +290,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let state = DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
                                 device: config.device, network: config.network.description,
                                 subnet: config.subnet.description, subnetFile: config.subnetFile,
-                                listen: plan.listen.description, startedAt: startedAt)
+                                listen: plan.listen.description, startedAt: startedAt,
+                                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents)
         do {
-            try AtomicFile.makeDirectories(paths.stateDirectory, mode: 0o700)
+            try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700, owner: geteuid())
             try state.write(to: paths.stateFile)
         } catch {
             logger.warning("cannot write state file: \(error)")

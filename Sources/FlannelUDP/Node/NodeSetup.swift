@@ -15,6 +15,12 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         public var publicIP: IPv4Address
         public var mtu: Int
         public var listen: Endpoint
+
+        /// What `bringUp` writes to `config.subnetFile`, byte for byte (recorded in the state file, so that `down`
+        /// can tell a killed daemon's subnet file from one that someone else wrote since).
+        public var subnetFileContents: String {
+            SubnetFile(network: config.network, subnet: config.subnet, mtu: mtu, ipMasq: config.ipMasq).contents
+        }
     }
 
     public enum Failure: Error, CustomStringConvertible {
@@ -37,7 +43,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// With --ip-masq: the installed rules and the thread that keeps them in place.
     public private(set) var masquerade: MasqueradeResync?
     private var routeInstalled: Route?
-    private var subnetFileBackup: (path: String, previous: Data?)?
+    /// Set by `started()` once the node is up: from then on teardown removes the subnet file instead of putting
+    /// back what was there before `up`.
+    private var running = false
 
     public init(logger: Logger) throws(SystemError) {
         netlink = try Netlink()
@@ -101,6 +109,25 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         }
     }
 
+    /// Checks, before anything is changed, where `up` will write: the subnet file's directory (0755) and the run
+    /// directory that holds the state (0700), created where missing (see `SecureDirectory.ensure`), and the subnet
+    /// file itself, which may be missing or a regular file but nothing else: a symlink there is refused rather
+    /// than replaced, so that neither the link nor its target changes.
+    public static func checkPaths(subnetFile: String?, runDirectory: String) throws(SystemError) {
+        if let subnetFile {
+            try SecureDirectory.ensure(AtomicFile.split(subnetFile).directory, mode: 0o755, owner: geteuid())
+            var st = stat()
+            if lstat(subnetFile, &st) != 0 {
+                if errno != ENOENT { throw SystemError.current("inspect subnet file", subnetFile) }
+            } else if st.st_mode & S_IFMT == S_IFLNK {
+                throw SystemError("use subnet file", "\(subnetFile) (a symlink)", errno: ELOOP)
+            } else if st.st_mode & S_IFMT != S_IFREG {
+                throw SystemError("use subnet file", "\(subnetFile) (not a regular file)", errno: EINVAL)
+            }
+        }
+        try SecureDirectory.ensure(runDirectory, mode: 0o700, owner: geteuid())
+    }
+
     private func step(_ what: String) { logger.info("[#] \(what)") }
 
     /// Creates and configures the tun device, installs the overlay route and writes the subnet file.
@@ -134,13 +161,12 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
                 try installMasquerade(config)
             }
             if let path = config.subnetFile {
-                let previous = FileManager.default.contents(atPath: path)
-                let file = SubnetFile(network: config.network, subnet: config.subnet, mtu: plan.mtu, ipMasq: config.ipMasq)
+                let previous = try AtomicFile.read(path)
+                let ours = plan.subnetFileContents
                 step("write \(path)")
-                try file.write(to: path)
-                subnetFileBackup = (path, previous)
-                undo.append(("restore \(path)", { [logger] in
-                    NodeSetup.restore(path: path, previous: previous, logger: logger)
+                try AtomicFile.write(ours, to: path, mode: 0o644)
+                undo.append(("undo write \(path)", { [self] in
+                    NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
                 }))
             }
             return tun
@@ -191,8 +217,10 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             action()
         }
         routeInstalled = nil
-        subnetFileBackup = nil
     }
+
+    /// The node is up: a teardown from now on is the end of a run, not the undo of a failed start.
+    public func started() { running = true }
 
     /// Orderly teardown after a normal run: the route, then the device (closing it deletes it), then the subnet
     /// file. Errors are logged, never thrown: teardown goes on past a piece that is already gone.
@@ -207,13 +235,26 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         rollback()
     }
 
-    static func restore(path: String, previous: Data?, logger: Logger) {
-        if let previous {
-            do { try AtomicFile.write(String(decoding: previous, as: UTF8.self), to: path, mode: 0o644) } catch {
-                logger.warning("\(error)")
+    /// Undoes the subnet file, only if it still holds exactly what this daemon wrote (a file someone rewrote while
+    /// we ran is theirs now, and is left alone):
+    /// - after a failed start (`previous` is what the file held before `up`, nil if there was none), the file is
+    ///   put back as it was, so a failed `up` changes nothing;
+    /// - at the end of a run (`previous` nil), it is removed. What an older run left there is not brought back:
+    ///   it describes a node that is gone, and the CNI plugin must not find it.
+    static func undoSubnetFile(path: String, ours: String, previous: Data?, logger: Logger) {
+        do {
+            guard let current = try AtomicFile.read(path) else { return }
+            guard current == Data(ours.utf8) else {
+                logger.warning("\(path) was changed by someone else since it was written; leaving it")
+                return
             }
-        } else if unlink(path) != 0 && errno != ENOENT {
-            logger.warning("\(SystemError.current("remove", path))")
+            if let previous {
+                try AtomicFile.write(String(decoding: previous, as: UTF8.self), to: path, mode: 0o644)
+            } else {
+                try syscall("remove", path) { unlink(path) }
+            }
+        } catch {
+            logger.warning("\(error)")
         }
     }
 }

@@ -64,6 +64,11 @@ public struct EtcdOptions: Sendable, Equatable {
             throw .invalidOption("etcd endpoint '\(text)' is not an http:// or https:// URL such as "
                                  + "http://127.0.0.1:2379")
         }
+        // user:password@ in a URL would put the secret in argv (and it is never used): refused, without echoing it.
+        if parsed.user != nil || parsed.password != nil || text.contains("@") {
+            throw .invalidOption("etcd endpoint for host '\(host)' carries credentials in the URL; give "
+                                 + "--etcd-username and --etcd-password-file instead")
+        }
         return url
     }
 

@@ -16,7 +16,7 @@ public enum EnvironmentOptions {
     /// Long names of flannel-udp options that flanneld has too, with the same meaning (flanneld reads its flags
     /// from `FLANNELD_<FLAG>`).
     public static let flanneldOptions: [String] = [
-        "etcd-endpoints", "etcd-prefix", "etcd-username", "etcd-password", "etcd-cafile", "etcd-certfile",
+        "etcd-endpoints", "etcd-prefix", "etcd-username", "etcd-cafile", "etcd-certfile",
         "etcd-keyfile", "iface", "public-ip", "ip-masq", "subnet-file",
     ]
 

@@ -1,0 +1,133 @@
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Whole files that root writes (the subnet file, the state file) and reads back, safe against a local user who
+/// wants root to write somewhere else:
+///
+/// - the directory passes `SecureDirectory.ensure` first (root-owned all the way, not writable by others), so nobody
+///   else can plant a symlink or a file in it, or rename it away;
+/// - the temporary file gets an unpredictable name (`.<name>.<64 random bits>.tmp`) and is created with
+///   O_CREAT|O_EXCL|O_NOFOLLOW: a file or symlink already at that name is never reused or followed, another name is
+///   tried instead;
+/// - the finished file replaces the target with rename(2), which replaces a symlink at the target instead of
+///   following it;
+/// - reads open with O_NOFOLLOW and accept only a regular file.
+public enum AtomicFile {
+    /// How many temporary names are tried before giving up (each collision means someone is squatting on names).
+    static let attempts = 16
+    /// Reads stop here: the files this tool reads back are a few hundred bytes.
+    public static let readLimit = 64 * 1024
+
+    /// Atomic whole-file replacement: write a temporary file in the same directory, fsync, rename over `path`, so a
+    /// reader (the CNI plugin) never sees a half-written file. The directory is checked and created (0755) with
+    /// `SecureDirectory.ensure`; `owner` is the one uid besides root that may own it (this process's, which is
+    /// root whenever `up` runs).
+    public static func write(_ text: String, to path: String, mode: mode_t,
+                             owner: uid_t = geteuid()) throws(SystemError) {
+        try write(text, to: path, mode: mode, owner: owner, suffix: randomSuffix)
+    }
+
+    /// `write` with the temporary name's suffix supplied by the caller: tests use it to put a file at the exact
+    /// name that will be tried.
+    static func write(_ text: String, to path: String, mode: mode_t, owner: uid_t,
+                      suffix: () -> String) throws(SystemError) {
+        let (dir, name) = split(path)
+        try SecureDirectory.ensure(dir, mode: 0o755, owner: owner)
+        let (fd, tmp) = try createTemporary(directory: dir, name: name, mode: mode, suffix: suffix)
+        var ok = false
+        defer {
+            if !ok { unlink(tmp) }
+        }
+        do {
+            // open() applied the umask; the file gets exactly `mode`.
+            try syscall("set mode of", tmp) { fchmod(fd, mode) }
+            try writeAll(fd, Array(text.utf8), name: tmp)
+            try syscall("fsync", tmp) { fsync(fd) }
+        } catch {
+            _ = close(fd)
+            throw error
+        }
+        try syscall("close", tmp) { close(fd) }
+        try syscall("rename \(tmp) to", path) { rename(tmp, path) }
+        ok = true
+    }
+
+    /// The temporary file, created exclusively under a fresh random name; a name that exists (a planted file or
+    /// symlink, or a leftover) is skipped, never opened.
+    private static func createTemporary(directory: String, name: String, mode: mode_t,
+                                        suffix: () -> String) throws(SystemError) -> (Int32, String) {
+        var last = SystemError("create temporary file for", "\(directory)/\(name)", errno: EEXIST)
+        for _ in 0..<attempts {
+            let tmp = "\(directory)/.\(name).\(suffix()).tmp"
+            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+            if fd >= 0 { return (fd, tmp) }
+            let err = errno
+            if err == EINTR { continue }
+            last = SystemError("create", tmp, errno: err)
+            if err != EEXIST { throw last }
+        }
+        throw last
+    }
+
+    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], name: String) throws(SystemError) {
+        let failure: SystemError? = bytes.withUnsafeBytes { buf in
+            var off = 0
+            while off < buf.count {
+                let n = Glibc.write(fd, buf.baseAddress! + off, buf.count - off)
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    return SystemError.current("write", name)
+                }
+                off += n
+            }
+            return nil
+        }
+        if let failure { throw failure }
+    }
+
+    /// 64 random bits in hex, from the system's CSPRNG (getrandom).
+    static func randomSuffix() -> String {
+        let hex = String(UInt64.random(in: .min ... .max), radix: 16)
+        return String(repeating: "0", count: 16 - hex.count) + hex
+    }
+
+    static func split(_ path: String) -> (directory: String, name: String) {
+        guard let slash = path.lastIndex(of: "/") else { return (".", path) }
+        let dir = String(path[..<slash])
+        return (dir.isEmpty ? "/" : dir, String(path[path.index(after: slash)...]))
+    }
+
+    /// The contents of the regular file at `path`, or nil when there is none. A symlink is not followed (ELOOP), and
+    /// anything but a regular file (a FIFO would block, a device would never end) is refused.
+    public static func read(_ path: String) throws(SystemError) -> Data? {
+        let fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
+        if fd < 0 {
+            if errno == ENOENT { return nil }
+            throw SystemError.current("open", path)
+        }
+        defer { _ = close(fd) }
+        var st = stat()
+        try syscall("inspect", path) { fstat(fd, &st) }
+        guard st.st_mode & S_IFMT == S_IFREG else { throw SystemError("read", "\(path) (not a regular file)", errno: EINVAL) }
+        var data = Data()
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while data.count <= readLimit {
+            let n = try syscall("read", path) { chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress!, $0.count) } }
+            if n == 0 { return data }
+            data.append(contentsOf: chunk[0..<n])
+        }
+        throw SystemError("read", path, errno: EFBIG)
+    }
+
+    /// Removes `path` only if it holds exactly `expected`: a file that someone rewrote since (another tool, an
+    /// operator, a newer run) is left alone. Returns whether it was removed.
+    /// Between the comparison and the unlink only a writer to the (root-only) directory could swap the file.
+    @discardableResult
+    public static func removeIfUnchanged(_ path: String, expected: String) throws(SystemError) -> Bool {
+        guard let current = try read(path), current == Data(expected.utf8) else { return false }
+        try syscall("remove", path) { unlink(path) }
+        return true
+    }
+}
