@@ -24,8 +24,9 @@ public struct Readiness: Sendable {
 /// The running node: device and route (NodeSetup), control endpoint, peer table, data plane, signals.
 ///
 /// Threads: the caller's thread waits for signals (SIGINT/SIGTERM stop, SIGHUP re-reads the peers file); the
-/// control endpoint has its own thread; the data plane has one per direction. Shutdown from any of them goes
-/// through SIGTERM to the process, so there is exactly one way out and it always tears down.
+/// control endpoint has its own thread; the data plane has one per direction; self-healing (`NodeGuard`) has one.
+/// Shutdown from any of them goes through SIGTERM to the process, so there is exactly one way out and it always
+/// tears down.
 public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable state is set before threads start
     public enum Failure: Error, CustomStringConvertible {
         case usage(String)
@@ -55,6 +56,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let counters = DataPlaneCounters()
     private var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
+    private var nodeGuard: NodeGuard?
     private let fatalLock = NSLock()
     private var fatalError: String?
 
@@ -137,12 +139,22 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         masquerade = setup.masquerade
         var forwarderStarted = false
         defer {
+            // First, so that teardown's own changes are not taken for damage and put back.
+            nodeGuard?.stop()
             if forwarderStarted { forwarder?.stop() }
             setup.tearDown()
             removeState()
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
+
+        // Self-healing: subscribed before the forwarder starts, watching from right after it has.
+        if let installed = setup.installed {
+            do {
+                nodeGuard = try NodeGuard(device: installed, logger: logger,
+                                          onDeviceGone: { [weak self] reason in self?.fail(reason) })
+            } catch { throw .system("start self-healing: \(error)") }
+        }
 
         let fwd: Forwarder
         do {
@@ -151,13 +163,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
                                 options: ForwarderOptions(offloads: config.offloads),
-                                onFailure: { [weak self] error in self?.fail("forwarder stopped: \(error)") })
+                                onFailure: { [weak self] error in
+                                    // A deleted device fails the tun reads too; say so rather than only the errno.
+                                    self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")
+                                })
             try fwd.start()
         } catch {
             throw .system("start forwarder: \(error)")
         }
         forwarder = fwd
         forwarderStarted = true
+        nodeGuard?.start()
 
         if let registry {
             startRegistryWatch(registry)
@@ -370,6 +386,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             })
         status.offloadStatistics = forwarder?.offloadStatistics
         status.masquerade = masquerade?.status
+        status.repairs = nodeGuard?.status
         return status
     }
 }

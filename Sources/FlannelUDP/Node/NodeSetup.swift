@@ -37,6 +37,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// With --ip-masq: the installed rules and the thread that keeps them in place.
     public private(set) var masquerade: MasqueradeResync?
     private var routeInstalled: Route?
+    /// The device, address, MTU and route as installed, once the route is in: what `NodeGuard` keeps in place.
+    public private(set) var installed: OverlayDevice?
     private var subnetFileBackup: (path: String, previous: Data?)?
 
     public init(logger: Logger) throws(SystemError) {
@@ -130,6 +132,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             step("add route \(config.network) dev \(tun.name)")
             try addOverlayRoute(route)
             routeInstalled = route
+            installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
             if config.ipMasq {
                 try installMasquerade(config)
             }
@@ -191,6 +194,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             action()
         }
         routeInstalled = nil
+        installed = nil
         subnetFileBackup = nil
     }
 
