@@ -268,7 +268,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
-        fatalLock.withLock { if fatalError == nil { fatalError = message } }
+        let repeated = fatalLock.withLock { () -> Bool in
+            if fatalError == nil { fatalError = message; return false }
+            return fatalError == message
+        }
+        // The guard and the forwarder both notice a deleted device, with the same reason: say it once.
+        if repeated { return }
         logger.error("\(message); shutting down")
         kill(getpid(), SIGTERM)
     }
