@@ -1,3 +1,6 @@
+import Foundation
+import Logging
+import Synchronization
 import XCTest
 @testable import FlannelUDP
 
@@ -175,6 +178,24 @@ final class NodeGuardDecisionTests: XCTestCase {
         o.link?.name = "renamed0"
         XCTAssertEqual(NodeGuard.decide(device, o).map(\.kind), [.device])
         XCTAssertTrue(NodeGuard.explainDeviceGone(why).contains("flannel-udp stops instead of forwarding into nothing"))
+    }
+
+    func testAGuardWhoseDeviceIsGoneReportsItAndStops() throws {
+        // Only reads (no device has this index, so nothing is ever repaired): safe in any namespace, no root.
+        var gone = device
+        gone.index = Int32.max - 1
+        let reported = DispatchSemaphore(value: 0)
+        let reason = Mutex<String?>(nil)
+        let guarded = try NodeGuard(device: gone, logger: Logger(label: "test"), onDeviceGone: { why in
+            reason.withLock { $0 = why }
+            reported.signal()
+        })
+        guarded.start()
+        XCTAssertEqual(reported.wait(timeout: .now() + 5), .success)
+        guarded.stop()
+        XCTAssertTrue(reason.withLock { $0 }?.hasPrefix("device flannel0 (ifindex 2147483646) was deleted") == true)
+        XCTAssertEqual(guarded.status.total, 0)
+        XCTAssertNotNil(guarded.deviceGoneReason())
     }
 
     func testRetryDelayDoublesUpToAMinute() {

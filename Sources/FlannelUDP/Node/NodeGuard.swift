@@ -297,23 +297,38 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
     private func run() {
         guard reconcile() else { return }
         var nextCheck = NodeGuard.monotonicSeconds() + checkInterval
+        // Cleared when the notification socket fails for good: the periodic check then carries on alone (poll
+        // ignores a negative fd), rather than spinning on a socket that stays readable with an error.
+        var listening = true
         while true {
             let now = NodeGuard.monotonicSeconds()
             var wait = max(0, nextCheck - now)
             if let retry = nextRetry(now: now) { wait = min(wait, retry) }
-            var fds = [pollfd(fd: subscription.fd, events: Int16(POLLIN), revents: 0),
+            var fds = [pollfd(fd: listening ? subscription.fd : -1, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
             let rc = poll(&fds, nfds_t(fds.count), Int32(min(wait * 1000, 3_600_000)) + 1)
             if rc < 0 {
                 let error = Glibc.errno
                 if error == EINTR { continue }
-                // Cannot wait: fall back to checking once a second rather than stopping the guard.
+                // poll on two valid descriptors fails only for lack of memory: log it, go on with the periodic
+                // check.
                 logger.error("self-healing: \(SystemError("poll", "netlink notifications", errno: error))")
-                usleep(1_000_000)
+                nextCheck = NodeGuard.monotonicSeconds()
+                fds[0].revents = 0
+                fds[1].revents = 0
             }
             if fds[1].revents != 0 { return }
             var check = NodeGuard.monotonicSeconds() >= nextCheck || nextRetry(now: NodeGuard.monotonicSeconds()) == 0
-            if fds[0].revents != 0 { check = drainNotifications() || check }
+            if fds[0].revents != 0 {
+                switch drainNotifications() {
+                case .relevant: check = true
+                case .irrelevant: break
+                case .failed(let error):
+                    listening = false
+                    check = true
+                    logger.error("self-healing: \(error); from now on checking every \(Int(checkInterval)) s only")
+                }
+            }
             if check {
                 guard reconcile() else { return }
                 nextCheck = NodeGuard.monotonicSeconds() + checkInterval
@@ -321,18 +336,20 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
         }
     }
 
-    /// Reads every queued notification; true when any may concern the device or its route, or some were lost.
-    private func drainNotifications() -> Bool {
+    private enum Drained {
+        case relevant, irrelevant
+        case failed(SystemError)
+    }
+
+    /// Reads every queued notification: relevant when any may concern the device or its route, or some were lost.
+    private func drainNotifications() -> Drained {
         var relevant = false
         while true {
             let received: NetlinkSubscription.Received
-            do { received = try subscription.receive() } catch {
-                logger.error("self-healing: \(error)")
-                return true
-            }
+            do { received = try subscription.receive() } catch { return .failed(error) }
             switch received {
             case .empty:
-                return relevant
+                return relevant ? .relevant : .irrelevant
             case .overrun:
                 relevant = true
             case .events(nil):
@@ -347,8 +364,7 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
 
     /// Stops watching and waits for a check in progress to end: nothing is repaired after this returns.
     public func stop() {
-        guard let started = lock.withLock({ thread }) else { return }
-        _ = started
+        guard lock.withLock({ thread }) != nil else { return }
         wake.wake()
         finished.wait()
         lock.withLock { thread = nil }
