@@ -10,7 +10,8 @@ struct Status: ParsableCommand {
         abstract: "Show the device, the overlay route and the daemon's state and counters.",
         discussion: """
             Reads the device over netlink and asks the daemon over its control socket: counters, peers, offloads \
-            and, with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored). \
+            and, with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored); \
+            the self-healing repairs (how often the route, address, link up state and MTU were put back). \
             Exit status: 0 the daemon \
             is running, 3 it is not, 1 an error (e.g. the control socket refused us).
             """
@@ -116,6 +117,14 @@ struct Status: ParsableCommand {
             if let e = m.lastError { print("            error: \(e)") }
         } else {
             print("masquerade: off")
+        }
+        if let r = s.repairs {
+            var line = "repairs:   "
+            line += r.total == 0 ? "none" : "route \(r.route), address \(r.address), link up \(r.linkUp), mtu \(r.mtu)"
+            line += " (checked on every change and every \(formatSeconds(r.checkSeconds)))"
+            print(line)
+            if let last = r.last, let at = r.lastAt { print("           last: \(last) at \(at)") }
+            if let e = r.lastError { print("           error: \(e)") }
         }
         let c = s.counters
         print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)")

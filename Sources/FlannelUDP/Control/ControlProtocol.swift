@@ -68,6 +68,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var offloadStatistics: OffloadStatistics?
     /// The masquerade rules with --ip-masq: where they are, whether they are in place, how often they were restored.
     public var masquerade: MasqueradeStatus?
+    /// Self-healing: how often the overlay route, the address, the link's up state and the MTU were put back.
+    public var repairs: RepairStatus?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,

@@ -348,8 +348,9 @@ enum NetlinkMessages {
     }
 
     /// The fixed header and attributes of a whole message of `type`, or nil: shorter than its header, claiming
-    /// more bytes than there are, another type, or attributes that are not whole.
-    private static func open<Fixed>(_ message: UnsafeRawBufferPointer, type: UInt16, fixed: Fixed.Type)
+    /// more bytes than there are, another type, or attributes that are not whole. Also used by the notification
+    /// parser (NetlinkEvents.swift), whose messages share the replies' layout.
+    static func open<Fixed>(_ message: UnsafeRawBufferPointer, type: UInt16, fixed: Fixed.Type)
         -> (Fixed, NetlinkAttributes)? {
         let headerSize = MemoryLayout<nlmsghdr>.size
         guard message.count >= headerSize else { return nil }

@@ -24,8 +24,9 @@ public struct Readiness: Sendable {
 /// The running node: device and route (NodeSetup), control endpoint, peer table, data plane, signals.
 ///
 /// Threads: the caller's thread waits for signals (SIGINT/SIGTERM stop, SIGHUP re-reads the peers file); the
-/// control endpoint has its own thread; the data plane has one per direction. Shutdown from any of them goes
-/// through SIGTERM to the process, so there is exactly one way out and it always tears down.
+/// control endpoint has its own thread; the data plane has one per direction; self-healing (`NodeGuard`) has one.
+/// Shutdown from any of them goes through SIGTERM to the process, so there is exactly one way out and it always
+/// tears down.
 public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable state is set before threads start
     public enum Failure: Error, CustomStringConvertible {
         case usage(String)
@@ -55,6 +56,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let counters = DataPlaneCounters()
     var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
+    private var nodeGuard: NodeGuard?
     let fatalLock = NSLock()
     var fatalError: String?
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
@@ -143,12 +145,22 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         masquerade = setup.masquerade
         var forwarderStarted = false
         defer {
+            // First, so that teardown's own changes are not taken for damage and put back.
+            nodeGuard?.stop()
             if forwarderStarted { forwarder?.stop() }
             setup.tearDown()
             removeState()
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
+
+        // Self-healing: subscribed before the forwarder starts, watching from right after it has.
+        if let installed = setup.installed {
+            do {
+                nodeGuard = try NodeGuard(device: installed, logger: logger,
+                                          onDeviceGone: { [weak self] reason in self?.fail(reason) })
+            } catch { throw .system("start self-healing: \(error)") }
+        }
 
         let fwd: Forwarder
         do {
@@ -158,13 +170,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 counters: counters, logger: logger,
                                 options: ForwarderOptions(offloads: config.offloads,
                                                           heartbeatMilliseconds: observer?.heartbeatMilliseconds ?? 1000),
-                                onFailure: { [weak self] error in self?.fail("forwarder stopped: \(error)") })
+                                onFailure: { [weak self] error in
+                                    // A deleted device fails the tun reads too; say so rather than only the errno.
+                                    self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")
+                                })
             try fwd.start()
         } catch {
             throw .system("start forwarder: \(error)")
         }
         forwarder = fwd
         forwarderStarted = true
+        nodeGuard?.start()
 
         if let registry {
             startRegistryWatch(registry)
@@ -262,7 +278,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
-        fatalLock.withLock { if fatalError == nil { fatalError = message } }
+        let repeated = fatalLock.withLock { () -> Bool in
+            if fatalError == nil { fatalError = message; return false }
+            return fatalError == message
+        }
+        // The guard and the forwarder both notice a deleted device, with the same reason: say it once.
+        if repeated { return }
         logger.error("\(message); shutting down")
         kill(getpid(), SIGTERM)
     }
@@ -383,6 +404,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             })
         status.offloadStatistics = forwarder?.offloadStatistics
         status.masquerade = masquerade?.status
+        status.repairs = nodeGuard?.status
         return status
     }
 }

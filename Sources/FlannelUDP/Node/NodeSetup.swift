@@ -46,6 +46,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// Set by `started()` once the node is up: from then on teardown removes the subnet file instead of putting
     /// back what was there before `up`.
     private var running = false
+    /// The device, address, MTU and route as installed, once the route is in: what `NodeGuard` keeps in place.
+    public private(set) var installed: OverlayDevice?
 
     public init(logger: Logger) throws(SystemError) {
         netlink = try Netlink()
@@ -157,6 +159,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             step("add route \(config.network) dev \(tun.name)")
             try addOverlayRoute(route)
             routeInstalled = route
+            installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
             if config.ipMasq {
                 try installMasquerade(config)
             }
@@ -217,6 +220,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             action()
         }
         routeInstalled = nil
+        installed = nil
     }
 
     /// The node is up: a teardown from now on is the end of a run, not the undo of a failed start.
