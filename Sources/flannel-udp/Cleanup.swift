@@ -76,9 +76,12 @@ struct Cleanup: ParsableCommand {
                 case .deleteLink(let index, _):
                     try nl.deleteLink(index: index)
                 case .removeFile(let path):
-                    if unlink(path) != 0 && errno != ENOENT { throw SystemError.current("remove", path) }
-                    let log = path.replacingOccurrences(of: ".json", with: ".log")
-                    unlink(log)
+                    // The dead daemon's state with its log, socket and lock, under its lock (so never a live one's).
+                    let device = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+                    DaemonLeftovers.remove(paths: RuntimePaths(device: device), state: nil)
+                    if FileManager.default.fileExists(atPath: path) {
+                        throw SystemError("remove", "\(path) (a daemon holds its lock)", errno: EBUSY)
+                    }
                 }
             } catch let e as SystemError where e.errno == ESRCH || e.errno == ENODEV {
                 // Already gone (a route that went with its device): that is the goal.

@@ -9,8 +9,10 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the device, the overlay route and the daemon's state and counters.",
         discussion: """
-            Reads the device over netlink and asks the daemon over its control socket. Exit status: 0 the daemon \
-            is running, 3 it is not, 1 an error (e.g. the control socket refused us).
+            Reads the device over netlink and asks the daemon over its control socket, after checking that root \
+            owns it and that it is the process the daemon's state file records. Exit status: 0 the daemon is \
+            running, 3 it is not, 1 an error (e.g. the control socket refused us, or whoever \
+            answers is not the daemon).
             """
     )
 

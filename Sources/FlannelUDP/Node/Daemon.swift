@@ -96,16 +96,16 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 do { try store.check(r) } catch { throw .usage("\(path): \(error)") }
             }
         }
-        // The control socket name is the lock against a second daemon on this device in this namespace.
-        let control: ControlServer
-        do { control = try ControlServer(name: paths.controlSocketName, logger: logger) } catch {
-            if case .alreadyRunning = error {
-                let pid = DaemonState.load(path: paths.stateFile).map { " (pid \($0.pid))" } ?? ""
-                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid)")
+        // The lock against a second daemon on this device in this namespace, and the control endpoint (DaemonInstance).
+        let instance: DaemonInstance
+        do { instance = try DaemonInstance(paths: paths, initialState: state(listen: ""), logger: logger) } catch {
+            switch error {
+            case .alreadyRunning(let pid):
+                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
+            case .system(let e): throw .system(e.description)
             }
-            throw .system(error.description)
         }
-        defer { control.stop() }
+        defer { instance.release() }
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
@@ -137,7 +137,6 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         defer {
             if forwarderStarted { forwarder?.stop() }
             setup.tearDown()
-            removeState()
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
@@ -160,8 +159,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         if let registry {
             startRegistryWatch(registry)
         }
-        writeState(plan: plan)
-        control.start(handler: self)
+        instance.record(state(listen: plan.listen.description))
+        instance.control.start(handler: self)
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
 
@@ -272,21 +271,14 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    private func writeState(plan: NodeSetup.Plan) {
-        let state = DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
-                                device: config.device, network: config.network.description,
-                                subnet: config.subnet.description, subnetFile: config.subnetFile,
-                                listen: plan.listen.description, startedAt: startedAt)
-        do {
-            try AtomicFile.makeDirectories(paths.stateDirectory, mode: 0o700)
-            try state.write(to: paths.stateFile)
-        } catch {
-            logger.warning("cannot write state file: \(error)")
-        }
-    }
-
-    private func removeState() {
-        if unlink(paths.stateFile) == 0 { rmdir(paths.stateDirectory) }  // rmdir fails harmlessly if not empty
+    /// What the state file records: pid and start time first (clients verify who answers with them); network and
+    /// subnet are empty until they are known (from etcd they are not, at first).
+    private func state(listen: String) -> DaemonState {
+        let known = !listen.isEmpty || registrySettings == nil
+        return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
+                           device: config.device, network: known ? config.network.description : "",
+                           subnet: known ? config.subnet.description : "", subnetFile: config.subnetFile,
+                           listen: listen, startedAt: startedAt)
     }
 
     // MARK: - control requests
