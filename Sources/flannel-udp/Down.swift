@@ -9,7 +9,7 @@ struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Stop the daemon of a device and remove everything it made.",
         discussion: """
-            Asks the daemon over its control socket to stop; it removes its \
+            Asks the daemon over its control socket to stop (also while it is still starting); it removes its \
             route, its device, the subnet file it wrote and its state. Waits until it has exited and the device is \
             gone; after --timeout it is killed. Only a daemon verified as such is asked or signalled: the control \
             socket's owner must be root and the process the state file records. If no daemon is running, removes \

@@ -11,7 +11,7 @@ struct Status: ParsableCommand {
         discussion: """
             Reads the device over netlink and asks the daemon over its control socket, after checking that root \
             owns it and that it is the process the daemon's state file records. Exit status: 0 the daemon is \
-            running, 3 it is not, 1 an error (e.g. the control socket refused us, or whoever \
+            running (or starting), 3 it is not, 1 an error (e.g. the control socket refused us, or whoever \
             answers is not the daemon).
             """
     )
@@ -96,6 +96,10 @@ struct Status: ParsableCommand {
         guard let s = r.daemon else {
             print("daemon:    not running")
             if let e = r.error { print("error:     \(e)") }
+            return
+        }
+        if s.phase == "starting" {
+            print("daemon:    pid \(s.pid), starting for \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
             return
         }
         print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")

@@ -66,6 +66,9 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var lease: LeaseInfo?
     /// What the offloads did: super-packets segmented and coalesced, GRO buffers, largest datagram received.
     public var offloadStatistics: OffloadStatistics?
+    /// "starting" while start-up runs (etcd may still be unreachable; only pid, device and uptime are filled in),
+    /// then "running". Absent from daemons that predate it.
+    public var phase: String?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,

@@ -56,6 +56,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private var forwarder: Forwarder?
     private let fatalLock = NSLock()
     private var fatalError: String?
+    /// False until start-up is complete: control requests other than status and shutdown are refused till then,
+    /// and status reads nothing that start-up is still writing.
+    private let phaseLock = NSLock()
+    private var running = false
+    private var stoppedDuringStart = false
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
     ///   registry); `config.network` and `config.subnet` are then ignored.
@@ -82,6 +87,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         do {
             try runLocked(readiness: readiness)
         } catch {
+            if stoppedDuringStart {
+                // `down` (or SIGTERM/SIGINT) while etcd was still being waited for: everything taken is released.
+                logger.info("stopped during start-up")
+                readiness.failed("stopped during start-up")
+                return
+            }
             readiness.failed(error.description)
             throw error
         }
@@ -96,7 +107,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 do { try store.check(r) } catch { throw .usage("\(path): \(error)") }
             }
         }
-        // The lock against a second daemon on this device in this namespace, and the control endpoint (DaemonInstance).
+        // The lock against a second daemon on this device in this namespace, and the control endpoint, served from
+        // here on so that `status` and `down` work during a slow start (DaemonInstance).
         let instance: DaemonInstance
         do { instance = try DaemonInstance(paths: paths, initialState: state(listen: ""), logger: logger) } catch {
             switch error {
@@ -106,6 +118,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             }
         }
         defer { instance.release() }
+        instance.control.start(handler: self)
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
@@ -160,7 +173,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             startRegistryWatch(registry)
         }
         instance.record(state(listen: plan.listen.description))
-        instance.control.start(handler: self)
+        phaseLock.withLock { running = true }
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         readiness.ready()
 
@@ -202,6 +215,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             logger.info("etcd: network \(network.network), leased \(lease.subnet) for \(publicIP) until \(lease.expiration)")
         } catch let error as NetworkConfigError {
             throw .usage("etcd config \(settings.prefix)/config: \(error)")
+        } catch let error as Blocking.Interrupted {
+            stoppedDuringStart = true
+            throw .system("\(error)")
         } catch {
             throw .system("etcd: \(error)")
         }
@@ -284,6 +300,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     // MARK: - control requests
 
     public func handle(_ request: ControlRequest) -> ControlResponse {
+        let isRunning = phaseLock.withLock { running }
+        switch request {
+        case .status:
+            return .status(isRunning ? status() : startingStatus())
+        case .shutdown:
+            break
+        case .routeList, .routeAdd, .routeDel, .reloadPeers:
+            if !isRunning { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+        }
         switch request {
         case .status:
             return .status(status())
@@ -316,6 +341,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             kill(getpid(), SIGTERM)
             return .ok
         }
+    }
+
+    /// Status while starting: only what start-up does not change.
+    private func startingStatus() -> DaemonStatus {
+        var status = DaemonStatus(
+            pid: getpid(), version: Daemon.version, startedAt: startedAt,
+            uptimeSeconds: Date().timeIntervalSince(startedAt), device: paths.device, network: "", subnet: "", mtu: 0,
+            listen: "", publicIP: "", underlay: "", subnetFile: nil, peersFile: nil, peerCheck: "", routes: [],
+            counters: counters.snapshot(), offloads: [], lease: nil)
+        status.phase = "starting"
+        return status
     }
 
     private func reloadPeers() -> ControlResponse {
@@ -359,6 +395,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
             })
         status.offloadStatistics = forwarder?.offloadStatistics
+        status.phase = "running"
         return status
     }
 }
