@@ -20,6 +20,13 @@ struct FlannelUDPCommand: ParsableCommand {
         version: Daemon.version,
         subcommands: [Up.self, Down.self, RouteCommand.self, Status.self, Cleanup.self]
     )
+
+    static func main() {
+        // Output into a closed pipe (`flannel-udp status | head -1`) or a control socket the daemon closed is an
+        // error where it happens, not death by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
+        signal(SIGPIPE, SIG_IGN)
+        main(nil)
+    }
 }
 
 /// Exit codes shared by every subcommand (documented in the README and the man page).

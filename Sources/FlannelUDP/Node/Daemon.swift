@@ -10,14 +10,20 @@ public struct Readiness: Sendable {
     public let fd: Int32?
     public init(fd: Int32?) { self.fd = fd }
 
-    public func ready() { send("READY") }
-    public func failed(_ message: String) { send("ERROR \(message)") }
+    /// Each returns the write's error, if any: a reader that is gone (EPIPE: the `up --detach` that started us was
+    /// killed or timed out) is no reason for the daemon to stop, so callers log it and carry on.
+    @discardableResult public func ready() -> SystemError? { send("READY") }
+    @discardableResult public func failed(_ message: String) -> SystemError? { send("ERROR \(message)") }
 
-    private func send(_ line: String) {
-        guard let fd else { return }
+    private func send(_ line: String) -> SystemError? {
+        guard let fd else { return nil }
+        defer { _ = close(fd) }
         let bytes = Array((line.replacingOccurrences(of: "\n", with: " ") + "\n").utf8)
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
-        _ = close(fd)
+        do {
+            // One short line into an empty pipe: written whole or not at all. SIGPIPE is ignored (Daemon.run).
+            try syscall("report readiness on", "fd \(fd)") { bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) } }
+        } catch { return error }
+        return nil
     }
 }
 
@@ -84,18 +90,24 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// failure. Start-up success or failure is reported on `readiness`.
     public func run(readiness: Readiness) throws(Failure) {
         Daemon.blockSignals()
+        // A closed pipe (the readiness pipe, a control client that left) must be an error return, never death.
+        signal(SIGPIPE, SIG_IGN)
         do {
             try runLocked(readiness: readiness)
         } catch {
             if stoppedDuringStart {
                 // `down` (or SIGTERM/SIGINT) while etcd was still being waited for: everything taken is released.
                 logger.info("stopped during start-up")
-                readiness.failed("stopped during start-up")
+                reportReadiness(readiness.failed("stopped during start-up"))
                 return
             }
-            readiness.failed(error.description)
+            reportReadiness(readiness.failed(error.description))
             throw error
         }
+    }
+
+    private func reportReadiness(_ error: SystemError?) {
+        if let error { logger.warning("\(error) (the process that started the daemon is gone); running on") }
     }
 
     private func runLocked(readiness: Readiness) throws(Failure) {
@@ -175,7 +187,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         instance.record(state(listen: plan.listen.description))
         phaseLock.withLock { running = true }
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
-        readiness.ready()
+        reportReadiness(readiness.ready())
 
         waitForSignals()
         leaseHeld = !keepLeaseLock.withLock { keepLease }
