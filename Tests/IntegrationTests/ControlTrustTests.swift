@@ -115,7 +115,10 @@ final class ControlTrustTests: HostileTopologyTestCase {
             print("READY", flush=True)
             while True:
                 c, _ = s.accept()
-                c.sendall(answer)
+                try:
+                    c.sendall(answer)  # the CLI hangs up unanswered once it has seen who holds the socket
+                except OSError:
+                    pass
                 c.close()
             """
         let squatter = try NobodyProcess(ns: a.ns, script: script)
