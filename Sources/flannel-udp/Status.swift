@@ -94,7 +94,10 @@ struct Status: ParsableCommand {
             print("device:    \(deviceOptions.device) does not exist")
         }
         guard let s = r.daemon else {
-            print("daemon:    not running")
+            // Running but it refused us (not root), or something answered that is not the daemon: say so, not
+            // "not running", which would hide either.
+            print(r.running ? "daemon:    running (it refused this request)"
+                  : r.error == nil ? "daemon:    not running" : "daemon:    unknown")
             if let e = r.error { print("error:     \(e)") }
             return
         }
