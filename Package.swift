@@ -72,7 +72,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["FlannelUDP", "flannel-udp"]
+            dependencies: ["FlannelUDP", "flannel-udp", .product(name: "Logging", package: "swift-log")]
         ),
     ]
 )

@@ -24,6 +24,9 @@ struct FlannelUDPCommand: ParsableCommand {
     /// The parser's own main, except that `up` also takes its options from the environment (`UpEnvironment`),
     /// and a bad value from there is reported as one line naming the variable.
     static func main() {
+        // Output into a closed pipe (`flannel-udp status | head -1`) or a control socket the daemon closed is an
+        // error where it happens, not death by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
+        signal(SIGPIPE, SIG_IGN)
         var arguments = Array(CommandLine.arguments.dropFirst())
         var settings: [EnvironmentOptions.Setting] = []
         if arguments.first == "up" {

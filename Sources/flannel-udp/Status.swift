@@ -9,11 +9,12 @@ struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Show the device, the overlay route and the daemon's state and counters.",
         discussion: """
-            Reads the device over netlink and asks the daemon over its control socket: counters, peers, offloads \
-            and, with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored); \
-            the self-healing repairs (how often the route, address, link up state and MTU were put back). \
-            Exit status: 0 the daemon \
-            is running, 3 it is not, 1 an error (e.g. the control socket refused us).
+            Reads the device over netlink and asks the daemon over its control socket, after checking that root \
+            owns it and that it is the process the daemon's state file records: counters, peers, offloads and, \
+            with --ip-masq, the masquerade rules (backend, where, in place or not, how often restored); the \
+            self-healing repairs (how often the route, address, link up state and MTU were put back). Exit \
+            status: 0 the daemon is running (or starting), 3 it is not, 1 an error (e.g. the control socket \
+            refused us, or whoever answers is not the daemon).
             """
     )
 
@@ -95,8 +96,15 @@ struct Status: ParsableCommand {
             print("device:    \(deviceOptions.device) does not exist")
         }
         guard let s = r.daemon else {
-            print("daemon:    not running")
+            // Running but it refused us (not root), or something answered that is not the daemon: say so, not
+            // "not running", which would hide either.
+            print(r.running ? "daemon:    running (it refused this request)"
+                  : r.error == nil ? "daemon:    not running" : "daemon:    unknown")
             if let e = r.error { print("error:     \(e)") }
+            return
+        }
+        if s.phase == "starting" {
+            print("daemon:    pid \(s.pid), starting for \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
             return
         }
         print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")

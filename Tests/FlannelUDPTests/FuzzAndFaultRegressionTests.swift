@@ -10,7 +10,7 @@ final class FuzzAndFaultRegressionTests: XCTestCase {
         var fds: [Int32] = [0, 0]
         XCTAssertEqual(socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds), 0)
         defer { close(fds[0]); close(fds[1]) }
-        AbstractSocket.setTimeouts(fds[0], seconds: 1)
+        try UnixSocket.setTimeouts(fds[0], seconds: 1)
         let writer = fds[1]
         let stop = DispatchSemaphore(value: 0)
         let finished = DispatchSemaphore(value: 0)
@@ -24,7 +24,7 @@ final class FuzzAndFaultRegressionTests: XCTestCase {
             finished.signal()
         }.start()
         let start = Date()
-        XCTAssertThrowsError(try AbstractSocket.readLine(fds[0], limit: 64 * 1024, what: "test", timeoutSeconds: 1)) {
+        XCTAssertThrowsError(try UnixSocket.readLine(fds[0], limit: 64 * 1024, what: "test", timeoutSeconds: 1)) {
             XCTAssertEqual(($0 as? SystemError)?.errno, ETIMEDOUT, "\($0)")
         }
         let elapsed = Date().timeIntervalSince(start)
@@ -41,7 +41,7 @@ final class FuzzAndFaultRegressionTests: XCTestCase {
         for part in ["{\"sta", "tus\":{}}\n"] {
             _ = part.utf8CString.withUnsafeBufferPointer { send(fds[1], $0.baseAddress, part.utf8.count, 0) }
         }
-        guard case .line(let bytes) = try AbstractSocket.readLine(fds[0], limit: 1024, what: "test", timeoutSeconds: 2)
+        guard case .line(let bytes) = try UnixSocket.readLine(fds[0], limit: 1024, what: "test", timeoutSeconds: 2)
         else { return XCTFail("no line") }
         XCTAssertEqual(try ControlProtocol.decode(ControlRequest.self, from: bytes), .status)
     }

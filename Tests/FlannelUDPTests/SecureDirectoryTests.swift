@@ -30,6 +30,21 @@ final class SecureDirectoryTests: XCTestCase {
         }
     }
 
+    /// The reader's variant (the CLI before it trusts a control socket): the same checks, nothing created.
+    func testCheckCreatesNothingAndAppliesTheSameRules() throws {
+        XCTAssertThrowsError(try SecureDirectory.check(base + "/missing/dir", owner: me)) {
+            XCTAssertEqual(($0 as? SystemError)?.errno, ENOENT, "\($0)")
+        }
+        XCTAssertFalse(FileManager.default.fileExists(atPath: base + "/missing"))
+        XCTAssertEqual(mkdir(base + "/open", 0o700), 0)
+        XCTAssertEqual(chmod(base + "/open", 0o777), 0)
+        XCTAssertThrowsError(try SecureDirectory.check(base + "/open", owner: me)) {
+            XCTAssertEqual(($0 as? SystemError)?.errno, EPERM, "\($0)")
+        }
+        XCTAssertEqual(chmod(base + "/open", 0o711), 0)
+        try SecureDirectory.check(base + "/open", owner: me)
+    }
+
     func testCreatesMissingComponents() throws {
         try SecureDirectory.ensure(base + "/a/b/c", mode: 0o700, owner: me)
         var st = stat()

@@ -118,6 +118,27 @@ class HostileTopologyTestCase: XCTestCase {
                         peers: peers)
     }
 
+    /// setpriv's prefix that runs a command as nobody (uid/gid 65534, no supplementary groups).
+    static let asNobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    /// The node's state directory: `<run dir>/ns-<inode of the node's netns>`.
+    func stateDirectory(_ node: Node) throws -> String {
+        let inode = try node.ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"]).trimmingCharacters(in: .whitespacesAndNewlines)
+        return "\(tmp)/run/ns-\(inode)"
+    }
+
+    func controlSocket(_ node: Node) throws -> String { try stateDirectory(node) + "/flannel0.sock" }
+
+    /// Simulates a misconfigured node on which other users can reach the control socket: run and state directory
+    /// traversable (not writable) by others, socket mode 0666. The daemon's own SO_PEERCRED check must then
+    /// refuse them.
+    func loosenControlDirectory(_ node: Node) throws {
+        let dir = try stateDirectory(node)
+        for (path, mode) in [(tmp + "/run", 0o711), (dir, 0o711), (dir + "/flannel0.sock", 0o666)] {
+            guard chmod(path, mode_t(mode)) == 0 else { throw SystemError.current("chmod", path) }
+        }
+    }
+
     func daemonPID(_ node: Node) throws -> pid_t {
         let pid = try XCTUnwrap(try daemonStatus(node)["pid"] as? Int)
         return pid_t(pid)

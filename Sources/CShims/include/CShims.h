@@ -123,6 +123,20 @@ int fu_setns_net(int fd);
 /// getsockopt(fd, SOL_SOCKET, SO_PEERCRED): the peer's pid and uid. struct ucred needs _GNU_SOURCE.
 int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
 
+/// accept4(fd, NULL, NULL, SOCK_CLOEXEC): accept4 needs _GNU_SOURCE.
+int fu_accept_cloexec(int fd);
+
+// ---- pidfd ------------------------------------------------------------------------------------------------
+
+/// pidfd_open(pid, 0) with PIDFD_NONBLOCK unset: a descriptor that names one process for as long as it is open,
+/// so a signal sent through it can never reach a process that later reuses the pid. glibc 2.36 declares it in
+/// <sys/pidfd.h>, which this system's headers lack, so this goes through syscall(2) (variadic: not callable from
+/// Swift). The descriptor is close-on-exec (the kernel always sets O_CLOEXEC on pidfds).
+int fu_pidfd_open(pid_t pid);
+
+/// pidfd_send_signal(pidfd, sig, NULL, 0). Same reason as fu_pidfd_open.
+int fu_pidfd_send_signal(int pidfd, int sig);
+
 // ---- process spawning -------------------------------------------------------------------------------------
 
 /// POSIX_SPAWN_SETSID from <spawn.h> (a glibc extension, hidden without _GNU_SOURCE): the detached daemon

@@ -70,6 +70,9 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var masquerade: MasqueradeStatus?
     /// Self-healing: how often the overlay route, the address, the link's up state and the MTU were put back.
     public var repairs: RepairStatus?
+    /// "starting" while start-up runs (etcd may still be unreachable; only pid, device and uptime are filled in),
+    /// then "running". Absent from daemons that predate it.
+    public var phase: String?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,

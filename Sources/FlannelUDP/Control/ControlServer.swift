@@ -5,138 +5,211 @@ import Logging
 import Glibc
 #endif
 
-/// Answers control requests. Called on the control thread, one request at a time.
+/// Answers control requests. Calls are serialized (one request at a time), from any of the serving threads.
 public protocol ControlHandler: AnyObject, Sendable {
     func handle(_ request: ControlRequest) -> ControlResponse
 }
 
-/// The daemon's control endpoint: an abstract unix socket served by one thread.
+/// The daemon's control endpoint: a pathname unix socket in the root-only state directory (see `RuntimePaths`).
 ///
-/// Only root (uid 0, checked with SO_PEERCRED on every connection) may talk to it. Each connection carries one
-/// request; a client that sends garbage, too much, or nothing within the timeout gets an error (or is dropped) and
-/// never blocks the next client for longer than the timeout.
-public final class ControlServer: @unchecked Sendable {  // fd fields are immutable after init; thread owns the loop
-    public let name: String
+///     accept thread ── peer not root? ──> refusal written at once (never read), closed, rate-limited log line
+///          │ root
+///          v
+///     bounded queue ──> `workerCount` serving threads: read one request (whole request within 2 s),
+///                       handle it (serialized), answer, close
+///
+/// Only root (uid 0, checked with SO_PEERCRED on every connection) may talk to it. The directory already keeps
+/// other users out; the check here is the second wall, for a directory someone loosened. A refused client costs
+/// one non-blocking write and never occupies a serving thread, so idle or looping unprivileged clients cannot
+/// delay root's requests or fill the log. A root client that sends garbage, too much, or nothing within the
+/// timeout gets an error (or is dropped) and holds one serving thread for at most the timeout.
+public final class ControlServer: @unchecked Sendable {  // fds immutable after init; queue and threads behind locks
+    public static let workerCount = 4
+    /// Root connections waiting for a serving thread beyond this are answered "busy" at once.
+    public static let maxPending = 64
+    static let refusal = "permission denied: only root may control flannel-udp"
+
+    public let path: String
     private let listenFD: Int32
     private let wake: WakePipe
-    private var thread: Thread?
     private let logger: Logger
-    private let done = DispatchSemaphore(value: 0)
+    private let queue = NSCondition()
+    private var pending: [Int32] = []
+    private var stopping = false
+    private var threads: [Thread] = []
+    private let finished = DispatchGroup()
+    private let handlerLock = NSLock()
+    private var refusalLog = LogLimiter(intervalNanoseconds: 10_000_000_000)  // accept thread only
+    private var closed = false
 
-    public enum BindError: Error, CustomStringConvertible {
-        case alreadyRunning(String)
-        case system(SystemError)
-        public var description: String {
-            switch self {
-            case .alreadyRunning(let name): return "another flannel-udp daemon already holds control socket @\(name) in this network namespace"
-            case .system(let e): return e.description
-            }
-        }
-    }
-
-    /// Binds and listens on `@name`. Fails with `.alreadyRunning` when another process holds the name.
-    public init(name: String, logger: Logger) throws(BindError) {
-        self.name = name
+    /// Binds and listens on `path`, mode 0600. The caller holds the daemon lock (`DaemonLock`), so a file already
+    /// at `path` is a dead daemon's socket: it is unlinked first.
+    public init(path: String, logger: Logger) throws(SystemError) {
+        self.path = path
         self.logger = logger
-        let fd: Int32
-        do { fd = try AbstractSocket.makeSocket("@\(name)") } catch { throw .system(error) }
-        let rc = AbstractSocket.withAddress(name) { bind(fd, $0, $1) }
-        if rc != 0 {
-            let err = errno
-            _ = close(fd)
-            if err == EADDRINUSE { throw .alreadyRunning(name) }
-            throw .system(SystemError("bind control socket", "@\(name)", errno: err))
+        let fd = try syscall("create control socket", path) {
+            socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         }
-        if listen(fd, 16) != 0 {
-            let e = SystemError.current("listen on control socket", "@\(name)")
+        do throws(SystemError) {
+            if unlink(path) != 0 && errno != ENOENT { throw SystemError.current("remove stale control socket", path) }
+            if try UnixSocket.withAddress(path, { bind(fd, $0, $1) }) != 0 {
+                throw SystemError.current("bind control socket", path)
+            }
+            // The directory is 0700 already; the socket itself is root's alone as well.
+            try syscall("chmod control socket", path) { chmod(path, 0o600) }
+            try syscall("listen on control socket", path) { listen(fd, 64) }
+            wake = try WakePipe()
+        } catch {
             _ = close(fd)
-            throw .system(e)
-        }
-        do { wake = try WakePipe() } catch {
-            _ = close(fd)
-            throw .system(error)
+            throw error
         }
         listenFD = fd
     }
 
-    /// Starts serving on a background thread.
+    /// Starts the accept thread and the serving threads.
     public func start(handler: ControlHandler) {
-        let t = Thread { [self] in
-            self.serve(handler: handler)
-            self.done.signal()
+        let accept = Thread { [self] in
+            self.acceptLoop()
+            self.finished.leave()
         }
-        t.name = "control"
-        thread = t
-        t.start()
+        accept.name = "control-accept"
+        var all = [accept]
+        for i in 0..<Self.workerCount {
+            let t = Thread { [self] in
+                self.serveLoop(handler: handler)
+                self.finished.leave()
+            }
+            t.name = "control-\(i)"
+            all.append(t)
+        }
+        threads = all
+        for t in all {
+            finished.enter()
+            t.start()
+        }
     }
 
-    /// Stops the thread (if started) and closes the socket. Safe to call more than once.
+    /// Stops every thread (if started), closes the socket and removes its name. Safe to call more than once.
     public func stop() {
         wake.wake()
-        if thread != nil {
-            done.wait()
-            thread = nil
+        queue.lock()
+        stopping = true
+        queue.broadcast()
+        queue.unlock()
+        if !threads.isEmpty {
+            finished.wait()
+            threads = []
         }
-    }
-
-    deinit {
+        queue.lock()
+        for fd in pending { _ = close(fd) }
+        pending = []
+        let first = !closed
+        closed = true
+        queue.unlock()
+        guard first else { return }
+        // Unlink before closing: a client that connects in between gets ECONNREFUSED from the closed socket
+        // or ENOENT, both "not running".
+        if unlink(path) != 0 && errno != ENOENT {
+            logger.warning("\(SystemError.current("remove control socket", path))")
+        }
         _ = close(listenFD)
     }
 
-    private func serve(handler: ControlHandler) {
+    deinit {
+        if !closed { _ = close(listenFD) }
+    }
+
+    private func acceptLoop() {
         var fds = [pollfd(fd: listenFD, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: wake.readFD, events: Int16(POLLIN), revents: 0)]
         while true {
             let n = poll(&fds, 2, -1)
             if n < 0 {
                 if errno == EINTR { continue }
-                logger.error("poll on control socket failed: \(SystemError.describe(errno))")
+                logger.error("\(SystemError.current("poll", "control socket \(path)")); control endpoint stopped")
                 return
             }
             if fds[1].revents != 0 { return }
             if fds[0].revents & Int16(POLLIN) == 0 { continue }
-            let client = accept(listenFD, nil, nil)
+            let client = fu_accept_cloexec(listenFD)
             if client < 0 {
                 if errno != EINTR && errno != EAGAIN && errno != ECONNABORTED {
-                    logger.warning("accept on control socket failed: \(SystemError.describe(errno))")
+                    logger.warning("\(SystemError.current("accept on control socket", path))")
+                    if errno == EMFILE || errno == ENFILE { usleep(100_000) }  // do not spin while out of fds
                 }
                 continue
             }
-            _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-            serveClient(client, handler: handler)
-            _ = close(client)
+            admit(client)
+        }
+    }
+
+    /// Refuses a non-root client at once, queues a root one.
+    private func admit(_ fd: Int32) {
+        let peer: (pid: pid_t, uid: uid_t)
+        do { peer = try UnixSocket.peerCredentials(fd, what: "control client") } catch {
+            logger.warning("control: \(error)")
+            _ = close(fd)
+            return
+        }
+        guard peer.uid == 0 else {
+            // Not read: a request from this client is never looked at. The answer fits in the empty socket buffer,
+            // so the non-blocking send either goes out whole or the client is gone. The client reads it even if
+            // its own write then fails with EPIPE (ControlClient does).
+            answerNow(fd, .error(Self.refusal))
+            _ = close(fd)
+            let (log, suppressed) = refusalLog.allow()
+            if log {
+                let more = suppressed > 0 ? " (\(suppressed) more refused since the last such line)" : ""
+                logger.warning("control: refused a client of uid \(peer.uid) (pid \(peer.pid)): only root may control the daemon\(more)")
+            }
+            return
+        }
+        queue.lock()
+        if pending.count >= Self.maxPending {
+            queue.unlock()
+            answerNow(fd, .error("busy: too many control requests at once; try again"))
+            _ = close(fd)
+            return
+        }
+        pending.append(fd)
+        queue.signal()
+        queue.unlock()
+    }
+
+    private func answerNow(_ fd: Int32, _ response: ControlResponse) {
+        let bytes = ControlProtocol.encodeLine(response)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT)) }
+    }
+
+    private func serveLoop(handler: ControlHandler) {
+        while true {
+            queue.lock()
+            while pending.isEmpty && !stopping { queue.wait() }
+            if stopping {
+                queue.unlock()
+                return
+            }
+            let fd = pending.removeFirst()
+            queue.unlock()
+            serveClient(fd, handler: handler)
+            _ = close(fd)
         }
     }
 
     private func serveClient(_ fd: Int32, handler: ControlHandler) {
-        AbstractSocket.setTimeouts(fd, seconds: ControlProtocol.requestTimeoutSeconds)
-        var pid: pid_t = 0
-        var uid: uid_t = 0
-        guard fu_peer_credentials(fd, &pid, &uid) == 0 else {
-            logger.warning("control: cannot read peer credentials: \(SystemError.describe(errno))")
-            return
-        }
-        let what = "control client (pid \(pid))"
-        guard uid == 0 else {
-            logger.warning("control: refused a request from uid \(uid) (pid \(pid)): only root may control the daemon")
-            // Take the request off the socket first (never decoded): closing with it unread makes the client's
-            // write fail with EPIPE, and the client would report a broken pipe instead of this refusal.
-            _ = try? AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
-                                             timeoutSeconds: ControlProtocol.requestTimeoutSeconds)
-            try? AbstractSocket.writeAll(fd, ControlProtocol.encodeLine(ControlResponse.error("permission denied: only root may control flannel-udp")), what: what)
-            return
-        }
+        let what = "control client"
         let response: ControlResponse
         do {
-            switch try AbstractSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
-                                              timeoutSeconds: ControlProtocol.requestTimeoutSeconds) {
+            try UnixSocket.setTimeouts(fd, seconds: ControlProtocol.requestTimeoutSeconds, what: what)
+            switch try UnixSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
+                                           timeoutSeconds: ControlProtocol.requestTimeoutSeconds) {
             case .tooLong:
                 response = .error("request longer than \(ControlProtocol.maxRequestBytes) bytes")
             case .eof(let bytes) where bytes.isEmpty:
                 return
             case .line(let bytes), .eof(let bytes):
                 if let request = try? ControlProtocol.decode(ControlRequest.self, from: bytes) {
-                    response = handler.handle(request)
+                    response = handlerLock.withLock { handler.handle(request) }
                 } else {
                     response = .error("malformed request (expected one JSON object per line)")
                 }
@@ -146,58 +219,9 @@ public final class ControlServer: @unchecked Sendable {  // fd fields are immuta
             return
         }
         do {
-            try AbstractSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what)
+            try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what)
         } catch {
             logger.debug("control: \(error)")
-        }
-    }
-}
-
-/// Talks to a running daemon.
-public enum ControlClient {
-    public enum Failure: Error, CustomStringConvertible {
-        /// No daemon holds the socket name (ECONNREFUSED on an abstract name means nobody is bound).
-        case notRunning(String)
-        case system(SystemError)
-        case badResponse(String)
-
-        public var description: String {
-            switch self {
-            case .notRunning(let name): return "no flannel-udp daemon is running for \(name) in this network namespace"
-            case .system(let e): return e.description
-            case .badResponse(let why): return "bad response from daemon: \(why)"
-            }
-        }
-    }
-
-    /// Sends one request to the daemon of `paths.device` and returns its response.
-    public static func send(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5) throws(Failure) -> ControlResponse {
-        let name = paths.controlSocketName
-        let fd: Int32
-        do { fd = try AbstractSocket.makeSocket("@\(name)") } catch { throw .system(error) }
-        defer { _ = close(fd) }
-        AbstractSocket.setTimeouts(fd, seconds: timeoutSeconds)
-        let rc = AbstractSocket.withAddress(name) { connect(fd, $0, $1) }
-        if rc != 0 {
-            if errno == ECONNREFUSED || errno == ENOENT { throw .notRunning(paths.device) }
-            throw .system(SystemError.current("connect to control socket", "@\(name)"))
-        }
-        do {
-            try AbstractSocket.writeAll(fd, ControlProtocol.encodeLine(request), what: "@\(name)")
-            switch try AbstractSocket.readLine(fd, limit: 16 * 1024 * 1024, what: "@\(name)") {
-            case .tooLong: throw Failure.badResponse("too long")
-            case .line(let bytes), .eof(let bytes):
-                if bytes.isEmpty { throw Failure.badResponse("daemon closed the connection without answering") }
-                do { return try ControlProtocol.decode(ControlResponse.self, from: bytes) } catch {
-                    throw Failure.badResponse("\(error)")
-                }
-            }
-        } catch let e as SystemError {
-            throw .system(e)
-        } catch let e as Failure {
-            throw e
-        } catch {
-            throw .badResponse("\(error)")
         }
     }
 }

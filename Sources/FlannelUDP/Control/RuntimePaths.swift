@@ -5,12 +5,16 @@ import Glibc
 
 /// Where a daemon keeps its control endpoint and state, keyed by device name and network namespace.
 ///
-/// - Control endpoint: an abstract unix socket `@flannel-udp/<device>`. The kernel scopes abstract names to the
-///   network namespace, so two simulated nodes in two namespaces never collide, and the name disappears with the
-///   process that holds it: a killed daemon cannot leave a stale socket. Binding the name is also the lock that keeps
-///   a second `up` on the same device from starting.
-/// - State: `<run dir>/ns-<netns inode>/<device>.json` (run dir `/run/flannel-udp`, or `$FLANNEL_UDP_RUN_DIR`),
-///   written by the daemon and removed on a clean exit; `down` and `cleanup` remove a dead daemon's leftovers.
+/// Everything lives in the per-namespace state directory `<run dir>/ns-<netns inode>/` (run dir `/run/flannel-udp`,
+/// or `$FLANNEL_UDP_RUN_DIR`), which is checked with `SecureDirectory` (root-owned all the way down, not writable
+/// by group or others) before anything is created or believed in it:
+/// - `<device>.lock`: flock()ed by the daemon for its whole life: the "already running" lock. The kernel drops it
+///   when the daemon dies, however it dies, so a killed daemon never blocks the next `up`.
+/// - `<device>.sock`: the control endpoint, a pathname unix socket (mode 0600). Only root can create a name in the
+///   directory, so no other user can squat it or answer on it; a stale one is unlinked and re-bound under the lock.
+///   (It used to be an abstract name, which any local user could bind first.)
+/// - `<device>.json`: the daemon's state (pid and start time first, so the CLI can check who answers), written at
+///   start and removed on a clean exit; `down` and `cleanup` remove a dead daemon's leftovers.
 public struct RuntimePaths: Sendable {
     public let device: String
     public let runDirectory: String
@@ -29,12 +33,11 @@ public struct RuntimePaths: Sendable {
         return UInt64(st.st_ino)
     }
 
-    /// The abstract socket name (without the leading NUL).
-    public var controlSocketName: String { "flannel-udp/\(device)" }
-
     public var stateDirectory: String { "\(runDirectory)/ns-\(namespaceID)" }
     public var stateFile: String { "\(stateDirectory)/\(device).json" }
     public var logFile: String { "\(stateDirectory)/\(device).log" }
+    public var controlSocket: String { "\(stateDirectory)/\(device).sock" }
+    public var lockFile: String { "\(stateDirectory)/\(device).lock" }
 }
 
 /// What a running daemon records about itself, for `status`, `down` and `cleanup`.

@@ -3,24 +3,35 @@ import CShims
 import Glibc
 #endif
 
-/// Helpers for the control endpoint's abstract unix stream socket.
-enum AbstractSocket {
-    /// Fills a sockaddr_un for the abstract name `name` (a leading NUL, then the name, not NUL-terminated) and
-    /// calls `body` with it and its exact length.
-    static func withAddress<R>(_ name: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R) -> R {
+/// Helpers for the control endpoint's unix stream socket (a pathname socket in the daemon's state directory).
+enum UnixSocket {
+    /// Fills a sockaddr_un for the filesystem path `path` and calls `body` with it and its length. Throws
+    /// ENAMETOOLONG (naming the path) when the path does not fit in sun_path.
+    static func withAddress<R>(_ path: String, _ body: (UnsafePointer<sockaddr>, socklen_t) -> R) throws(SystemError) -> R {
         var addr = sockaddr_un()
         addr.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(name.utf8)
+        let bytes = Array(path.utf8)
         let capacity = MemoryLayout.size(ofValue: addr.sun_path)
-        precondition(bytes.count + 1 <= capacity, "abstract socket name too long")
-        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
-            raw[0] = 0
-            for (i, b) in bytes.enumerated() { raw[i + 1] = b }
+        guard !bytes.isEmpty, bytes.count < capacity, !bytes.contains(0) else {
+            throw SystemError("use unix socket path", path, errno: ENAMETOOLONG)
         }
-        let length = socklen_t(MemoryLayout<sa_family_t>.size + 1 + bytes.count)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in
+            for (i, b) in bytes.enumerated() { raw[i] = b }
+            raw[bytes.count] = 0
+        }
+        let length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
         return withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { body($0, length) }
         }
+    }
+
+    /// The peer's pid and uid (SO_PEERCRED): for a client, those of the process that called listen(); for the
+    /// server, those of the process that called connect().
+    static func peerCredentials(_ fd: Int32, what: String) throws(SystemError) -> (pid: pid_t, uid: uid_t) {
+        var pid: pid_t = 0
+        var uid: uid_t = 0
+        try syscall("read peer credentials of", what) { fu_peer_credentials(fd, &pid, &uid) }
+        return (pid, uid)
     }
 
     static func makeSocket(_ what: String) throws(SystemError) -> Int32 {
@@ -28,10 +39,10 @@ enum AbstractSocket {
     }
 
     /// Sets SO_RCVTIMEO and SO_SNDTIMEO.
-    static func setTimeouts(_ fd: Int32, seconds: Int) {
+    static func setTimeouts(_ fd: Int32, seconds: Int, what: String = "control socket") throws(SystemError) {
         var tv = timeval(tv_sec: seconds, tv_usec: 0)
-        _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        _ = setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        try syscall("set SO_RCVTIMEO on", what) { setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)) }
+        try syscall("set SO_SNDTIMEO on", what) { setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)) }
     }
 
     /// Writes all of `bytes`, retrying short writes and EINTR.

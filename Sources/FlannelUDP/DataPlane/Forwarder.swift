@@ -310,14 +310,18 @@ extension ForwardingWorker {
     }
 }
 
-/// At most one log line per second per worker for per-packet errors, with the number suppressed since.
+/// At most one log line per second (or per `intervalNanoseconds`) for per-packet errors, with the number
+/// suppressed since. One per worker; the control endpoint uses one for refused clients.
 struct LogLimiter {
     private var last: UInt64 = 0
     private var suppressed: UInt64 = 0
+    private let interval: UInt64
+
+    init(intervalNanoseconds: UInt64 = 1_000_000_000) { interval = intervalNanoseconds }
 
     mutating func allow() -> (Bool, UInt64) {
         let now = ICMPRateLimiter.monotonicNanoseconds()
-        if last != 0 && now &- last < 1_000_000_000 {
+        if last != 0 && now &- last < interval {
             suppressed &+= 1
             return (false, 0)
         }

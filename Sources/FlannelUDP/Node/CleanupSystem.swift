@@ -69,8 +69,12 @@ public final class CleanupSystem {
             case .addAddress(let address, _):
                 try netlink.addAddress(address)
             case .removeFile(let path):
-                if unlink(path) != 0 && errno != ENOENT { throw SystemError.current("remove", path) }
-                unlink(path.replacingOccurrences(of: ".json", with: ".log"))
+                // The dead daemon's state with its log, socket and lock, under its lock (so never a live one's).
+                let device = URL(fileURLWithPath: path).deletingPathExtension().lastPathComponent
+                DaemonLeftovers.remove(paths: RuntimePaths(device: device), state: nil)
+                if FileManager.default.fileExists(atPath: path) {
+                    throw SystemError("remove", "\(path) (a daemon holds its lock)", errno: EBUSY)
+                }
             case .note:
                 break
             }

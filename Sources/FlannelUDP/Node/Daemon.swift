@@ -10,14 +10,20 @@ public struct Readiness: Sendable {
     public let fd: Int32?
     public init(fd: Int32?) { self.fd = fd }
 
-    public func ready() { send("READY") }
-    public func failed(_ message: String) { send("ERROR \(message)") }
+    /// Each returns the write's error, if any: a reader that is gone (EPIPE: the `up --detach` that started us was
+    /// killed or timed out) is no reason for the daemon to stop, so callers log it and carry on.
+    @discardableResult public func ready() -> SystemError? { send("READY") }
+    @discardableResult public func failed(_ message: String) -> SystemError? { send("ERROR \(message)") }
 
-    private func send(_ line: String) {
-        guard let fd else { return }
+    private func send(_ line: String) -> SystemError? {
+        guard let fd else { return nil }
+        defer { _ = close(fd) }
         let bytes = Array((line.replacingOccurrences(of: "\n", with: " ") + "\n").utf8)
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
-        _ = close(fd)
+        do {
+            // One short line into an empty pipe: written whole or not at all. SIGPIPE is ignored (Daemon.run).
+            try syscall("report readiness on", "fd \(fd)") { bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) } }
+        } catch { return error }
+        return nil
     }
 }
 
@@ -61,6 +67,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     var fatalError: String?
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
     public var observer: DaemonObserver?
+    /// False until start-up is complete: control requests other than status and shutdown are refused till then,
+    /// and status reads nothing that start-up is still writing.
+    private let phaseLock = NSLock()
+    private var running = false
+    private var stoppedDuringStart = false
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
     ///   registry); `config.network` and `config.subnet` are then ignored.
@@ -84,12 +95,24 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// failure. Start-up success or failure is reported on `readiness`.
     public func run(readiness: Readiness) throws(Failure) {
         Daemon.blockSignals()
+        // A closed pipe (the readiness pipe, a control client that left) must be an error return, never death.
+        signal(SIGPIPE, SIG_IGN)
         do {
             try runLocked(readiness: readiness)
         } catch {
-            readiness.failed(error.description)
+            if stoppedDuringStart {
+                // `down` (or SIGTERM/SIGINT) while etcd was still being waited for: everything taken is released.
+                logger.info("stopped during start-up")
+                reportReadiness(readiness.failed("stopped during start-up"))
+                return
+            }
+            reportReadiness(readiness.failed(error.description))
             throw error
         }
+    }
+
+    private func reportReadiness(_ error: SystemError?) {
+        if let error { logger.warning("\(error) (the process that started the daemon is gone); running on") }
     }
 
     private func runLocked(readiness: Readiness) throws(Failure) {
@@ -101,20 +124,22 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 do { try store.check(r) } catch { throw .usage("\(path): \(error)") }
             }
         }
-        // The control socket name is the lock against a second daemon on this device in this namespace.
-        let control: ControlServer
-        do { control = try ControlServer(name: paths.controlSocketName, logger: logger) } catch {
-            if case .alreadyRunning = error {
-                let pid = DaemonState.load(path: paths.stateFile).map { " (pid \($0.pid))" } ?? ""
-                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid)")
+        // The lock against a second daemon on this device in this namespace, and the control endpoint, served from
+        // here on so that `status` and `down` work during a slow start (DaemonInstance).
+        let instance: DaemonInstance
+        do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
+            switch error {
+            case .alreadyRunning(let pid):
+                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
+            case .system(let e): throw .system(e.description)
             }
-            throw .system(error.description)
         }
-        defer { control.stop() }
+        defer { instance.release() }
         // Where we will write, checked while nothing has changed yet.
         do { try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory) } catch {
             throw .system(error.description)
         }
+        instance.control.start(handler: self)
 
         let setup: NodeSetup
         do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
@@ -143,13 +168,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let tun: TunDevice
         do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
         masquerade = setup.masquerade
+        // Recorded as soon as the subnet file is written, so that `down` after a SIGKILL from here on knows
+        // what this daemon wrote and may remove.
+        instance.record(state(plan: plan))
         var forwarderStarted = false
         defer {
             // First, so that teardown's own changes are not taken for damage and put back.
             nodeGuard?.stop()
             if forwarderStarted { forwarder?.stop() }
             setup.tearDown()
-            removeState()
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
@@ -185,10 +212,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         if let registry {
             startRegistryWatch(registry)
         }
-        writeState(plan: plan)
-        control.start(handler: self)
+        phaseLock.withLock { running = true }
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
-        readiness.ready()
+        reportReadiness(readiness.ready())
         setup.started()
         observer?.daemonReady(self)
 
@@ -231,6 +257,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             logger.info("etcd: network \(network.network), leased \(lease.subnet) for \(publicIP) until \(lease.expiration)")
         } catch let error as NetworkConfigError {
             throw .usage("etcd config \(settings.prefix)/config: \(error)")
+        } catch let error as Blocking.Interrupted {
+            stoppedDuringStart = true
+            throw .system("\(error)")
         } catch {
             throw .system("etcd: \(error)")
         }
@@ -307,27 +336,29 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    private func writeState(plan: NodeSetup.Plan) {
-        let state = DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
-                                device: config.device, network: config.network.description,
-                                subnet: config.subnet.description, subnetFile: config.subnetFile,
-                                listen: plan.listen.description, startedAt: startedAt,
-                                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents)
-        do {
-            try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700, owner: geteuid())
-            try state.write(to: paths.stateFile)
-        } catch {
-            logger.warning("cannot write state file: \(error)")
-        }
-    }
-
-    private func removeState() {
-        if unlink(paths.stateFile) == 0 { rmdir(paths.stateDirectory) }  // rmdir fails harmlessly if not empty
+    /// What the state file records: pid and start time first (clients verify who answers with them); network,
+    /// subnet and the subnet file's contents once the plan is made (from etcd they are not known at first).
+    private func state(plan: NodeSetup.Plan?) -> DaemonState {
+        let known = plan != nil || registrySettings == nil
+        return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
+                           device: config.device, network: known ? config.network.description : "",
+                           subnet: known ? config.subnet.description : "", subnetFile: config.subnetFile,
+                           listen: plan?.listen.description ?? "", startedAt: startedAt,
+                           subnetFileContents: config.subnetFile == nil ? nil : plan?.subnetFileContents)
     }
 
     // MARK: - control requests
 
     public func handle(_ request: ControlRequest) -> ControlResponse {
+        let isRunning = phaseLock.withLock { running }
+        switch request {
+        case .status:
+            return .status(isRunning ? status() : startingStatus())
+        case .shutdown:
+            break
+        case .routeList, .routeAdd, .routeDel, .reloadPeers:
+            if !isRunning { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+        }
         switch request {
         case .status:
             return .status(status())
@@ -360,6 +391,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             kill(getpid(), SIGTERM)
             return .ok
         }
+    }
+
+    /// Status while starting: only what start-up does not change.
+    private func startingStatus() -> DaemonStatus {
+        var status = DaemonStatus(
+            pid: getpid(), version: Daemon.version, startedAt: startedAt,
+            uptimeSeconds: Date().timeIntervalSince(startedAt), device: paths.device, network: "", subnet: "", mtu: 0,
+            listen: "", publicIP: "", underlay: "", subnetFile: nil, peersFile: nil, peerCheck: "", routes: [],
+            counters: counters.snapshot(), offloads: [], lease: nil)
+        status.phase = "starting"
+        return status
     }
 
     private func reloadPeers() -> ControlResponse {
@@ -405,6 +447,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         status.offloadStatistics = forwarder?.offloadStatistics
         status.masquerade = masquerade?.status
         status.repairs = nodeGuard?.status
+        status.phase = "running"
         return status
     }
 }

@@ -18,12 +18,18 @@ public enum SecureDirectory {
     /// - Parameter owner: besides root, the one uid that may own a component: root itself in production, the
     ///   test's own uid in unprivileged unit tests.
     public static func ensure(_ path: String, mode: mode_t = 0o755, owner: uid_t = 0) throws(SystemError) {
-        try ensure(path, mode: mode, owner: owner, depth: 0)
+        try ensure(path, mode: mode, owner: owner, create: true, depth: 0)
+    }
+
+    /// The same checks as `ensure`, for a directory that must already exist (a reader's view: it creates nothing).
+    /// A missing component is an error with ENOENT.
+    public static func check(_ path: String, owner: uid_t = 0) throws(SystemError) {
+        try ensure(path, mode: 0, owner: owner, create: false, depth: 0)
     }
 
     private static let maxSymlinks = 8
 
-    private static func ensure(_ path: String, mode: mode_t, owner: uid_t, depth: Int) throws(SystemError) {
+    private static func ensure(_ path: String, mode: mode_t, owner: uid_t, create: Bool, depth: Int) throws(SystemError) {
         guard depth <= maxSymlinks else { throw SystemError("resolve directory", path, errno: ELOOP) }
         let absolute = path.hasPrefix("/") ? path : currentDirectory() + "/" + path
         let parts = absolute.split(separator: "/").map(String.init)
@@ -35,7 +41,7 @@ public enum SecureDirectory {
             let next = current == "/" ? "/" + part : current + "/" + part
             var st = stat()
             if lstat(next, &st) != 0 {
-                guard errno == ENOENT else { throw SystemError.current("inspect directory", next) }
+                guard errno == ENOENT, create else { throw SystemError.current("inspect directory", next) }
                 if mkdir(next, mode) != 0 && errno != EEXIST { throw SystemError.current("create directory", next) }
             } else if st.st_mode & S_IFMT == S_IFLNK {
                 // A symlink that belongs to the owner, in a directory that is already known to be safe, is as
@@ -46,7 +52,8 @@ public enum SecureDirectory {
                 }
                 guard let target = realPath(next) else { throw SystemError.current("resolve symlink", next) }
                 let rest = parts[(i + 1)...].joined(separator: "/")
-                try ensure(rest.isEmpty ? target : target + "/" + rest, mode: mode, owner: owner, depth: depth + 1)
+                try ensure(rest.isEmpty ? target : target + "/" + rest, mode: mode, owner: owner, create: create,
+                           depth: depth + 1)
                 return
             }
             if part == ".." {

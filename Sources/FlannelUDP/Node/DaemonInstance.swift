@@ -1,0 +1,61 @@
+import Foundation
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What makes a process *the* daemon of a device in a network namespace, from the first moment of start-up to the
+/// last of teardown: the checked state directory, the lock, the state file and the control endpoint.
+///
+/// Order matters both ways. Claiming: directory checked, lock taken (else "already running"), state written
+/// (pid and start time, so clients can verify who answers), socket bound. Releasing: socket closed and unlinked
+/// first (no client can reach a daemon without state), state removed, lock file removed while still held, lock
+/// dropped, directory removed if empty.
+final class DaemonInstance {
+    enum Failure: Error {
+        case alreadyRunning(pid: Int32?)
+        case system(SystemError)
+    }
+
+    let paths: RuntimePaths
+    let control: ControlServer
+    private let lock: DaemonLock
+    private let logger: Logger
+    private var released = false
+
+    init(paths: RuntimePaths, initialState: DaemonState, logger: Logger) throws(Failure) {
+        self.paths = paths
+        self.logger = logger
+        do { try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700) } catch { throw .system(error) }
+        let taken: DaemonLock?
+        do { taken = try DaemonLock.acquire(paths.lockFile) } catch { throw .system(error) }
+        guard let taken else { throw .alreadyRunning(pid: DaemonState.load(path: paths.stateFile)?.pid) }
+        lock = taken
+        do {
+            try initialState.write(to: paths.stateFile)
+            control = try ControlServer(path: paths.controlSocket, logger: logger)
+        } catch {
+            _ = unlink(paths.stateFile)
+            taken.release(removingFile: true)
+            throw .system(error)
+        }
+    }
+
+    /// Rewrites the state file (the daemon knows its network, subnet and listening address once it is up).
+    func record(_ state: DaemonState) {
+        do { try state.write(to: paths.stateFile) } catch { logger.warning("cannot write state file: \(error)") }
+    }
+
+    func release() {
+        guard !released else { return }
+        released = true
+        control.stop()
+        if unlink(paths.stateFile) != 0 && errno != ENOENT {
+            logger.warning("\(SystemError.current("remove state file", paths.stateFile))")
+        }
+        if let e = lock.release(removingFile: true) { logger.warning("\(e)") }
+        _ = rmdir(paths.stateDirectory)  // fails harmlessly while another device's files (or a log) are in it
+    }
+
+    deinit { release() }
+}
