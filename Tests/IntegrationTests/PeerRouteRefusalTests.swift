@@ -71,4 +71,27 @@ extension CLITests {
         }
         XCTAssertEqual(fu(ns, ["down"]).status, 0)
     }
+
+    func testUpRefusesANetworkThatIsEverythingOrCoversTheUnderlay() throws {
+        let ns = try makeNode()
+        let subnetFile = tmp + "/s.env"
+        let before = try systemView(ns)
+        let cases: [(String, String, String)] = [
+            ("0.0.0.0/0", "10.244.1.0/24", "network 0.0.0.0/0 is the whole IPv4 address space"),
+            ("10.0.0.0/7", "10.244.1.0/24", "network 10.0.0.0/7 is larger than a /8"),
+            ("127.0.0.0/8", "127.1.0.0/24", "overlaps the loopback range 127.0.0.0/8"),
+            ("192.168.0.0/16", "192.168.1.0/24", "network 192.168.0.0/16 covers the underlay address 192.168.77.1"),
+            ("10.244.0.0/16", "10.244.1.0/24", "network 10.244.0.0/16 covers the public IP 10.244.9.9"),
+        ]
+        for (network, subnet, why) in cases {
+            var args = ["up", "--network", network, "--subnet", subnet, "--iface", "eth0", "--subnet-file", subnetFile,
+                        "--detach"]
+            if why.contains("public IP") { args += ["--public-ip", "10.244.9.9"] }
+            let r = fu(ns, args)
+            XCTAssertEqual(r.status, 64, "\(network): \(r.description)")
+            XCTAssertTrue(r.stderr.contains(why), "\(network): stderr lacks '\(why)': \(r.stderr)")
+            XCTAssertEqual(try systemView(ns), before, "\(network) changed the namespace")
+            XCTAssertFalse(FileManager.default.fileExists(atPath: subnetFile))
+        }
+    }
 }

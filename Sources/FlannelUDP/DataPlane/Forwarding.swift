@@ -117,7 +117,8 @@ public struct PacketDecider: Sendable {
         // network and stays reachable.)
         if !config.network.contains(ip.destination) { return .drop(.outsideNetwork) }
         // No peer may send from inside this node's own subnet, even through a covering route (10.244.0.0/16 via
-        // a gateway node): such a packet would appear to come from one of our own pods.
+        // a gateway node; PeerRouteRules refuses one, but the table is not the only line of defence): such a
+        // packet would appear to come from one of our own pods.
         if config.subnet.contains(ip.source) {
             return .drop(snapshot.isPeerAddress(outerSource) ? .spoofedSource : .unknownPeer)
         }
