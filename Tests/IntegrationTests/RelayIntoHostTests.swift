@@ -122,7 +122,12 @@ final class UDPListener {
         var buffer = [UInt8](repeating: 0, count: 2048)
         while true {
             let n = buffer.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-            if n < 0 { break }  // EAGAIN: nothing more
+            if n < 0 {
+                let e = errno
+                if e == EINTR { continue }
+                if e != EAGAIN && e != EWOULDBLOCK { XCTFail("\(SystemError("recv on", name, errno: e))") }
+                break  // nothing more
+            }
             out.append(String(decoding: buffer[0..<n], as: UTF8.self))
         }
         return out
