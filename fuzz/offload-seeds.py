@@ -54,6 +54,8 @@ udp = struct.pack("!HHHH", 40000, 53, 8 + 100, pseudo(A, B, 17, 108)) + data[:10
 write("tso", "csum-udp", vnet(1, 0, 0, 0, 20, 6) + ipv4(A, B, 17, udp))
 write("tso", "csum-out-of-range", vnet(1, 0, 0, 0, 20, 200) + ipv4(A, B, 17, udp))
 write("tso", "plain", vnet() + tcp(A, B, 1, data[:100]))
+big = bytes(i % 253 for i in range(65526 - 40))
+write("tso", "tso4-64k-seq-wrap", vnet(1, 1, 40, 1448, 20, 16) + tcp(A, B, 0xFFFFF000, big, full=False))
 write("tso", "tso6-refused", vnet(1, 4, 60, 1440, 40, 16) + tcp(A, B, 1, data[:3000]))
 
 # gro: selector (0: strict, outer 192.168.77.2 = the peer owning 10.244.2.0/24), segment size, the buffer.
@@ -68,6 +70,10 @@ seg = 1400 + 40
 write("gro", "flow-4", bytes([0]) + struct.pack("!h", seg) + run(4, 1400, 700))
 write("gro", "flow-4-psh", bytes([0]) + struct.pack("!h", seg) + run(4, 1400, 1400, flags=0x18))
 write("gro", "flow-to-underlay", bytes([0]) + struct.pack("!h", seg) + run(3, 1400, 1400, dst="192.168.77.1"))
+def bigrun(n, size, seq=0xFFFFFF00, ident=0xFFF0):
+    return b"".join(tcp(B, A, (seq + k * size) & 0xFFFFFFFF, bytes((k + i) % 251 for i in range(size)), ident=(ident + k) & 0xFFFF) for k in range(n))
+write("gro", "flow-45-near-64k", bytes([0]) + struct.pack("!h", 1440) + bigrun(45, 1400))
+write("gro", "flow-70-tiny", bytes([0]) + struct.pack("!h", 41 + 40 - 1) + bigrun(70, 40))
 write("gro", "single", bytes([0]) + struct.pack("!h", 0) + run(1, 1400, 1400))
 write("gro", "negative-size", bytes([0]) + struct.pack("!h", -1) + run(1, 100, 100))
 write("gro", "relaxed-stranger", bytes([1 | (4 << 1)]) + struct.pack("!h", seg) + run(2, 1400, 1400))
