@@ -156,6 +156,11 @@ final class CoalescingTests: XCTestCase {
             XCTAssertEqual(out.count, 2, what)
             XCTAssertEqual(out.map { $0.1 }, [first.bytes(), second.bytes()], what)
         }
+        // Regression (fuzz target `gro`): the reserved bits beside the header length (AccECN's AE flag) differ.
+        // The kernel's GRO compares them with the flags; merged, the second segment's bits were lost.
+        var reserved = specs[1].bytes()
+        reserved[32] |= 0x01
+        XCTAssertEqual(coalesce([first.bytes(), reserved]).map { $0.1 }, [first.bytes(), reserved], "reserved bits")
         // The control: unchanged, they merge.
         XCTAssertEqual(coalesce([first.bytes(), specs[1].bytes()]).count, 1)
         // IP options on the first: never a group.

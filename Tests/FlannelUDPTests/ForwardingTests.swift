@@ -189,6 +189,35 @@ final class ForwardingTests: XCTestCase {
                                from: "192.168.1.3").0, .drop(.spoofedSource))
     }
 
+    /// The attacker is a peer (or, in relaxed mode, anyone who puts a peer's pod address in the inner source):
+    /// it addresses the inner packet to the node's underlay, a host beyond it, or the internet, hoping the
+    /// node's kernel accepts or forwards it as if one of our pods had sent it.
+    func testUDPDropsInnerDestinationsOutsideTheNetwork() {
+        var strict = PacketDecider(config: config)
+        var relaxed = PacketDecider(config: ForwardingConfig(network: net("10.244.0.0/16"),
+                                                             subnet: net("10.244.1.0/24"), peerCheck: .relaxed))
+        for destination in ["192.168.1.1", "127.0.0.1", "10.245.0.1", "10.243.255.255", "0.0.0.0",
+                            "255.255.255.255", "224.0.0.1", "8.8.8.8"] {
+            let pkt = makeIPv4(source: ip("10.244.3.4"), destination: ip(destination))
+            let (v, after, _) = fromUDP(&strict, pkt, from: "192.168.1.3")
+            XCTAssertEqual(v, .drop(.outsideNetwork), destination)
+            XCTAssertEqual(after, pkt, "nothing modified on the way to the drop")
+            XCTAssertEqual(fromUDP(&relaxed, pkt, from: "203.0.113.5").0, .drop(.outsideNetwork), destination)
+            // Counted under this reason whoever sent it, strangers included.
+            XCTAssertEqual(fromUDP(&strict, pkt, from: "192.168.1.99").0, .drop(.outsideNetwork), destination)
+            // Even with TTL 1: no time-exceeded error goes back about it.
+            let ttl1 = makeIPv4(source: ip("10.244.3.4"), destination: ip(destination), ttl: 1)
+            XCTAssertEqual(fromUDP(&strict, ttl1, from: "192.168.1.3").0, .drop(.outsideNetwork), destination)
+        }
+        // Inside the network it is still delivered: our pods, our tun address, other nodes' subnets (routed on by
+        // our kernel through the tun again), the network's first and last address.
+        for destination in ["10.244.1.2", "10.244.1.0", "10.244.2.1", "10.244.0.0", "10.244.255.255"] {
+            let pkt = makeIPv4(source: ip("10.244.3.4"), destination: ip(destination))
+            XCTAssertEqual(fromUDP(&strict, pkt, from: "192.168.1.3").0, .deliver(peer: 1, length: pkt.count),
+                           destination)
+        }
+    }
+
     func testUDPTTLExpiryGoesBackToThePeerFromOurTunAddress() {
         var d = PacketDecider(config: config)
         let pkt = makeIPv4(source: ip("10.244.3.4"), destination: ip("10.244.1.2"), ttl: 1)

@@ -133,6 +133,27 @@ final class NetlinkReplyTests: XCTestCase {
         XCTAssertEqual(feed(c, ack()), .finished)
     }
 
+    /// Regression (fuzz target `netlink`): libmnl takes a message length of 2 GiB or more for a negative int that
+    /// fits any datagram, then reads and jumps gigabytes past it (SIGSEGV). Such a datagram is refused instead,
+    /// in a dump, in an interrupted dump, and as the first message.
+    func testMessageClaimingTwoGigabytesIsRefusedNotFollowed() {
+        var huge = routeEntry(2)
+        huge.replaceSubrange(0..<4, with: [0xf7, 0xff, 0xff, 0xff])  // nlmsg_len 0xfffffff7
+        XCTAssertEqual(feed(collector(into: Box([])), routeEntry(1) + huge), .outOfStep(EBADMSG))
+        XCTAssertEqual(feed(collector(into: Box([])), huge), .outOfStep(EBADMSG))
+        var exactly = routeEntry(2)
+        exactly.replaceSubrange(0..<4, with: [0x00, 0x00, 0x00, 0x80])  // 0x80000000
+        XCTAssertEqual(feed(collector(into: Box([])), routeEntry(1) + exactly), .outOfStep(EBADMSG))
+        let interrupted = collector(into: Box([]))
+        XCTAssertEqual(feed(interrupted, routeEntry(1, flags: 0x12)), .more)
+        XCTAssertTrue(interrupted.interrupted)
+        XCTAssertEqual(feed(interrupted, routeEntry(3, flags: 0x12) + huge), .outOfStep(EBADMSG))
+        // A length that merely overruns the datagram is still what it was: nothing processed, receive again.
+        var long = routeEntry(2)
+        long.replaceSubrange(0..<4, with: [0x00, 0x10, 0x00, 0x00])
+        XCTAssertEqual(feed(collector(into: Box([])), long), .more)
+    }
+
     func testTruncatedErrorMessage() {
         // An NLMSG_ERROR too short to hold the error code ends the exchange as EBADMSG rather than an ack.
         let c = collector(into: Box([]))

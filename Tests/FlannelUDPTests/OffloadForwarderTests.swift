@@ -91,6 +91,26 @@ final class OffloadForwarderTests: LoopbackForwarderTestCase {
         XCTAssertEqual(f.offloadStatistics.largestDatagramReceived, 1472)
     }
 
+    /// Issue 12 on the GRO path: a peer's GSO send mixes packets for our pods with packets for this node's
+    /// underlay and for loopback. Each datagram of the buffer is decided on its own: only the pods' reach the tun.
+    func testGROBufferPacketsForOutsideTheNetworkAreDroppedOneByOne() throws {
+        let f = try forwarder(offloads: true)
+        func packet(_ k: Int, to destination: String) -> [UInt8] {
+            makeIPv4(source: ip("10.244.2.5"), destination: ip(destination), identification: UInt16(k),
+                     payload: patternPayload(1452, seed: UInt8(k)))
+        }
+        let packets = [packet(0, to: "10.244.1.2"), packet(1, to: "192.168.77.1"), packet(2, to: "10.244.1.3"),
+                       packet(3, to: "127.0.0.1")]
+        let datagram = packets.reduce([], +)
+        XCTAssertEqual(setInt(peer.fd, Int32(FU_UDP_SEGMENT), 1472), 0)
+        XCTAssertEqual(send(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(try f.udpToTun.drain(), 1)
+        XCTAssertEqual(f.offloadStatistics.groBuffers, 1, "the four packets came as one GRO buffer")
+        XCTAssertEqual(drainFD(pair[1]), [forwarded(packets[0]), forwarded(packets[2])])
+        XCTAssertEqual(counters.drops(.outsideNetwork), 2)
+        XCTAssertEqual(counters.snapshot().udpToTun.packets, 2)
+    }
+
     func testGSOSendsArriveAsOneDatagramPerPacket() throws {
         for offloads in [true, false] {
             counters = DataPlaneCounters()

@@ -229,7 +229,8 @@ enum Forge {
     }
 
     /// What the daemon must count for a datagram from a sender that is no peer: the validator's verdict first
-    /// (IPv4Packet.parse), and every valid packet as `unknownPeer`.
+    /// (IPv4Packet.parse), then `outsideNetwork` for an inner destination outside 10.244.0.0/16, and every other
+    /// valid packet as `unknownPeer`.
     static func strangerDropReason(_ d: [UInt8]) -> String {
         guard let first = d.first else { return "malformed" }
         guard first >> 4 == 4 else { return "notIPv4" }
@@ -237,6 +238,7 @@ enum Forge {
         guard hl >= 20, d.count >= hl else { return "malformed" }
         let total = Int(d[2]) << 8 | Int(d[3])
         guard total >= hl, total <= d.count else { return "malformed" }
+        guard d[16] == 10 && d[17] == 244 else { return "outsideNetwork" }
         return "unknownPeer"
     }
 }

@@ -86,7 +86,7 @@ final class HostileTrafficTests: HostileTopologyTestCase {
             return again.udpToTun == after.udpToTun && again.rx(b.subnet) == after.rx(b.subnet)
         }
         // Exact counts per reason, and nothing else dropped on the way in.
-        for reason in ["malformed", "notIPv4", "unknownPeer", "spoofedSource", "ttlExpired", "oversize"] {
+        for reason in ["malformed", "notIPv4", "unknownPeer", "spoofedSource", "ttlExpired", "oversize", "outsideNetwork"] {
             XCTAssertEqual(after.drop(reason) - before.drop(reason), expected[reason] ?? 0, "drops[\(reason)]")
         }
         XCTAssertEqual(after.drop("tunWriteFailed"), before.drop("tunWriteFailed"))

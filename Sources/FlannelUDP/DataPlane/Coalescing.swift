@@ -9,7 +9,7 @@ import Glibc
 /// The merge rules are the kernel's (tcp_gro_receive, inet_gro_receive), a little stricter where that is simpler:
 ///   - both packets IPv4 with a 20-byte header (no IP options), not fragments, same TOS, TTL, DF bit, source and
 ///     destination, and the identification incremented by one per segment;
-///   - same ports, acknowledgment number, window, header length and TCP options byte for byte (timestamps
+///   - same ports, acknowledgment number, window, header length, reserved bits and TCP options byte for byte (timestamps
 ///     included, as the kernel compares them);
 ///   - the same flags except PSH; no SYN, RST, URG, FIN anywhere, and CWR only on the first segment;
 ///   - sequence numbers contiguous; every segment but the last exactly as long as the first (the gso_size), the
@@ -100,7 +100,10 @@ final class TCPCoalescer {
         let p = packet.baseAddress!
         let thl = tcpHeaderLength
         let payload = packet.count &- 20 &- thl
-        guard Int(packet[20 &+ TCPHeader.dataOffset] >> 4) &* 4 == thl, payload <= gsoSize,
+        // The whole byte: the header length and the reserved bits (AccECN's AE among them), which the kernel
+        // compares as part of its flag word; they would be lost in the merge.
+        guard packet[20 &+ TCPHeader.dataOffset] == first.load(fromByteOffset: 20 &+ TCPHeader.dataOffset, as: UInt8.self),
+              payload <= gsoSize,
               length &+ payload <= TCPCoalescer.maxLength else { return false }
         // IPv4: TOS, TTL, DF, addresses equal; identification = first + count.
         guard packet[IPv4Header.tos] == first.load(fromByteOffset: IPv4Header.tos, as: UInt8.self),

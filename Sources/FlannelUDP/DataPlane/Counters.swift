@@ -20,6 +20,9 @@ public enum DropReason: String, CaseIterable, Codable, Sendable {
     case sendFailed
     /// write() into the tun failed (e.g. its queue was full: EAGAIN).
     case tunWriteFailed
+    /// UDP -> tun: the inner destination lies outside the overlay network (the node's underlay, the node itself,
+    /// the world). A peer is trusted only to reach pods, never to have its packets forwarded by this node.
+    case outsideNetwork
 
     /// Dense index for counter arrays.
     public var index: Int {
@@ -33,6 +36,7 @@ public enum DropReason: String, CaseIterable, Codable, Sendable {
         case .oversize: return 6
         case .sendFailed: return 7
         case .tunWriteFailed: return 8
+        case .outsideNetwork: return 9
         }
     }
 }

@@ -762,17 +762,14 @@ final class UDPToTunWorker: ForwardingWorker {
                 counters.countDrop(.malformed)
                 continue
             }
-            let step = segmentSize > 0 ? segmentSize : total
-            if step < total { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
-            if min(step, total) > largest {
-                largest = min(step, total)
+            var split = GROSplit(total: total, segmentSize: segmentSize)
+            if split.isCoalesced { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
+            if min(split.step, total) > largest {
+                largest = min(split.step, total)
                 offloads.largestDatagramReceived.store(UInt64(largest), ordering: .relaxed)
             }
-            var offset = 0
-            while offset < total {
-                let length = min(step, total - offset)
-                try deliver(base + offset, length, source: source, snapshot: snapshot)
-                offset += length
+            while let datagram = split.next() {
+                try deliver(base + datagram.lowerBound, datagram.count, source: source, snapshot: snapshot)
             }
         }
         if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }

@@ -100,8 +100,8 @@ public struct PacketDecider: Sendable {
         return .forward(peer: peer, length: ip.totalLength)
     }
 
-    /// UDP -> tun: validate, check that `outerSource` (the datagram's source address) may send this packet,
-    /// decrement the TTL; time exceeded back to the peer when the TTL runs out.
+    /// UDP -> tun: validate, check that the inner destination lies inside the overlay network and that
+    /// `outerSource` (the datagram's source address) may send this packet, decrement the TTL; time exceeded back to the peer when the TTL runs out.
     public mutating func fromUDP(_ packet: UnsafeMutableRawBufferPointer, outerSource: IPv4Address,
                                  snapshot: RouteSnapshot, scratch: UnsafeMutableRawBufferPointer) -> UDPVerdict {
         let bytes = UnsafeRawBufferPointer(packet)
@@ -111,8 +111,14 @@ public struct PacketDecider: Sendable {
         case .invalid(let reason): return .drop(reason)
         }
         if ip.totalLength > config.maxPacketLength { return .drop(.oversize) }
+        // Peers reach pods, nothing else: a packet for the node's underlay, a host beyond it or the internet would
+        // be accepted or forwarded by this node's kernel as if one of our pods had sent it. Checked before the
+        // sender, so every such packet is counted here whoever sent it. (The tun's own address lies inside the
+        // network and stays reachable.)
+        if !config.network.contains(ip.destination) { return .drop(.outsideNetwork) }
         // No peer may send from inside this node's own subnet, even through a covering route (10.244.0.0/16 via
-        // a gateway node): such a packet would appear to come from one of our own pods.
+        // a gateway node; PeerRouteRules refuses one, but the table is not the only line of defence): such a
+        // packet would appear to come from one of our own pods.
         if config.subnet.contains(ip.source) {
             return .drop(snapshot.isPeerAddress(outerSource) ? .spoofedSource : .unknownPeer)
         }

@@ -51,6 +51,7 @@ final class ReplyCollector {
     /// Processes one received datagram (which may hold several messages).
     func feed(_ datagram: UnsafeRawBufferPointer) -> Progress {
         guard let base = datagram.baseAddress, datagram.count > 0 else { return .outOfStep(EBADMSG) }
+        if ReplyCollector.hasOversizedMessage(datagram) { return .outOfStep(EBADMSG) }
         // Once a dump is known to be inconsistent, only its end matters; mnl_cb_run2 would stop at every
         // flagged message, so look for the end directly.
         if interrupted { return scanForEnd(datagram) }
@@ -81,6 +82,23 @@ final class ReplyCollector {
             }
             return .outOfStep(error == 0 ? EBADMSG : error)
         }
+    }
+
+    /// Whether a message in the datagram claims a length of 2 GiB or more. libmnl's mnl_nlmsg_ok compares
+    /// `(int)nlmsg_len <= len`: such a length turns negative and passes, and mnl_cb_run2 (or `scanForEnd`) then
+    /// reads the message and jumps gigabytes past the datagram. No kernel sends one; a datagram with it is refused
+    /// before libmnl sees it. (Found by the `netlink` fuzz target.)
+    static func hasOversizedMessage(_ datagram: UnsafeRawBufferPointer) -> Bool {
+        let header = MemoryLayout<nlmsghdr>.size
+        var offset = 0
+        while datagram.count &- offset >= header {
+            let length = Int(datagram.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+            if length > Int(Int32.max) { return true }
+            // Where libmnl stops walking, so can we: the rest is never read.
+            guard length >= header, length <= datagram.count &- offset else { return false }
+            offset &+= (length &+ 3) & ~3
+        }
+        return false
     }
 
     /// Looks through a datagram for this request's NLMSG_DONE or NLMSG_ERROR, ignoring everything else.

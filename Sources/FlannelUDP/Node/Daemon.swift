@@ -58,7 +58,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let startedAt = Date()
     private var plan: NodeSetup.Plan?
     private let table = RouteTable()
-    private lazy var store = RouteStore(publisher: table, network: config.network, ownSubnet: config.subnet)
+    /// The registry config's SubnetLen, once joined: every lease must be of that size.
+    private var registrySubnetLength: Int?
+    /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
+    private lazy var store: RouteStore = {
+        assert(plan != nil, "the peer table's rules need the plan")
+        return RouteStore(publisher: table, rules: PeerRouteRules(
+            network: config.network, ownSubnet: config.subnet, publicIP: plan?.publicIP ?? config.publicIP,
+            subnetLength: registrySubnetLength))
+    }()
     private let counters = DataPlaneCounters()
     var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
@@ -116,13 +124,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     private func runLocked(readiness: Readiness) throws(Failure) {
-        // Peers file first: a bad line must stop `up` before anything changes.
+        // Peers file first: a bad line must stop `up` before anything changes. Its routes are checked against
+        // the rules once the plan is made (the network may come from the registry), still before any change.
         var fileRoutes: [PeerRoute] = []
         if let path = config.peersFile {
             do { fileRoutes = try PeersFile.load(path: path, defaultPort: config.port) } catch { throw .usage(error.description) }
-            for r in fileRoutes {
-                do { try store.check(r) } catch { throw .usage("\(path): \(error)") }
-            }
         }
         // The lock against a second daemon on this device in this namespace, and the control endpoint, served from
         // here on so that `status` and `down` work during a slow start (DaemonInstance).
@@ -160,6 +166,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             throw .system(error.description)
         }
         self.plan = plan
+        if let path = config.peersFile {
+            for r in fileRoutes {
+                do { try store.check(r, origin: .file) } catch { throw .usage("\(path): \(error)") }
+            }
+        }
 
         // Bind the UDP port before touching any device, so "address in use" changes nothing.
         let socket: UDPSocket
@@ -244,6 +255,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         self.registry = registry
         do {
             let network = try Blocking.run { try await registry.loadConfig() }
+            // Before the lease: a registry whose Network would swallow the underlay changes nothing here.
+            if let problem = PeerRouteRules.checkNetwork(network.network, underlay: underlay.address, publicIP: publicIP) {
+                throw NetworkConfigError(problem)
+            }
+            registrySubnetLength = network.subnetLength
             var previous: IPv4Network?
             if let path = config.subnetFile, let file = try? SubnetFile.load(path: path), file.network == network.network {
                 previous = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
@@ -270,16 +286,13 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private func startRegistryWatch(_ registry: EtcdRegistry) {
         let store = self.store
         let logger = self.logger
+        let filter = RegistryRouteFilter()
         let fail: @Sendable (String) -> Void = { [weak self] message in self?.fail(message) }
         registryTask = Task.detached {
             do {
                 try await registry.run(onPeers: { routes in
-                    let usable = routes.filter { route in
-                        do { try store.check(route); return true } catch {
-                            logger.warning("etcd: ignoring lease \(route): \(error)")
-                            return false
-                        }
-                    }
+                    let (usable, refused) = filter.filter(routes, store: store)
+                    for error in refused { logger.warning("etcd: ignoring a lease: \(error)") }
                     try? store.replace(usable, origin: .registry)
                     logger.info("etcd: \(usable.count) peer route(s)")
                 }, onLeaseLost: {
@@ -408,7 +421,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         guard let path = config.peersFile else { return .error("no peers file was given to 'up'") }
         do {
             let routes = try PeersFile.load(path: path, defaultPort: config.port)
-            try store.replace(routes, origin: .file)
+            do { try store.replace(routes, origin: .file) } catch {
+                return .error("\(path): \(error); the peer table is unchanged")
+            }
             logger.info("loaded \(routes.count) peer route(s) from \(path)")
             return .ok
         } catch {

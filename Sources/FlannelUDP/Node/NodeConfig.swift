@@ -55,6 +55,7 @@ public struct NodeConfig: Sendable {
             return "subnet \(subnet) is not inside network \(network)"
         }
         if network.prefixLength > 30 { return "network \(network) is too small for an overlay (at most /30)" }
+        if let problem = PeerRouteRules.checkNetwork(network) { return problem }
         if let problem = TunDevice.validateName(device) { return "device: \(problem)" }
         if let underlay, let problem = TunDevice.validateName(underlay) { return "iface: \(problem)" }
         if !(masqResyncSeconds > 0 && masqResyncSeconds <= 3600) {

@@ -85,6 +85,10 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         if let problem = config.validate() { throw .invalid(problem) }
         let (link, underlayAddress) = try resolveUnderlay(config.underlay)
         do {
+            if let problem = PeerRouteRules.checkNetwork(config.network, underlay: underlayAddress,
+                                                         publicIP: config.publicIP) {
+                throw Failure.invalid(problem)
+            }
             if link.name == config.device {
                 throw Failure.invalid("iface \(link.name) is the overlay device itself; give the underlay interface")
             }

@@ -15,41 +15,36 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
     private let lock = NSLock()
     private var bySource: [RouteOrigin: [IPv4Network: Endpoint]] = [:]
     private let publisher: RoutePublisher
-    /// The node's own subnet and the overlay network: routes to our own subnet or outside the network are refused.
-    private let ownSubnet: IPv4Network?
-    private let network: IPv4Network?
+    /// What every route is checked against (`PeerRouteRules`); nil accepts anything (tests of the merging only).
+    public let rules: PeerRouteRules?
 
     public enum Error: Swift.Error, CustomStringConvertible, Equatable {
-        case outsideNetwork(IPv4Network, IPv4Network)
-        case ownSubnet(IPv4Network)
+        /// The route broke one of the rules; nothing was changed.
+        case refused(PeerRoute, PeerRouteRules.Problem)
         case notFound(IPv4Network)
 
         public var description: String {
             switch self {
-            case .outsideNetwork(let s, let n): return "subnet \(s) is not inside the overlay network \(n)"
-            case .ownSubnet(let s): return "subnet \(s) lies inside this node's own subnet"
+            case .refused(let r, let problem): return "route \(r.subnet) via \(r.endpoint) refused: \(problem)"
             case .notFound(let s): return "no route for \(s)"
             }
         }
     }
 
-    public init(publisher: RoutePublisher, network: IPv4Network?, ownSubnet: IPv4Network?) {
+    public init(publisher: RoutePublisher, rules: PeerRouteRules?) {
         self.publisher = publisher
-        self.network = network
-        self.ownSubnet = ownSubnet
+        self.rules = rules
     }
 
-    /// Checks one route against the node's network and subnet without changing anything.
-    public func check(_ route: PeerRoute) throws(Error) {
-        if let network, !network.contains(route.subnet) { throw .outsideNetwork(route.subnet, network) }
-        // A route inside our own subnet would send our pods' traffic away; a covering route (10.244.0.0/16 via a
-        // gateway node) is fine: longest-prefix match keeps our subnet local.
-        if let ownSubnet, ownSubnet.contains(route.subnet) { throw .ownSubnet(route.subnet) }
+    /// Checks one route of `origin` against the rules without changing anything.
+    public func check(_ route: PeerRoute, origin: RouteOrigin) throws(Error) {
+        guard let rules else { return }
+        do { try rules.check(route, origin: origin) } catch { throw .refused(route, error) }
     }
 
     /// Adds or replaces one route of `origin`.
     public func add(_ route: PeerRoute, origin: RouteOrigin = .manual) throws(Error) {
-        try check(route)
+        try check(route, origin: origin)
         lock.lock()
         defer { lock.unlock() }
         bySource[origin, default: [:]][route.subnet] = route.endpoint
@@ -77,7 +72,7 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
     /// Replaces everything `origin` contributed with `routes`. All routes are checked first: on any error nothing
     /// changes.
     public func replace(_ routes: [PeerRoute], origin: RouteOrigin) throws(Error) {
-        for r in routes { try check(r) }
+        for r in routes { try check(r, origin: origin) }
         var map: [IPv4Network: Endpoint] = [:]
         for r in routes { map[r.subnet] = r.endpoint }
         lock.lock()
