@@ -12,6 +12,7 @@ Raw layout (written by bench/run):
                                  end of the load" when bench/run stopped it (SIGINT) as iperf3 ended
     runN/CONFIG/T.json           iperf3 -J output for T in tcp1, tcp4, udp
     runN/CONFIG/T.before/.after  counter snapshots around T ("key value" lines, see snapshot() in bench/run)
+    runN/CONFIG/queues-tcp4.txt  raw only: qdisc and UDP socket queues in each node, sampled every second of tcp4
     runN/CONFIG/memory           forwarder memory per node after the tests, kB (configurations with a forwarder)
     runN/CONFIG/status-*.json    flannel-udp status --json after the tests (flannel-udp only)
 """
