@@ -7,13 +7,17 @@ Raw layout (written by bench/run):
     runN/CONFIG/failed           present if the configuration could not be set up or reached
     runN/CONFIG/notes            anything that went wrong in a single test
     runN/CONFIG/cc, mtu          congestion control in the client namespace, client MTU
-    runN/CONFIG/ping.txt         ping -q output
+    runN/CONFIG/ping.txt         ping -D -n output at idle: one line per reply, then the summary
+    runN/CONFIG/ping-tcp4.txt    the same during the 4-stream TCP test; a last line "bench: ping interrupted at the
+                                 end of the load" when bench/run stopped it (SIGINT) as iperf3 ended
     runN/CONFIG/T.json           iperf3 -J output for T in tcp1, tcp4, udp
     runN/CONFIG/T.before/.after  counter snapshots around T ("key value" lines, see snapshot() in bench/run)
+    runN/CONFIG/queues-tcp4.txt  raw only: qdisc and UDP socket queues in each node, sampled every second of tcp4
     runN/CONFIG/memory           forwarder memory per node after the tests, kB (configurations with a forwarder)
     runN/CONFIG/status-*.json    flannel-udp status --json after the tests (flannel-udp only)
 """
 import json
+import math
 import os
 import re
 import statistics
@@ -32,6 +36,11 @@ ROWS = [
     ("udp_loss_pct", "UDP 64 B loss %", "{:.1f}"),
     ("ping_avg_ms", "ping avg ms", "{:.3f}"),
     ("ping_mdev_ms", "ping mdev ms", "{:.3f}"),
+    ("ping_idle_median_ms", "ping idle median ms", "{:.3f}"),
+    ("ping_idle_p99_ms", "ping idle p99 ms", "{:.3f}"),
+    ("ping_load_median_ms", "ping under TCP 4 median ms", "{:.3f}"),
+    ("ping_load_p99_ms", "ping under TCP 4 p99 ms", "{:.3f}"),
+    ("ping_load_loss_pct", "ping under TCP 4 loss %", "{:.1f}"),
     ("fwd_cpu_s_per_gb", "forwarder CPU s/GB (TCP)", "{:.2f}"),
     ("fwd_cpu_us_per_pkt", "forwarder CPU us/pkt (UDP)", "{:.2f}"),
     ("fwd_peak_rss_mb", "forwarder peak RSS MB (node)", "{:.1f}"),
@@ -55,11 +64,21 @@ RATIOS = [
     ("tcp1_gbps", "TCP 1 stream"),
     ("tcp4_gbps", "TCP 4 streams"),
     ("udp_rx_kpps", "UDP 64 B received"),
+    ("ping_idle_median_ms", "ping idle median"),
+    ("ping_idle_p99_ms", "ping idle p99"),
+    ("ping_load_median_ms", "ping under TCP 4 median"),
+    ("ping_load_p99_ms", "ping under TCP 4 p99"),
     ("fwd_cpu_s_per_gb", "forwarder CPU per GB"),
     ("machine_cpu_s_per_gb", "machine CPU per GB"),
     ("fwd_peak_rss_mb", "forwarder peak RSS"),
     ("fwd_anon_mb", "forwarder anon RSS"),
 ]
+# figures where a ratio says nothing when the other configuration's is 0: flannel-udp's minus theirs, per run,
+# shown in the ratio table as a signed difference (key, label, unit).
+DIFFS = [
+    ("ping_load_loss_pct", "ping under TCP 4 loss", "points"),
+]
+INTERRUPTED = "bench: ping interrupted at the end of the load"
 
 
 def read_kv(path):
@@ -118,6 +137,65 @@ def udp_test(d, test):
     return out
 
 
+def percentile(sorted_vals, p):
+    """Nearest-rank percentile of an ascending list: the smallest value with at least p % of the values at or
+    below it (for 20 samples, p99 is the largest)."""
+    return sorted_vals[max(0, math.ceil(p / 100.0 * len(sorted_vals)) - 1)]
+
+
+REPLY = re.compile(r"^(?:\[(\d+\.\d+)\] )?\d+ bytes from [^:]+: icmp_seq=(\d+) .*?time[=<]([\d.]+) ms(.*)$")
+
+
+def parse_ping(text):
+    """Per-packet ping output (`ping -D -n`, or older `ping -q` summaries) -> (figures, problems).
+    figures: rtts (ms, one per answered sequence number, in order), times (reply timestamps, where -D gave them),
+    transmitted, received, lost, loss_pct, avg_ms and mdev_ms (from the summary), median_ms, p99_ms.
+    Loss counts the pings sent that got no reply; when bench/run interrupted ping at the end of the load, the pings
+    after the last reply were still in flight and are left out of the count (replies come back in order)."""
+    out, problems = {}, []
+    text = text or ""
+    seqs, rtts, times = set(), [], []
+    for line in text.splitlines():
+        r = REPLY.match(line.strip())
+        if not r or "DUP!" in r.group(4):
+            continue
+        seq = int(r.group(2))
+        if seq in seqs:
+            continue
+        seqs.add(seq)
+        rtts.append(float(r.group(3)))
+        if r.group(1):
+            times.append(float(r.group(1)))
+    summary = re.search(r"(\d+) packets transmitted, (\d+) received", text)
+    rtt = re.search(r"= [\d.]+/([\d.]+)/[\d.]+/([\d.]+) ms", text)
+    if rtt:
+        out["avg_ms"], out["mdev_ms"] = float(rtt.group(1)), float(rtt.group(2))
+    if not summary:
+        problems.append("no ping summary" + (f" after {len(rtts)} replies" if rtts else " (empty or garbled output)"))
+    else:
+        transmitted, received = int(summary.group(1)), int(summary.group(2))
+        out["transmitted"], out["received"] = transmitted, received
+        if rtts and received != len(rtts):
+            problems.append(f"ping summary says {received} replies, {len(rtts)} reply lines read")
+        if rtts or received == 0:
+            counted = transmitted
+            if INTERRUPTED in text and seqs:
+                counted = min(transmitted, max(seqs))
+            if counted > 0:
+                out["lost"] = counted - len([x for x in seqs if x <= counted])
+                out["loss_pct"] = 100.0 * out["lost"] / counted
+        else:  # a summary only (ping -q, raw files from before per-packet output): its own loss figure
+            loss = re.search(r"([\d.]+)% packet loss", text)
+            if loss:
+                out["loss_pct"] = float(loss.group(1))
+    if rtts:
+        s = sorted(rtts)
+        out["rtts"], out["median_ms"], out["p99_ms"] = rtts, statistics.median(s), percentile(s, 99)
+        if times:
+            out["times"] = times
+    return out, problems
+
+
 def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
     """Metrics of one configuration in one run, plus the problems seen; None values are left out."""
     m, problems = {}, []
@@ -125,13 +203,29 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
     if notes and notes.strip():
         problems += [line for line in notes.strip().splitlines() if line.strip()]
 
-    ping = read_text(os.path.join(d, "ping.txt")) or ""
-    rtt = re.search(r"= [\d.]+/([\d.]+)/[\d.]+/([\d.]+) ms", ping)
-    if rtt:
-        m["ping_avg_ms"], m["ping_mdev_ms"] = float(rtt.group(1)), float(rtt.group(2))
-    loss = re.search(r"([\d.]+)% packet loss", ping)
-    if loss:
-        m["ping_loss_pct"] = float(loss.group(1))
+    idle_text = read_text(os.path.join(d, "ping.txt"))
+    if idle_text is not None:
+        idle, p = parse_ping(idle_text)
+        problems += ["idle ping: " + x for x in p]
+        m["ping_avg_ms"], m["ping_mdev_ms"] = idle.get("avg_ms"), idle.get("mdev_ms")
+        m["ping_loss_pct"] = idle.get("loss_pct")
+        m["ping_idle_median_ms"], m["ping_idle_p99_ms"] = idle.get("median_ms"), idle.get("p99_ms")
+        m["ping_idle_replies"] = len(idle.get("rtts", []))
+    load_text = read_text(os.path.join(d, "ping-tcp4.txt"))
+    if load_text is not None:
+        load, p = parse_ping(load_text)
+        problems += ["ping under TCP 4: " + x for x in p]
+        m["ping_load_median_ms"], m["ping_load_p99_ms"] = load.get("median_ms"), load.get("p99_ms")
+        m["ping_load_loss_pct"], m["ping_load_lost"] = load.get("loss_pct"), load.get("lost")
+        m["ping_load_sent"], m["ping_load_replies"] = load.get("transmitted"), len(load.get("rtts", []))
+        b, a = counters(d, "tcp4")
+        try:
+            start, end = float(b["time"]), float(a["time"])
+        except (KeyError, ValueError):
+            start = end = None
+        if start is not None and load.get("times"):
+            # replies outside the 4-stream test (between the counter snapshots around it) were not under load
+            m["ping_load_outside"] = sum(1 for t in load["times"] if not start <= t <= end)
 
     tcp_bytes, tcp_fwd, tcp_soft, tcp_rcvbuf, tcp_txdrop = 0.0, 0.0, 0.0, 0.0, 0.0
     for test, n in (("tcp1", 1), ("tcp4", 4)):
@@ -266,7 +360,8 @@ def main():
 
 
 def check_all_ran(result):
-    """For a smoke run: 0 when every configuration worked in every run and measured TCP, else 1, with why."""
+    """For a smoke run: 0 when every configuration worked in every run, measured TCP and has believable idle and
+    loaded ping figures (latency_problems), else 1, with why."""
     bad = []
     for name, c in result["configs"].items():
         if c["runs_ok"] != c["runs"] or "tcp4_gbps" not in c["median"]:
@@ -274,6 +369,10 @@ def check_all_ran(result):
             if not why:
                 why = [f"{c['runs_ok']} of {c['runs']} runs worked" if c["runs_ok"] != c["runs"] else "no TCP figure"]
             bad.append(f"{name}: {'; '.join(why)}")
+        for m in c["per_run"]:
+            why = latency_problems(m)
+            if why:
+                bad.append(f"{name}: run {m['run']}: {'; '.join(why)}")
     if not result["configs"]:
         bad.append("no configuration in the raw files")
     for line in bad:
@@ -281,6 +380,32 @@ def check_all_ran(result):
     if not bad:
         print("bench check: every configuration ran: " + ", ".join(result["configs"]))
     return 1 if bad else 0
+
+
+# fewer pings than this answered or sent under load says the ping did not run alongside the 4-stream test
+MIN_LOAD_PINGS = 10
+
+
+def latency_problems(m):
+    """Why one run's latency figures are missing or not believable (empty when they are fine)."""
+    why = []
+    for kind in ("idle", "load"):
+        med, p99 = m.get(f"ping_{kind}_median_ms"), m.get(f"ping_{kind}_p99_ms")
+        what = "idle ping" if kind == "idle" else "ping under TCP 4"
+        if med is None or p99 is None:
+            why.append(f"no {what} median/p99")
+        elif not (0 < med <= p99 < 60000):
+            why.append(f"{what}: median {med} / p99 {p99} ms not sane")
+    loss = m.get("ping_load_loss_pct")
+    if loss is None:
+        why.append("no ping loss under TCP 4")
+    elif not 0 <= loss <= 100:
+        why.append(f"ping loss under TCP 4 {loss} % not sane")
+    if m.get("ping_load_median_ms") is not None and (m.get("ping_load_sent") or 0) < MIN_LOAD_PINGS:
+        why.append(f"only {m.get('ping_load_sent')} pings sent under TCP 4 (fewer than {MIN_LOAD_PINGS})")
+    if m.get("ping_load_outside"):
+        why.append(f"{m['ping_load_outside']} ping replies under TCP 4 came outside the test")
+    return why
 
 
 def ratios(result, cols):
@@ -302,6 +427,11 @@ def ratios(result, cols):
                        and theirs[r][key] > 0]
             if per_run:
                 entry[key] = {"median": statistics.median(per_run), "per_run": per_run}
+        for key, _, _ in DIFFS:
+            per_run = [mine[r][key] - theirs[r][key] for r in sorted(mine.keys() & theirs.keys())
+                       if isinstance(mine[r].get(key), (int, float)) and isinstance(theirs[r].get(key), (int, float))]
+            if per_run:
+                entry[key] = {"median_diff": statistics.median(per_run), "per_run_diff": per_run}
         if entry:
             out[c] = entry
     return out
@@ -312,7 +442,7 @@ def print_ratios(result, cols):
     others = [c for c in cols if c in r]
     if not others:
         return
-    w0 = max(len(label) for _, label in RATIOS) + 2
+    w0 = max([len(label) for _, label in RATIOS] + [len(f"{label}, {unit}") for _, label, unit in DIFFS]) + 2
     table = []
     for key, label in RATIOS:
         cells = []
@@ -326,9 +456,22 @@ def print_ratios(result, cols):
                 cells.append(f"{e['median']:.2f}x")
         if any(x != "n/a" for x in cells):
             table.append((label, cells))
+    for key, label, unit in DIFFS:
+        cells = []
+        for c in others:
+            e = r[c].get(key)
+            if not e:
+                cells.append("n/a")
+            elif len(e["per_run_diff"]) > 1:
+                cells.append(f"{e['median_diff']:+.1f} ({min(e['per_run_diff']):+.1f}..{max(e['per_run_diff']):+.1f})")
+            else:
+                cells.append(f"{e['median_diff']:+.1f}")
+        if any(x != "n/a" for x in cells):
+            table.append((f"{label}, {unit}", cells))
     w = max(len(x) for x in others + [x for _, cells in table for x in cells]) + 3
     print()
-    print(f"{RATIO_SUBJECT} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces")
+    print(f"{RATIO_SUBJECT} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces;")
+    print("loss: flannel-udp's minus theirs, in percentage points")
     print(" " * w0 + "".join(c.rjust(w) for c in others))
     for label, cells in table:
         print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))

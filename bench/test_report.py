@@ -30,11 +30,40 @@ def iperf_udp(sent_pkts, got_pkts, seconds=10.0):
                     "sum_received": {"seconds": seconds, "bytes": got_pkts * 64, "packets": sent_pkts}}}
 
 
+def ping_output(dst, rtts, start=1796137143.0, transmitted=None, interrupted=False, interval=0.012, extra=""):
+    """ping -D -n output as iputils 20221126 prints it: one line per reply (None in rtts: no reply to that
+    sequence number), then the summary."""
+    lines = [f"PING {dst} ({dst}) 56(84) bytes of data."]
+    got = [x for x in rtts if x is not None]
+    for seq, rtt in enumerate(rtts, 1):
+        if rtt is not None:
+            t = start + seq * interval + rtt / 1000
+            lines.append(f"[{t:.6f}] 64 bytes from {dst}: icmp_seq={seq} ttl=63 time={rtt:g} ms")
+    sent = transmitted if transmitted is not None else len(rtts)
+    loss = round(100 * (sent - len(got)) / sent) if sent else 0
+    lines += ["", f"--- {dst} ping statistics ---",
+              f"{sent} packets transmitted, {len(got)} received, {loss}% packet loss, time {int(sent * interval * 1000)}ms"]
+    if got:
+        avg = sum(got) / len(got)
+        lines.append(f"rtt min/avg/max/mdev = {min(got):.3f}/{avg:.3f}/{max(got):.3f}/0.050 ms")
+    out = "\n".join(lines) + "\n" + extra
+    if interrupted:
+        out += report.INTERRUPTED + "\n"
+    return out
+
+
+# recorded from bench/run (pod A -> pod B through flannel-udp), trimmed: idle, and during the 4-stream test
+IDLE_RTTS = [0.31, 0.262, 0.281, 0.244, 0.301, 0.27, 0.255, 0.298, 0.266, 0.412,
+             0.251, 0.277, 0.289, 0.262, 0.248, 0.305, 0.272, 0.259, 0.283, 0.9]
+LOAD_RTTS = [3.91, 4.12, 6.34, 2.88, 4.45, 5.02, 15.4, 3.77, 4.21, 3.95]
+
+
 def kv(**values):
     return "".join(f"{k} {v}\n" for k, v in values.items())
 
 
-class ReportTests(unittest.TestCase):
+class RawFiles(unittest.TestCase):
+    """A raw directory as bench/run leaves it, written by the test."""
     def setUp(self):
         self.tmp = tempfile.TemporaryDirectory()
         self.raw = self.tmp.name
@@ -50,11 +79,13 @@ class ReportTests(unittest.TestCase):
         with open(os.path.join(d, name), "w") as f:
             f.write(content if isinstance(content, str) else json.dumps(content))
 
-    def good_run(self, run, cfg, gbps, fwd_ticks, overlay=True):
+    def good_run(self, run, cfg, gbps, fwd_ticks, overlay=True, load_ms=2.0):
         self.write(run, cfg, "cc", "bbr\n")
         self.write(run, cfg, "mtu", "mtu 1472\n")
-        self.write(run, cfg, "ping.txt", "200 packets transmitted, 200 received, 0% packet loss, time 2000ms\n"
-                                         "rtt min/avg/max/mdev = 0.100/0.200/0.300/0.050 ms\n")
+        self.write(run, cfg, "ping.txt", ping_output("10.244.2.2", [0.1, 0.2, 0.3] * 6 + [0.2, 0.2]))
+        # the 4-stream test runs from time 100 to 110 (tcp4.before/.after below); its ping replies come in between
+        self.write(run, cfg, "ping-tcp4.txt", ping_output("10.244.2.2", [load_ms] * 50, start=100.5,
+                                                          transmitted=52, interrupted=True))
         for test in ("tcp1", "tcp4"):
             self.write(run, cfg, test + ".json", iperf_tcp(gbps))
             self.write(run, cfg, test + ".before", kv(fwd_ticks=0, softirq=0, busy=0, time=100, rcvbuf_node_b=10, rcvbuf_app=0,
@@ -72,6 +103,8 @@ class ReportTests(unittest.TestCase):
             report.main()
         return json.loads(out.getvalue())
 
+
+class ReportTests(RawFiles):
     def test_medians_rates_and_counter_deltas(self):
         for run, gbps in ((1, 1.0), (2, 3.0), (3, 2.0)):
             self.good_run(run, "flannel-udp", gbps, fwd_ticks=TCK * 10)
@@ -192,6 +225,145 @@ class ReportTests(unittest.TestCase):
         out = subprocess.run([sys.executable, report.__file__, self.raw], capture_output=True, text=True, check=True)
         line = next(x for x in out.stdout.splitlines() if x.startswith("TCP 1 stream") and x.endswith("x"))
         self.assertEqual(line.split()[-3:], ["0.50x", "(0.25-1.00)", "12.00x"])
+
+
+class PingTests(unittest.TestCase):
+    def test_idle_median_p99_and_no_loss(self):
+        f, problems = report.parse_ping(ping_output("10.244.2.2", IDLE_RTTS))
+        self.assertEqual(problems, [])
+        self.assertEqual(f["rtts"], IDLE_RTTS)
+        self.assertAlmostEqual(f["median_ms"], (0.272 + 0.277) / 2)
+        self.assertAlmostEqual(f["p99_ms"], 0.9)  # nearest rank: of 20, the largest
+        self.assertEqual((f["transmitted"], f["lost"], f["loss_pct"]), (20, 0, 0.0))
+
+    def test_p99_is_nearest_rank(self):
+        vals = sorted(float(x) for x in range(1, 201))
+        self.assertEqual(report.percentile(vals, 99), 198.0)
+        self.assertEqual(report.percentile(vals, 50), 100.0)
+        self.assertEqual(report.percentile([5.0], 99), 5.0)
+
+    def test_loss_under_load_leaves_out_pings_in_flight_when_interrupted(self):
+        # 12 sent; no reply to 4 and 8 (lost), nor to 11 and 12 (in flight when bench stopped ping)
+        rtts = LOAD_RTTS[:3] + [None] + LOAD_RTTS[3:6] + [None] + LOAD_RTTS[6:8] + [None, None]
+        f, problems = report.parse_ping(ping_output("10.244.2.2", rtts, interrupted=True))
+        self.assertEqual(problems, [])
+        self.assertEqual((f["transmitted"], f["received"], f["lost"]), (12, 8, 2))
+        self.assertAlmostEqual(f["loss_pct"], 20.0)  # 2 of the 10 sent up to the last reply
+        self.assertAlmostEqual(f["median_ms"], (4.12 + 4.45) / 2)
+        self.assertAlmostEqual(f["p99_ms"], 15.4)
+        # ping ended by its count (waiting -W 1 for the last replies): the tail is lost too
+        f, _ = report.parse_ping(ping_output("10.244.2.2", rtts))
+        self.assertEqual(f["lost"], 4)
+        self.assertAlmostEqual(f["loss_pct"], 100 * 4 / 12)
+
+    def test_every_ping_lost(self):
+        f, problems = report.parse_ping(ping_output("10.244.2.2", [None] * 30, interrupted=True))
+        self.assertEqual((f["lost"], f["loss_pct"]), (30, 100.0))
+        self.assertNotIn("median_ms", f)
+        self.assertEqual(problems, [])
+
+    def test_duplicates_and_time_below_1ms(self):
+        text = ping_output("10.244.2.2", [0.5, 0.7, 0.6])
+        text = text.replace("icmp_seq=2 ttl=63 time=0.7 ms",
+                            "icmp_seq=2 ttl=63 time=0.7 ms\n64 bytes from 10.244.2.2: icmp_seq=2 ttl=63 time=9 ms (DUP!)")
+        text = text.replace("time=0.5 ms", "time<1 ms")
+        f, _ = report.parse_ping(text)
+        self.assertEqual(f["rtts"], [1.0, 0.7, 0.6])
+        self.assertEqual(f["lost"], 0)
+
+    def test_empty_and_garbled_output_give_no_figures(self):
+        for text in ("", "ping: connect: Network is unreachable\n", "\x00\x01garbage 64 bytes icmp_seq=x\n"):
+            f, problems = report.parse_ping(text)
+            self.assertNotIn("median_ms", f)
+            self.assertNotIn("loss_pct", f)
+            self.assertEqual(len(problems), 1)
+            self.assertIn("empty or garbled", problems[0])
+
+    def test_truncated_output_keeps_rtts_but_no_loss(self):
+        text = ping_output("10.244.2.2", LOAD_RTTS).split("\n\n")[0]  # cut before the summary
+        f, problems = report.parse_ping(text)
+        self.assertEqual(len(f["rtts"]), 10)
+        self.assertNotIn("loss_pct", f)
+        self.assertEqual(problems, ["no ping summary after 10 replies"])
+
+    def test_summary_only_from_older_raw_files(self):
+        f, problems = report.parse_ping("200 packets transmitted, 199 received, 0.5% packet loss, time 2000ms\n"
+                                        "rtt min/avg/max/mdev = 0.100/0.200/0.300/0.050 ms\n")
+        self.assertEqual((f["avg_ms"], f["mdev_ms"], f["loss_pct"]), (0.2, 0.05, 0.5))
+        self.assertNotIn("median_ms", f)
+        self.assertEqual(problems, [])
+
+
+class LatencyRowTests(RawFiles):
+    def check(self):
+        return subprocess.run([sys.executable, report.__file__, "--check", self.raw], capture_output=True, text=True)
+
+    def one_run_meta(self, configs):
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=10, runs=1, configs=configs, peer_name="flannel-c"))
+
+    def test_loaded_rows_and_ratios_for_every_configuration(self):
+        self.one_run_meta("vxlan tun-bound flannel-udp peer")
+        for cfg, ms in (("vxlan", 0.05), ("tun-bound", 1.0), ("flannel-udp", 4.0), ("peer", 3.2)):
+            self.good_run(1, cfg, 1.0, fwd_ticks=TCK, load_ms=ms)
+        self.write(1, "peer", "ping-tcp4.txt", ping_output("10.244.2.2", LOAD_RTTS[:5] + [None] + LOAD_RTTS[5:],
+                                                            start=101, interrupted=True))
+        r = self.result()
+        for cfg, ms in (("vxlan", 0.05), ("tun-bound", 1.0), ("flannel-udp", 4.0)):
+            m = r["configs"][cfg]["median"]
+            self.assertAlmostEqual(m["ping_load_median_ms"], ms)
+            self.assertAlmostEqual(m["ping_load_p99_ms"], ms)
+            self.assertEqual(m["ping_load_loss_pct"], 0.0)  # 2 of 52 in flight at the end: not lost
+            self.assertAlmostEqual(m["ping_idle_median_ms"], 0.2)
+            self.assertAlmostEqual(m["ping_idle_p99_ms"], 0.3)
+        peer = r["configs"]["flannel-c"]["median"]
+        self.assertAlmostEqual(peer["ping_load_loss_pct"], 100 / 11)
+        self.assertAlmostEqual(peer["ping_load_median_ms"], (4.12 + 4.21) / 2)
+        self.assertAlmostEqual(r["ratios"]["vxlan"]["ping_load_median_ms"]["median"], 80.0)
+        self.assertAlmostEqual(r["ratios"]["tun-bound"]["ping_load_p99_ms"]["median"], 4.0)
+        self.assertAlmostEqual(r["ratios"]["flannel-c"]["ping_idle_p99_ms"]["median"], 1.0)
+        self.assertAlmostEqual(r["ratios"]["flannel-c"]["ping_load_loss_pct"]["median_diff"], -100 / 11)
+        out = subprocess.run([sys.executable, report.__file__, self.raw], capture_output=True, text=True, check=True)
+        lines = out.stdout.splitlines()
+        row = next(x for x in lines if x.startswith("ping under TCP 4 loss %"))
+        self.assertEqual(row.split()[-4:], ["0.0", "0.0", "0.0", "9.1"])
+        row = next(x for x in lines if x.startswith("ping idle p99 ms"))
+        self.assertEqual(row.split()[-4:], ["0.300"] * 4)
+        row = next(x for x in lines if x.startswith("ping under TCP 4 median") and x.endswith("x"))
+        self.assertEqual(row.split()[-3:], ["80.00x", "4.00x", "0.96x"])
+        row = next(x for x in lines if x.startswith("ping under TCP 4 loss, points"))
+        self.assertEqual(row.split()[-3:], ["+0.0", "+0.0", "-9.1"])
+        self.assertEqual(self.check().returncode, 0)
+
+    def test_check_requires_latency_figures(self):
+        self.one_run_meta("vxlan flannel-udp")
+        self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        self.assertEqual(self.check().returncode, 0)
+        os.remove(os.path.join(self.raw, "run1", "flannel-udp", "ping-tcp4.txt"))
+        self.write(1, "vxlan", "ping.txt", "")
+        out = self.check()
+        self.assertEqual(out.returncode, 1)
+        self.assertIn("flannel-udp: run 1: no ping under TCP 4 median/p99; no ping loss under TCP 4", out.stdout)
+        self.assertIn("vxlan: run 1: no idle ping median/p99", out.stdout)
+
+    def test_check_refuses_garbled_all_lost_short_or_unloaded_pings(self):
+        self.one_run_meta("flannel-udp")
+        self.good_run(1, "flannel-udp", 1.0, fwd_ticks=TCK)
+        cases = [
+            ("garbled", "PING 10.244.2.2 \x00\x00 wrong\n", "no ping under TCP 4 median/p99; no ping loss"),
+            ("every ping lost", ping_output("10.244.2.2", [None] * 40, start=101), "no ping under TCP 4 median/p99"),
+            ("too few", ping_output("10.244.2.2", [3.0] * 4, start=101, interrupted=True), "only 4 pings sent"),
+            # replies at 111-112: after the 4-stream test had ended (tcp4.after time 110)
+            ("after the load", ping_output("10.244.2.2", [3.0] * 50, start=111.0, interval=0.02),
+             "50 ping replies under TCP 4 came outside the test"),
+        ]
+        for what, text, why in cases:
+            with self.subTest(what):
+                self.write(1, "flannel-udp", "ping-tcp4.txt", text)
+                out = self.check()
+                self.assertEqual(out.returncode, 1, out.stdout)
+                self.assertIn(why, out.stdout)
 
 
 if __name__ == "__main__":
