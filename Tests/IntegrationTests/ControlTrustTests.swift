@@ -97,11 +97,13 @@ final class ControlTrustTests: HostileTopologyTestCase {
         defer { victim.terminate(); victim.waitUntilExit() }
         let dir = try stateDirectory(a)
         try SecureDirectory.ensure(dir, mode: 0o700)
-        XCTAssertEqual(chmod(tmp + "/run", 0o711), 0)
-        XCTAssertEqual(chmod(dir, 0o777), 0)
+        // The state file first, while the directory is still root's alone (it is only written into a checked
+        // directory); then the directory is loosened for nobody to bind the socket.
         try DaemonState(pid: victim.processIdentifier, startTicks: try XCTUnwrap(DaemonState.startTicks(of: victim.processIdentifier)),
                         device: "flannel0", network: "10.244.0.0/16", subnet: "10.244.99.0/24", subnetFile: nil,
                         listen: "0.0.0.0:8285", startedAt: Date()).write(to: dir + "/flannel0.json")
+        XCTAssertEqual(chmod(tmp + "/run", 0o711), 0)
+        XCTAssertEqual(chmod(dir, 0o777), 0)
         let answer = ControlProtocol.encodeLine(ControlResponse.status(FakeDaemon.status(pid: victim.processIdentifier)))
         let answerFile = tmp + "/forged.json"
         try Data(answer).write(to: URL(fileURLWithPath: answerFile))

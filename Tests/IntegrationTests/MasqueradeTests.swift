@@ -109,16 +109,18 @@ final class MasqueradeTests: XCTestCase {
         if backend == "iptables" { XCTAssertTrue(save.contains(":FORWARD DROP"), "down must not touch the policy: \(save)") }
     }
 
-    /// up fails after the rules went in (the subnet file cannot be written): the rules go with everything else.
+    /// up fails after the rules went in (the subnet file cannot be written: its path is a directory, which the
+    /// checks before any change let through, and the final rename refuses): the rules go with everything else.
     func testFailedUpRemovesTheRulesItInstalled() throws {
         let a = try makeNode(1)
-        let notADirectory = tmp + "/plain-file"
-        try "".write(toFile: notADirectory, atomically: true, encoding: .utf8)
+        let directory = tmp + "/subnet.env"
+        XCTAssertEqual(mkdir(directory, 0o755), 0)
         for backend in ["nftables", "iptables"] {
             let up = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0", "--ip-masq",
-                            "--masq-backend", backend, "--subnet-file", notADirectory + "/subnet.env", "--detach"])
+                            "--masq-backend", backend, "--subnet-file", directory, "--detach"])
             XCTAssertNotEqual(up.status, 0, up.description)
-            XCTAssertTrue(up.stderr.contains(notADirectory + "/subnet.env"), up.stderr)
+            XCTAssertTrue(up.stderr.contains(directory), up.stderr)
+            XCTAssertTrue(up.stderr.contains("rename") || up.stderr.contains("directory"), up.stderr)
             XCTAssertFalse(try a.ns.run(["nft", "-s", "list", "ruleset"]).contains("flannel"), "\(backend) rules left by a failed up")
             XCTAssertFalse(try a.ns.run(["iptables-save"]).contains("FLANNEL"), "\(backend) rules left by a failed up")
             XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))

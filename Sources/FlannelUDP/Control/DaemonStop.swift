@@ -74,7 +74,7 @@ public enum DaemonStop {
     private static func finish(paths: RuntimePaths, state: DaemonState?) -> [String] {
         let deadline = Date().addingTimeInterval(5)
         while Date() < deadline {
-            guard let nl = try? Netlink(), let link = try? nl.link(named: paths.device), link != nil else { break }
+            guard let nl = try? Netlink(), (try? nl.link(named: paths.device)) != nil else { break }
             usleep(20_000)
         }
         return DaemonLeftovers.remove(paths: paths, state: state)
