@@ -6,7 +6,6 @@ import Foundation
 public enum ControlProtocol {
     public static let maxRequestBytes = 64 * 1024
     public static let requestTimeoutSeconds = 2
-    public static let version = 1
 }
 
 public enum ControlRequest: Codable, Equatable, Sendable {
