@@ -57,7 +57,6 @@ let package = Package(
             name: "flannel-udp",
             dependencies: [
                 "FlannelUDP",
-                "CShims",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

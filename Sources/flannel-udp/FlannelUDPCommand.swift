@@ -1,8 +1,5 @@
 import ArgumentParser
 import FlannelUDP
-#if canImport(Glibc)
-import Glibc
-#endif
 
 @main
 struct FlannelUDPCommand: ParsableCommand {
@@ -24,17 +21,17 @@ struct FlannelUDPCommand: ParsableCommand {
     /// The parser's own main, except that `up` also takes its options from the environment (`UpEnvironment`),
     /// and a bad value from there is reported as one line naming the variable.
     static func main() {
-        // Output into a closed pipe (`flannel-udp status | head -1`) or a control socket the daemon closed is an
-        // error where it happens, not death by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
-        signal(SIGPIPE, SIG_IGN)
+        // Output into a closed pipe or a control socket the daemon closed is an error where it happens, not death
+        // by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
+        Console.ignoreBrokenPipes()
         var arguments = Array(CommandLine.arguments.dropFirst())
         var settings: [EnvironmentOptions.Setting] = []
         if arguments.first == "up" {
             do throws(EnvironmentOptions.Invalid) {
                 (arguments, settings) = try UpEnvironment.expand(Array(arguments.dropFirst()))
             } catch {
-                FileHandle.standardErrorWrite("flannel-udp up: \(error)\n")
-                Glibc.exit(Exit.usage.rawValue)
+                Console.writeError("flannel-udp up: \(error)\n")
+                exit(withError: Exit.usage)
             }
         }
         var command: ParsableCommand
@@ -42,8 +39,8 @@ struct FlannelUDPCommand: ParsableCommand {
             command = try parseAsRoot(arguments)
         } catch {
             if exitCode(for: error) != .success, let line = UpEnvironment.attribute(error, to: settings) {
-                FileHandle.standardErrorWrite("flannel-udp up: \(line)\n")
-                Glibc.exit(Exit.usage.rawValue)
+                Console.writeError("flannel-udp up: \(line)\n")
+                exit(withError: Exit.usage)
             }
             exit(withError: error)
         }
@@ -65,19 +62,12 @@ enum Exit {
 
 /// Prints one line to stderr, prefixed with the command name, and returns the exit code to throw.
 func fail(_ command: String, _ message: String, _ code: ExitCode = Exit.failure) -> ExitCode {
-    FileHandle.standardErrorWrite("flannel-udp \(command): \(message)\n")
+    Console.writeError("flannel-udp \(command): \(message)\n")
     return code
 }
 
 func requireRoot(_ command: String) throws {
-    if geteuid() != 0 {
+    if !Console.isRoot {
         throw fail(command, "must be run as root (it changes network devices and routes)", Exit.noPermission)
-    }
-}
-
-enum FileHandle {
-    static func standardErrorWrite(_ text: String) {
-        let bytes = Array(text.utf8)
-        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress!, $0.count) }
     }
 }

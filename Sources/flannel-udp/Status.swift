@@ -1,9 +1,6 @@
 import ArgumentParser
 import FlannelUDP
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(

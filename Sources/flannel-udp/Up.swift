@@ -2,9 +2,6 @@ import ArgumentParser
 import FlannelUDP
 import Foundation
 import Logging
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Up: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -151,7 +148,12 @@ struct Up: ParsableCommand {
         etcdOptions?.password = etcdPassword
         if let warning = etcdOptions?.plainTextCredentialsWarning { warn("up", warning) }
         if detach {
-            try Detach.spawnDaemon(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
+            do throws(DaemonSpawn.Failure) {
+                let daemon = try DaemonSpawn.start(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
+                print("flannel-udp: \(config.device) is up (pid \(daemon.pid), log \(daemon.log))")
+            } catch {
+                throw fail("up", error.description, ExitCode(error.exitCode))
+            }
             return
         }
         LoggingSystem.bootstrap { label in
