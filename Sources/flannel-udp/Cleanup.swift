@@ -8,7 +8,7 @@ struct Cleanup: ParsableCommand {
         discussion: """
             Removes host-gw routes to subnets of the network via a gateway; any flannel backend's device \
             (flannel.<VNI> and flannel-v6.<VNI> vxlan, flannel.ipip, flannel-wg and flannel-wg-v6 wireguard, a \
-            flannel0 tun that no live flannel-udp daemon owns) with its routes and neighbour entries; flanneld's \
+            \(FlannelDefault.device) tun that no live flannel-udp daemon owns) with its routes and neighbour entries; flanneld's \
             masquerade rules (nftables tables ip flannel-ipv4 and ip6 flannel-ipv6, iptables and ip6tables chains \
             FLANNEL-POSTRTG and FLANNEL-FWD with every jump to them); and the state of a dead flannel-udp daemon. \
             A cni0 bridge with an address outside this node's subnet is reported, and with --fix-cni0 \

@@ -9,7 +9,7 @@ struct FlannelUDPCommand: ParsableCommand {
         discussion: """
             flannel-udp creates the overlay's tun device, gives it the node subnet's network address as a /32, \
             installs one route for the whole overlay network and forwards IPv4 packets between the device and UDP \
-            port 8285, one packet per datagram, wire-compatible with flannel's udp backend.
+            port \(FlannelDefault.port), one packet per datagram, wire-compatible with flannel's udp backend.
 
             Exit codes: 0 success; 1 a system error; 3 (status) no daemon is running; 64 bad usage or input \
             (nothing was changed); 77 not running as root.

@@ -24,7 +24,7 @@ struct RouteCommand: ParsableCommand {
         func validate() throws {
             _ = try parseNetwork(subnet)
             if via != "via" { throw ValidationError("expected 'via' after the subnet, found '\(via)'") }
-            do { _ = try Endpoint(parsing: endpoint, defaultPort: defaultFlannelPort) } catch {
+            do { _ = try Endpoint(parsing: endpoint, defaultPort: FlannelDefault.port) } catch {
                 throw ValidationError(error.description)
             }
         }
@@ -67,7 +67,7 @@ struct RouteCommand: ParsableCommand {
             var kernel: [String] = []
             if let nl = try? Netlink(), let link = try? nl.link(named: deviceOptions.device) {
                 kernel = ((try? nl.routes()) ?? []).filter { $0.outputInterface == link.index }
-                    .map { "\($0.destination) dev \(link.name)" }
+                    .map { $0.description(device: link.name) }
             }
             let response: ControlResponse
             do { response = try ControlClient.send(.routeList, paths: deviceOptions.paths) } catch {
@@ -79,9 +79,7 @@ struct RouteCommand: ParsableCommand {
                 throw fail("route list", "unexpected response from daemon")
             }
             if output.json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(Listing(kernelRoutes: kernel, peers: peers)), as: UTF8.self))
+                print(try JSONFormat.text(Listing(kernelRoutes: kernel, peers: peers)))
             } else {
                 print("kernel: \(kernel.isEmpty ? "-" : kernel.joined(separator: "; "))")
                 if peers.isEmpty { print("peers:  none") } else { printRoutes(peers) }

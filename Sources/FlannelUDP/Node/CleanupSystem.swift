@@ -61,7 +61,7 @@ public final class CleanupSystem {
         var actions = Cleanup.plan(network: network, links: links, addresses: try netlink.addresses(),
                                    routes: try netlink.routes(), neighbours: try netlink.neighbours(),
                                    netfilter: netfilter, subnet: subnet, keepDevices: keep, fixCNI0: fixCNI0)
-        let paths = RuntimePaths(device: "flannel0")
+        let paths = RuntimePaths(device: FlannelDefault.device)
         actions += Cleanup.staleStateFiles(runDirectory: paths.runDirectory, namespaceID: paths.namespaceID)
             .map { .removeFile($0) }
         return actions

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -51,8 +52,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let registrySettings: EtcdOptions?
     var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
     private var registryTask: Task<Void, Never>?
-    private let keepLeaseLock = NSLock()
-    private var keepLease = false
+    private let keepLease = Mutex(false)
     private let logger: Logger
     private let paths: RuntimePaths
     private let startedAt = Date()
@@ -71,14 +71,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
     private var nodeGuard: NodeGuard?
-    let fatalLock = NSLock()
-    var fatalError: String?
+    let fatalError = Mutex<String?>(nil)
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
     public var observer: DaemonObserver?
     /// False until start-up is complete: control requests other than status and shutdown are refused till then,
     /// and status reads nothing that start-up is still writing.
-    private let phaseLock = NSLock()
-    private var running = false
+    private let running = Mutex(false)
     private var stoppedDuringStart = false
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
@@ -223,7 +221,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         if let registry {
             startRegistryWatch(registry)
         }
-        phaseLock.withLock { running = true }
+        running.withLock { $0 = true }
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         reportReadiness(readiness.ready())
         setup.started()
@@ -231,8 +229,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         waitForSignals()
         observer?.daemonStopping(self)
-        leaseHeld = !keepLeaseLock.withLock { keepLease }
-        if let message = fatalLock.withLock({ fatalError }) {
+        leaseHeld = !keepLease.withLock { $0 }
+        if let message = fatalError.withLock({ $0 }) {
             throw .system(message)
         }
     }
@@ -320,7 +318,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
-        let repeated = fatalLock.withLock { () -> Bool in
+        let repeated = fatalError.withLock { fatalError -> Bool in
             if fatalError == nil { fatalError = message; return false }
             return fatalError == message
         }
@@ -363,7 +361,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     // MARK: - control requests
 
     public func handle(_ request: ControlRequest) -> ControlResponse {
-        let isRunning = phaseLock.withLock { running }
+        let isRunning = running.withLock { $0 }
         switch request {
         case .status:
             return .status(isRunning ? status() : startingStatus())
@@ -399,7 +397,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         case .reloadPeers:
             return reloadPeers()
         case .shutdown(let keep):
-            keepLeaseLock.withLock { keepLease = keep }
+            keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
             kill(getpid(), SIGTERM)
             return .ok

@@ -160,7 +160,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             try netlink.setUp(true, index: link.index)
             let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
                               scope: Route.scopeLink)
-            step("add route \(config.network) dev \(tun.name)")
+            step("add route \(route.description(device: tun.name))")
             try addOverlayRoute(route)
             routeInstalled = route
             installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
@@ -234,7 +234,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// file. Errors are logged, never thrown: teardown goes on past a piece that is already gone.
     public func tearDown() {
         if let route = routeInstalled, let tun {
-            step("delete route \(route.destination) dev \(tun.name)")
+            step("delete route \(route.description(device: tun.name))")
             do { try netlink.deleteRoute(route) } catch where error.errno == ESRCH || error.errno == ENODEV {
             } catch {
                 logger.warning("\(error)")
