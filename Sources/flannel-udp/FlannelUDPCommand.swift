@@ -66,6 +66,14 @@ func fail(_ command: String, _ message: String, _ code: ExitCode = Exit.failure)
     return code
 }
 
+/// The one mapping from the library's domain error to the documented exit codes.
+func fail(_ command: String, _ error: FlannelError) -> ExitCode {
+    switch error {
+    case .usage(let message): return fail(command, message, Exit.usage)
+    case .system, .failed: return fail(command, error.description, Exit.failure)
+    }
+}
+
 func requireRoot(_ command: String) throws {
     if !Console.isRoot {
         throw fail(command, "must be run as root (it changes network devices and routes)", Exit.noPermission)

@@ -170,11 +170,7 @@ struct Up: ParsableCommand {
         do {
             try daemon.run(readiness: Readiness(fd: readyFD))
         } catch {
-            switch error {
-            case .usage(let m): throw fail("up", m, Exit.usage)
-            case .alreadyRunning(let m): throw fail("up", m, Exit.failure)
-            case .system(let m): throw fail("up", m, Exit.failure)
-            }
+            throw fail("up", error)
         }
     }
 }

@@ -35,16 +35,8 @@ public struct Readiness: Sendable {
 /// Shutdown from any of them goes through SIGTERM to the process, so there is exactly one way out and it always
 /// tears down.
 public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable state is set before threads start
-    public enum Failure: Error, CustomStringConvertible {
-        case usage(String)
-        case alreadyRunning(String)
-        case system(String)
-        public var description: String {
-            switch self {
-            case .usage(let m), .alreadyRunning(let m), .system(let m): return m
-            }
-        }
-    }
+    /// `.usage` for bad input (nothing was changed), `.system` or `.failed` for everything else.
+    public typealias Failure = FlannelError
 
     public static let version = "0.1.0"
 
@@ -134,19 +126,16 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
             switch error {
             case .alreadyRunning(let pid):
-                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
-            case .system(let e): throw .system(e.description)
+                throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
+            case .system(let e): throw .system(e)
             }
         }
         defer { instance.release() }
         // Where we will write, checked while nothing has changed yet.
-        do { try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory) } catch {
-            throw .system(error.description)
-        }
+        try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         instance.control.start(handler: self)
 
-        let setup: NodeSetup
-        do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
+        let setup = try Failure.system(try NodeSetup(logger: logger))
         var leaseHeld = false
         defer {
             // Reached on every way out, a failed start included: give the lease back (unless
@@ -159,10 +148,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
 
         let plan: NodeSetup.Plan
-        do { plan = try setup.plan(config) } catch {
-            if case .invalid(let m) = error { throw .usage(m) }
-            throw .system(error.description)
-        }
+        plan = try setup.plan(config)
         self.plan = plan
         if let path = config.peersFile {
             for r in fileRoutes {
@@ -172,10 +158,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         // Bind the UDP port before touching any device, so "address in use" changes nothing.
         let socket: UDPSocket
-        do { socket = try UDPSocket(bind: plan.listen) } catch { throw .system(error.description) }
+        socket = try Failure.system(try UDPSocket(bind: plan.listen))
 
         let tun: TunDevice
-        do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
+        tun = try setup.bringUp(plan)
         masquerade = setup.masquerade
         // Recorded as soon as the subnet file is written, so that `down` after a SIGKILL from here on knows
         // what this daemon wrote and may remove.
@@ -195,7 +181,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             do {
                 nodeGuard = try NodeGuard(device: installed, logger: logger,
                                           onDeviceGone: { [weak self] reason in self?.fail(reason) })
-            } catch { throw .system("start self-healing: \(error)") }
+            } catch { throw .failed("start self-healing: \(error)") }
         }
 
         let fwd: Forwarder
@@ -212,7 +198,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 })
             try fwd.start()
         } catch {
-            throw .system("start forwarder: \(error)")
+            throw .failed("start forwarder: \(error)")
         }
         forwarder = fwd
         forwarderStarted = true
@@ -231,7 +217,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         observer?.daemonStopping(self)
         leaseHeld = !keepLease.withLock { $0 }
         if let message = fatalError.withLock({ $0 }) {
-            throw .system(message)
+            throw .failed(message)
         }
     }
 
@@ -241,10 +227,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// etcd is unreachable (logging each attempt); a bad config is a usage error.
     private func joinRegistry(_ settings: EtcdOptions, setup: NodeSetup) throws(Failure) {
         let underlay: (link: Link, address: IPv4Address)
-        do { underlay = try setup.resolveUnderlay(config.underlay) } catch {
-            if case .invalid(let m) = error { throw .usage(m) }
-            throw .system(error.description)
-        }
+        underlay = try setup.resolveUnderlay(config.underlay)
         let publicIP = config.publicIP ?? underlay.address
         let registry: EtcdRegistry
         do { registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger) } catch {
@@ -273,9 +256,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             throw .usage("etcd config \(settings.prefix)/config: \(error)")
         } catch let error as Blocking.Interrupted {
             stoppedDuringStart = true
-            throw .system("\(error)")
+            throw .failed("\(error)")
         } catch {
-            throw .system("etcd: \(error)")
+            throw .failed("etcd: \(error)")
         }
     }
 
