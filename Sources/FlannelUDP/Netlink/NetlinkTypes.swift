@@ -112,8 +112,6 @@ public struct Route: Sendable, Hashable {
     public static let scopeUniverse = UInt8(RT_SCOPE_UNIVERSE.rawValue)
     /// RT_SCOPE_LINK (253): a destination directly on the device.
     public static let scopeLink = UInt8(RT_SCOPE_LINK.rawValue)
-    /// RT_SCOPE_HOST (254): a local address.
-    public static let scopeHost = UInt8(RT_SCOPE_HOST.rawValue)
     /// RTN_UNICAST (1): an ordinary route.
     public static let typeUnicast = UInt8(RTN_UNICAST)
 }
