@@ -71,8 +71,7 @@ struct RouteCommand: ParsableCommand {
             }
             let response: ControlResponse
             do { response = try ControlClient.send(.routeList, paths: deviceOptions.paths) } catch {
-                if case .notRunning = error { throw fail("route list", error.description, Exit.notRunning) }
-                throw fail("route list", error.description)
+                throw fail("route list", error.flannelError)
             }
             guard case .routes(let peers) = response else {
                 if case .error(let m) = response { throw fail("route list", m) }
@@ -92,8 +91,7 @@ struct RouteCommand: ParsableCommand {
 private func send(_ request: ControlRequest, device: DeviceOptions, command: String) throws {
     let response: ControlResponse
     do { response = try ControlClient.send(request, paths: device.paths) } catch {
-        if case .notRunning = error { throw fail(command, error.description, Exit.notRunning) }
-        throw fail(command, error.description)
+        throw fail(command, error.flannelError)
     }
     switch response {
     case .ok: return

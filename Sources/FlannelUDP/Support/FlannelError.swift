@@ -9,10 +9,12 @@ public enum FlannelError: Error, CustomStringConvertible, Sendable {
     case system(SystemError)
     /// Anything else that stopped the work (another daemon holds the device, a start-up step failed). Exit 1.
     case failed(String)
+    /// No daemon runs for the device, so there is nothing to ask. Exit 3.
+    case notRunning(String)
 
     public var description: String {
         switch self {
-        case .usage(let m), .failed(let m): return m
+        case .usage(let m), .failed(let m), .notRunning(let m): return m
         case .system(let e): return e.description
         }
     }
