@@ -97,6 +97,46 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     }
 }
 
+/// What `status` shows about the masquerade rules.
+public struct MasqueradeStatus: Codable, Equatable, Sendable {
+    /// "nftables" or "iptables".
+    public var backend: String
+    /// Where the rules live ("table ip flannel-ipv4 (chains postrtg, forward)").
+    public var objects: [String]
+    /// Whether the last check found every rule in place.
+    public var inPlace: Bool
+    /// The check period in seconds.
+    public var resyncSeconds: Double
+    /// How often the rules had to be put back since start.
+    public var restored: Int
+    public var lastRestored: Date?
+    /// The last failed check or reinstall, cleared by the next success.
+    public var lastError: String?
+}
+
+/// What `status` shows about self-healing: how often each piece was put back.
+public struct RepairStatus: Codable, Equatable, Sendable {
+    /// The overlay route was re-added.
+    public var route = 0
+    /// The /32 address was re-added.
+    public var address = 0
+    /// The link was set up again.
+    public var linkUp = 0
+    /// The MTU was set back.
+    public var mtu = 0
+    /// The last repair, as logged ("restored route 10.244.0.0/16 dev flannel0 (it was missing)").
+    public var last: String?
+    public var lastAt: Date?
+    /// The last failed repair or check, cleared by the next successful check.
+    public var lastError: String?
+    /// How often the state is checked without a notification, in seconds.
+    public var checkSeconds: Double
+
+    public init(checkSeconds: Double) { self.checkSeconds = checkSeconds }
+
+    public var total: Int { route + address + linkUp + mtu }
+}
+
 public struct LeaseInfo: Codable, Equatable, Sendable {
     public var subnet: String
     public var expires: Date

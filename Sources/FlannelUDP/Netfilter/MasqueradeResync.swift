@@ -2,23 +2,6 @@ import Foundation
 import Synchronization
 import Logging
 
-/// What `status` shows about the masquerade rules.
-public struct MasqueradeStatus: Codable, Equatable, Sendable {
-    /// "nftables" or "iptables".
-    public var backend: String
-    /// Where the rules live ("table ip flannel-ipv4 (chains postrtg, forward)").
-    public var objects: [String]
-    /// Whether the last check found every rule in place.
-    public var inPlace: Bool
-    /// The check period in seconds.
-    public var resyncSeconds: Double
-    /// How often the rules had to be put back since start.
-    public var restored: Int
-    public var lastRestored: Date?
-    /// The last failed check or reinstall, cleared by the next success.
-    public var lastError: String?
-}
-
 /// Keeps the rules in place, as flanneld's `--iptables-resync` does: every `period` seconds checks them and, when
 /// someone removed or changed them, reinstalls them (one transaction) and logs it.
 public final class MasqueradeResync: @unchecked Sendable {  // mutable state in `guarded`

@@ -23,29 +23,6 @@ public struct OverlayDevice: Sendable, Equatable {
     }
 }
 
-/// What `status` shows about self-healing: how often each piece was put back.
-public struct RepairStatus: Codable, Equatable, Sendable {
-    /// The overlay route was re-added.
-    public var route = 0
-    /// The /32 address was re-added.
-    public var address = 0
-    /// The link was set up again.
-    public var linkUp = 0
-    /// The MTU was set back.
-    public var mtu = 0
-    /// The last repair, as logged ("restored route 10.244.0.0/16 dev flannel0 (it was missing)").
-    public var last: String?
-    public var lastAt: Date?
-    /// The last failed repair or check, cleared by the next successful check.
-    public var lastError: String?
-    /// How often the state is checked without a notification, in seconds.
-    public var checkSeconds: Double
-
-    public init(checkSeconds: Double) { self.checkSeconds = checkSeconds }
-
-    public var total: Int { route + address + linkUp + mtu }
-}
-
 /// Keeps the overlay device as `up` configured it (issue 13, self-healing): listens to the kernel's link, address
 /// and route notifications and, when one touches the device or the overlay route (or notifications were lost),
 /// re-reads the real state and puts back what is missing: MTU, up, address, route, in that order (bringing a link
