@@ -44,7 +44,7 @@ done
 
 # What the fuzz entry exercises, and what those files need to compile.
 SOURCES=(
-    Support/IPv4.swift Support/SystemError.swift Support/AtomicFile.swift Support/SecureDirectory.swift
+    Support/IPv4.swift Support/SystemError.swift Support/Defaults.swift Support/JSONFormat.swift Support/AtomicFile.swift Support/SecureDirectory.swift
     DataPlane/Packet.swift DataPlane/Checksum.swift DataPlane/ICMP.swift DataPlane/Forwarding.swift
     DataPlane/RouteTable.swift DataPlane/Counters.swift DataPlane/OffloadStatistics.swift
     Registry/PeerRoute.swift Registry/PeersFile.swift Registry/NetworkConfig.swift Registry/SubnetLease.swift

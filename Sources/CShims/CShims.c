@@ -28,11 +28,8 @@ _Static_assert(offsetof(struct virtio_net_hdr, gso_type) == 1 && offsetof(struct
                offsetof(struct virtio_net_hdr, gso_size) == 4 && offsetof(struct virtio_net_hdr, csum_start) == 6 &&
                offsetof(struct virtio_net_hdr, csum_offset) == 8, "virtio_net_hdr layout");
 _Static_assert(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM == VIRTIO_NET_HDR_F_NEEDS_CSUM &&
-               FU_VIRTIO_NET_HDR_F_DATA_VALID == VIRTIO_NET_HDR_F_DATA_VALID &&
                FU_VIRTIO_NET_HDR_GSO_NONE == VIRTIO_NET_HDR_GSO_NONE &&
                FU_VIRTIO_NET_HDR_GSO_TCPV4 == VIRTIO_NET_HDR_GSO_TCPV4 &&
-               FU_VIRTIO_NET_HDR_GSO_UDP == VIRTIO_NET_HDR_GSO_UDP &&
-               FU_VIRTIO_NET_HDR_GSO_TCPV6 == VIRTIO_NET_HDR_GSO_TCPV6 &&
                FU_VIRTIO_NET_HDR_GSO_ECN == VIRTIO_NET_HDR_GSO_ECN, "virtio_net_hdr constants");
 _Static_assert(FU_UDP_SEGMENT == UDP_SEGMENT && FU_UDP_GRO == UDP_GRO && FU_SOL_UDP == IPPROTO_UDP,
                "UDP GSO/GRO options");

@@ -28,7 +28,7 @@ func parseNetwork(_ text: String, strict: Bool = true) throws -> IPv4Network {
 /// Options for naming the device, shared by down, status and route.
 struct DeviceOptions: ParsableArguments {
     @Option(name: .long, help: ArgumentHelp("The overlay device.", valueName: "name"))
-    var device: String = "flannel0"
+    var device: String = FlannelDefault.device
 
     func validate() throws {
         if let problem = TunDevice.validateName(device) { throw ValidationError("--device: \(problem)") }

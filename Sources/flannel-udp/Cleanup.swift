@@ -1,9 +1,6 @@
 import ArgumentParser
 import FlannelUDP
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Cleanup: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -11,7 +8,7 @@ struct Cleanup: ParsableCommand {
         discussion: """
             Removes host-gw routes to subnets of the network via a gateway; any flannel backend's device \
             (flannel.<VNI> and flannel-v6.<VNI> vxlan, flannel.ipip, flannel-wg and flannel-wg-v6 wireguard, a \
-            flannel0 tun that no live flannel-udp daemon owns) with its routes and neighbour entries; flanneld's \
+            \(FlannelDefault.device) tun that no live flannel-udp daemon owns) with its routes and neighbour entries; flanneld's \
             masquerade rules (nftables tables ip flannel-ipv4 and ip6 flannel-ipv6, iptables and ip6tables chains \
             FLANNEL-POSTRTG and FLANNEL-FWD with every jump to them); and the state of a dead flannel-udp daemon. \
             A cni0 bridge with an address outside this node's subnet is reported, and with --fix-cni0 \
@@ -56,30 +53,15 @@ struct Cleanup: ParsableCommand {
         let ownSubnet = nodeSubnet.map { IPv4Network(address: $0.address, prefixLength: $0.prefixLength) }
 
         let system: CleanupSystem
-        var actions: [FlannelUDP.Cleanup.Action]
+        let actions: [FlannelUDP.Cleanup.Action]
         do {
             system = try CleanupSystem()
-            let nl = system.netlink
-            let links = try nl.links()
-            // Devices of live daemons in this namespace are not leftovers.
-            let keep = Set(links.map(\.name).filter { name in
-                (try? ControlClient.send(.routeList, paths: RuntimePaths(device: name), timeoutSeconds: 1)) != nil
-            })
-            var netfilter = FlannelUDP.Cleanup.NetfilterView()
-            do { netfilter = try system.readNetfilter() } catch {
-                if !dryRun { throw error }
-                FileHandle.standardErrorWrite("flannel-udp cleanup: cannot read the netfilter rules (\(error)); not listing them\n")
+            actions = try system.plan(network: net, subnet: ownSubnet, fixCNI0: fixCNI0, netfilterOptional: dryRun) {
+                Console.writeError("flannel-udp cleanup: \($0)\n")
             }
-            actions = FlannelUDP.Cleanup.plan(network: net, links: links, addresses: try nl.addresses(),
-                                              routes: try nl.routes(), neighbours: try nl.neighbours(),
-                                              netfilter: netfilter, subnet: ownSubnet, keepDevices: keep,
-                                              fixCNI0: fixCNI0)
         } catch {
             throw fail("cleanup", "\(error)")
         }
-        let paths = RuntimePaths(device: "flannel0")
-        let stale = FlannelUDP.Cleanup.staleStateFiles(runDirectory: paths.runDirectory, namespaceID: paths.namespaceID)
-        actions += stale.map { .removeFile($0) }
 
         for note in actions where !note.isChange { print(note) }
         let changes = actions.filter(\.isChange)
@@ -95,7 +77,7 @@ struct Cleanup: ParsableCommand {
             }
             print("[#] \(action)")
             do { try system.apply(action) } catch {
-                FileHandle.standardErrorWrite("flannel-udp cleanup: \(action): \(error)\n")
+                Console.writeError("flannel-udp cleanup: \(action): \(error)\n")
                 failures += 1
             }
         }

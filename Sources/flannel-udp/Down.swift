@@ -1,9 +1,6 @@
 import ArgumentParser
 import FlannelUDP
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Down: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -32,7 +29,7 @@ struct Down: ParsableCommand {
         let outcome: DaemonStop.Outcome
         do {
             outcome = try DaemonStop.stop(paths: deviceOptions.paths, keepLease: keepLease, timeoutSeconds: timeout) {
-                FileHandle.standardErrorWrite("flannel-udp down: \($0)\n")
+                Console.writeError("flannel-udp down: \($0)\n")
             }
         } catch {
             throw fail("down", error.description)

@@ -30,5 +30,5 @@ extension EtcdArguments {
 
 /// Prints a warning to stderr, prefixed with the command name; the command goes on.
 func warn(_ command: String, _ message: String) {
-    FileHandle.standardErrorWrite("flannel-udp \(command): warning: \(message)\n")
+    Console.writeError("flannel-udp \(command): warning: \(message)\n")
 }

@@ -1,8 +1,5 @@
 import ArgumentParser
 import FlannelUDP
-#if canImport(Glibc)
-import Glibc
-#endif
 
 @main
 struct FlannelUDPCommand: ParsableCommand {
@@ -12,7 +9,7 @@ struct FlannelUDPCommand: ParsableCommand {
         discussion: """
             flannel-udp creates the overlay's tun device, gives it the node subnet's network address as a /32, \
             installs one route for the whole overlay network and forwards IPv4 packets between the device and UDP \
-            port 8285, one packet per datagram, wire-compatible with flannel's udp backend.
+            port \(FlannelDefault.port), one packet per datagram, wire-compatible with flannel's udp backend.
 
             Exit codes: 0 success; 1 a system error; 3 (status) no daemon is running; 64 bad usage or input \
             (nothing was changed); 77 not running as root.
@@ -24,17 +21,17 @@ struct FlannelUDPCommand: ParsableCommand {
     /// The parser's own main, except that `up` also takes its options from the environment (`UpEnvironment`),
     /// and a bad value from there is reported as one line naming the variable.
     static func main() {
-        // Output into a closed pipe (`flannel-udp status | head -1`) or a control socket the daemon closed is an
-        // error where it happens, not death by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
-        signal(SIGPIPE, SIG_IGN)
+        // Output into a closed pipe or a control socket the daemon closed is an error where it happens, not death
+        // by SIGPIPE; the daemon spawned by --detach starts with it ignored too.
+        Console.ignoreBrokenPipes()
         var arguments = Array(CommandLine.arguments.dropFirst())
         var settings: [EnvironmentOptions.Setting] = []
         if arguments.first == "up" {
             do throws(EnvironmentOptions.Invalid) {
                 (arguments, settings) = try UpEnvironment.expand(Array(arguments.dropFirst()))
             } catch {
-                FileHandle.standardErrorWrite("flannel-udp up: \(error)\n")
-                Glibc.exit(Exit.usage.rawValue)
+                Console.writeError("flannel-udp up: \(error)\n")
+                exit(withError: Exit.usage)
             }
         }
         var command: ParsableCommand
@@ -42,8 +39,8 @@ struct FlannelUDPCommand: ParsableCommand {
             command = try parseAsRoot(arguments)
         } catch {
             if exitCode(for: error) != .success, let line = UpEnvironment.attribute(error, to: settings) {
-                FileHandle.standardErrorWrite("flannel-udp up: \(line)\n")
-                Glibc.exit(Exit.usage.rawValue)
+                Console.writeError("flannel-udp up: \(line)\n")
+                exit(withError: Exit.usage)
             }
             exit(withError: error)
         }
@@ -65,19 +62,21 @@ enum Exit {
 
 /// Prints one line to stderr, prefixed with the command name, and returns the exit code to throw.
 func fail(_ command: String, _ message: String, _ code: ExitCode = Exit.failure) -> ExitCode {
-    FileHandle.standardErrorWrite("flannel-udp \(command): \(message)\n")
+    Console.writeError("flannel-udp \(command): \(message)\n")
     return code
 }
 
-func requireRoot(_ command: String) throws {
-    if geteuid() != 0 {
-        throw fail(command, "must be run as root (it changes network devices and routes)", Exit.noPermission)
+/// The one mapping from the library's domain error to the documented exit codes.
+func fail(_ command: String, _ error: FlannelError) -> ExitCode {
+    switch error {
+    case .usage(let message): return fail(command, message, Exit.usage)
+    case .system, .failed: return fail(command, error.description, Exit.failure)
+    case .notRunning(let message): return fail(command, message, Exit.notRunning)
     }
 }
 
-enum FileHandle {
-    static func standardErrorWrite(_ text: String) {
-        let bytes = Array(text.utf8)
-        _ = bytes.withUnsafeBytes { write(2, $0.baseAddress!, $0.count) }
+func requireRoot(_ command: String) throws {
+    if !Console.isRoot {
+        throw fail(command, "must be run as root (it changes network devices and routes)", Exit.noPermission)
     }
 }

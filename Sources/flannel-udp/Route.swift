@@ -24,7 +24,7 @@ struct RouteCommand: ParsableCommand {
         func validate() throws {
             _ = try parseNetwork(subnet)
             if via != "via" { throw ValidationError("expected 'via' after the subnet, found '\(via)'") }
-            do { _ = try Endpoint(parsing: endpoint, defaultPort: defaultFlannelPort) } catch {
+            do { _ = try Endpoint(parsing: endpoint, defaultPort: FlannelDefault.port) } catch {
                 throw ValidationError(error.description)
             }
         }
@@ -67,21 +67,18 @@ struct RouteCommand: ParsableCommand {
             var kernel: [String] = []
             if let nl = try? Netlink(), let link = try? nl.link(named: deviceOptions.device) {
                 kernel = ((try? nl.routes()) ?? []).filter { $0.outputInterface == link.index }
-                    .map { "\($0.destination) dev \(link.name)" }
+                    .map { $0.description(device: link.name) }
             }
             let response: ControlResponse
             do { response = try ControlClient.send(.routeList, paths: deviceOptions.paths) } catch {
-                if case .notRunning = error { throw fail("route list", error.description, Exit.notRunning) }
-                throw fail("route list", error.description)
+                throw fail("route list", error.flannelError)
             }
             guard case .routes(let peers) = response else {
                 if case .error(let m) = response { throw fail("route list", m) }
                 throw fail("route list", "unexpected response from daemon")
             }
             if output.json {
-                let encoder = JSONEncoder()
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-                print(String(decoding: try encoder.encode(Listing(kernelRoutes: kernel, peers: peers)), as: UTF8.self))
+                print(try JSONFormat.text(Listing(kernelRoutes: kernel, peers: peers)))
             } else {
                 print("kernel: \(kernel.isEmpty ? "-" : kernel.joined(separator: "; "))")
                 if peers.isEmpty { print("peers:  none") } else { printRoutes(peers) }
@@ -94,8 +91,7 @@ struct RouteCommand: ParsableCommand {
 private func send(_ request: ControlRequest, device: DeviceOptions, command: String) throws {
     let response: ControlResponse
     do { response = try ControlClient.send(request, paths: device.paths) } catch {
-        if case .notRunning = error { throw fail(command, error.description, Exit.notRunning) }
-        throw fail(command, error.description)
+        throw fail(command, error.flannelError)
     }
     switch response {
     case .ok: return

@@ -1,9 +1,6 @@
 import ArgumentParser
 import FlannelUDP
 import Foundation
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Status: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -45,7 +42,7 @@ struct Status: ParsableCommand {
             let nl = try Netlink()
             if let link = try nl.link(named: deviceOptions.device) {
                 let addrs = try nl.addresses(index: link.index).map { "\($0.address)/\($0.prefixLength)" }
-                let routes = try nl.routes().filter { $0.outputInterface == link.index }.map { describe($0, device: link.name) }
+                let routes = try nl.routes().filter { $0.outputInterface == link.index }.map { $0.description(device: link.name) }
                 report.device = DeviceReport(name: link.name, index: link.index, up: link.isUp, mtu: link.mtu,
                                              kind: link.kind, addresses: addrs, routes: routes)
             }
@@ -69,22 +66,12 @@ struct Status: ParsableCommand {
         }
 
         if output.json {
-            let encoder = JSONEncoder()
-            encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-            encoder.dateEncodingStrategy = .iso8601
-            print(String(decoding: try encoder.encode(report), as: UTF8.self))
+            print(try JSONFormat.text(report))
         } else {
             printTable(report)
         }
         if report.error != nil { throw Exit.failure }
         if !report.running { throw Exit.notRunning }
-    }
-
-    private func describe(_ r: Route, device: String) -> String {
-        var s = "\(r.destination)"
-        if let gw = r.gateway { s += " via \(gw)" }
-        s += " dev \(device)"
-        return s
     }
 
     private func printTable(_ r: Report) {

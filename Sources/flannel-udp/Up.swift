@@ -2,15 +2,12 @@ import ArgumentParser
 import FlannelUDP
 import Foundation
 import Logging
-#if canImport(Glibc)
-import Glibc
-#endif
 
 struct Up: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Bring the node up and forward overlay traffic until stopped.",
         discussion: """
-            Creates the tun device (default flannel0) with the subnet's network address as /32, MTU \
+            Creates the tun device (default \(FlannelDefault.device)) with the subnet's network address as /32, MTU \
             underlay MTU - 28 and a transmit queue of 1000 packets, installs '<network> dev <device>', \
             writes flannel's subnet.env and forwards packets \
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
@@ -42,13 +39,13 @@ struct Up: ParsableCommand {
     var publicIP: IPv4Address?
 
     @Option(help: ArgumentHelp("The UDP port (1-65535).", valueName: "port"))
-    var port: Int = Int(defaultFlannelPort)
+    var port: Int = Int(FlannelDefault.port)
 
     @Option(help: ArgumentHelp("The overlay MTU (default: underlay MTU - 28).", valueName: "n"))
     var mtu: Int?
 
     @Option(help: ArgumentHelp("The tun device to create.", valueName: "name"))
-    var device: String = "flannel0"
+    var device: String = FlannelDefault.device
 
     @Option(help: ArgumentHelp("A peers file: one 'SUBNET IP[:PORT]' per line, '#' comments; re-read on SIGHUP.", valueName: "file"))
     var peers: String?
@@ -151,7 +148,12 @@ struct Up: ParsableCommand {
         etcdOptions?.password = etcdPassword
         if let warning = etcdOptions?.plainTextCredentialsWarning { warn("up", warning) }
         if detach {
-            try Detach.spawnDaemon(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
+            do throws(DaemonSpawn.Failure) {
+                let daemon = try DaemonSpawn.start(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
+                print("flannel-udp: \(config.device) is up (pid \(daemon.pid), log \(daemon.log))")
+            } catch {
+                throw fail("up", error.description, ExitCode(error.exitCode))
+            }
             return
         }
         LoggingSystem.bootstrap { label in
@@ -168,11 +170,7 @@ struct Up: ParsableCommand {
         do {
             try daemon.run(readiness: Readiness(fd: readyFD))
         } catch {
-            switch error {
-            case .usage(let m): throw fail("up", m, Exit.usage)
-            case .alreadyRunning(let m): throw fail("up", m, Exit.failure)
-            case .system(let m): throw fail("up", m, Exit.failure)
-            }
+            throw fail("up", error)
         }
     }
 }
@@ -183,7 +181,7 @@ struct EtcdArguments: ParsableArguments {
     var endpoints: String?
 
     @Option(name: .customLong("etcd-prefix"), help: ArgumentHelp("The registry's key prefix.", valueName: "path"))
-    var prefix: String = "/coreos.com/network"
+    var prefix: String = FlannelDefault.etcdPrefix
 
     @Option(name: .customLong("etcd-username"), help: ArgumentHelp("etcd user name.", valueName: "name"))
     var username: String?

@@ -18,18 +18,12 @@ extension Up {
     /// and the metrics endpoint, bound before the node changes anything. A bad NOTIFY_SOCKET or WATCHDOG_USEC is
     /// a usage error naming the variable; a metrics port that cannot be bound is a system error.
     func startService(logger: Logger) throws -> NodeService {
-        let foreground = readyFD == nil
-        do {
-            return try NodeService(notifier: foreground ? try SystemdNotifier.fromEnvironment() : nil,
-                                   watchdog: foreground ? try WatchdogSettings.fromEnvironment() : nil,
-                                   metricsAddress: try metricsAddr.map { try MetricsAddress(parsing: $0) },
-                                   logger: logger)
+        do throws(FlannelError) {
+            return try NodeService.start(foreground: readyFD == nil, metricsAddress: metricsAddr, logger: logger)
         } catch {
             // A daemon started by --detach tells its parent why, as for any other failed start.
             Readiness(fd: readyFD).failed("\(error)")
-            let usage = error is SystemdNotifier.BadSocket || error is WatchdogSettings.Invalid
-                || error is MetricsAddress.Invalid
-            throw fail("up", "\(error)", usage ? Exit.usage : Exit.failure)
+            throw fail("up", error)
         }
     }
 }

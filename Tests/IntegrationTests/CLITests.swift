@@ -63,6 +63,8 @@ final class CLITests: XCTestCase {
 
         let status = fu(ns, ["status", "--json"])
         XCTAssertEqual(status.status, 0, status.description)
+        XCTAssertTrue(status.stdout.contains("10.244.1.0/24"), status.stdout)
+        XCTAssertFalse(status.stdout.contains("\\/"), "--json writes '/' as it is, never '\\/': \(status.stdout)")
         let json = try JSONSerialization.jsonObject(with: Data(status.stdout.utf8)) as? [String: Any]
         XCTAssertEqual(json?["running"] as? Bool, true)
         let device = json?["device"] as? [String: Any]
@@ -239,6 +241,7 @@ final class CLITests: XCTestCase {
     func routeList(_ ns: TestNamespace) throws -> [String] {
         let r = fu(ns, ["route", "list", "--json"])
         XCTAssertEqual(r.status, 0, r.description)
+        XCTAssertFalse(r.stdout.contains("\\/"), "--json writes '/' as it is, never '\\/': \(r.stdout)")
         let json = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
         return ((json?["peers"] as? [[String: Any]]) ?? []).map { "\($0["subnet"] ?? "") \($0["endpoint"] ?? "") \($0["origin"] ?? "")" }
     }

@@ -25,23 +25,17 @@ extern "C" {
 /// IFNAMSIZ from <net/if.h> (16, including the terminating NUL).
 enum { FU_IFNAMSIZ = 16 };
 
-/// Flags for fu_tun_set_iff (values of IFF_TUN, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE in <linux/if_tun.h>).
+/// Flags for fu_tun_set_iff (values of IFF_TUN, IFF_NO_PI, IFF_VNET_HDR in <linux/if_tun.h>).
 enum {
     FU_IFF_TUN = 0x0001,
     FU_IFF_NO_PI = 0x1000,
     FU_IFF_VNET_HDR = 0x4000,
-    FU_IFF_MULTI_QUEUE = 0x0100,
 };
 
 /// TUNSETOFFLOAD flags (<linux/if_tun.h>).
 enum {
     FU_TUN_F_CSUM = 0x01,
     FU_TUN_F_TSO4 = 0x02,
-    FU_TUN_F_TSO6 = 0x04,
-    FU_TUN_F_TSO_ECN = 0x08,
-    FU_TUN_F_UFO = 0x10,
-    FU_TUN_F_USO4 = 0x20,
-    FU_TUN_F_USO6 = 0x40,
 };
 
 /// struct virtio_net_hdr (<linux/virtio_net.h>): what a tun with IFF_VNET_HDR puts before every packet it hands
@@ -51,11 +45,8 @@ enum {
 enum {
     FU_VIRTIO_NET_HDR_LEN = 10,
     FU_VIRTIO_NET_HDR_F_NEEDS_CSUM = 1,   // csum_start/csum_offset say where the checksum is to be completed
-    FU_VIRTIO_NET_HDR_F_DATA_VALID = 2,
     FU_VIRTIO_NET_HDR_GSO_NONE = 0,
     FU_VIRTIO_NET_HDR_GSO_TCPV4 = 1,
-    FU_VIRTIO_NET_HDR_GSO_UDP = 3,
-    FU_VIRTIO_NET_HDR_GSO_TCPV6 = 4,
     FU_VIRTIO_NET_HDR_GSO_ECN = 0x80,
 };
 
@@ -101,7 +92,6 @@ enum {
 enum {
     FU_SO_RCVBUFFORCE = 33,
     FU_SO_SNDBUFFORCE = 32,
-    FU_SO_RXQ_OVFL = 40,
 };
 
 // ---- data plane threads ----------------------------------------------------------------------------------

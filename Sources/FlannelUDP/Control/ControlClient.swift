@@ -126,3 +126,14 @@ public enum ControlClient {
         return DaemonIdentity(pid: peer.pid, startTicks: ticks)
     }
 }
+
+extension ControlClient.Failure {
+    /// As the domain error: no daemon is `.notRunning`, the OS's refusal `.system`, the rest `.failed`.
+    public var flannelError: FlannelError {
+        switch self {
+        case .notRunning: return .notRunning(description)
+        case .system(let error): return .system(error)
+        case .permissionDenied, .untrusted, .badResponse: return .failed(description)
+        }
+    }
+}

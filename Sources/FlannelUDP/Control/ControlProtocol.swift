@@ -6,7 +6,6 @@ import Foundation
 public enum ControlProtocol {
     public static let maxRequestBytes = 64 * 1024
     public static let requestTimeoutSeconds = 2
-    public static let version = 1
 }
 
 public enum ControlRequest: Codable, Equatable, Sendable {
@@ -157,27 +156,14 @@ public enum ControlResponse: Codable, Equatable, Sendable {
 }
 
 extension ControlProtocol {
-    static func makeEncoder() -> JSONEncoder {
-        let e = JSONEncoder()
-        e.dateEncodingStrategy = .iso8601
-        e.outputFormatting = [.sortedKeys]
-        return e
-    }
-
-    static func makeDecoder() -> JSONDecoder {
-        let d = JSONDecoder()
-        d.dateDecodingStrategy = .iso8601
-        return d
-    }
-
     /// Encodes a message as one line (JSON has no raw newlines in it).
     public static func encodeLine<T: Encodable>(_ value: T) -> [UInt8] {
-        var bytes = Array((try? makeEncoder().encode(value)) ?? Data("{}".utf8))
+        var bytes = Array((try? JSONFormat.encoder().encode(value)) ?? Data("{}".utf8))
         bytes.append(UInt8(ascii: "\n"))
         return bytes
     }
 
     public static func decode<T: Decodable>(_ type: T.Type, from bytes: some Collection<UInt8>) throws -> T {
-        try makeDecoder().decode(type, from: Data(bytes))
+        try JSONFormat.decoder().decode(type, from: Data(bytes))
     }
 }

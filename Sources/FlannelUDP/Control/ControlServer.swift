@@ -1,5 +1,6 @@
 import CShims
 import Foundation
+import Synchronization
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -38,7 +39,8 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
     private var stopping = false
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
-    private let handlerLock = NSLock()
+    /// Serialises requests: the handler sees one at a time, whichever worker thread serves it.
+    private let handlerTurn = Mutex(())
     private var refusalLog = LogLimiter(intervalNanoseconds: 10_000_000_000)  // accept thread only
     private var closed = false
 
@@ -209,7 +211,7 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
                 return
             case .line(let bytes), .eof(let bytes):
                 if let request = try? ControlProtocol.decode(ControlRequest.self, from: bytes) {
-                    response = handlerLock.withLock { handler.handle(request) }
+                    response = handlerTurn.withLock { _ in handler.handle(request) }
                 } else {
                     response = .error("malformed request (expected one JSON object per line)")
                 }

@@ -59,10 +59,10 @@ public final class DaemonProcess {
 
     /// Waits up to `milliseconds` for the process to exit (the pidfd becomes readable); true once it has.
     public func waitForExit(milliseconds: Int) -> Bool {
-        let deadline = UnixSocket.monotonicMilliseconds() + Int64(milliseconds)
+        let deadline = MonotonicClock.milliseconds() + Int64(milliseconds)
         while true {
             var pfd = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
-            let remaining = max(0, deadline - UnixSocket.monotonicMilliseconds())
+            let remaining = max(0, deadline - MonotonicClock.milliseconds())
             let n = poll(&pfd, 1, Int32(clamping: remaining))
             if n > 0 { return true }
             if n < 0 && errno == EINTR { continue }

@@ -72,8 +72,8 @@ public enum DaemonStop {
     /// After the daemon exited: its tun goes with its last descriptor (which can trail the exit a little), then
     /// what a daemon that did not exit cleanly left is removed.
     private static func finish(paths: RuntimePaths, state: DaemonState?) -> [String] {
-        let deadline = Date().addingTimeInterval(5)
-        while Date() < deadline {
+        let deadline = MonotonicClock.seconds() + 5
+        while MonotonicClock.seconds() < deadline {
             guard let nl = try? Netlink(), (try? nl.link(named: paths.device)) != nil else { break }
             usleep(20_000)
         }

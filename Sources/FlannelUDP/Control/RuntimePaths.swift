@@ -89,16 +89,11 @@ public struct DaemonState: Codable, Equatable, Sendable {
 
     public static func load(path: String) -> DaemonState? {
         guard let data = FileManager.default.contents(atPath: path) else { return nil }
-        let decoder = JSONDecoder()
-        decoder.dateDecodingStrategy = .iso8601
-        return try? decoder.decode(DaemonState.self, from: data)
+        return try? JSONFormat.decoder().decode(DaemonState.self, from: data)
     }
 
     public func write(to path: String) throws(SystemError) {
-        let encoder = JSONEncoder()
-        encoder.dateEncodingStrategy = .iso8601
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        let data = (try? encoder.encode(self)) ?? Data()
+        let data = (try? JSONFormat.encoder(pretty: true).encode(self)) ?? Data()
         try AtomicFile.write(String(decoding: data, as: UTF8.self) + "\n", to: path, mode: 0o600)
     }
 }

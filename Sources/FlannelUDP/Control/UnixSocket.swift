@@ -75,10 +75,10 @@ enum UnixSocket {
         -> ReadOutcome {
         var data: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
-        let deadline = timeoutSeconds.map { monotonicMilliseconds() + Int64($0) * 1000 }
+        let deadline = timeoutSeconds.map { MonotonicClock.milliseconds() + Int64($0) * 1000 }
         while true {
             if let deadline {
-                let remaining = deadline - monotonicMilliseconds()
+                let remaining = deadline - MonotonicClock.milliseconds()
                 guard remaining > 0 else { throw SystemError("read from", what, errno: ETIMEDOUT) }
                 var pfd = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
                 let r = poll(&pfd, 1, Int32(clamping: remaining))
@@ -101,11 +101,5 @@ enum UnixSocket {
             data.append(contentsOf: chunk[0..<n])
             if data.count > limit { return .tooLong }
         }
-    }
-
-    static func monotonicMilliseconds() -> Int64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Int64(ts.tv_sec) * 1000 + Int64(ts.tv_nsec) / 1_000_000
     }
 }

@@ -1,5 +1,4 @@
 import CShims
-import SystemPackage
 #if canImport(Glibc)
 import Glibc
 #endif

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// The masquerade and forward rules as flanneld's iptables mode has them: nat chain `FLANNEL-POSTRTG` jumped to
 /// from POSTROUTING, filter chain `FLANNEL-FWD` jumped to from FORWARD, every rule commented "flanneld masq" or
@@ -7,7 +8,7 @@ import Foundation
 /// Every change is one `iptables-restore --noflush` run: declaring our chain (`:FLANNEL-POSTRTG - [0:0]`) creates
 /// it or flushes it, and the rules that follow refill it, all in the table's one commit; jump rules already there
 /// are deleted in the same commit before the one jump is appended, so repeated installs never pile them up.
-public final class IPTablesMasquerade: MasqueradeRules, @unchecked Sendable {  // `reference` guarded by `lock`
+public final class IPTablesMasquerade: MasqueradeRules, Sendable {
     public static let natChain = "FLANNEL-POSTRTG"
     public static let forwardChain = "FLANNEL-FWD"
     public static let masqComment = "\"flanneld masq\""
@@ -19,9 +20,8 @@ public final class IPTablesMasquerade: MasqueradeRules, @unchecked Sendable {  /
         ["nat chain \(Self.natChain) (from POSTROUTING)", "filter chain \(Self.forwardChain) (from FORWARD)"]
     }
 
-    private let lock = NSLock()
     /// Our lines as iptables-save printed them right after our install: what `isInPlace` compares with.
-    private var reference: [String]?
+    private let reference = Mutex<[String]?>(nil)
 
     public init(spec: MasqueradeSpec) {
         self.spec = spec
@@ -106,19 +106,19 @@ public final class IPTablesMasquerade: MasqueradeRules, @unchecked Sendable {  /
         let input = Self.restoreInput(spec, nat: try Self.save("nat"), filter: try Self.save("filter"))
         try Self.restore(input, operation: "install")
         let now = try? Self.ourLines(nat: Self.save("nat"), filter: Self.save("filter"))
-        lock.withLock { reference = now }
+        reference.withLock { $0 = now }
     }
 
     public func isInPlace() -> Bool {
         guard let nat = try? Self.save("nat"), let filter = try? Self.save("filter") else { return false }
         let now = Self.ourLines(nat: nat, filter: filter)
-        return lock.withLock { reference == now }
+        return reference.withLock { $0 == now }
     }
 
     public func remove() throws(NetfilterError) {
         if let input = Self.removalInput(nat: try Self.save("nat"), filter: try Self.save("filter")) {
             try Self.restore(input, operation: "remove")
         }
-        lock.withLock { reference = nil }
+        reference.withLock { $0 = nil }
     }
 }

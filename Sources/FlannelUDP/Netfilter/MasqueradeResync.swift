@@ -1,53 +1,58 @@
 import Foundation
+import Synchronization
 import Logging
 
 /// Keeps the rules in place, as flanneld's `--iptables-resync` does: every `period` seconds checks them and, when
 /// someone removed or changed them, reinstalls them (one transaction) and logs it.
-public final class MasqueradeResync: @unchecked Sendable {  // mutable state guarded by `lock`
+public final class MasqueradeResync: @unchecked Sendable {  // mutable state in `guarded`
     public let rules: MasqueradeRules
     public let period: TimeInterval
     private let logger: Logger
-    private let lock = NSLock()
-    private var state: MasqueradeStatus
+    private struct Guarded {
+        var state: MasqueradeStatus
+        var stopping = false
+        /// Whether the thread was started (and not yet stopped).
+        var started = false
+    }
+    private let guarded: Mutex<Guarded>
     private let wake = DispatchSemaphore(value: 0)
     private let finished = DispatchSemaphore(value: 0)
-    private var stopping = false
-    private var thread: Thread?
 
     public init(rules: MasqueradeRules, period: TimeInterval, logger: Logger) {
         self.rules = rules
         self.period = period
         self.logger = logger
-        state = MasqueradeStatus(backend: rules.backend.rawValue, objects: rules.objects, inPlace: true,
-                                 resyncSeconds: period, restored: 0, lastRestored: nil, lastError: nil)
+        guarded = Mutex(Guarded(state: MasqueradeStatus(
+            backend: rules.backend.rawValue, objects: rules.objects, inPlace: true, resyncSeconds: period,
+            restored: 0, lastRestored: nil, lastError: nil)))
     }
 
-    public var status: MasqueradeStatus { lock.withLock { state } }
+    public var status: MasqueradeStatus { guarded.withLock { $0.state } }
 
     /// One check: reinstalls when something is missing. Returns whether it had to. Called by the thread; public
     /// for tests.
     @discardableResult
     public func checkOnce() -> Bool {
         if rules.isInPlace() {
-            lock.withLock {
-                state.inPlace = true
-                state.lastError = nil
+            guarded.withLock {
+                $0.state.inPlace = true
+                $0.state.lastError = nil
             }
             return false
         }
-        lock.withLock { state.inPlace = false }
+        guarded.withLock { $0.state.inPlace = false }
         do {
             try rules.install()
-            lock.withLock {
-                state.inPlace = true
-                state.restored += 1
-                state.lastRestored = Date()
-                state.lastError = nil
+            guarded.withLock {
+                $0.state.inPlace = true
+                $0.state.restored += 1
+                $0.state.lastRestored = Date()
+                $0.state.lastError = nil
             }
             logger.warning("masquerade rules (\(rules.backend.rawValue): \(rules.objects.joined(separator: ", "))) were missing or changed; restored")
             return true
         } catch {
-            lock.withLock { state.lastError = error.description }
+            guarded.withLock { $0.state.lastError = error.description }
             logger.error("masquerade rules are missing and could not be restored: \(error)")
             return false
         }
@@ -56,25 +61,25 @@ public final class MasqueradeResync: @unchecked Sendable {  // mutable state gua
     public func start() {
         let t = Thread { [self] in
             while wake.wait(timeout: .now() + period) == .timedOut {
-                if lock.withLock({ stopping }) { break }
+                if guarded.withLock({ $0.stopping }) { break }
                 checkOnce()
             }
             finished.signal()
         }
         t.name = "masquerade resync"
-        lock.withLock { thread = t }
+        guarded.withLock { $0.started = true }
         t.start()
     }
 
     /// Stops the checks and waits for a check in progress to end, so nothing is reinstalled after this returns.
     public func stop() {
-        let started: Bool = lock.withLock {
-            stopping = true
-            return thread != nil
+        let started: Bool = guarded.withLock {
+            $0.stopping = true
+            return $0.started
         }
         guard started else { return }
         wake.signal()
         finished.wait()
-        lock.withLock { thread = nil }
+        guarded.withLock { $0.started = false }
     }
 }

@@ -1,14 +1,15 @@
 import CNFTables
 import Foundation
+import Synchronization
 
 /// One libnftables context: runs nft command text (the language of `nft -f`) as a single transaction and returns
 /// what nft would have printed. A context is not thread-safe; callers serialise their use of it.
 ///
 /// Everything passed to `run` in one call is one batch for the kernel: either all of it takes effect or none does.
 /// That is what lets the masquerade chain be flushed and refilled without a moment in which it is empty.
-public final class NFTables: @unchecked Sendable {  // guarded by `lock`
-    private let context: OpaquePointer
-    private let lock = NSLock()
+public final class NFTables: Sendable {
+    /// The nft_ctx, used by one caller at a time.
+    private let context: Mutex<OpaquePointer>
 
     /// - Throws: `NetfilterError` when libnftables cannot make a context (out of memory, no netlink).
     public init() throws(NetfilterError) {
@@ -20,10 +21,10 @@ public final class NFTables: @unchecked Sendable {  // guarded by `lock`
             nft_ctx_free(ctx)
             throw NetfilterError("nftables: buffer output", "", "nft_ctx_buffer_output/error failed")
         }
-        context = ctx
+        context = Mutex(ctx)
     }
 
-    deinit { nft_ctx_free(context) }
+    deinit { context.withLock { nft_ctx_free($0) } }
 
     /// Runs `commands` as one nftables transaction and returns nft's output (empty for changes).
     /// - Parameters:
@@ -32,15 +33,16 @@ public final class NFTables: @unchecked Sendable {  // guarded by `lock`
     /// - Throws: `NetfilterError` carrying nft's own error text.
     @discardableResult
     public func run(_ commands: String, operation: String, object: String) throws(NetfilterError) -> String {
-        lock.lock()
-        defer { lock.unlock() }
-        let rc = nft_run_cmd_from_buffer(context, commands)
-        // Reading a buffer also resets it for the next command.
-        let output = nft_ctx_get_output_buffer(context).map { String(cString: $0) } ?? ""
-        let errors = nft_ctx_get_error_buffer(context).map { String(cString: $0) } ?? ""
-        guard rc == 0 else {
-            throw NetfilterError("nftables: \(operation)", object, errors.isEmpty ? "nft_run_cmd_from_buffer returned \(rc)" : errors)
+        try context.withLock { (context) throws(NetfilterError) -> String in
+            let rc = nft_run_cmd_from_buffer(context, commands)
+            // Reading a buffer also resets it for the next command.
+            let output = nft_ctx_get_output_buffer(context).map { String(cString: $0) } ?? ""
+            let errors = nft_ctx_get_error_buffer(context).map { String(cString: $0) } ?? ""
+            guard rc == 0 else {
+                throw NetfilterError("nftables: \(operation)", object,
+                                     errors.isEmpty ? "nft_run_cmd_from_buffer returned \(rc)" : errors)
+            }
+            return output
         }
-        return output
     }
 }

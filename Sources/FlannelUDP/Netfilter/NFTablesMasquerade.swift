@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// The masquerade and forward rules as flanneld's nftables mode has them: table `ip flannel-ipv4`, a NAT chain
 /// `postrtg` on postrouting (priority srcnat) and a filter chain `forward` on forward (priority filter).
@@ -11,7 +12,7 @@ import Foundation
 /// "outside -> our pods" exemption is `ip saddr != <network> ip daddr <subnet>` (flanneld's nftables variant has
 /// `ip saddr != <subnet> ip daddr <network>`, which also exempts the host's own traffic to remote pods and so never
 /// reaches its last rule).
-public final class NFTablesMasquerade: MasqueradeRules, @unchecked Sendable {  // `reference` guarded by `lock`
+public final class NFTablesMasquerade: MasqueradeRules, Sendable {
     public static let family = "ip"
     public static let table = "flannel-ipv4"
     public static let postroutingChain = "postrtg"
@@ -26,9 +27,8 @@ public final class NFTablesMasquerade: MasqueradeRules, @unchecked Sendable {  /
     }
 
     private let nft: NFTables
-    private let lock = NSLock()
     /// The table as nft lists it right after our install: what `isInPlace` compares with.
-    private var reference: String?
+    private let reference = Mutex<String?>(nil)
 
     public init(spec: MasqueradeSpec) throws(NetfilterError) {
         self.spec = spec
@@ -71,18 +71,18 @@ public final class NFTablesMasquerade: MasqueradeRules, @unchecked Sendable {  /
     public func install() throws(NetfilterError) {
         try nft.run(Self.installBatch(spec), operation: "install", object: "table \(tableRef)")
         let listing = try? nft.run("list table \(tableRef)\n", operation: "list", object: "table \(tableRef)")
-        lock.withLock { reference = listing }
+        reference.withLock { $0 = listing }
     }
 
     public func isInPlace() -> Bool {
         guard let now = try? nft.run("list table \(tableRef)\n", operation: "list", object: "table \(tableRef)")
         else { return false }  // gone (or unreadable): reinstalling is the remedy either way
-        return lock.withLock { reference == now }
+        return reference.withLock { $0 == now }
     }
 
     public func remove() throws(NetfilterError) {
         try nft.run(Self.removeBatch(family: Self.family, table: Self.table), operation: "remove",
                     object: "table \(tableRef)")
-        lock.withLock { reference = nil }
+        reference.withLock { $0 = nil }
     }
 }

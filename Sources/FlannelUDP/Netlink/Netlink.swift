@@ -271,12 +271,7 @@ public final class Netlink {
     /// "10.244.2.0/24 via 192.168.1.12 dev eth0 table 100 metric 5". For messages such as cleanup's
     /// "delete route ..." lines.
     public func describe(_ route: Route) -> String {
-        var text = route.destination.description
-        if let gateway = route.gateway { text += " via \(gateway)" }
-        if let oif = route.outputInterface { text += " dev \(interfaceName(oif))" }
-        if route.table != Route.mainTable { text += " table \(route.table)" }
-        if let priority = route.priority { text += " metric \(priority)" }
-        return text
+        route.description(device: route.outputInterface.map(interfaceName))
     }
 
     /// The interface's name, looked up on this socket (so in its namespace), or "ifindex N" when there is none.

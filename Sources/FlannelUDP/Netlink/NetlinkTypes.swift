@@ -88,6 +88,18 @@ public struct Route: Sendable, Hashable {
         self.priority = priority
     }
 
+    /// The route the way `ip route` writes it, with the output device's name supplied by the caller (only its
+    /// index is known here): "10.244.2.0/24 via 192.168.1.12 dev eth0 table 100 metric 5". The one formatter for
+    /// routes in messages, `status` and cleanup's lines.
+    public func description(device: String?) -> String {
+        var text = destination.description
+        if let gateway { text += " via \(gateway)" }
+        if let device { text += " dev \(device)" }
+        if table != Route.mainTable { text += " table \(table)" }
+        if let priority { text += " metric \(priority)" }
+        return text
+    }
+
     /// RT_TABLE_MAIN (254), the table `ip route` shows.
     public static let mainTable = UInt32(RT_TABLE_MAIN.rawValue)
     /// RT_TABLE_LOCAL (255), where the kernel keeps local and broadcast routes.
@@ -100,8 +112,6 @@ public struct Route: Sendable, Hashable {
     public static let scopeUniverse = UInt8(RT_SCOPE_UNIVERSE.rawValue)
     /// RT_SCOPE_LINK (253): a destination directly on the device.
     public static let scopeLink = UInt8(RT_SCOPE_LINK.rawValue)
-    /// RT_SCOPE_HOST (254): a local address.
-    public static let scopeHost = UInt8(RT_SCOPE_HOST.rawValue)
     /// RTN_UNICAST (1): an ordinary route.
     public static let typeUnicast = UInt8(RTN_UNICAST)
 }

@@ -35,12 +35,7 @@ public enum Cleanup {
 
         public var description: String {
             switch self {
-            case .deleteRoute(let r, let dev):
-                var s = "delete route \(r.destination)"
-                if let gw = r.gateway { s += " via \(gw)" }
-                s += " dev \(dev)"
-                if r.table != Route.mainTable { s += " table \(r.table)" }
-                return s
+            case .deleteRoute(let r, let dev): return "delete route \(r.description(device: dev))"
             case .deleteNeighbour(let n, let dev): return "delete neighbour \(n) dev \(dev)"
             case .deleteLink(_, let name, let kind): return "delete \(kind) device \(name)"
             case .deleteNFTable(let family, let name): return "delete nftables table \(family) \(name)"
@@ -92,7 +87,7 @@ public enum Cleanup {
         case "vxlan" where isFlannelVXLANName(name) || isNumbered(name, prefix: "flannel-v6."): return "vxlan"
         case "ipip" where name == "flannel.ipip": return "ipip"
         case "wireguard" where name == "flannel-wg" || name == "flannel-wg-v6": return "wireguard"
-        case "tun" where name == "flannel0": return "tun"
+        case "tun" where name == FlannelDefault.device: return "tun"
         default: return nil
         }
     }

@@ -44,6 +44,29 @@ public final class CleanupSystem {
         return view
     }
 
+    /// Everything `cleanup` finds in `network` in this namespace, as `Cleanup.plan` judges it, then the state of
+    /// dead flannel-udp daemons. Devices a live daemon answers for are not leftovers. With `netfilterOptional`
+    /// (a dry run) netfilter rules that cannot be read are reported through `warn` and left out.
+    public func plan(network: IPv4Network, subnet: IPv4Network?, fixCNI0: Bool, netfilterOptional: Bool,
+                     warn: (String) -> Void) throws -> [Cleanup.Action] {
+        let links = try netlink.links()
+        let keep = Set(links.map(\.name).filter { name in
+            (try? ControlClient.send(.routeList, paths: RuntimePaths(device: name), timeoutSeconds: 1)) != nil
+        })
+        var netfilter = Cleanup.NetfilterView()
+        do { netfilter = try readNetfilter() } catch {
+            if !netfilterOptional { throw error }
+            warn("cannot read the netfilter rules (\(error)); not listing them")
+        }
+        var actions = Cleanup.plan(network: network, links: links, addresses: try netlink.addresses(),
+                                   routes: try netlink.routes(), neighbours: try netlink.neighbours(),
+                                   netfilter: netfilter, subnet: subnet, keepDevices: keep, fixCNI0: fixCNI0)
+        let paths = RuntimePaths(device: FlannelDefault.device)
+        actions += Cleanup.staleStateFiles(runDirectory: paths.runDirectory, namespaceID: paths.namespaceID)
+            .map { .removeFile($0) }
+        return actions
+    }
+
     /// Carries out one change. Something already gone (a route or neighbour that went with its device) is not an
     /// error: that is the goal.
     public func apply(_ action: Cleanup.Action) throws {

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -34,16 +35,8 @@ public struct Readiness: Sendable {
 /// Shutdown from any of them goes through SIGTERM to the process, so there is exactly one way out and it always
 /// tears down.
 public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable state is set before threads start
-    public enum Failure: Error, CustomStringConvertible {
-        case usage(String)
-        case alreadyRunning(String)
-        case system(String)
-        public var description: String {
-            switch self {
-            case .usage(let m), .alreadyRunning(let m), .system(let m): return m
-            }
-        }
-    }
+    /// `.usage` for bad input (nothing was changed), `.system` or `.failed` for everything else.
+    public typealias Failure = FlannelError
 
     public static let version = "0.1.0"
 
@@ -51,8 +44,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private let registrySettings: EtcdOptions?
     var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
     private var registryTask: Task<Void, Never>?
-    private let keepLeaseLock = NSLock()
-    private var keepLease = false
+    private let keepLease = Mutex(false)
     private let logger: Logger
     private let paths: RuntimePaths
     private let startedAt = Date()
@@ -71,14 +63,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     var forwarder: Forwarder?
     private var masquerade: MasqueradeResync?
     private var nodeGuard: NodeGuard?
-    let fatalLock = NSLock()
-    var fatalError: String?
+    let fatalError = Mutex<String?>(nil)
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
     public var observer: DaemonObserver?
     /// False until start-up is complete: control requests other than status and shutdown are refused till then,
     /// and status reads nothing that start-up is still writing.
-    private let phaseLock = NSLock()
-    private var running = false
+    private let running = Mutex(false)
     private var stoppedDuringStart = false
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
@@ -136,19 +126,16 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
             switch error {
             case .alreadyRunning(let pid):
-                throw .alreadyRunning("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
-            case .system(let e): throw .system(e.description)
+                throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
+            case .system(let e): throw .system(e)
             }
         }
         defer { instance.release() }
         // Where we will write, checked while nothing has changed yet.
-        do { try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory) } catch {
-            throw .system(error.description)
-        }
+        try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         instance.control.start(handler: self)
 
-        let setup: NodeSetup
-        do { setup = try NodeSetup(logger: logger) } catch { throw .system(error.description) }
+        let setup = try Failure.system(try NodeSetup(logger: logger))
         var leaseHeld = false
         defer {
             // Reached on every way out, a failed start included: give the lease back (unless
@@ -161,10 +148,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
 
         let plan: NodeSetup.Plan
-        do { plan = try setup.plan(config) } catch {
-            if case .invalid(let m) = error { throw .usage(m) }
-            throw .system(error.description)
-        }
+        plan = try setup.plan(config)
         self.plan = plan
         if let path = config.peersFile {
             for r in fileRoutes {
@@ -174,10 +158,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         // Bind the UDP port before touching any device, so "address in use" changes nothing.
         let socket: UDPSocket
-        do { socket = try UDPSocket(bind: plan.listen) } catch { throw .system(error.description) }
+        socket = try Failure.system(try UDPSocket(bind: plan.listen))
 
         let tun: TunDevice
-        do { tun = try setup.bringUp(plan) } catch { throw .system(error.description) }
+        tun = try setup.bringUp(plan)
         masquerade = setup.masquerade
         // Recorded as soon as the subnet file is written, so that `down` after a SIGKILL from here on knows
         // what this daemon wrote and may remove.
@@ -197,7 +181,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             do {
                 nodeGuard = try NodeGuard(device: installed, logger: logger,
                                           onDeviceGone: { [weak self] reason in self?.fail(reason) })
-            } catch { throw .system("start self-healing: \(error)") }
+            } catch { throw .failed("start self-healing: \(error)") }
         }
 
         let fwd: Forwarder
@@ -214,7 +198,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 })
             try fwd.start()
         } catch {
-            throw .system("start forwarder: \(error)")
+            throw .failed("start forwarder: \(error)")
         }
         forwarder = fwd
         forwarderStarted = true
@@ -223,7 +207,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         if let registry {
             startRegistryWatch(registry)
         }
-        phaseLock.withLock { running = true }
+        running.withLock { $0 = true }
         logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
         reportReadiness(readiness.ready())
         setup.started()
@@ -231,9 +215,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         waitForSignals()
         observer?.daemonStopping(self)
-        leaseHeld = !keepLeaseLock.withLock { keepLease }
-        if let message = fatalLock.withLock({ fatalError }) {
-            throw .system(message)
+        leaseHeld = !keepLease.withLock { $0 }
+        if let message = fatalError.withLock({ $0 }) {
+            throw .failed(message)
         }
     }
 
@@ -243,10 +227,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// etcd is unreachable (logging each attempt); a bad config is a usage error.
     private func joinRegistry(_ settings: EtcdOptions, setup: NodeSetup) throws(Failure) {
         let underlay: (link: Link, address: IPv4Address)
-        do { underlay = try setup.resolveUnderlay(config.underlay) } catch {
-            if case .invalid(let m) = error { throw .usage(m) }
-            throw .system(error.description)
-        }
+        underlay = try setup.resolveUnderlay(config.underlay)
         let publicIP = config.publicIP ?? underlay.address
         let registry: EtcdRegistry
         do { registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger) } catch {
@@ -275,9 +256,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             throw .usage("etcd config \(settings.prefix)/config: \(error)")
         } catch let error as Blocking.Interrupted {
             stoppedDuringStart = true
-            throw .system("\(error)")
+            throw .failed("\(error)")
         } catch {
-            throw .system("etcd: \(error)")
+            throw .failed("etcd: \(error)")
         }
     }
 
@@ -320,7 +301,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
-        let repeated = fatalLock.withLock { () -> Bool in
+        let repeated = fatalError.withLock { fatalError -> Bool in
             if fatalError == nil { fatalError = message; return false }
             return fatalError == message
         }
@@ -363,7 +344,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     // MARK: - control requests
 
     public func handle(_ request: ControlRequest) -> ControlResponse {
-        let isRunning = phaseLock.withLock { running }
+        let isRunning = running.withLock { $0 }
         switch request {
         case .status:
             return .status(isRunning ? status() : startingStatus())
@@ -399,7 +380,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         case .reloadPeers:
             return reloadPeers()
         case .shutdown(let keep):
-            keepLeaseLock.withLock { keepLease = keep }
+            keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
             kill(getpid(), SIGTERM)
             return .ok

@@ -2,12 +2,12 @@
 public struct NodeConfig: Sendable {
     public var network: IPv4Network
     public var subnet: IPv4Network
-    public var device: String = "flannel0"
+    public var device: String = FlannelDefault.device
     /// The underlay interface; nil means the interface of the default route.
     public var underlay: String?
     /// The address peers send to; nil means the underlay's first IPv4 address.
     public var publicIP: IPv4Address?
-    public var port: UInt16 = defaultFlannelPort
+    public var port: UInt16 = FlannelDefault.port
     /// The tun MTU; nil means the underlay's MTU minus 28 (IPv4 + UDP headers).
     public var mtu: Int?
     /// Where to write flannel's subnet.env; nil to skip.

@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -36,7 +37,7 @@ public struct OverlayDevice: Sendable, Equatable {
 ///
 /// Threads: one, its own. `stop()` wakes it at once (WakePipe) and waits for it; nothing is repaired after
 /// `stop()` returns, so teardown's own changes are never undone.
-public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by `lock`; sockets used by the thread only
+public final class NodeGuard: @unchecked Sendable {  // mutable state in `guarded`; sockets used by the thread only
     public let device: OverlayDevice
     public let checkInterval: TimeInterval
     private let logger: Logger
@@ -44,10 +45,13 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
     private let netlink: Netlink
     private let subscription: NetlinkSubscription
     private let wake: WakePipe
-    private let lock = NSLock()
-    private var state: RepairStatus
-    private var backoff: [Repair.Kind: (failures: Int, retryAt: Double)] = [:]
-    private var thread: Thread?
+    private struct Guarded {
+        var state: RepairStatus
+        var backoff: [Repair.Kind: (failures: Int, retryAt: Double)] = [:]
+        /// Whether the thread was started (and not yet stopped).
+        var started = false
+    }
+    private let guarded: Mutex<Guarded>
     private let finished = DispatchSemaphore(value: 0)
 
     /// Longest wait between attempts at a repair that keeps failing.
@@ -64,10 +68,10 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
         subscription = try NetlinkSubscription()
         netlink = try Netlink()
         wake = try WakePipe()
-        state = RepairStatus(checkSeconds: checkInterval)
+        guarded = Mutex(Guarded(state: RepairStatus(checkSeconds: checkInterval)))
     }
 
-    public var status: RepairStatus { lock.withLock { state } }
+    public var status: RepairStatus { guarded.withLock { $0.state } }
 
     // MARK: - Decisions (pure)
 
@@ -146,13 +150,13 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
             }
             observed = o
         } catch {
-            lock.withLock { state.lastError = "check \(device.name): \(error)" }
+            guarded.withLock { $0.state.lastError = "check \(device.name): \(error)" }
             logger.error("self-healing: cannot read the state of \(device.name): \(error)")
             return true
         }
         let repairs = NodeGuard.decide(device, observed)
         // A back-off ends when its problem went away on its own (someone else fixed it).
-        lock.withLock { backoff = backoff.filter { entry in repairs.contains { $0.kind == entry.key } } }
+        guarded.withLock { g in g.backoff = g.backoff.filter { entry in repairs.contains { $0.kind == entry.key } } }
         var failed = false
         for repair in repairs {
             if case .deviceGone(let what) = repair {
@@ -161,15 +165,15 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
             }
             if !apply(repair) { failed = true }
         }
-        if !failed { lock.withLock { state.lastError = nil } }
+        if !failed { guarded.withLock { $0.state.lastError = nil } }
         return true
     }
 
     /// Makes one repair unless its kind is waiting out a back-off; logs and counts it. Returns false on failure.
     private func apply(_ repair: Repair) -> Bool {
         let kind = repair.kind
-        let now = NodeGuard.monotonicSeconds()
-        if let b = lock.withLock({ backoff[kind] }), now < b.retryAt { return false }
+        let now = MonotonicClock.seconds()
+        if let b = guarded.withLock({ $0.backoff[kind] }), now < b.retryAt { return false }
         let name = device.name
         let line: String
         do throws(SystemError) {
@@ -185,32 +189,32 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
                 line = "restored address \(device.address) on \(name) (someone deleted it)"
             case .route:
                 try addRoute()
-                line = "restored route \(device.route.destination) dev \(name) (it was missing)"
+                line = "restored route \(device.route.description(device: name)) (it was missing)"
             case .deviceGone:
                 return false
             }
         } catch {
-            let failures = (lock.withLock { backoff[kind]?.failures } ?? 0) + 1
+            let failures = (guarded.withLock { $0.backoff[kind]?.failures } ?? 0) + 1
             let delay = NodeGuard.retryDelay(failures: failures)
-            lock.withLock {
-                backoff[kind] = (failures, now + delay)
-                state.lastError = "\(error)"
+            guarded.withLock {
+                $0.backoff[kind] = (failures, now + delay)
+                $0.state.lastError = "\(error)"
             }
             logger.error("self-healing: \(error); retrying in \(Int(delay)) s (attempt \(failures))")
             return false
         }
         let when = Date()
-        lock.withLock {
-            backoff[kind] = nil
+        guarded.withLock { g in
+            g.backoff[kind] = nil
             switch kind {
-            case .mtu: state.mtu += 1
-            case .linkUp: state.linkUp += 1
-            case .address: state.address += 1
-            case .route: state.route += 1
+            case .mtu: g.state.mtu += 1
+            case .linkUp: g.state.linkUp += 1
+            case .address: g.state.address += 1
+            case .route: g.state.route += 1
             case .device: break
             }
-            state.last = line
-            state.lastAt = when
+            g.state.last = line
+            g.state.lastAt = when
         }
         logger.warning("self-healing: \(line)")
         return true
@@ -249,13 +253,7 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
 
     /// Seconds until the earliest back-off ends, if any.
     private func nextRetry(now: Double) -> Double? {
-        lock.withLock { backoff.values.map { max(0, $0.retryAt - now) }.min() }
-    }
-
-    static func monotonicSeconds() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+        guarded.withLock { $0.backoff.values.map { max(0, $0.retryAt - now) }.min() }
     }
 
     // MARK: - Thread
@@ -267,18 +265,18 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
             finished.signal()
         }
         t.name = "node guard"
-        lock.withLock { thread = t }
+        guarded.withLock { $0.started = true }
         t.start()
     }
 
     private func run() {
         guard reconcile() else { return }
-        var nextCheck = NodeGuard.monotonicSeconds() + checkInterval
+        var nextCheck = MonotonicClock.seconds() + checkInterval
         // Cleared when the notification socket fails for good: the periodic check then carries on alone (poll
         // ignores a negative fd), rather than spinning on a socket that stays readable with an error.
         var listening = true
         while true {
-            let now = NodeGuard.monotonicSeconds()
+            let now = MonotonicClock.seconds()
             var wait = max(0, nextCheck - now)
             if let retry = nextRetry(now: now) { wait = min(wait, retry) }
             var fds = [pollfd(fd: listening ? subscription.fd : -1, events: Int16(POLLIN), revents: 0),
@@ -290,12 +288,12 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
                 // poll on two valid descriptors fails only for lack of memory: log it, go on with the periodic
                 // check.
                 logger.error("self-healing: \(SystemError("poll", "netlink notifications", errno: error))")
-                nextCheck = NodeGuard.monotonicSeconds()
+                nextCheck = MonotonicClock.seconds()
                 fds[0].revents = 0
                 fds[1].revents = 0
             }
             if fds[1].revents != 0 { return }
-            var check = NodeGuard.monotonicSeconds() >= nextCheck || nextRetry(now: NodeGuard.monotonicSeconds()) == 0
+            var check = MonotonicClock.seconds() >= nextCheck || nextRetry(now: MonotonicClock.seconds()) == 0
             if fds[0].revents != 0 {
                 switch drainNotifications() {
                 case .relevant: check = true
@@ -308,7 +306,7 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
             }
             if check {
                 guard reconcile() else { return }
-                nextCheck = NodeGuard.monotonicSeconds() + checkInterval
+                nextCheck = MonotonicClock.seconds() + checkInterval
             }
         }
     }
@@ -341,9 +339,9 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state guarded by
 
     /// Stops watching and waits for a check in progress to end: nothing is repaired after this returns.
     public func stop() {
-        guard lock.withLock({ thread }) != nil else { return }
+        guard guarded.withLock({ $0.started }) else { return }
         wake.wake()
         finished.wait()
-        lock.withLock { thread = nil }
+        guarded.withLock { $0.started = false }
     }
 }

@@ -23,18 +23,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         }
     }
 
-    public enum Failure: Error, CustomStringConvertible {
-        /// The request does not fit this system (missing interface, no address, ...): a usage error.
-        case invalid(String)
-        case system(SystemError)
-
-        public var description: String {
-            switch self {
-            case .invalid(let m): return m
-            case .system(let e): return e.description
-            }
-        }
-    }
+    /// `.usage` when the request does not fit this system (missing interface, no address, ...), `.system` when the
+    /// kernel refused a change.
+    public typealias Failure = FlannelError
 
     public let netlink: Netlink
     private let logger: Logger
@@ -56,63 +47,50 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
 
     /// The underlay interface (named, or that of the default route) and its first IPv4 address.
     public func resolveUnderlay(_ name: String?) throws(Failure) -> (link: Link, address: IPv4Address) {
-        do {
-            let link: Link
-            if let name {
-                guard let l = try netlink.link(named: name) else { throw Failure.invalid("iface \(name): no such interface") }
-                link = l
-            } else {
-                guard let index = try netlink.defaultRouteInterface(), let l = try netlink.link(index: index) else {
-                    throw Failure.invalid("no default route to pick the underlay interface from; give --iface")
-                }
-                link = l
+        let link: Link
+        if let name {
+            guard let l = try Failure.system(try netlink.link(named: name)) else {
+                throw .usage("iface \(name): no such interface")
             }
-            guard let first = try netlink.addresses(index: link.index).first else {
-                throw Failure.invalid("iface \(link.name) has no IPv4 address")
+            link = l
+        } else {
+            guard let index = try Failure.system(try netlink.defaultRouteInterface()),
+                  let l = try Failure.system(try netlink.link(index: index)) else {
+                throw .usage("no default route to pick the underlay interface from; give --iface")
             }
-            return (link, first.address)
-        } catch let e as Failure {
-            throw e
-        } catch let e as SystemError {
-            throw .system(e)
-        } catch {
-            throw .invalid("\(error)")
+            link = l
         }
+        guard let first = try Failure.system(try netlink.addresses(index: link.index)).first else {
+            throw .usage("iface \(link.name) has no IPv4 address")
+        }
+        return (link, first.address)
     }
 
     /// Resolves the underlay, MTU and addresses. Changes nothing.
     public func plan(_ config: NodeConfig) throws(Failure) -> Plan {
-        if let problem = config.validate() { throw .invalid(problem) }
+        if let problem = config.validate() { throw .usage(problem) }
         let (link, underlayAddress) = try resolveUnderlay(config.underlay)
-        do {
-            if let problem = PeerRouteRules.checkNetwork(config.network, underlay: underlayAddress,
-                                                         publicIP: config.publicIP) {
-                throw Failure.invalid(problem)
-            }
-            if link.name == config.device {
-                throw Failure.invalid("iface \(link.name) is the overlay device itself; give the underlay interface")
-            }
-            if try netlink.link(named: config.device) != nil {
-                throw Failure.invalid("device \(config.device) already exists; run 'flannel-udp down --device \(config.device)' or 'flannel-udp cleanup'")
-            }
-            let mtu = config.mtu ?? (link.mtu - NodeConfig.encapsulationOverhead)
-            if !NodeConfig.mtuRange.contains(mtu) {
-                throw Failure.invalid("iface \(link.name) has MTU \(link.mtu), which leaves \(mtu) for the overlay (needs \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)); give --mtu")
-            }
-            if let existing = try netlink.routes().first(where: { $0.destination == config.network && $0.gateway == nil && $0.outputInterface != nil }),
-               let idx = existing.outputInterface, let other = try netlink.link(index: idx) {
-                throw Failure.invalid("network \(config.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(config.network)')")
-            }
-            return Plan(config: config, underlay: link, underlayAddress: underlayAddress,
-                        publicIP: config.publicIP ?? underlayAddress, mtu: mtu,
-                        listen: Endpoint(address: underlayAddress, port: config.port))
-        } catch let e as Failure {
-            throw e
-        } catch let e as SystemError {
-            throw .system(e)
-        } catch {
-            throw .invalid("\(error)")
+        if let problem = PeerRouteRules.checkNetwork(config.network, underlay: underlayAddress,
+                                                     publicIP: config.publicIP) {
+            throw .usage(problem)
         }
+        if link.name == config.device {
+            throw .usage("iface \(link.name) is the overlay device itself; give the underlay interface")
+        }
+        if try Failure.system(try netlink.link(named: config.device)) != nil {
+            throw .usage("device \(config.device) already exists; run 'flannel-udp down --device \(config.device)' or 'flannel-udp cleanup'")
+        }
+        let mtu = config.mtu ?? (link.mtu - NodeConfig.encapsulationOverhead)
+        if !NodeConfig.mtuRange.contains(mtu) {
+            throw .usage("iface \(link.name) has MTU \(link.mtu), which leaves \(mtu) for the overlay (needs \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)); give --mtu")
+        }
+        if let existing = try Failure.system(try netlink.routes()).first(where: { $0.destination == config.network && $0.gateway == nil && $0.outputInterface != nil }),
+           let idx = existing.outputInterface, let other = try Failure.system(try netlink.link(index: idx)) {
+            throw .usage("network \(config.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(config.network)')")
+        }
+        return Plan(config: config, underlay: link, underlayAddress: underlayAddress,
+                    publicIP: config.publicIP ?? underlayAddress, mtu: mtu,
+                    listen: Endpoint(address: underlayAddress, port: config.port))
     }
 
     /// Checks, before anything is changed, where `up` will write: the subnet file's directory (0755) and the run
@@ -160,7 +138,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             try netlink.setUp(true, index: link.index)
             let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
                               scope: Route.scopeLink)
-            step("add route \(config.network) dev \(tun.name)")
+            step("add route \(route.description(device: tun.name))")
             try addOverlayRoute(route)
             routeInstalled = route
             installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
@@ -181,8 +159,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             rollback()
             throw .system(e)
         } catch {
-            rollback()
-            throw .invalid("\(error)")
+            rollback()  // the masquerade rules (NetfilterError)
+            throw .failed("\(error)")
         }
     }
 
@@ -234,7 +212,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// file. Errors are logged, never thrown: teardown goes on past a piece that is already gone.
     public func tearDown() {
         if let route = routeInstalled, let tun {
-            step("delete route \(route.destination) dev \(tun.name)")
+            step("delete route \(route.description(device: tun.name))")
             do { try netlink.deleteRoute(route) } catch where error.errno == ESRCH || error.errno == ENODEV {
             } catch {
                 logger.warning("\(error)")

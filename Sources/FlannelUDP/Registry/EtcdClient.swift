@@ -27,9 +27,8 @@ public struct EtcdOptions: Sendable, Equatable {
     public var requestTimeout: Duration
 
     public static let defaultEndpoints = ["http://127.0.0.1:2379"]
-    public static let defaultPrefix = "/coreos.com/network"
 
-    public init(endpoints: [String] = EtcdOptions.defaultEndpoints, prefix: String = EtcdOptions.defaultPrefix,
+    public init(endpoints: [String] = EtcdOptions.defaultEndpoints, prefix: String = FlannelDefault.etcdPrefix,
                 username: String? = nil, password: String? = nil,
                 caFile: String? = nil, certFile: String? = nil, keyFile: String? = nil,
                 leaseTTL: Duration = .seconds(24 * 3600), renewMargin: Duration = .seconds(3600),

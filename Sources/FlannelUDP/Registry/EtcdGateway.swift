@@ -225,11 +225,7 @@ enum EtcdGateway {
         return Data([0])
     }
 
-    static let encoder: JSONEncoder = {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        return e
-    }()
+    static let encoder = JSONFormat.encoder()
 }
 
 /// Splits a byte stream into top-level JSON objects, however the transport chunks it: the gateway writes one

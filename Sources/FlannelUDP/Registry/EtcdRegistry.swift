@@ -36,7 +36,6 @@ public final class EtcdRegistry: Sendable {
     private struct State {
         var config: NetworkConfig?
         var lease: SubnetLease?
-        var routes: [PeerRoute] = []
     }
 
     public init(options: EtcdOptions, publicIP: IPv4Address, logger: Logger) throws {
@@ -59,8 +58,6 @@ public final class EtcdRegistry: Sendable {
 
     /// The lease this node holds, with its current expiration.
     public var currentLease: SubnetLease? { state.withLock { $0.lease } }
-    /// The routes last handed to `onPeers`.
-    public var currentRoutes: [PeerRoute] { state.withLock { $0.routes } }
 
     /// Closes the connections to etcd. The registry cannot be used afterwards.
     public func shutdown() async throws {
@@ -310,7 +307,6 @@ public final class EtcdRegistry: Sendable {
 
         func publish() {
             guard let routes = tracker.takeChangedRoutes() else { return }
-            state.withLock { $0.routes = routes }
             onPeers(routes)
         }
 

@@ -42,9 +42,7 @@ public enum JSONValue: Sendable, Hashable, Codable, CustomStringConvertible {
 
     /// Compact JSON text with sorted keys (stable, for logs and tests).
     public var jsonText: String {
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
-        guard let data = try? encoder.encode(self) else { return "null" }
+        guard let data = try? JSONFormat.encoder().encode(self) else { return "null" }
         return String(decoding: data, as: UTF8.self)
     }
 

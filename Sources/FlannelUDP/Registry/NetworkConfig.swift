@@ -24,7 +24,7 @@ public struct NetworkConfig: Sendable, Equatable, CustomStringConvertible {
     public var port: UInt16
 
     public init(network: IPv4Network, subnetLength: Int, subnetMin: IPv4Address, subnetMax: IPv4Address,
-                backendType: String = "udp", port: UInt16 = defaultFlannelPort) {
+                backendType: String = "udp", port: UInt16 = FlannelDefault.port) {
         self.network = network
         self.subnetLength = subnetLength
         self.subnetMin = subnetMin
@@ -153,7 +153,7 @@ extension NetworkConfig {
 
         // Backend: absent means udp (flannel's default); a Backend object without Type is read the same way.
         var backendType = "udp"
-        var port = defaultFlannelPort
+        var port = FlannelDefault.port
         if let backend = try doc.object("Backend") {
             if let type = try backend.string("Type"), !type.isEmpty {
                 guard type == "udp" else {

@@ -1,12 +1,12 @@
 import Foundation
+import Synchronization
 
 /// Keeps the registry's bad leases out of the peer table. Anyone who can write to the registry can write any
 /// lease; a lease that breaks `PeerRouteRules` is ignored (the other leases still apply), and reported once: the
 /// watch hands over the whole list on every change, and a hostile or stale entry must not write a log line each
 /// time. A lease is reported again only after it has gone from the registry (or changed) and come back.
-public final class RegistryRouteFilter: @unchecked Sendable {  // `reported` is behind `lock`
-    private let lock = NSLock()
-    private var reported: Set<PeerRoute> = []
+public final class RegistryRouteFilter: Sendable {
+    private let reported = Mutex<Set<PeerRoute>>([])
 
     public init() {}
 
@@ -23,7 +23,7 @@ public final class RegistryRouteFilter: @unchecked Sendable {  // `reported` is 
                 refused.append((route, error))
             }
         }
-        return lock.withLock {
+        return reported.withLock { reported in
             let bad = Set(refused.map(\.0))
             let fresh = refused.filter { !reported.contains($0.0) }.map(\.1)
             reported = bad  // forget what is gone, so the set stays as small as the registry

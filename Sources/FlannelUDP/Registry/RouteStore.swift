@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// Receives the effective peer table whenever it changes. The data plane's `RouteTable` is the real one; tests
 /// may record what was published.
@@ -11,9 +12,9 @@ public protocol RoutePublisher: AnyObject, Sendable {
 /// Each source owns its own set of routes and replaces it whole; for a subnet named by several sources the most
 /// specific origin wins (manual > file > registry). Every change recomputes the effective set and publishes it
 /// as one atomic update, so the data plane never sees a half-applied change. All methods are thread-safe.
-public final class RouteStore: @unchecked Sendable {  // all state is behind `lock`
-    private let lock = NSLock()
-    private var bySource: [RouteOrigin: [IPv4Network: Endpoint]] = [:]
+public final class RouteStore: Sendable {
+    /// Each origin's routes. Published while held, so two changes can never publish out of order.
+    private let bySource = Mutex<[RouteOrigin: [IPv4Network: Endpoint]]>([:])
     private let publisher: RoutePublisher
     /// What every route is checked against (`PeerRouteRules`); nil accepts anything (tests of the merging only).
     public let rules: PeerRouteRules?
@@ -45,28 +46,28 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
     /// Adds or replaces one route of `origin`.
     public func add(_ route: PeerRoute, origin: RouteOrigin = .manual) throws(Error) {
         try check(route, origin: origin)
-        lock.lock()
-        defer { lock.unlock() }
-        bySource[origin, default: [:]][route.subnet] = route.endpoint
-        publishLocked()
+        bySource.withLock { bySource in
+            bySource[origin, default: [:]][route.subnet] = route.endpoint
+            publish(bySource)
+        }
     }
 
     /// Removes the route for `subnet` that `origin` added.
     public func remove(_ subnet: IPv4Network, origin: RouteOrigin = .manual) throws(Error) {
-        lock.lock()
-        defer { lock.unlock() }
-        guard bySource[origin]?.removeValue(forKey: subnet) != nil else { throw .notFound(subnet) }
-        publishLocked()
+        try bySource.withLock { (bySource) throws(Error) in
+            guard bySource[origin]?.removeValue(forKey: subnet) != nil else { throw .notFound(subnet) }
+            publish(bySource)
+        }
     }
 
     /// Removes the route for `subnet` from whichever source has it (what `route del` means to an operator).
     public func removeAny(_ subnet: IPv4Network) throws(Error) {
-        lock.lock()
-        defer { lock.unlock() }
-        var found = false
-        for origin in RouteOrigin.allCases where bySource[origin]?.removeValue(forKey: subnet) != nil { found = true }
-        guard found else { throw .notFound(subnet) }
-        publishLocked()
+        try bySource.withLock { (bySource) throws(Error) in
+            var found = false
+            for origin in RouteOrigin.allCases where bySource[origin]?.removeValue(forKey: subnet) != nil { found = true }
+            guard found else { throw .notFound(subnet) }
+            publish(bySource)
+        }
     }
 
     /// Replaces everything `origin` contributed with `routes`. All routes are checked first: on any error nothing
@@ -75,20 +76,19 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
         for r in routes { try check(r, origin: origin) }
         var map: [IPv4Network: Endpoint] = [:]
         for r in routes { map[r.subnet] = r.endpoint }
-        lock.lock()
-        defer { lock.unlock() }
-        bySource[origin] = map
-        publishLocked()
+        bySource.withLock { bySource in
+            bySource[origin] = map
+            publish(bySource)
+        }
     }
 
     /// The effective table, sorted by subnet, with each route's origin.
     public func entries() -> [(route: PeerRoute, origin: RouteOrigin)] {
-        lock.lock()
-        defer { lock.unlock() }
-        return effectiveLocked()
+        bySource.withLock { Self.effective($0) }
     }
 
-    private func effectiveLocked() -> [(route: PeerRoute, origin: RouteOrigin)] {
+    private static func effective(_ bySource: [RouteOrigin: [IPv4Network: Endpoint]])
+        -> [(route: PeerRoute, origin: RouteOrigin)] {
         var merged: [IPv4Network: (Endpoint, RouteOrigin)] = [:]
         for origin in RouteOrigin.allCases.sorted() {  // lowest rank first; later (more specific) origins overwrite
             for (subnet, endpoint) in bySource[origin] ?? [:] { merged[subnet] = (endpoint, origin) }
@@ -97,8 +97,8 @@ public final class RouteStore: @unchecked Sendable {  // all state is behind `lo
             .sorted { ($0.route.subnet.address, $0.route.subnet.prefixLength) < ($1.route.subnet.address, $1.route.subnet.prefixLength) }
     }
 
-    private func publishLocked() {
-        publisher.publish(effectiveLocked().map(\.route))
+    private func publish(_ bySource: [RouteOrigin: [IPv4Network: Endpoint]]) {
+        publisher.publish(Self.effective(bySource).map(\.route))
     }
 }
 

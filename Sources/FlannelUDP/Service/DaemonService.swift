@@ -1,4 +1,5 @@
 import Foundation
+import Synchronization
 
 /// What the service layer (sd_notify, watchdog, health and metrics endpoint) is told by the running daemon.
 /// Called on the daemon's main thread; implementations return quickly.
@@ -36,7 +37,7 @@ extension Daemon {
     /// fatal error (the lease removed from etcd, a failed worker) makes it unhealthy at once, before the daemon
     /// starts tearing down.
     public var health: DaemonHealth {
-        if let fatal = fatalLock.withLock({ fatalError }) { return DaemonHealth(healthy: false, reason: fatal) }
+        if let fatal = fatalError.withLock({ $0 }) { return DaemonHealth(healthy: false, reason: fatal) }
         guard let forwarder else { return DaemonHealth(healthy: false, reason: "the data plane is not running yet") }
         if let failure = forwarder.failure {
             return DaemonHealth(healthy: false, reason: "the data plane stopped: \(failure)")

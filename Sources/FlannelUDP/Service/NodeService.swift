@@ -33,14 +33,41 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
 
     public var heartbeatMilliseconds: Int32 { watchdog?.heartbeatMilliseconds ?? 1000 }
 
+    /// sd_notify and the watchdog as the environment asks for them (`foreground` only: a daemon started by
+    /// --detach reports to its parent instead), and the metrics endpoint on `metricsAddress` ("HOST:PORT"). A bad
+    /// NOTIFY_SOCKET, WATCHDOG_USEC or address is `.usage`, naming it; a socket or port that cannot be had is not.
+    public static func start(foreground: Bool, metricsAddress: String?, logger: Logger) throws(FlannelError) -> NodeService {
+        var notifier: SystemdNotifier?
+        var watchdog: WatchdogSettings?
+        if foreground {
+            do { notifier = try SystemdNotifier.fromEnvironment() } catch let error as SystemdNotifier.BadSocket {
+                throw .usage(error.description)
+            } catch {
+                throw .failed("\(error)")
+            }
+            do { watchdog = try WatchdogSettings.fromEnvironment() } catch { throw .usage(error.description) }
+        }
+        var address: MetricsAddress?
+        if let metricsAddress {
+            do { address = try MetricsAddress(parsing: metricsAddress) } catch { throw .usage(error.description) }
+        }
+        return try NodeService(notifier: notifier, watchdog: watchdog, metricsAddress: address, logger: logger)
+    }
+
     /// Binds the metrics endpoint (before anything else changes, so a taken port changes nothing).
     public init(notifier: SystemdNotifier?, watchdog: WatchdogSettings?, metricsAddress: MetricsAddress?,
-                logger: Logger) throws {
+                logger: Logger) throws(FlannelError) {
         self.notifier = notifier
         self.watchdog = notifier == nil ? nil : watchdog
         self.logger = logger
-        wake = try WakePipe()
-        metricsServer = try metricsAddress.map { try MetricsServer(address: $0, logger: logger) }
+        wake = try FlannelError.system(try WakePipe())
+        if let metricsAddress {
+            do { metricsServer = try MetricsServer(address: metricsAddress, logger: logger) } catch {
+                throw .failed(error.description)
+            }
+        } else {
+            metricsServer = nil
+        }
         metricsServer?.start(health: { [weak self] in self?.answerHealth() ?? DaemonHealth(healthy: false, reason: "stopped") },
                              metrics: { [weak self] in self?.metrics() ?? "" })
     }

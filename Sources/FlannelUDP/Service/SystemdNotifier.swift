@@ -82,9 +82,7 @@ public final class SystemdNotifier: @unchecked Sendable {  // immutable after in
 
     /// `MONOTONIC_USEC=<now>`, which systemd wants with `RELOADING=1` (CLOCK_MONOTONIC in microseconds).
     public static func monotonicNow() -> String {
-        var ts = timespec()
-        _ = clock_gettime(CLOCK_MONOTONIC, &ts)  // cannot fail for CLOCK_MONOTONIC with a valid pointer
-        return "MONOTONIC_USEC=\(UInt64(ts.tv_sec) * 1_000_000 + UInt64(ts.tv_nsec) / 1000)"
+        "MONOTONIC_USEC=\(MonotonicClock.nanoseconds() / 1000)"
     }
 }
 

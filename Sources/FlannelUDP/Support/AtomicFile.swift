@@ -49,7 +49,9 @@ public enum AtomicFile {
             _ = close(fd)
             throw error
         }
-        try syscall("close", tmp) { close(fd) }
+        // Not retried on EINTR: on Linux the descriptor is released even when close reports EINTR, and a retry
+        // could close a descriptor another thread has opened since. fsync above already reported write errors.
+        if close(fd) != 0 && errno != EINTR { throw SystemError.current("close", tmp) }
         try syscall("rename \(tmp) to", path) { rename(tmp, path) }
         ok = true
     }

@@ -167,6 +167,3 @@ public struct Endpoint: Hashable, Sendable, CustomStringConvertible {
 
     public var description: String { "\(address):\(port)" }
 }
-
-/// flannel's default UDP port for the udp backend.
-public let defaultFlannelPort: UInt16 = 8285

@@ -52,18 +52,3 @@ public func syscall<T: FixedWidthInteger>(_ operation: @autoclosure () -> String
         throw SystemError(operation(), object(), errno: err)
     }
 }
-
-/// Like `syscall` but returns nil for EAGAIN/EWOULDBLOCK instead of throwing: for non-blocking data-path I/O.
-@inline(__always)
-public func nonBlockingSyscall<T: FixedWidthInteger>(_ operation: @autoclosure () -> String,
-                                                     _ object: @autoclosure () -> String,
-                                                     _ body: () -> T) throws(SystemError) -> T? {
-    while true {
-        let rc = body()
-        if rc >= 0 { return rc }
-        let err = Glibc.errno
-        if err == EINTR { continue }
-        if err == EAGAIN || err == EWOULDBLOCK { return nil }
-        throw SystemError(operation(), object(), errno: err)
-    }
-}

@@ -1,6 +1,4 @@
-import ArgumentParser
 import CShims
-import FlannelUDP
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -8,26 +6,54 @@ import Glibc
 
 /// `up --detach`: start this same program again, without --detach, as the daemon, and wait for it to say whether
 /// it came up. A threaded Swift process must not fork(), so this is posix_spawn of /proc/self/exe with a pipe
-/// for the verdict (`READY` or `ERROR <why>`), stdin from /dev/null, stdout/stderr to the log file, in a new
-/// session so the daemon outlives the shell. The etcd password goes to the daemon in its environment, never in its
-/// argv (every local user can read argv; see `EtcdPassword`).
-enum Detach {
-    static func spawnDaemon(device: String, logFile: String?, etcdPassword: String?) throws {
+/// for the verdict (`READY` or `ERROR <why>`, written by `Readiness`), stdin from /dev/null, stdout/stderr to the
+/// log file, in a new session so the daemon outlives the shell. The etcd password goes to the daemon in its
+/// environment, never in its argv (every local user can read argv; see `EtcdPassword`).
+public enum DaemonSpawn {
+    /// Why the daemon is not running.
+    public enum Failure: Error, CustomStringConvertible, Sendable {
+        /// The log file, the readiness pipe or the spawn itself failed: nothing was started.
+        case system(SystemError)
+        /// The daemon reported why it could not start (`ERROR <why>`) and exited with `exitStatus`.
+        case daemonFailed(String, exitStatus: Int32)
+        /// The daemon ended without a verdict; `status` is waitpid's.
+        case diedBeforeReady(status: Int32, log: String)
+
+        public var description: String {
+            switch self {
+            case .system(let error): return error.description
+            case .daemonFailed(let message, _): return message
+            case .diedBeforeReady(let status, let log):
+                return "the daemon exited before it was ready (status \(status)); see \(log)"
+            }
+        }
+
+        /// The exit code `up --detach` passes on: the daemon's own, or 1.
+        public var exitCode: Int32 {
+            if case .daemonFailed(_, let status) = self, status != 0 { return status }
+            return 1
+        }
+    }
+
+    /// Starts the daemon for `device` with `arguments` (this process's argv, first the program) minus `--detach`
+    /// and the etcd password, and waits until it is ready. Returns its pid and the log file it writes.
+    public static func start(device: String, logFile: String?, etcdPassword: String?,
+                             arguments: [String] = CommandLine.arguments) throws(Failure) -> (pid: pid_t, log: String) {
         let paths = RuntimePaths(device: device)
         let log = logFile ?? paths.logFile
         // Opened here, checked (directory, no symlink, a regular file of root's), so a bad log path fails `up`
         // before the daemon has changed anything.
         let logFD: Int32
-        do { logFD = try LogFile.open(log) } catch { throw fail("up", "\(error)") }
+        do { logFD = try LogFile.open(log) } catch { throw .system(error) }
         defer { _ = close(logFD) }
 
         var pipeFDs: [Int32] = [-1, -1]
-        guard pipe(&pipeFDs) == 0 else { throw fail("up", "\(SystemError.current("create", "readiness pipe"))") }
+        guard pipe(&pipeFDs) == 0 else { throw .system(SystemError.current("create", "readiness pipe")) }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
         _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)  // the child keeps only the write end
 
-        var args = [CommandLine.arguments[0]]
-            + EtcdPassword.daemonArguments(Array(CommandLine.arguments.dropFirst())).filter { $0 != "--detach" }
+        var args = [arguments[0]]
+            + EtcdPassword.daemonArguments(Array(arguments.dropFirst())).filter { $0 != "--detach" }
         // In the daemon the readiness pipe is always fd 3; everything above it is closed.
         args += ["--ready-fd", "3"]
 
@@ -58,7 +84,7 @@ enum Detach {
         _ = close(writeEnd)
         guard rc == 0 else {
             _ = close(readEnd)
-            throw fail("up", "\(SystemError("start daemon", "/proc/self/exe", errno: rc))")
+            throw .system(SystemError("start daemon", "/proc/self/exe", errno: rc))
         }
 
         // Wait for the verdict; EOF without one means the daemon died before it could say anything.
@@ -72,16 +98,11 @@ enum Detach {
         }
         _ = close(readEnd)
         let line = String(decoding: buffer, as: UTF8.self).trimmingCharacters(in: .whitespacesAndNewlines)
-        if line == "READY" {
-            print("flannel-udp: \(device) is up (pid \(pid), log \(log))")
-            return
-        }
+        if line == "READY" { return (pid, log) }
         var status: Int32 = 0
         let exited = waitpid(pid, &status, 0) == pid
         let code = exited && (status & 0x7f) == 0 ? (status >> 8) & 0xff : 1
-        if line.hasPrefix("ERROR ") {
-            throw fail("up", String(line.dropFirst(6)), ExitCode(code == 0 ? 1 : code))
-        }
-        throw fail("up", "the daemon exited before it was ready (status \(status)); see \(log)")
+        if line.hasPrefix("ERROR ") { throw .daemonFailed(String(line.dropFirst(6)), exitStatus: code) }
+        throw .diedBeforeReady(status: status, log: log)
     }
 }
