@@ -22,17 +22,11 @@ final class CLITests: XCTestCase {
         let ns = try TestNamespace(prefix: "fu-cli")
         addTeardownBlock { ns.destroy() }
         try ns.run(["ip", "link", "set", "lo", "up"])
-        // This kernel has no dummy driver: a veth pair whose far end stays unused in the same namespace.
-        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
-        try ns.run(["ip", "link", "set", "eth0peer", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try addLoneUnderlay(ns)
         return ns
     }
 
-    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": runDir])
-    }
+    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult { runFlannelUDP(in: ns, args, runDirectory: runDir) }
 
     func upArgs(subnetFile: String, extra: [String] = []) -> [String] {
         ["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--iface", "eth0",

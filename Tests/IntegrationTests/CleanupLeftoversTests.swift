@@ -53,10 +53,7 @@ final class CleanupLeftoversTests: XCTestCase {
     func testCleanupRemovesExactlyWhatFlanneldVXLANWithIPMasqLeft() throws {
         let ns = try TestNamespace(prefix: "fu-clb")
         addTeardownBlock { ns.destroy() }
-        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
-        try ns.run(["ip", "link", "set", "eth0peer", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try addLoneUnderlay(ns)
 
         // flanneld's vxlan backend: device, a route and a neighbour per peer.
         try ns.run(["ip", "link", "add", "flannel.1", "type", "vxlan", "id", "1", "dev", "eth0", "dstport", "8472", "nolearning"])
@@ -139,10 +136,7 @@ final class CleanupLeftoversTests: XCTestCase {
     func testStaleFlannel0IsRemovedButALiveDaemonsIsNot() throws {
         let ns = try TestNamespace(prefix: "fu-clb")
         addTeardownBlock { ns.destroy() }
-        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
-        try ns.run(["ip", "link", "set", "eth0peer", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try addLoneUnderlay(ns)
         try ns.run(["ip", "tuntap", "add", "flannel0", "mode", "tun"])
         try ns.run(["ip", "addr", "add", "10.244.1.0/32", "dev", "flannel0"])
         try ns.run(["ip", "link", "set", "flannel0", "up"])
@@ -163,7 +157,7 @@ final class CleanupLeftoversTests: XCTestCase {
     }
 
     private func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+        runFlannelUDP(in: ns, args, runDirectory: tmp + "/run")
     }
 
     /// Links, IPv4 addresses, routes, neighbours and every rule, without counters (nft -s) and generation comments.

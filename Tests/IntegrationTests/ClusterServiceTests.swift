@@ -136,7 +136,7 @@ extension ClusterTests {
         try etcdctl(["put", "/flannel-env/network/config", #"{"Network":"10.250.0.0/16","Backend":{"Type":"udp"}}"#])
         let ns = try TestNamespace(prefix: "fu-cln")
         addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
             ns.destroy()
         }
         try underlay.plug(ns, address: "192.168.77.7/24")

@@ -66,8 +66,7 @@ final class ClusterTests: XCTestCase {
     }
 
     func fu(_ ns: TestNamespace, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args,
-                   environment: environment.merging(["FLANNEL_UDP_RUN_DIR": tmp + "/run"]) { $1 })
+        runFlannelUDP(in: ns, args, runDirectory: tmp + "/run", environment: environment)
     }
 
     /// A node joined to the wire and brought up from etcd, with a pod in the subnet it leased; `extra` options
@@ -76,7 +75,7 @@ final class ClusterTests: XCTestCase {
         let ns = try TestNamespace(prefix: "fu-cln")
         let pod = try TestNamespace(prefix: "fu-clp")
         addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
             pod.destroy()
             ns.destroy()
         }
@@ -155,7 +154,7 @@ final class ClusterTests: XCTestCase {
         let namespaces = try (1...10).map { i -> TestNamespace in
             let ns = try TestNamespace(prefix: "fu-cln")
             addTeardownBlock { [tmp] in
-                _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+                _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
                 ns.destroy()
             }
             try underlay.plug(ns, address: "192.168.77.\(10 + i)/24")

@@ -58,7 +58,7 @@ final class EtcdSecretTests: XCTestCase {
     func makeNode() throws -> TestNamespace {
         let ns = try TestNamespace(prefix: "fu-secn")
         addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
             ns.destroy()
         }
         try underlay.plug(ns, address: "192.168.77.1/24")
@@ -102,7 +102,7 @@ final class EtcdSecretTests: XCTestCase {
         let log = (try? String(contentsOfFile: stateDir + "/flannel0.log", encoding: .utf8)) ?? ""
         XCTAssertFalse(log.contains(secret), log, file: file, line: line)
 
-        let down = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": run])
+        let down = runFlannelUDP(in: ns, ["down"], runDirectory: run)
         XCTAssertEqual(down.status, 0, down.description, file: file, line: line)
         return up
     }

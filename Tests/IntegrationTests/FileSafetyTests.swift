@@ -21,19 +21,14 @@ final class FileSafetyTests: XCTestCase {
     func makeNode() throws -> TestNamespace {
         let ns = try TestNamespace(prefix: "fu-fs")
         addTeardownBlock { [runDir] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": runDir])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: runDir)
             ns.destroy()
         }
-        try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
-        try ns.run(["ip", "link", "set", "eth0peer", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.1/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
+        try addLoneUnderlay(ns)
         return ns
     }
 
-    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": runDir])
-    }
+    func fu(_ ns: TestNamespace, _ args: [String]) -> CommandResult { runFlannelUDP(in: ns, args, runDirectory: runDir) }
 
     func up(_ ns: TestNamespace, subnetFile: String, _ extra: [String] = []) -> CommandResult {
         fu(ns, ["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--iface", "eth0",

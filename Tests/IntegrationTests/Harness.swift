@@ -128,3 +128,19 @@ func makeTestDirectory(_ prefix: String, for test: XCTestCase) throws -> String 
     test.addTeardownBlock { try? FileManager.default.removeItem(atPath: path) }
     return path
 }
+
+/// Runs the flannel-udp binary inside `ns` with `runDirectory` as its run directory (FLANNEL_UDP_RUN_DIR).
+func runFlannelUDP(in ns: TestNamespace, _ args: [String], runDirectory: String,
+                   environment: [String: String] = [:]) -> CommandResult {
+    runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary()] + args,
+               environment: environment.merging(["FLANNEL_UDP_RUN_DIR": runDirectory]) { _, run in run })
+}
+
+/// Gives a lone node its underlay: `eth0` at `address` (MTU 1500), up. This kernel has no dummy driver, so it is
+/// a veth pair whose far end (`eth0peer`) stays unused in the same namespace.
+func addLoneUnderlay(_ ns: TestNamespace, address: String = "192.168.77.1/24") throws {
+    try ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth0peer"])
+    try ns.run(["ip", "link", "set", "eth0peer", "up"])
+    try ns.run(["ip", "addr", "add", address, "dev", "eth0"])
+    try ns.run(["ip", "link", "set", "eth0", "up"])
+}

@@ -12,7 +12,7 @@ extension ClusterTests {
         let ns = try TestNamespace(prefix: "fu-cln")
         let pod = try TestNamespace(prefix: "fu-clp")
         addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
             pod.destroy()
             ns.destroy()
         }

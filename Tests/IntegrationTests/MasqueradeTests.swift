@@ -154,7 +154,7 @@ final class MasqueradeTests: XCTestCase {
         let ns = try TestNamespace(prefix: "fu-mqn")
         let pod = try TestNamespace(prefix: "fu-mqp")
         addTeardownBlock {
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": self.tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
             pod.destroy()
             ns.destroy()
         }
@@ -171,7 +171,7 @@ final class MasqueradeTests: XCTestCase {
 
     @discardableResult
     private func fu(_ node: OverlayNode, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run")
     }
 
     /// Sends one UDP datagram from a fresh socket in `source` (a new port, so a new conntrack entry and a fresh

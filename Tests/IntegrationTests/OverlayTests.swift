@@ -35,7 +35,7 @@ final class OverlayTests: XCTestCase {
         let ns = try TestNamespace(prefix: "fu-ovn")
         let pod = try TestNamespace(prefix: "fu-ovp")
         addTeardownBlock {
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: ["FLANNEL_UDP_RUN_DIR": self.tmp + "/run"])
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
             pod.destroy()
             ns.destroy()
         }
@@ -50,7 +50,7 @@ final class OverlayTests: XCTestCase {
 
     @discardableResult
     func fu(_ node: Node, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
+        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run")
     }
 
     func routeAdd(_ node: Node, _ subnet: String, via other: Node) {

@@ -42,8 +42,7 @@ final class ServiceTests: XCTestCase {
     }
 
     func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args,
-                   environment: environment.merging(["FLANNEL_UDP_RUN_DIR": tmp + "/run"]) { $1 })
+        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run", environment: environment)
     }
 
     // MARK: - sd_notify

@@ -42,7 +42,7 @@ final class StartupRobustnessTests: XCTestCase {
     }
 
     func fu(_ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.name, flannelUDPBinary()] + args, environment: ["FLANNEL_UDP_RUN_DIR": runDir])
+        runFlannelUDP(in: node, args, runDirectory: runDir)
     }
 
     /// `up --detach` started without waiting for it; `ip netns exec` execs, so the Process is the CLI itself.
