@@ -36,8 +36,8 @@ public struct NodeConfig: Sendable {
                    subnet: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 24))
     }
 
-    /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay.
-    public static let encapsulationOverhead = 28
+    /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay (see `WireFormat`).
+    public static let encapsulationOverhead = WireFormat.overhead
 
     /// The tun's transmit queue: packets routed into the overlay wait there for the forwarder to read them, and the
     /// kernel drops (tx_dropped) what does not fit. The tun driver's default is 500 (flannel keeps it and loses
