@@ -22,10 +22,10 @@ public final class Forwarder: @unchecked Sendable {
     public let config: ForwardingConfig
     public let options: ForwarderOptions
     private let logger: Logger
-    private let tunFD: Int32
+    private let tunFDs: [Int32]
     private let tunName: String
     private let tunDevice: TunDevice?
-    private let socket: UDPSocket
+    private let sockets: [UDPSocket]
     private let stopFD: Int32
     private let onFailure: (@Sendable (SystemError) -> Void)?
 
@@ -38,9 +38,14 @@ public final class Forwarder: @unchecked Sendable {
     private let joinLock = Mutex(())
     private let failureState = Mutex<SystemError?>(nil)
 
-    let tunToUDP: TunToUDPWorker
-    let udpToTun: UDPToTunWorker
+    /// The worker pairs: pair k reads tun queue k and socket k, and writes the same two.
+    let pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)]
+    private let workerCounters: [WorkerCounters]
     let offloads: OffloadState
+    /// The first pair (the only one with one queue), for tests that drive the workers by hand.
+    var tunToUDP: TunToUDPWorker { pairs[0].tunToUDP }
+    var udpToTun: UDPToTunWorker { pairs[0].udpToTun }
+    private var workers: [ForwardingWorker] { pairs.flatMap { [$0.tunToUDP, $0.udpToTun] } }
 
     /// The fatal error that stopped the forwarder, if one did.
     public var failure: SystemError? { failureState.withLock { $0 } }
@@ -54,64 +59,97 @@ public final class Forwarder: @unchecked Sendable {
     /// The offloads in use and what they have done so far (see `OffloadStatistics`).
     public var offloadStatistics: OffloadStatistics { offloads.statistics }
 
+    /// What each worker pair moved, in pair order.
+    public var workerCounts: [WorkerCounts] { workerCounters.enumerated().map { $0.element.snapshot($0.offset) } }
+
     /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
     /// and stops moving when the worker is stuck or gone.
     public var heartbeats: [(worker: String, count: UInt64)] {
-        [tunToUDP as ForwardingWorker, udpToTun as ForwardingWorker].map {
-            ($0.threadName, $0.heartbeat.load(ordering: .relaxed))
-        }
+        workers.map { ($0.threadName, $0.heartbeat.load(ordering: .relaxed)) }
     }
 
+    /// One worker pair per tun queue and socket: `tun.queueFDs.count` must equal `sockets.count` (the sockets of
+    /// one reuseport group, `UDPSocket.group`).
+    public convenience init(tun: TunDevice, sockets: [UDPSocket], table: RouteTable, config: ForwardingConfig,
+                            counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
+                            onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
+        precondition(tun.queueFDs.count == sockets.count, "one socket per tun queue")
+        try self.init(tunFDs: tun.queueFDs, tunName: tun.name, tunDevice: tun, vnetHeader: tun.vnetHeader,
+                      sockets: sockets, table: table, config: config, counters: counters, logger: logger,
+                      options: options, onFailure: onFailure)
+    }
+
+    /// One worker pair over the tun's first queue.
     public convenience init(tun: TunDevice, socket: UDPSocket, table: RouteTable, config: ForwardingConfig,
                             counters: DataPlaneCounters, logger: Logger, options: ForwarderOptions = ForwarderOptions(),
                             onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
-        try self.init(tunFD: tun.fd, tunName: tun.name, tunDevice: tun, vnetHeader: tun.vnetHeader, socket: socket,
-                      table: table, config: config, counters: counters, logger: logger, options: options,
-                      onFailure: onFailure)
+        try self.init(tunFDs: [tun.fd], tunName: tun.name, tunDevice: tun, vnetHeader: tun.vnetHeader,
+                      sockets: [socket], table: table, config: config, counters: counters, logger: logger,
+                      options: options, onFailure: onFailure)
     }
 
     /// Runs the forwarder over any packet descriptor in place of a tun device: each read() returns one IPv4
     /// packet and each write() takes one (a tun, or in tests one end of an AF_UNIX SOCK_DGRAM socketpair).
     /// The descriptor is not closed by the forwarder. `vnetHeader`: every read and write carries a
     /// virtio_net_hdr (a tun opened with IFF_VNET_HDR); the offloads of the tun need it.
-    public init(tunFD: Int32, tunName: String, tunDevice: TunDevice? = nil, vnetHeader: Bool = false,
-                socket: UDPSocket, table: RouteTable,
-                config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
-                options: ForwarderOptions = ForwarderOptions(),
-                onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
+    public convenience init(tunFD: Int32, tunName: String, tunDevice: TunDevice? = nil, vnetHeader: Bool = false,
+                            socket: UDPSocket, table: RouteTable,
+                            config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
+                            options: ForwarderOptions = ForwarderOptions(),
+                            onFailure: (@Sendable (SystemError) -> Void)? = nil) throws(SystemError) {
+        try self.init(tunFDs: [tunFD], tunName: tunName, tunDevice: tunDevice, vnetHeader: vnetHeader,
+                      sockets: [socket], table: table, config: config, counters: counters, logger: logger,
+                      options: options, onFailure: onFailure)
+    }
+
+    init(tunFDs: [Int32], tunName: String, tunDevice: TunDevice?, vnetHeader: Bool, sockets: [UDPSocket],
+         table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, logger: Logger,
+         options: ForwarderOptions, onFailure: (@Sendable (SystemError) -> Void)?) throws(SystemError) {
+        precondition(!tunFDs.isEmpty && tunFDs.count == sockets.count)
         self.table = table
         self.counters = counters
         self.config = config
         self.options = options
         self.logger = logger
-        self.tunFD = tunFD
+        self.tunFDs = tunFDs
         self.tunName = tunName
         self.tunDevice = tunDevice
-        self.socket = socket
+        self.sockets = sockets
         self.onFailure = onFailure
-        offloads = try OffloadState.probe(tunFD: tunFD, tunName: tunName, vnetHeader: vnetHeader, socket: socket,
-                                          enabled: options.offloads, logger: logger)
-        stopFD = try syscall("create eventfd", "for the forwarder") { fu_stop_eventfd() }
-        let socketName = "\(socket.localEndpoint)"
-        let vnet = offloads.vnetHeader
-        tunToUDP = TunToUDPWorker(
-            reader: TunReader(fd: tunFD, name: tunName, vnet: vnet, options: options, counters: counters,
-                              logger: logger),
-            sender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
-                              offloads: offloads, logger: logger),
-            icmpWriter: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: false, counters: counters,
-                                  offloads: offloads, logger: logger),
-            stopFD: stopFD, threadName: "fu-tun-to-udp", table: table, config: config, counters: counters,
-            options: options)
-        udpToTun = UDPToTunWorker(
-            receiver: UDPReceiver(socket: socket.fd, name: socketName, options: options, counters: counters,
-                                  offloads: offloads, logger: logger),
-            writer: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: offloads.coalesce,
-                              counters: counters, offloads: offloads, logger: logger),
-            icmpSender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
-                                  offloads: offloads, logger: logger, queueCapacity: 1),
-            stopFD: stopFD, threadName: "fu-udp-to-tun", table: table, config: config, counters: counters,
-            options: options)
+        offloads = try OffloadState.probe(tunFD: tunFDs[0], tunName: tunName, vnetHeader: vnetHeader,
+                                          sockets: sockets, enabled: options.offloads, logger: logger)
+        let stopFD = try syscall("create eventfd", "for the forwarder") { fu_stop_eventfd() }
+        self.stopFD = stopFD
+        workerCounters = sockets.map { _ in WorkerCounters() }
+        var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
+        for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
+            let socketName = "\(socket.localEndpoint)"
+            let vnet = offloads.vnetHeader
+            let worker = workerCounters[k]
+            let suffix = k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
+            func setup(_ name: String) -> WorkerSetup {
+                WorkerSetup(threadName: name + suffix, stopFD: stopFD, table: table, config: config, counters: counters,
+                            options: options)
+            }
+            pairs.append((
+                TunToUDPWorker(
+                    reader: TunReader(fd: tunFD, name: tunName, vnet: vnet, options: options, counters: counters,
+                                      logger: logger),
+                    sender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
+                                      worker: worker, offloads: offloads, logger: logger),
+                    icmpWriter: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: false, counters: counters,
+                                          worker: worker, offloads: offloads, logger: logger),
+                    setup("fu-tun-to-udp")),
+                UDPToTunWorker(
+                    receiver: UDPReceiver(socket: socket.fd, name: socketName, options: options, counters: counters,
+                                          offloads: offloads, logger: logger),
+                    writer: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: offloads.coalesce,
+                                      counters: counters, worker: worker, offloads: offloads, logger: logger),
+                    icmpSender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
+                                          worker: worker, offloads: offloads, logger: logger, queueCapacity: 1),
+                    setup("fu-udp-to-tun"))))
+        }
+        self.pairs = pairs
     }
 
     deinit {
@@ -119,7 +157,7 @@ public final class Forwarder: @unchecked Sendable {
         _ = Glibc.close(stopFD)
     }
 
-    /// Makes the tun descriptor non-blocking and starts the two worker threads.
+    /// Makes the tun descriptors non-blocking and starts two threads per worker pair.
     /// - Throws: `SystemError` when the descriptor cannot be switched or a thread cannot be created (then
     ///   nothing is left running).
     public func start() throws(SystemError) {
@@ -131,9 +169,11 @@ public final class Forwarder: @unchecked Sendable {
         // A stop() before start() had nothing to stop: clear its signal so the workers do not exit at once.
         var pending: UInt64 = 0
         _ = Glibc.read(stopFD, &pending, 8)
-        let flags = try syscall("get flags of", tunName) { fcntl(tunFD, F_GETFL) }
-        try syscall("set O_NONBLOCK on", tunName) { fcntl(tunFD, F_SETFL, flags | O_NONBLOCK) }
-        for worker in [tunToUDP as ForwardingWorker, udpToTun as ForwardingWorker] {
+        for tunFD in tunFDs {
+            let flags = try syscall("get flags of", tunName) { fcntl(tunFD, F_GETFL) }
+            try syscall("set O_NONBLOCK on", tunName) { fcntl(tunFD, F_SETFL, flags | O_NONBLOCK) }
+        }
+        for worker in workers {
             let context = ThreadContext(worker: worker, forwarder: self)
             var tid = pthread_t()
             let raw = Unmanaged.passRetained(context).toOpaque()
@@ -149,11 +189,12 @@ public final class Forwarder: @unchecked Sendable {
             }
             state.withLock { $0.threads.append(tid) }
         }
-        logger.info("forwarding between \(tunName) and \(socket.localEndpoint)",
-                    metadata: ["batch": "\(options.batchSize)", "offloads": "\(activeOffloads.joined(separator: ","))"])
+        logger.info("forwarding between \(tunName) and \(sockets[0].localEndpoint)",
+                    metadata: ["batch": "\(options.batchSize)", "workers": "\(pairs.count)",
+                               "offloads": "\(activeOffloads.joined(separator: ","))"])
     }
 
-    /// Asks both workers to stop and waits for them. Idempotent; safe from any thread but a worker's own.
+    /// Asks every worker to stop and waits for them. Idempotent; safe from any thread but a worker's own.
     /// Call it before closing the tun device or the socket: a worker reading a closed descriptor fails (EBADF).
     /// The running threads keep the forwarder alive, so dropping the last reference does not stop it.
     public func stop() {
@@ -162,7 +203,7 @@ public final class Forwarder: @unchecked Sendable {
         _ = wait()
     }
 
-    /// Waits until both workers have stopped (after `stop()` or a fatal error); returns the fatal error if any.
+    /// Waits until every worker has stopped (after `stop()` or a fatal error); returns the fatal error if any.
     @discardableResult
     public func wait() -> SystemError? {
         joinLock.withLock { _ in

@@ -1,3 +1,5 @@
+import CShims
+
 /// Tunables of the data plane's workers.
 public struct ForwarderOptions: Sendable {
     /// Packets per batch: tun reads before one sendmmsg, datagrams per recvmmsg.
@@ -46,5 +48,27 @@ public struct ForwarderOptions: Sendable {
         self.batchesPerWakeup = batchesPerWakeup
         self.offloads = offloads
         self.sendQueueCapacity = sendQueueCapacity
+    }
+}
+
+/// How many worker pairs a node runs (`up --workers`).
+public enum Workers {
+    /// The most `--workers` accepts: a tun has at most 256 queues, and beyond a few dozen threads per direction
+    /// the steering program's spread, not the cores, is what limits.
+    public static let maximum = 64
+    /// The default's cap: one pair per CPU up to this many. Past it each pair adds memory (its buffers: ~4 MiB
+    /// for the tun reads and the GRO receives) and the kernel's own per-packet work, not the workers, dominates.
+    public static let defaultCap = 8
+
+    /// One pair per CPU this process may run on (sched_getaffinity: a container's or taskset's CPU set, not the
+    /// machine's), at most `defaultCap`; 1 if the kernel will not say.
+    public static func defaultCount() -> Int {
+        let cpus = fu_available_cpus()
+        return cpus < 1 ? 1 : min(Int(cpus), defaultCap)
+    }
+
+    /// nil when `n` is a valid worker count, else why not.
+    public static func validate(_ n: Int) -> String? {
+        (1...maximum).contains(n) ? nil : "--workers must be between 1 and \(maximum), not \(n)"
     }
 }

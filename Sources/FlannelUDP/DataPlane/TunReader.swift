@@ -106,13 +106,15 @@ final class TunReader {
 
 extension TunPacket {
     /// Appends the packet to `queue` for `peer`: as it is, or (TSO) cut into whole IPv4 packets of at most
-    /// `gsoSize` payload bytes, headers written into the queue's slots, payload left in place.
+    /// `gsoSize` payload bytes, headers written into the queue's slots, payload left in place. Tagged with its
+    /// flow key, so that a GSO message carries one flow only (see `SendQueue`).
     /// - Precondition: the queue has room for `datagrams`, or is empty.
     func cut(into queue: SendQueue, peer: Int, name: sockaddr_in) -> TCPSegmenter.Outcome {
+        let flow = FlowSteering.key(UnsafeRawBufferPointer(bytes)) ?? 0
         if gsoSize == 0 {
-            queue.append(peer: peer, name: name, first: bytes.baseAddress!, firstLength: bytes.count)
+            queue.append(peer: peer, name: name, first: bytes.baseAddress!, firstLength: bytes.count, flow: flow)
             return .segmented(1)
         }
-        return TCPSegmenter.segment(bytes, gsoSize: gsoSize, peer: peer, name: name, into: queue)
+        return TCPSegmenter.segment(bytes, gsoSize: gsoSize, peer: peer, name: name, into: queue, flow: flow)
     }
 }

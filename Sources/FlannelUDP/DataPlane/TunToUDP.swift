@@ -1,6 +1,3 @@
-import Atomics
-import Logging
-
 //  tun -> UDP, one worker per tun queue:
 //
 //      tun queue ──read()×batch──▶ TunReader ─────────▶ decide ──forward──▶ UDPSender ──sendmmsg──▶ peers
@@ -16,47 +13,25 @@ import Logging
 
 /// tun -> UDP: see the picture above.
 final class TunToUDPWorker: ForwardingWorker {
-    let threadName: String
-    let heartbeat = ManagedAtomic<UInt64>(0)
-    let options: ForwarderOptions
-    let stopFD: Int32
-    var inputFD: Int32 { reader.fd }
     let reader: TunReader
     let sender: UDPSender
     private let icmpWriter: TunWriter
-    private let table: RouteTable
-    private let counters: DataPlaneCounters
-    private var decider: PacketDecider
-    private let scratch = allocateScratch()
 
-    init(reader: TunReader, sender: UDPSender, icmpWriter: TunWriter, stopFD: Int32, threadName: String,
-         table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, options: ForwarderOptions) {
+    init(reader: TunReader, sender: UDPSender, icmpWriter: TunWriter, _ setup: WorkerSetup) {
         self.reader = reader
         self.sender = sender
         self.icmpWriter = icmpWriter
-        self.stopFD = stopFD
-        self.threadName = threadName
-        self.table = table
-        self.counters = counters
-        self.options = options
-        decider = PacketDecider(config: config)
+        super.init(setup)
     }
 
-    deinit { scratch.deallocate() }
+    override var inputFD: Int32 { reader.fd }
 
-    func drain() throws(SystemError) -> Int {
-        var total = 0
-        var batches = 0
-        while batches < options.batchesPerWakeup {
-            let n = try reader.read()
-            if n == 0 { break }
-            total += n
-            try forwardBatch(n)
-            batches += 1
-            if reader.isEmpty { break }
-        }
-        return total
+    override func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
+        let n = try reader.read()
+        return (n, reader.isEmpty)
     }
+
+    override func handleBatch(_ count: Int) throws(SystemError) { try forwardBatch(count) }
 
     /// Decides each packet of the batch once (for a super-packet: in the template of all its segments) and hands
     /// it over; one flush at the end.
@@ -74,8 +49,7 @@ final class TunToUDPWorker: ForwardingWorker {
                 counters.countDrop(reason)
                 try icmpWriter.writeICMP(UnsafeMutableRawBufferPointer(rebasing: scratch[0..<length]))
             case .drop(let reason, let limited):
-                counters.countDrop(reason)
-                if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+                dropped(reason, limited: limited)
             }
         }
         try sender.flush(snapshot)

@@ -14,6 +14,7 @@ final class TunWriter {
     let vnet: Bool
     private let coalescer: TCPCoalescer?
     private let counters: DataPlaneCounters
+    private let worker: WorkerCounters
     private let offloads: OffloadState
     private let logger: Logger
     private var logLimiter = LogLimiter()
@@ -27,12 +28,13 @@ final class TunWriter {
     private var delivered: UInt64 = 0
     private var deliveredBytes: UInt64 = 0
 
-    init(fd: Int32, name: String, vnet: Bool, coalesce: Bool, counters: DataPlaneCounters, offloads: OffloadState,
-         logger: Logger) {
+    init(fd: Int32, name: String, vnet: Bool, coalesce: Bool, counters: DataPlaneCounters, worker: WorkerCounters,
+         offloads: OffloadState, logger: Logger) {
         self.fd = fd
         self.name = name
         self.vnet = vnet
         self.counters = counters
+        self.worker = worker
         self.offloads = offloads
         self.logger = logger
         coalescer = coalesce ? TCPCoalescer() : nil
@@ -78,6 +80,7 @@ final class TunWriter {
         if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }
         counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
         counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
+        worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
         delivered = 0
         deliveredBytes = 0
     }

@@ -14,6 +14,7 @@ final class UDPSender {
     let queue: SendQueue
     private let waitMilliseconds: Int32
     private let counters: DataPlaneCounters
+    private let worker: WorkerCounters
     private let offloads: OffloadState
     private let logger: Logger
     private var logLimiter = LogLimiter()
@@ -21,10 +22,11 @@ final class UDPSender {
     /// `queueCapacity`: datagrams queued before a flush (default: `sendQueueCapacity`, at least a batch); 1 for
     /// a sender that only ever uses `sendNow`.
     init(socket fd: Int32, name: String, options: ForwarderOptions, counters: DataPlaneCounters,
-         offloads: OffloadState, logger: Logger, queueCapacity: Int? = nil) {
+         worker: WorkerCounters, offloads: OffloadState, logger: Logger, queueCapacity: Int? = nil) {
         self.fd = fd
         self.name = name
         self.counters = counters
+        self.worker = worker
         self.offloads = offloads
         self.logger = logger
         waitMilliseconds = options.sendWaitMilliseconds
@@ -101,6 +103,7 @@ final class UDPSender {
         }
         counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
         counters.tunToUDPBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
+        worker.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
     }
 
     /// GSO's fallback: the messages from `message` on are rewritten one datagram per packet.

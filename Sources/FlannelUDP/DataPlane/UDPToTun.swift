@@ -1,6 +1,3 @@
-import Atomics
-import Logging
-
 //  UDP -> tun, one worker per socket of the port:
 //
 //      peers ──recvmmsg──▶ UDPReceiver ─────────▶ decide ───deliver──▶ TunWriter ──write/writev──▶ tun queue
@@ -15,47 +12,25 @@ import Logging
 
 /// UDP -> tun: see the picture above.
 final class UDPToTunWorker: ForwardingWorker {
-    let threadName: String
-    let heartbeat = ManagedAtomic<UInt64>(0)
-    let options: ForwarderOptions
-    let stopFD: Int32
-    var inputFD: Int32 { receiver.fd }
     let receiver: UDPReceiver
     let writer: TunWriter
     private let icmpSender: UDPSender
-    private let table: RouteTable
-    private let counters: DataPlaneCounters
-    private var decider: PacketDecider
-    private let scratch = allocateScratch()
 
-    init(receiver: UDPReceiver, writer: TunWriter, icmpSender: UDPSender, stopFD: Int32, threadName: String,
-         table: RouteTable, config: ForwardingConfig, counters: DataPlaneCounters, options: ForwarderOptions) {
+    init(receiver: UDPReceiver, writer: TunWriter, icmpSender: UDPSender, _ setup: WorkerSetup) {
         self.receiver = receiver
         self.writer = writer
         self.icmpSender = icmpSender
-        self.stopFD = stopFD
-        self.threadName = threadName
-        self.table = table
-        self.counters = counters
-        self.options = options
-        decider = PacketDecider(config: config)
+        super.init(setup)
     }
 
-    deinit { scratch.deallocate() }
+    override var inputFD: Int32 { receiver.fd }
 
-    func drain() throws(SystemError) -> Int {
-        var total = 0
-        var batches = 0
-        while batches < options.batchesPerWakeup {
-            let n = try receiver.receive()
-            if n == 0 { break }
-            total += n
-            try deliverBatch()
-            batches += 1
-            if n < receiver.batchSize { break }
-        }
-        return total
+    override func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
+        let n = try receiver.receive()
+        return (n, n < receiver.batchSize)
     }
+
+    override func handleBatch(_ count: Int) throws(SystemError) { try deliverBatch() }
 
     /// Decides each datagram of the batch and hands it over; the tun writer's open group is written at the end.
     func deliverBatch() throws(SystemError) {
@@ -71,8 +46,7 @@ final class UDPToTunWorker: ForwardingWorker {
                 try icmpSender.sendNow(UnsafeRawBufferPointer(rebasing: scratch[0..<length]),
                                        to: snapshot.peers[peer])
             case .drop(let reason, let limited):
-                counters.countDrop(reason)
-                if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+                dropped(reason, limited: limited)
             }
         }
         try writer.endBatch(snapshot)

@@ -4,25 +4,82 @@ import Logging
 import Glibc
 #endif
 
-/// What every forwarding worker has: a thread name, the descriptor it waits on, the stop eventfd, and a
-/// heartbeat. The two directions (`TunToUDPWorker`, `UDPToTunWorker`) only read, decide and hand over; the I/O
-/// and the offloads live in their stages (`TunReader`, `UDPSender`, `UDPReceiver`, `TunWriter`).
-protocol ForwardingWorker: AnyObject {
-    var threadName: String { get }
-    var inputFD: Int32 { get }
-    var stopFD: Int32 { get }
-    var options: ForwarderOptions { get }
-    /// Bumped (relaxed, no lock) on every pass of the poll loop; see `Forwarder.heartbeats`.
-    var heartbeat: ManagedAtomic<UInt64> { get }
-    /// Processes input until it would block or `options.batchesPerWakeup` batches are done; returns the number
-    /// of packets taken in. Throws only fatal errors.
-    func drain() throws(SystemError) -> Int
+/// What every forwarding worker has and does: a thread name, the descriptor it waits on, the stop eventfd, a
+/// heartbeat, its `PacketDecider` and the scratch buffer it builds ICMP errors in, and the loop that waits, takes
+/// a batch in and hands it on. The two directions (`TunToUDPWorker`, `UDPToTunWorker`) say only how a batch comes
+/// in and what becomes of each packet; the I/O and the offloads live in their stages (`TunReader`, `UDPSender`,
+/// `UDPReceiver`, `TunWriter`).
+/// What a worker is told about its place: its thread's name, the stop eventfd, and what every decision needs.
+struct WorkerSetup {
+    let threadName: String
+    let stopFD: Int32
+    let table: RouteTable
+    let config: ForwardingConfig
+    let counters: DataPlaneCounters
+    let options: ForwarderOptions
 }
 
-extension ForwardingWorker {
+class ForwardingWorker {
+    let threadName: String
+    let options: ForwarderOptions
+    let stopFD: Int32
+    let table: RouteTable
+    let counters: DataPlaneCounters
+    var decider: PacketDecider
+    /// Where the decider builds ICMP errors (576 bytes is the most they need).
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 64)
+    /// Bumped (relaxed, no lock) on every pass of the poll loop; see `Forwarder.heartbeats`.
+    let heartbeat = ManagedAtomic<UInt64>(0)
+
+    init(_ setup: WorkerSetup) {
+        threadName = setup.threadName
+        stopFD = setup.stopFD
+        table = setup.table
+        counters = setup.counters
+        options = setup.options
+        decider = PacketDecider(config: setup.config)
+    }
+
+    deinit { scratch.deallocate() }
+
+    /// The descriptor whose readability means work.
+    var inputFD: Int32 { preconditionFailure("a worker names its input") }
+
+    /// Takes one batch in: how many packets or datagrams (0 when nothing was waiting), and whether the input has
+    /// nothing more for now.
+    func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
+        preconditionFailure("a worker takes its batches in")
+    }
+
+    /// Decides each packet of the batch just taken and hands it over.
+    func handleBatch(_ count: Int) throws(SystemError) { preconditionFailure("a worker handles its batches") }
+
+    /// Processes input until it would block or `options.batchesPerWakeup` batches are done; returns the number
+    /// of packets taken in. Throws only fatal errors.
+    final func drain() throws(SystemError) -> Int {
+        var total = 0
+        var batches = 0
+        while batches < options.batchesPerWakeup {
+            let (n, drained) = try takeBatch()
+            if n == 0 { break }
+            total += n
+            try handleBatch(n)
+            batches += 1
+            if drained { break }
+        }
+        return total
+    }
+
+    /// A packet the decider dropped: counted by reason (and as rate-limited when an ICMP error was suppressed).
+    @inline(__always)
+    final func dropped(_ reason: DropReason, limited: Bool) {
+        counters.countDrop(reason)
+        if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
+    }
+
     /// poll(input, stop) -> drain, until the stop eventfd is readable or a fatal error. The poll times out after
     /// `options.heartbeatMilliseconds`, so the heartbeat moves while the input is idle.
-    func run() throws(SystemError) {
+    final func run() throws(SystemError) {
         var fds = [pollfd(fd: inputFD, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
         let timeout = options.heartbeatMilliseconds
@@ -69,6 +126,3 @@ final class PacketBuffers {
         lengths.deallocate()
     }
 }
-
-/// Where a worker builds the ICMP errors `PacketDecider` asks for (576 bytes is the most they need).
-func allocateScratch() -> UnsafeMutableRawBufferPointer { .allocate(byteCount: 2048, alignment: 64) }
