@@ -14,7 +14,11 @@ import CShims
 ///   kernel's interpreter return 0: such datagrams (malformed anyway) go to the first socket.
 ///
 /// A UDP GSO message or a GRO-merged buffer is steered as one, by its first datagram: the sender therefore puts
-/// only datagrams of one flow key into a GSO message (`SendQueue`).
+/// only datagrams of one flow key into a GSO message (`SendQueue`), which covers nodes joined by veths or any path
+/// that keeps GSO packets whole. Known limit: a receiving NIC whose UDP GRO merges datagrams of several flows from
+/// one peer (the kernel merges by outer 4-tuple, blind to the payload) hands over a buffer steered by its first
+/// flow, so the others' datagrams in it may be handled by another worker than the rest of their flow, and be
+/// reordered against it. `--workers 1` (or `--no-offload`, which turns UDP GRO off) avoids that.
 public enum FlowSteering {
     /// The flow key of an inner IPv4 packet (what the program computes before the multiplication), or nil when
     /// the program would stop on a load beyond the packet.
