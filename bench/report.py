@@ -327,7 +327,7 @@ def main():
                 continue
             if not os.path.isdir(d):
                 continue
-            m, p = one_run(d, c in FORWARDERS, c != "underlay", udp_pps, cpus)
+            m, p = one_run(d, is_forwarder(c), c != "underlay", udp_pps, cpus)
             m["run"] = r
             for name in ("status-a.json", "status-b.json"):
                 s = read_json(os.path.join(d, name))
@@ -350,6 +350,9 @@ def main():
         }
 
     result["ratios"] = ratios(result, [names[c] for c in configs])
+    # flannel-udp with N worker pairs (bench/run --workers N) gets a ratio table of its own.
+    result["worker_ratios"] = {c: ratios(result, [names[x] for x in configs], c)
+                               for c in configs if c.startswith("flannel-udp-w")}
     if check:
         sys.exit(check_all_ran(result))
     if as_json:
@@ -408,16 +411,21 @@ def latency_problems(m):
     return why
 
 
-def ratios(result, cols):
+def is_forwarder(config):
+    """The configurations with a forwarder process: those of FORWARDERS and flannel-udp-wN."""
+    return config in FORWARDERS or config.startswith("flannel-udp-w")
+
+
+def ratios(result, cols, subject_name=RATIO_SUBJECT):
     """flannel-udp's figure over each other configuration's, per run where both measured it, and their median.
     Ratios from the same run share the machine's state at that moment, so they vary less than the medians do."""
     out = {}
-    subject = result["configs"].get(RATIO_SUBJECT)
+    subject = result["configs"].get(subject_name)
     if subject is None:
         return out
     mine = {m["run"]: m for m in subject["per_run"]}
     for c in cols:
-        if c == RATIO_SUBJECT:
+        if c == subject_name:
             continue
         theirs = {m["run"]: m for m in result["configs"][c]["per_run"]}
         entry = {}
@@ -437,8 +445,8 @@ def ratios(result, cols):
     return out
 
 
-def print_ratios(result, cols):
-    r = result["ratios"]
+def print_ratios(result, cols, subject_name=RATIO_SUBJECT):
+    r = result["ratios"] if subject_name == RATIO_SUBJECT else result["worker_ratios"][subject_name]
     others = [c for c in cols if c in r]
     if not others:
         return
@@ -470,8 +478,8 @@ def print_ratios(result, cols):
             table.append((f"{label}, {unit}", cells))
     w = max(len(x) for x in others + [x for _, cells in table for x in cells]) + 3
     print()
-    print(f"{RATIO_SUBJECT} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces;")
-    print("loss: flannel-udp's minus theirs, in percentage points")
+    print(f"{subject_name} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces;")
+    print(f"loss: {subject_name}'s minus theirs, in percentage points")
     print(" " * w0 + "".join(c.rjust(w) for c in others))
     for label, cells in table:
         print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
@@ -510,6 +518,8 @@ def print_table(result, cols, rows):
                 cells.append("n/a")
         print(label.ljust(w0) + "".join(x.rjust(w) for x in cells))
     print_ratios(result, cols)
+    for subject_name in result.get("worker_ratios", {}):
+        print_ratios(result, cols, subject_name)
     notes = []
     for c in cols:
         cfg = result["configs"][c]

@@ -15,11 +15,13 @@
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <linux/filter.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
 _Static_assert(FU_IFNAMSIZ == IFNAMSIZ, "IFNAMSIZ");
-_Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR, "tun flags");
+_Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR &&
+               FU_IFF_MULTI_QUEUE == IFF_MULTI_QUEUE, "tun flags");
 _Static_assert(FU_POSIX_SPAWN_SETSID == POSIX_SPAWN_SETSID, "spawn flag");
 _Static_assert(FU_TUN_F_CSUM == TUN_F_CSUM && FU_TUN_F_TSO4 == TUN_F_TSO4, "offload flags");
 
@@ -106,3 +108,19 @@ int fu_set_thread_name(const char *name) {
 }
 
 int fu_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }
+
+_Static_assert(sizeof(struct fu_sock_filter) == sizeof(struct sock_filter) &&
+               offsetof(struct fu_sock_filter, k) == offsetof(struct sock_filter, k), "fu_sock_filter layout");
+_Static_assert(FU_SO_REUSEPORT == SO_REUSEPORT, "SO_REUSEPORT");
+
+int fu_attach_reuseport_cbpf(int fd, const struct fu_sock_filter *program, unsigned short count) {
+    struct sock_fprog prog = { .len = count, .filter = (struct sock_filter *)program };
+    return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog));
+}
+
+int fu_available_cpus(void) {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return -1;
+    return CPU_COUNT(&set);
+}

@@ -68,6 +68,9 @@ struct Up: ParsableCommand {
     @Flag(name: .customLong("no-offload"), help: "Force the plain data path: no TUN TSO, UDP GSO/GRO or TCP coalescing (each is otherwise probed and used when the kernel allows).")
     var noOffload = false
 
+    @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
+    var workers: Int?
+
     @Option(name: .customLong("metrics-addr"), help: ArgumentHelp("Serve /healthz and Prometheus /metrics over HTTP on this IPv4 address and port, e.g. 127.0.0.1:9100 (off by default).", valueName: "host:port"))
     var metricsAddr: String?
 
@@ -86,6 +89,7 @@ struct Up: ParsableCommand {
 
     func validate() throws {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
+        if let workers, let problem = Workers.validate(workers) { throw ValidationError(problem) }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
         }
@@ -137,6 +141,7 @@ struct Up: ParsableCommand {
         config.masqResyncSeconds = masqResync
         config.peerCheck = peerCheck
         config.offloads = !noOffload
+        config.workers = workers ?? Workers.defaultCount()
         return config
     }
 

@@ -73,9 +73,12 @@ class HostileTopologyTestCase: XCTestCase {
         return node
     }
 
+    /// Options added to every `up` (the worker variants in WorkersTests.swift run the same tests with more pairs).
+    var upOptions: [String] { [] }
+
     func up(_ node: Node, _ extra: [String] = []) -> CommandResult {
         fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + extra)
+                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + upOptions + extra)
     }
 
     /// Two running nodes that know each other.

@@ -12,7 +12,10 @@ import XCTest
 ///     flannel0 10.244.1.0 flannel0 10.244.2.0 flannel0 10.244.3.0
 ///     cni0 10.244.1.1       cni0 10.244.2.1     cni0 10.244.3.1
 ///       pod 1 10.244.1.2    pod 2 10.244.2.2    pod 3 10.244.3.2
-final class OverlayTests: XCTestCase {
+class OverlayTests: XCTestCase {
+    /// Options added to every `up`: none here; `OverlayTestsWorkers2`/`4` (WorkersTests.swift) run every test again
+    /// with more worker pairs.
+    var upOptions: [String] { [] }
     var tmp = ""
     var wire: TestWire!
 
@@ -43,7 +46,7 @@ final class OverlayTests: XCTestCase {
         try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
         let node = Node(index: index, ns: ns, pod: pod)
         let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                           "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + extra)
+                           "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + upOptions + extra)
         XCTAssertEqual(up.status, 0, up.description)
         return node
     }

@@ -25,11 +25,12 @@ extern "C" {
 /// IFNAMSIZ from <net/if.h> (16, including the terminating NUL).
 enum { FU_IFNAMSIZ = 16 };
 
-/// Flags for fu_tun_set_iff (values of IFF_TUN, IFF_NO_PI, IFF_VNET_HDR in <linux/if_tun.h>).
+/// Flags for fu_tun_set_iff (values of IFF_TUN, IFF_NO_PI, IFF_VNET_HDR, IFF_MULTI_QUEUE in <linux/if_tun.h>).
 enum {
     FU_IFF_TUN = 0x0001,
     FU_IFF_NO_PI = 0x1000,
     FU_IFF_VNET_HDR = 0x4000,
+    FU_IFF_MULTI_QUEUE = 0x0100,
 };
 
 /// TUNSETOFFLOAD flags (<linux/if_tun.h>).
@@ -93,6 +94,31 @@ enum {
     FU_SO_RCVBUFFORCE = 33,
     FU_SO_SNDBUFFORCE = 32,
 };
+
+// ---- worker per core ------------------------------------------------------------------------------------
+
+/// SO_REUSEPORT (<asm-generic/socket.h>): N sockets, one per worker, bound to the same address and port. Also
+/// what lets a second daemon bind the port while the first still runs (`up --replace`).
+enum { FU_SO_REUSEPORT = 15 };
+
+/// One classic BPF instruction: a mirror of struct sock_filter (<linux/filter.h>, not importable beside Glibc),
+/// checked by a _Static_assert in CShims.c. Swift builds the reuseport steering program from these.
+struct fu_sock_filter {
+    uint16_t code;
+    uint8_t jt;
+    uint8_t jf;
+    uint32_t k;
+};
+
+/// setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &(struct sock_fprog){count, program}): the classic BPF
+/// program that picks, for each datagram arriving on the port, which socket of the reuseport group gets it (its
+/// return value is the socket's index in the order they were bound). struct sock_fprog holds a pointer, so the
+/// call is built here.
+int fu_attach_reuseport_cbpf(int fd, const struct fu_sock_filter *program, unsigned short count);
+
+/// The number of CPUs this process may run on (sched_getaffinity + CPU_COUNT, both _GNU_SOURCE and macros), or
+/// -1 with errno set.
+int fu_available_cpus(void);
 
 // ---- data plane threads ----------------------------------------------------------------------------------
 

@@ -179,3 +179,30 @@ public struct PeerStatus: Codable, Equatable, Sendable {
         self.counters = counters
     }
 }
+
+/// What one worker pair moved (worker k: tun queue k and socket k), beside the global `DataPlaneCounters`: for
+/// `status`, to see the load spread over the workers and one flow stay on one worker.
+public final class WorkerCounters: Sendable {
+    public let tunToUDPPackets = ManagedAtomic<UInt64>(0)
+    public let udpToTunPackets = ManagedAtomic<UInt64>(0)
+
+    public init() {}
+
+    public func snapshot(_ index: Int) -> WorkerCounts {
+        WorkerCounts(worker: index, tunToUDPPackets: tunToUDPPackets.load(ordering: .relaxed),
+                     udpToTunPackets: udpToTunPackets.load(ordering: .relaxed))
+    }
+}
+
+/// A point-in-time copy of one worker pair's `WorkerCounters`.
+public struct WorkerCounts: Codable, Equatable, Sendable {
+    public var worker: Int
+    public var tunToUDPPackets: UInt64
+    public var udpToTunPackets: UInt64
+
+    public init(worker: Int, tunToUDPPackets: UInt64, udpToTunPackets: UInt64) {
+        self.worker = worker
+        self.tunToUDPPackets = tunToUDPPackets
+        self.udpToTunPackets = udpToTunPackets
+    }
+}

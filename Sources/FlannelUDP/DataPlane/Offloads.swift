@@ -53,7 +53,9 @@ final class OffloadState: Sendable {
 
     /// Sets up and probes the offloads. With `vnetHeader`, the header size is set to 10 bytes (a failure there is
     /// fatal: the reads could not be parsed); everything else is optional.
-    static func probe(tunFD: Int32, tunName: String, vnetHeader: Bool, socket: UDPSocket, enabled: Bool,
+    /// The tun's settings belong to the device (one queue's descriptor sets them for all); the UDP options are set
+    /// on every socket, and an offload counts as on only when every socket took it.
+    static func probe(tunFD: Int32, tunName: String, vnetHeader: Bool, sockets: [UDPSocket], enabled: Bool,
                       logger: Logger) throws(SystemError) -> OffloadState {
         var tso = false
         if vnetHeader {
@@ -73,12 +75,17 @@ final class OffloadState: Sendable {
             }
         }
         // UDP_SEGMENT size 0 is "no GSO by default": accepted by every kernel that knows the option, changes nothing.
-        let gso = enabled
-            && setUDPOption(socket, Int32(FU_UDP_SEGMENT), 0, refused: "offload gso off: UDP_SEGMENT", logger)
-        let gro = enabled && setUDPOption(socket, Int32(FU_UDP_GRO), 1, refused: "offload gro off: UDP_GRO", logger)
-        if !enabled {
-            // The socket may have been used with GRO before: make sure receives are one datagram each.
-            _ = setUDPOption(socket, Int32(FU_UDP_GRO), 0, refused: nil, logger)
+        let gso = enabled && sockets.allSatisfy {
+            setUDPOption($0, Int32(FU_UDP_SEGMENT), 0, refused: "offload gso off: UDP_SEGMENT", logger)
+        }
+        var gro = enabled
+        for socket in sockets {
+            // Set on every socket, or off on every one: a receive must never hold several datagrams unasked (a
+            // socket may have been used with GRO before).
+            if gro { gro = setUDPOption(socket, Int32(FU_UDP_GRO), 1, refused: "offload gro off: UDP_GRO", logger) }
+        }
+        if !gro {
+            for socket in sockets { _ = setUDPOption(socket, Int32(FU_UDP_GRO), 0, refused: nil, logger) }
         }
         return OffloadState(vnetHeader: vnetHeader, tso: tso, udpGSO: gso, udpGRO: gro,
                             coalesce: vnetHeader && tso && enabled)

@@ -46,10 +46,11 @@ enum TCPSegmenter {
         return (ihl &+ thl, total)
     }
 
-    /// Cuts `packet` into segments of at most `gsoSize` payload bytes and appends them to `queue` for `peer`.
+    /// Cuts `packet` into segments of at most `gsoSize` payload bytes and appends them to `queue` for `peer`
+    /// (all of one flow key, `flow`).
     /// - Precondition: the queue has room for `segmentCount(packet, gsoSize:)` segments, or is empty.
     static func segment(_ packet: UnsafeMutableRawBufferPointer, gsoSize: Int, peer: Int, name: sockaddr_in,
-                        into queue: SendQueue) -> Outcome {
+                        into queue: SendQueue, flow: UInt32 = 0) -> Outcome {
         let bytes = UnsafeRawBufferPointer(packet)
         guard gsoSize > 0, let (headerLength, total) = headers(bytes) else { return .invalid }
         let ihl = Int(bytes[IPv4Header.versionIHL] & 0x0F) &* 4
@@ -97,7 +98,7 @@ enum TCPSegmenter {
             tcp.storeBytes(of: tcpSum.bigEndian, toByteOffset: TCPHeader.checksum, as: UInt16.self)
 
             queue.append(peer: peer, name: name, first: h, firstLength: headerLength,
-                         second: base + offset, secondLength: segmentPayload)
+                         second: base + offset, secondLength: segmentPayload, flow: flow)
             offset &+= segmentPayload
             k &+= 1
         }

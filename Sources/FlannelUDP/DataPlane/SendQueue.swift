@@ -11,7 +11,10 @@ import Glibc
 ///
 /// With UDP GSO on, consecutive segments to the same peer with the same size (the last of a run may be shorter)
 /// share one message with a UDP_SEGMENT control message giving that size: the kernel cuts the message at exactly
-/// those boundaries, so the wire still carries one IPv4 packet per datagram. A run stops at `maxSegmentsPerSend`
+/// those boundaries, so the wire still carries one IPv4 packet per datagram. A run holds one flow key only
+/// (`FlowSteering.key`): the receiving node steers a GSO message (or the GRO buffer it becomes) to one of its
+/// workers by its first datagram, so a message mixing flows would carry some of them to the wrong worker, out of
+/// order with the rest of their flow. A run stops at `maxSegmentsPerSend`
 /// segments or `maxBytesPerSend` bytes (the kernel's UDP_MAX_SEGMENTS and the largest UDP payload), and after a
 /// shorter segment. Without GSO, every segment is its own message.
 ///
@@ -40,6 +43,7 @@ final class SendQueue {
     let msgs: UnsafeMutablePointer<fu_mmsghdr>
     let names: UnsafeMutablePointer<sockaddr_in>
     let messagePeer: UnsafeMutablePointer<Int>
+    let messageFlow: UnsafeMutablePointer<UInt32>
     let messageFirst: UnsafeMutablePointer<Int>
     let messageSegments: UnsafeMutablePointer<Int>
     let messageSegmentSize: UnsafeMutablePointer<Int>
@@ -59,6 +63,7 @@ final class SendQueue {
         msgs = .allocate(count: capacity, initializedTo: fu_mmsghdr())
         names = .allocate(count: capacity, initializedTo: sockaddr_in())
         messagePeer = .allocate(count: capacity, initializedTo: 0)
+        messageFlow = .allocate(count: capacity, initializedTo: 0)
         messageFirst = .allocate(count: capacity, initializedTo: 0)
         messageSegments = .allocate(count: capacity, initializedTo: 0)
         messageSegmentSize = .allocate(count: capacity, initializedTo: 0)
@@ -77,6 +82,7 @@ final class SendQueue {
         msgs.deallocate()
         names.deallocate()
         messagePeer.deallocate()
+        messageFlow.deallocate()
         messageFirst.deallocate()
         messageSegments.deallocate()
         messageSegmentSize.deallocate()
@@ -99,10 +105,10 @@ final class SendQueue {
         messageCount = 0
     }
 
-    /// Appends one segment (one IPv4 packet of `firstLength + secondLength` bytes) for `peer`.
+    /// Appends one segment (one IPv4 packet of `firstLength + secondLength` bytes of flow key `flow`) for `peer`.
     /// - Precondition: `free > 0`.
     func append(peer: Int, name: sockaddr_in, first: UnsafeMutableRawPointer, firstLength: Int,
-                second: UnsafeMutableRawPointer? = nil, secondLength: Int = 0) {
+                second: UnsafeMutableRawPointer? = nil, secondLength: Int = 0, flow: UInt32 = 0) {
         precondition(segmentCount < capacity)
         let k = segmentCount
         let length = firstLength &+ secondLength
@@ -123,7 +129,7 @@ final class SendQueue {
             let m = messageCount &- 1
             let size = messageSegmentSize[m]
             let lastLength = segmentLength[k &- 1]
-            if messagePeer[m] == peer && lastLength == size && length <= size
+            if messagePeer[m] == peer && messageFlow[m] == flow && lastLength == size && length <= size
                 && messageSegments[m] < SendQueue.maxSegmentsPerSend
                 && messageBytes[m] &+ length <= SendQueue.maxBytesPerSend {
                 messageSegments[m] &+= 1
@@ -134,6 +140,7 @@ final class SendQueue {
         let m = messageCount
         messageCount &+= 1
         messagePeer[m] = peer
+        messageFlow[m] = flow
         names[m] = name
         messageFirst[m] = k
         messageSegments[m] = 1
@@ -189,10 +196,12 @@ final class SendQueue {
         var newIndex = start &+ (segmentCount &- firstSegment) &- 1
         while m >= start {
             let peer = messagePeer[m]
+            let flow = messageFlow[m]
             let name = names[m]
             var s = messageSegments[m]
             while s > 0 {
                 messagePeer[newIndex] = peer
+                messageFlow[newIndex] = flow
                 names[newIndex] = name
                 messageFirst[newIndex] = k
                 messageSegments[newIndex] = 1

@@ -23,10 +23,15 @@ public final class UDPSocket: @unchecked Sendable {
 
     /// Opens a UDP socket bound to `endpoint`.
     ///
+    /// `reusePort`: SO_REUSEPORT before the bind, so that other sockets of this user (the other workers' ones, or a
+    /// replacing daemon's) may bind the same address and port; the kernel then spreads the datagrams over the
+    /// group (see `FlowSteering`). Without it a second bind fails with EADDRINUSE.
+    ///
     /// Buffers: SO_RCVBUFFORCE/SO_SNDBUFFORCE (which pass net.core.rmem_max/wmem_max but need CAP_NET_ADMIN),
     /// falling back to SO_RCVBUF/SO_SNDBUF (capped by those sysctls) when not permitted.
     /// - Throws: `SystemError` naming the step and the address, e.g. "bind 192.168.1.1:8285: Address already in use".
-    public init(bind endpoint: Endpoint, bufferSize: Int = UDPSocket.defaultBufferSize) throws(SystemError) {
+    public init(bind endpoint: Endpoint, bufferSize: Int = UDPSocket.defaultBufferSize,
+                reusePort: Bool = false) throws(SystemError) {
         let fd = try syscall("create UDP socket", "\(endpoint)") {
             socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue) | Int32(SOCK_CLOEXEC.rawValue),
                    0)
@@ -34,6 +39,12 @@ public final class UDPSocket: @unchecked Sendable {
         do throws(SystemError) {
             UDPSocket.setBuffer(fd, force: Int32(FU_SO_RCVBUFFORCE), plain: SO_RCVBUF, size: bufferSize)
             UDPSocket.setBuffer(fd, force: Int32(FU_SO_SNDBUFFORCE), plain: SO_SNDBUF, size: bufferSize)
+            if reusePort {
+                var one: Int32 = 1
+                try syscall("set SO_REUSEPORT on UDP socket for", "\(endpoint)") {
+                    setsockopt(fd, SOL_SOCKET, Int32(FU_SO_REUSEPORT), &one, socklen_t(MemoryLayout<Int32>.size))
+                }
+            }
             var sa = sockaddr_in()
             sa.sin_family = sa_family_t(AF_INET)
             sa.sin_port = endpoint.port.bigEndian
@@ -61,6 +72,45 @@ public final class UDPSocket: @unchecked Sendable {
             throw error
         }
         self.fd = fd
+    }
+
+    /// Opens `count` sockets on `endpoint` with SO_REUSEPORT, one per worker (port 0: the kernel's choice for the
+    /// first, the same port for the others), and with more than one attaches `FlowSteering`'s program to the
+    /// group so that each inner flow lands on one socket. Socket k is index k of the reuseport group (the kernel
+    /// numbers sockets in the order they bind).
+    ///
+    /// The port must be free: SO_REUSEPORT would let the group join any other socket of this user on it (another
+    /// daemon's, for another device), and the two would share its datagrams. So the port is first bound once
+    /// without SO_REUSEPORT, which fails with EADDRINUSE as a second daemon always did, then released for the
+    /// group. (A daemon that means to join, one replacing another, is what would skip that check.)
+    /// - Throws: `SystemError` for the first socket that cannot be opened or the program the kernel refuses (the
+    ///   sockets opened so far are closed).
+    public static func group(bind endpoint: Endpoint, count: Int,
+                             bufferSize: Int = UDPSocket.defaultBufferSize) throws(SystemError) -> [UDPSocket] {
+        precondition(count >= 1)
+        let probe = try UDPSocket(bind: endpoint, bufferSize: 0)
+        let free = probe.localEndpoint
+        probe.close()
+        var sockets: [UDPSocket] = []
+        do throws(SystemError) {
+            sockets.append(try UDPSocket(bind: free, bufferSize: bufferSize, reusePort: true))
+            let bound = sockets[0].localEndpoint
+            while sockets.count < count {
+                sockets.append(try UDPSocket(bind: bound, bufferSize: bufferSize, reusePort: true))
+            }
+            if count > 1 {
+                let program = FlowSteering.program(workers: count)
+                try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(bound)") {
+                    program.withUnsafeBufferPointer {
+                        fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
+                    }
+                }
+            }
+        } catch {
+            for s in sockets { s.close() }
+            throw error
+        }
+        return sockets
     }
 
     private static func setBuffer(_ fd: Int32, force: Int32, plain: Int32, size: Int) {

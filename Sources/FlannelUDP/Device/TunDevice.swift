@@ -3,15 +3,20 @@ import CShims
 import Glibc
 #endif
 
-/// A Linux tun device opened through /dev/net/tun (IFF_TUN | IFF_NO_PI, optionally IFF_VNET_HDR).
+/// A Linux tun device opened through /dev/net/tun (IFF_TUN | IFF_NO_PI | IFF_MULTI_QUEUE, optionally
+/// IFF_VNET_HDR), with one descriptor per queue: the kernel spreads the packets routed into the device over its
+/// queues by flow hash, one forwarding worker reads each. Multi-queue even with one queue, so that another process
+/// (a replacing daemon) can attach queues of its own to the same device.
 ///
 /// The device exists for as long as this file descriptor is open: flannel-udp never makes it persistent, so a
 /// daemon that dies, however it dies, takes its device and the device's routes with it.
 public final class TunDevice: @unchecked Sendable {
     /// The name the kernel gave the device (the requested one, or e.g. "tun0" for a pattern).
     public let name: String
-    /// The open /dev/net/tun descriptor, owned by this object.
-    public let fd: Int32
+    /// The first queue's /dev/net/tun descriptor, owned by this object.
+    public var fd: Int32 { queueFDs[0] }
+    /// One descriptor per queue, all owned by this object.
+    public let queueFDs: [Int32]
     /// True when every read and write carries a `virtio_net_hdr` in front of the packet.
     public let vnetHeader: Bool
 
@@ -35,40 +40,53 @@ public final class TunDevice: @unchecked Sendable {
         return nil
     }
 
-    /// Opens /dev/net/tun and attaches to (creating if needed) the tun device `name`.
+    /// Opens /dev/net/tun `queues` times and attaches each to (creating if needed) the tun device `name`.
     /// - Parameter vnetHeader: ask for IFF_VNET_HDR, needed for TSO/checksum offload.
-    /// - Throws: `SystemError` naming the device; EBUSY when another process holds it.
-    public init(name: String, vnetHeader: Bool = false) throws(SystemError) {
+    /// - Throws: `SystemError` naming the device (and the queue when there are several); EBUSY when another
+    ///   process holds it without IFF_MULTI_QUEUE, EINVAL when it was made with other flags.
+    public init(name: String, vnetHeader: Bool = false, queues: Int = 1) throws(SystemError) {
         if let problem = TunDevice.validateName(name) {
             throw SystemError("open tun device", problem, errno: EINVAL)
         }
-        let fd = try syscall("open", "/dev/net/tun") { open("/dev/net/tun", O_RDWR | O_CLOEXEC) }
-        var flags = Int16(FU_IFF_TUN | FU_IFF_NO_PI)
+        precondition(queues >= 1)
+        var flags = Int16(FU_IFF_TUN | FU_IFF_NO_PI | FU_IFF_MULTI_QUEUE)
         if vnetHeader { flags |= Int16(FU_IFF_VNET_HDR) }
-        var out = [CChar](repeating: 0, count: Int(FU_IFNAMSIZ))
-        do {
-            try syscall("create tun device", name) { fu_tun_set_iff(fd, name, flags, &out) }
+        var fds: [Int32] = []
+        var actual = name
+        do throws(SystemError) {
+            for q in 0..<queues {
+                let fd = try syscall("open", "/dev/net/tun") { open("/dev/net/tun", O_RDWR | O_CLOEXEC) }
+                fds.append(fd)
+                var out = [CChar](repeating: 0, count: Int(FU_IFNAMSIZ))
+                // Queues after the first attach to the device the first one made (its name, if a pattern was given).
+                let what = q == 0 ? (queues == 1 ? "create tun device" : "create tun device (queue 1 of \(queues))")
+                                  : "attach queue \(q + 1) of \(queues) to tun device"
+                try syscall(what, actual) { fu_tun_set_iff(fd, actual, flags, &out) }
+                if q == 0 { actual = String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self) }
+            }
         } catch {
-            _ = Glibc.close(fd)
+            for fd in fds { _ = Glibc.close(fd) }
             throw error
         }
-        self.fd = fd
-        self.name = String(decoding: out.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        queueFDs = fds
+        self.name = actual
         self.vnetHeader = vnetHeader
     }
 
-    /// Switches the descriptor between blocking and non-blocking mode.
+    /// Switches every queue's descriptor between blocking and non-blocking mode.
     public func setNonBlocking(_ on: Bool) throws(SystemError) {
-        let flags = try syscall("get flags of tun device", name) { fcntl(fd, F_GETFL) }
-        let new = on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK
-        try syscall("set O_NONBLOCK on tun device", name) { fcntl(fd, F_SETFL, new) }
+        for fd in queueFDs {
+            let flags = try syscall("get flags of tun device", name) { fcntl(fd, F_GETFL) }
+            let new = on ? flags | O_NONBLOCK : flags & ~O_NONBLOCK
+            try syscall("set O_NONBLOCK on tun device", name) { fcntl(fd, F_SETFL, new) }
+        }
     }
 
-    /// Closes the descriptor; the kernel then removes the device and every route through it. Idempotent.
+    /// Closes every queue; the kernel then removes the device and every route through it. Idempotent.
     public func close() {
         guard !closed else { return }
         closed = true
-        _ = Glibc.close(fd)
+        for fd in queueFDs { _ = Glibc.close(fd) }
     }
 
     deinit { close() }

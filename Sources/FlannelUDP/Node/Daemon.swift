@@ -156,9 +156,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             }
         }
 
-        // Bind the UDP port before touching any device, so "address in use" changes nothing.
-        let socket: UDPSocket
-        socket = try Failure.system(try UDPSocket(bind: plan.listen))
+        // Bind the UDP port before touching any device, so "address in use" changes nothing. One socket per worker,
+        // each inner flow steered to one of them (FlowSteering).
+        let sockets: [UDPSocket] = try Failure.system(try UDPSocket.group(bind: plan.listen, count: config.workers))
 
         let tun: TunDevice
         tun = try setup.bringUp(plan)
@@ -186,7 +186,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         let fwd: Forwarder
         do {
-            fwd = try Forwarder(tun: tun, socket: socket, table: table,
+            fwd = try Forwarder(tun: tun, sockets: sockets, table: table,
                                 config: ForwardingConfig(network: config.network, subnet: config.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
@@ -441,6 +441,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
             })
         status.offloadStatistics = forwarder?.offloadStatistics
+        status.workers = forwarder?.workerCounts
         status.masquerade = masquerade?.status
         status.repairs = nodeGuard?.status
         status.phase = "running"

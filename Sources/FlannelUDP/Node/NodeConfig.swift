@@ -23,6 +23,8 @@ public struct NodeConfig: Sendable {
     /// Kernel offloads (TUN TSO with segmentation here, UDP GSO/GRO, TCP coalescing into the tun), each probed
     /// and left off when the kernel refuses it. false is the plain path, one packet per syscall entry.
     public var offloads = true
+    /// Worker pairs: tun queues, UDP sockets on the port (SO_REUSEPORT) and two threads per pair (`Workers`).
+    public var workers = 1
 
     public init(network: IPv4Network, subnet: IPv4Network) {
         self.network = network
@@ -36,8 +38,8 @@ public struct NodeConfig: Sendable {
                    subnet: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 24))
     }
 
-    /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay.
-    public static let encapsulationOverhead = 28
+    /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay (see `WireFormat`).
+    public static let encapsulationOverhead = WireFormat.overhead
 
     /// The tun's transmit queue: packets routed into the overlay wait there for the forwarder to read them, and the
     /// kernel drops (tx_dropped) what does not fit. The tun driver's default is 500 (flannel keeps it and loses

@@ -95,6 +95,13 @@ public enum PrometheusText {
             out.family("flannel_udp_offload_largest_datagram_received_bytes", .gauge, "The largest datagram payload received from a peer.")
             out.sample("flannel_udp_offload_largest_datagram_received_bytes", [:], o.largestDatagramReceived)
         }
+        if let workers = status.workers {
+            out.family("flannel_udp_worker_packets_total", .counter, "Packets each worker pair moved, by direction.")
+            for w in workers {
+                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "direction": "tunToUDP"], w.tunToUDPPackets)
+                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "direction": "udpToTun"], w.udpToTunPackets)
+            }
+        }
         if let lease = status.lease {
             out.family("flannel_udp_lease_expiry_timestamp_seconds", .gauge, "When our etcd lease expires unless renewed, in seconds since the epoch.")
             out.sample("flannel_udp_lease_expiry_timestamp_seconds", ["subnet": lease.subnet], lease.expires.timeIntervalSince1970)

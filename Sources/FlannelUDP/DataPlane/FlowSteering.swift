@@ -1,0 +1,103 @@
+import CShims
+
+/// Which worker gets a packet of an inner flow, the same on both sides of a node:
+///
+/// - tun -> UDP: the kernel spreads packets over the tun's queues by flow hash (IFF_MULTI_QUEUE), one worker per
+///   queue, so one flow's packets are read by one worker, in order.
+/// - UDP -> tun: every datagram between two nodes has the same outer 4-tuple, so the kernel's reuseport hash would
+///   put them all on one socket. A classic BPF program on the reuseport group (SO_ATTACH_REUSEPORT_CBPF) picks the
+///   socket instead. For UDP the kernel runs it with the packet data starting at the UDP payload (it pulls the UDP
+///   header first; verified on Linux 6.18 by ReusePortSteeringTests), so it reads flannel's inner IPv4 header:
+///   the key is source ^ destination, ^ the port word for unfragmented TCP and UDP, and the socket is
+///   `((key * 0x9E3779B1) >> 16) % workers` (multiplicative hashing: the high bits of the product mix every
+///   bit of the key, so flows whose ports differ by one still spread). A load beyond the datagram makes the
+///   kernel's interpreter return 0: such datagrams (malformed anyway) go to the first socket.
+///
+/// A UDP GSO message or a GRO-merged buffer is steered as one, by its first datagram: the sender therefore puts
+/// only datagrams of one flow key into a GSO message (`SendQueue`), which covers nodes joined by veths or any path
+/// that keeps GSO packets whole. Known limit: a receiving NIC whose UDP GRO merges datagrams of several flows from
+/// one peer (the kernel merges by outer 4-tuple, blind to the payload) hands over a buffer steered by its first
+/// flow, so the others' datagrams in it may be handled by another worker than the rest of their flow, and be
+/// reordered against it. `--workers 1` (or `--no-offload`, which turns UDP GRO off) avoids that.
+public enum FlowSteering {
+    /// The flow key of an inner IPv4 packet (what the program computes before the multiplication), or nil when
+    /// the program would stop on a load beyond the packet.
+    public static func key(_ packet: UnsafeRawBufferPointer) -> UInt32? {
+        guard packet.count >= 20 else { return nil }
+        var key = load32(packet, 12) ^ load32(packet, 16)
+        let proto = packet[9]
+        let fragment = UInt16(packet[6]) << 8 | UInt16(packet[7])
+        if (proto == 6 || proto == 17) && fragment & 0x3FFF == 0 {
+            let x = Int(packet[0] & 0x0F) &* 4
+            guard x &+ 4 <= packet.count else { return nil }
+            key ^= load32(packet, x)
+        }
+        return key
+    }
+
+    /// The worker (socket index) of a packet among `workers`, as the program decides it.
+    public static func worker(_ packet: UnsafeRawBufferPointer, workers: Int) -> Int {
+        guard let key = key(packet) else { return 0 }
+        return worker(key: key, workers: workers)
+    }
+
+    @inline(__always)
+    public static func worker(key: UInt32, workers: Int) -> Int {
+        Int(((key &* 0x9E37_79B1) >> 16) % UInt32(workers))
+    }
+
+    /// The classic BPF program for `workers` sockets (see above; `workers` >= 1).
+    public static func program(workers: Int) -> [fu_sock_filter] {
+        precondition(workers >= 1 && workers <= 65536)
+        func op(_ code: UInt16, _ k: UInt32 = 0, jt: UInt8 = 0, jf: UInt8 = 0) -> fu_sock_filter {
+            fu_sock_filter(code: code, jt: jt, jf: jf, k: k)
+        }
+        return [
+            op(BPF.ldAbsW, 16),                     //  0  A = inner destination
+            op(BPF.tax),                            //  1  X = A
+            op(BPF.ldAbsW, 12),                     //  2  A = inner source
+            op(BPF.xorX),                           //  3  A ^= X
+            op(BPF.st, 0),                          //  4  M[0] = A
+            op(BPF.ldAbsB, 9),                      //  5  A = protocol
+            op(BPF.jeqK, 6, jt: 1, jf: 0),          //  6  TCP: ports (8)
+            op(BPF.jeqK, 17, jt: 0, jf: 7),         //  7  UDP: ports (8), else the hash (15)
+            op(BPF.ldAbsH, 6),                      //  8  A = flags and fragment offset
+            op(BPF.jsetK, 0x3FFF, jt: 5, jf: 0),    //  9  a fragment: no ports, the hash (15)
+            op(BPF.ldxMSH, 0),                      // 10  X = 4 * IHL
+            op(BPF.ldIndW, 0),                      // 11  A = the port word after the IPv4 header
+            op(BPF.ldxMem, 0),                      // 12  X = M[0]
+            op(BPF.xorX),                           // 13  A ^= X
+            op(BPF.st, 0),                          // 14  M[0] = A
+            op(BPF.ldMem, 0),                       // 15  A = M[0], the key
+            op(BPF.mulK, 0x9E37_79B1),              // 16
+            op(BPF.rshK, 16),                       // 17
+            op(BPF.modK, UInt32(workers)),          // 18
+            op(BPF.retA),                           // 19  the socket's index
+        ]
+    }
+
+    @inline(__always)
+    private static func load32(_ p: UnsafeRawBufferPointer, _ offset: Int) -> UInt32 {
+        UInt32(bigEndian: p.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
+    }
+}
+
+/// The classic BPF opcodes the steering program uses (<linux/filter.h>, <linux/bpf_common.h>).
+public enum BPF {
+    public static let ldAbsW: UInt16 = 0x20   // BPF_LD | BPF_W | BPF_ABS
+    public static let ldAbsH: UInt16 = 0x28   // BPF_LD | BPF_H | BPF_ABS
+    public static let ldAbsB: UInt16 = 0x30   // BPF_LD | BPF_B | BPF_ABS
+    public static let ldIndW: UInt16 = 0x40   // BPF_LD | BPF_W | BPF_IND
+    public static let ldMem: UInt16 = 0x60    // BPF_LD | BPF_MEM
+    public static let ldxMem: UInt16 = 0x61   // BPF_LDX | BPF_MEM
+    public static let ldxMSH: UInt16 = 0xB1   // BPF_LDX | BPF_B | BPF_MSH: X = 4 * (P[k] & 0xf)
+    public static let st: UInt16 = 0x02       // BPF_ST
+    public static let tax: UInt16 = 0x07      // BPF_MISC | BPF_TAX
+    public static let xorX: UInt16 = 0xAC     // BPF_ALU | BPF_XOR | BPF_X
+    public static let mulK: UInt16 = 0x24     // BPF_ALU | BPF_MUL | BPF_K
+    public static let rshK: UInt16 = 0x74     // BPF_ALU | BPF_RSH | BPF_K
+    public static let modK: UInt16 = 0x94     // BPF_ALU | BPF_MOD | BPF_K
+    public static let jeqK: UInt16 = 0x15     // BPF_JMP | BPF_JEQ | BPF_K
+    public static let jsetK: UInt16 = 0x45    // BPF_JMP | BPF_JSET | BPF_K
+    public static let retA: UInt16 = 0x16     // BPF_RET | BPF_A
+}

@@ -1,0 +1,74 @@
+import CShims
+
+/// Tunables of the data plane's workers.
+public struct ForwarderOptions: Sendable {
+    /// Packets per batch: tun reads before one sendmmsg, datagrams per recvmmsg.
+    public var batchSize: Int
+    /// Bytes per packet buffer. 65536 holds any IPv4 packet, TSO super-packets and UDP GRO buffers included (the
+    /// tun -> UDP buffers get room for the virtio header on top); a read that fills the whole buffer is treated
+    /// as truncated.
+    public var bufferSize: Int
+    /// How long a worker waits for the socket to become writable when sendmmsg says EAGAIN, before dropping the
+    /// rest of the batch as `sendFailed`. Never a busy retry.
+    public var sendWaitMilliseconds: Int32
+    /// Batches a worker processes per wakeup before it polls again (so a stop request is seen under load).
+    public var batchesPerWakeup: Int
+    /// Kernel offloads, each probed at start and left off when the kernel refuses it: TSO from the tun (needs a
+    /// tun opened with `vnetHeader: true`) with segmentation here, UDP GSO on send, UDP GRO on receive, TCP
+    /// coalescing into the tun (needs the vnet header too). False forces the plain path: one packet per read,
+    /// write and datagram, as flannel's proxy does (`--no-offload`).
+    public var offloads: Bool
+    /// Segments the tun -> UDP worker queues before it must send them (one sendmmsg).
+    public var sendQueueCapacity: Int
+    /// Bytes the tun -> UDP worker reads from the tun before it sends what it has (a batch ends at `batchSize`
+    /// packets or at this many bytes, whichever comes first). With TSO one read is a 64 KiB super-packet, so 64
+    /// reads would be 4 MiB: more than a core's L2 cache, and the segments would be sent long after they were
+    /// read, from memory that has gone cold. A few super-packets per sendmmsg keep both the copy-out and the
+    /// pipeline to the peer short. Small packets still batch up to `batchSize`.
+    public var readBytesPerBatch: Int
+    /// Datagram buffers per recvmmsg when UDP GRO is on (each may hold up to 64 KiB of coalesced datagrams), for
+    /// the same reason: 8 keeps a batch in cache between the copy in and the copy out to the tun.
+    public var groBatchSize: Int
+    /// The longest a worker sleeps in poll() with nothing to do. Each pass of its loop bumps its heartbeat
+    /// (`Forwarder.heartbeats`), so an idle worker still proves it is alive at least this often; the systemd
+    /// watchdog pings only while every heartbeat moves.
+    public var heartbeatMilliseconds: Int32
+
+    public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
+                batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
+                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000) {
+        precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
+                     && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
+        self.heartbeatMilliseconds = heartbeatMilliseconds
+        self.readBytesPerBatch = readBytesPerBatch
+        self.groBatchSize = groBatchSize
+        self.batchSize = batchSize
+        self.bufferSize = bufferSize
+        self.sendWaitMilliseconds = sendWaitMilliseconds
+        self.batchesPerWakeup = batchesPerWakeup
+        self.offloads = offloads
+        self.sendQueueCapacity = sendQueueCapacity
+    }
+}
+
+/// How many worker pairs a node runs (`up --workers`).
+public enum Workers {
+    /// The most `--workers` accepts: a tun has at most 256 queues, and beyond a few dozen threads per direction
+    /// the steering program's spread, not the cores, is what limits.
+    public static let maximum = 64
+    /// The default's cap: one pair per CPU up to this many. Past it each pair adds memory (its buffers: ~4 MiB
+    /// for the tun reads and the GRO receives) and the kernel's own per-packet work, not the workers, dominates.
+    public static let defaultCap = 8
+
+    /// One pair per CPU this process may run on (sched_getaffinity: a container's or taskset's CPU set, not the
+    /// machine's), at most `defaultCap`; 1 if the kernel will not say.
+    public static func defaultCount() -> Int {
+        let cpus = fu_available_cpus()
+        return cpus < 1 ? 1 : min(Int(cpus), defaultCap)
+    }
+
+    /// nil when `n` is a valid worker count, else why not.
+    public static func validate(_ n: Int) -> String? {
+        (1...maximum).contains(n) ? nil : "--workers must be between 1 and \(maximum), not \(n)"
+    }
+}

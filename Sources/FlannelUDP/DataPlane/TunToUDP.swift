@@ -1,0 +1,57 @@
+//  tun -> UDP, one worker per tun queue:
+//
+//      tun queue ──read()×batch──▶ TunReader ─────────▶ decide ──forward──▶ UDPSender ──sendmmsg──▶ peers
+//                                  virtio header         PacketDecider       TSO cut into datagrams
+//                                  checksum completion   .fromTun            GSO grouping, its fallback
+//                                  (drops: malformed,         │
+//                                   oversize)                 └─icmpToTun─▶ TunWriter ──write──▶ tun
+//                                                                           (net unreachable, time exceeded)
+//
+//  The worker only reads, decides and hands over; each stage owns its buffers (allocated once) and its system
+//  calls (through `PacketIO`). Nothing is copied: a datagram is the bytes the tun wrote, or a header the cut
+//  wrote plus a slice of them.
+
+/// tun -> UDP: see the picture above.
+final class TunToUDPWorker: ForwardingWorker {
+    let reader: TunReader
+    let sender: UDPSender
+    private let icmpWriter: TunWriter
+
+    init(reader: TunReader, sender: UDPSender, icmpWriter: TunWriter, _ setup: WorkerSetup) {
+        self.reader = reader
+        self.sender = sender
+        self.icmpWriter = icmpWriter
+        super.init(setup)
+    }
+
+    override var inputFD: Int32 { reader.fd }
+
+    override func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
+        let n = try reader.read()
+        return (n, reader.isEmpty)
+    }
+
+    override func handleBatch(_ count: Int) throws(SystemError) { try forwardBatch(count) }
+
+    /// Decides each packet of the batch once (for a super-packet: in the template of all its segments) and hands
+    /// it over; one flush at the end.
+    func forwardBatch(_ count: Int) throws(SystemError) {
+        let snapshot = table.snapshot()
+        var i = 0
+        while i < count {
+            defer { i += 1 }
+            guard var packet = reader.packet(i) else { continue }
+            switch decider.fromTun(packet.bytes, snapshot: snapshot, scratch: scratch) {
+            case .forward(let peer, let length):
+                packet.bytes = UnsafeMutableRawBufferPointer(rebasing: packet.bytes[0..<length])
+                try sender.append(packet, peer: peer, snapshot: snapshot)
+            case .icmpToTun(let length, let reason):
+                counters.countDrop(reason)
+                try icmpWriter.writeICMP(UnsafeMutableRawBufferPointer(rebasing: scratch[0..<length]))
+            case .drop(let reason, let limited):
+                dropped(reason, limited: limited)
+            }
+        }
+        try sender.flush(snapshot)
+    }
+}

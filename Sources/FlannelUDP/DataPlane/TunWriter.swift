@@ -1,0 +1,130 @@
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The tun's writing side, as wireguard-go keeps it inside its tun device: one packet per write (after a
+/// virtio_net_hdr when the tun has IFF_VNET_HDR), and with coalescing on, runs of one TCP flow merged into one
+/// super-packet (`TCPCoalescer`) written with one writev. `deliver` may hold a packet back in the open group;
+/// `endBatch` writes it and publishes the batch's counts. A full tun queue (EAGAIN) drops the packet as
+/// `tunWriteFailed`, never retried in a loop (flannel busy-retries here).
+final class TunWriter {
+    let fd: Int32
+    let name: String
+    let vnet: Bool
+    private let coalescer: TCPCoalescer?
+    private let counters: DataPlaneCounters
+    private let worker: WorkerCounters
+    private let offloads: OffloadState
+    private let logger: Logger
+    private var logLimiter = LogLimiter()
+    /// The virtio_net_hdr written before a packet, and the two-piece iovec for that write.
+    private let header: UnsafeMutableRawPointer
+    private let iovs: UnsafeMutablePointer<iovec>
+    // The open coalescing group: its peer, packets and bytes as received (for the counters).
+    private var groupPeer = 0
+    private var groupPackets = 0
+    private var groupBytes = 0
+    private var delivered: UInt64 = 0
+    private var deliveredBytes: UInt64 = 0
+
+    init(fd: Int32, name: String, vnet: Bool, coalesce: Bool, counters: DataPlaneCounters, worker: WorkerCounters,
+         offloads: OffloadState, logger: Logger) {
+        self.fd = fd
+        self.name = name
+        self.vnet = vnet
+        self.counters = counters
+        self.worker = worker
+        self.offloads = offloads
+        self.logger = logger
+        coalescer = coalesce ? TCPCoalescer() : nil
+        header = .allocate(byteCount: 16, alignment: 16)
+        header.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
+        iovs = .allocate(count: 2, initializedTo: iovec())
+    }
+
+    deinit {
+        header.deallocate()
+        iovs.deallocate()
+    }
+
+    /// Hands `packet` (from `peer`) to the tun: into the open coalescing group, as the start of a new one, or
+    /// written at once.
+    func deliver(_ packet: UnsafeMutableRawBufferPointer, peer: Int, snapshot: RouteSnapshot) throws(SystemError) {
+        if let c = coalescer {
+            if c.isOpen {
+                if c.append(UnsafeRawBufferPointer(packet)) {
+                    groupPackets += 1
+                    groupBytes += packet.count
+                    return
+                }
+                try flushGroup(c, snapshot)
+            }
+            if TCPCoalescer.isCandidate(UnsafeRawBufferPointer(packet)) {
+                c.begin(packet)
+                groupPeer = peer
+                groupPackets = 1
+                groupBytes = packet.count
+                return
+            }
+        }
+        if try write(packet) {
+            snapshot.peers[peer].counters.countRx(bytes: packet.count)
+            delivered &+= 1
+            deliveredBytes &+= UInt64(packet.count)
+        }
+    }
+
+    /// Writes the open group, and adds what this batch delivered to the direction's counters.
+    func endBatch(_ snapshot: RouteSnapshot) throws(SystemError) {
+        if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }
+        counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
+        counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
+        worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
+        delivered = 0
+        deliveredBytes = 0
+    }
+
+    /// Writes an ICMP error the sending side built (counted as `icmpSent`, not as delivered).
+    func writeICMP(_ packet: UnsafeMutableRawBufferPointer) throws(SystemError) {
+        if try write(packet) { counters.icmpSent.wrappingIncrement(ordering: .relaxed) }
+    }
+
+    /// Writes the open coalescing group (one super-packet, or its single packet as it came).
+    private func flushGroup(_ c: TCPCoalescer, _ snapshot: RouteSnapshot) throws(SystemError) {
+        let pieces = c.finish(header: header)
+        let packets = groupPackets
+        if packets > 1 { offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
+        if try write(pieces) {
+            snapshot.peers[groupPeer].counters.countRx(packets: packets, bytes: groupBytes)
+            delivered &+= UInt64(packets)
+            deliveredBytes &+= UInt64(groupBytes)
+        } else if packets > 1 {
+            counters.countDrop(.tunWriteFailed, UInt64(packets - 1))  // the failed write counted one
+        }
+        groupPackets = 0
+        groupBytes = 0
+    }
+
+    /// One packet, after a virtio_net_hdr saying "nothing to do" when the tun has one.
+    private func write(_ packet: UnsafeMutableRawBufferPointer) throws(SystemError) -> Bool {
+        guard vnet else {
+            return try written(PacketIO.call("write to", name) { Glibc.write(fd, packet.baseAddress, packet.count) })
+        }
+        VirtioNetHeader.none.store(to: header)
+        iovs[0] = iovec(iov_base: header, iov_len: VirtioNetHeader.length)
+        iovs[1] = iovec(iov_base: packet.baseAddress, iov_len: packet.count)
+        return try write(UnsafeBufferPointer(start: iovs, count: 2))
+    }
+
+    /// One writev of a gather list (virtio header first when the tun has one).
+    private func write(_ pieces: UnsafeBufferPointer<iovec>) throws(SystemError) -> Bool {
+        try written(PacketIO.call("write to", name) { Glibc.writev(fd, pieces.baseAddress!, Int32(pieces.count)) })
+    }
+
+    private func written(_ result: PacketIO.Result) -> Bool {
+        if case .done = result { return true }
+        PacketIO.dropped(result, .tunWriteFailed, counters, "write to \(name)", &logLimiter, logger)
+        return false
+    }
+}

@@ -1,0 +1,147 @@
+import CShims
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The socket's sending side, as wireguard-go keeps it inside its bind: packets queue up (TSO super-packets cut
+/// into whole IPv4 packets on the way in), and `flush` sends the queue in one sendmmsg, with UDP GSO grouping runs
+/// of equal-size datagrams to one peer into one message. GSO's fallback lives here too: a refused GSO send is sent
+/// again one datagram per packet (for good after EIO). Counts what it sends per peer and in total.
+final class UDPSender {
+    let fd: Int32
+    let name: String
+    let queue: SendQueue
+    private let waitMilliseconds: Int32
+    private let counters: DataPlaneCounters
+    private let worker: WorkerCounters
+    private let offloads: OffloadState
+    private let logger: Logger
+    private var logLimiter = LogLimiter()
+
+    /// `queueCapacity`: datagrams queued before a flush (default: `sendQueueCapacity`, at least a batch); 1 for
+    /// a sender that only ever uses `sendNow`.
+    init(socket fd: Int32, name: String, options: ForwarderOptions, counters: DataPlaneCounters,
+         worker: WorkerCounters, offloads: OffloadState, logger: Logger, queueCapacity: Int? = nil) {
+        self.fd = fd
+        self.name = name
+        self.counters = counters
+        self.worker = worker
+        self.offloads = offloads
+        self.logger = logger
+        waitMilliseconds = options.sendWaitMilliseconds
+        queue = SendQueue(capacity: queueCapacity ?? max(options.sendQueueCapacity, options.batchSize),
+                          gso: offloads.udpGSO.load(ordering: .relaxed))
+    }
+
+    /// Queues `packet` for `peer`, sending what is queued first when it would not fit.
+    func append(_ packet: TunPacket, peer: Int, snapshot: RouteSnapshot) throws(SystemError) {
+        if packet.datagrams > queue.free { try flush(snapshot) }
+        switch packet.cut(into: queue, peer: peer, name: snapshot.peers[peer].sockaddr) {
+        case .segmented:
+            if packet.gsoSize > 0 { offloads.superPacketsSegmented.wrappingIncrement(ordering: .relaxed) }
+        case .invalid: counters.countDrop(.malformed)
+        case .tooManySegments: counters.countDrop(.oversize)
+        }
+    }
+
+    /// One sendmmsg for the queue; a partial send continues where the kernel stopped. sendmmsg reports an error
+    /// only for the first message it could not send: that one is counted as `sendFailed` (all its segments) and
+    /// skipped. On EAGAIN (socket buffer full) wait for POLLOUT up to `sendWaitMilliseconds` once per call, then
+    /// drop the rest. A GSO message refused with EIO (the route's device cannot checksum UDP, the one refusal
+    /// that only GSO gets): GSO goes off for good, with one log line. With EINVAL (also what a segment larger
+    /// than the route's MTU gets, so not proof that GSO is unusable): this queue only. Either way the rest of the
+    /// queue is sent again one datagram per packet.
+    func flush(_ snapshot: RouteSnapshot) throws(SystemError) {
+        guard !queue.isEmpty else { return }
+        defer {
+            queue.reset()
+            queue.gso = offloads.udpGSO.load(ordering: .relaxed)
+        }
+        queue.prepareMessages()
+        var sent = 0
+        var waited = false
+        var packets: UInt64 = 0
+        var bytes: UInt64 = 0
+        while sent < queue.messageCount {
+            let msgs = queue.msgs + sent
+            let count = UInt32(queue.messageCount - sent)
+            switch try PacketIO.call("sendmmsg on", name, { Int(fu_sendmmsg(fd, msgs, count, 0)) }) {
+            case .done(let r):
+                var j = sent
+                while j < sent + r {
+                    let n = queue.messageSegments[j]
+                    let len = queue.messageBytes[j]
+                    snapshot.peers[queue.messagePeer[j]].counters.countTx(packets: n, bytes: len)
+                    packets &+= UInt64(n)
+                    bytes &+= UInt64(len)
+                    j += 1
+                }
+                sent += r
+            case .wouldBlock:
+                if !waited {
+                    waited = true
+                    var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    _ = poll(&pfd, 1, waitMilliseconds)
+                    continue
+                }
+                var dropped = 0
+                var j = sent
+                while j < queue.messageCount { dropped += queue.messageSegments[j]; j += 1 }
+                counters.countDrop(.sendFailed, UInt64(dropped))
+                logLimiter.warn(logger, "sendmmsg on \(name) (socket buffer full, \(dropped) dropped)", EAGAIN)
+                sent = queue.messageCount
+            case .failed(let e):
+                if queue.gso && queue.messageSegments[sent] > 1 && (e == EIO || e == EINVAL) {
+                    gsoRefused(e, message: sent)
+                    continue
+                }
+                counters.countDrop(.sendFailed, UInt64(queue.messageSegments[sent]))
+                logLimiter.warn(logger, "sendmmsg on \(name) to \(peerDescription(queue.names[sent]))", e)
+                sent += 1
+            }
+        }
+        counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
+        counters.tunToUDPBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
+        worker.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
+    }
+
+    /// GSO's fallback: the messages from `message` on are rewritten one datagram per packet.
+    private func gsoRefused(_ e: Int32, message: Int) {
+        let to = peerDescription(queue.names[message])
+        if e == EIO {
+            offloads.udpGSO.store(false, ordering: .relaxed)
+            logger.warning("""
+                offload gso off: the kernel refused a UDP GSO send on \(name) to \(to) (\(SystemError.describe(e))); \
+                sending one datagram per packet
+                """)
+        } else {
+            logLimiter.warn(logger, "UDP GSO send on \(name) to \(to) refused, resent one datagram each", e)
+        }
+        queue.splitMessages(from: message)
+        queue.prepareMessages(from: message)
+    }
+
+    /// One datagram to `peer` at once (an ICMP error the receiving side built), with sendto; counted as
+    /// `icmpSent`, or dropped as `sendFailed`.
+    func sendNow(_ packet: UnsafeRawBufferPointer, to peer: PeerEntry) throws(SystemError) {
+        var sa = peer.sockaddr
+        let result = try PacketIO.call("sendto on", name) {
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(fd, packet.baseAddress, packet.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        }
+        if case .done = result {
+            counters.icmpSent.wrappingIncrement(ordering: .relaxed)
+            return
+        }
+        PacketIO.dropped(result, .sendFailed, counters, "send ICMP error to \(peer.route.endpoint)", &logLimiter,
+                         logger)
+    }
+}
+
+func peerDescription(_ sa: sockaddr_in) -> String {
+    "\(IPv4Address(networkOrder: sa.sin_addr.s_addr)):\(UInt16(bigEndian: sa.sin_port))"
+}

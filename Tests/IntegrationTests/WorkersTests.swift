@@ -1,0 +1,139 @@
+import Foundation
+import XCTest
+@testable import FlannelUDP
+
+// The overlay and hostile-traffic tests again, unchanged, with 2 and 4 worker pairs (on these 2 CPUs: as many
+// workers as cores, and more). Linux's test discovery lists only the test methods a class declares itself, so each
+// variant names the inherited tests it runs again; a test added to OverlayTests or HostileTrafficTests belongs here
+// too.
+final class OverlayTestsWorkers2: OverlayTests {
+    override var upOptions: [String] { ["--workers", "2"] }
+    override func testPingIperfRouteChangesAndTTL() throws { try super.testPingIperfRouteChangesAndTTL() }
+    override func testLongestPrefixWins() throws { try super.testLongestPrefixWins() }
+    override func testDatagramsFromStrangersAndSpoofersNeverReachTheTun() throws {
+        try super.testDatagramsFromStrangersAndSpoofersNeverReachTheTun()
+    }
+}
+
+final class OverlayTestsWorkers4: OverlayTests {
+    override var upOptions: [String] { ["--workers", "4"] }
+    override func testPingIperfRouteChangesAndTTL() throws { try super.testPingIperfRouteChangesAndTTL() }
+    override func testLongestPrefixWins() throws { try super.testLongestPrefixWins() }
+    override func testDatagramsFromStrangersAndSpoofersNeverReachTheTun() throws {
+        try super.testDatagramsFromStrangersAndSpoofersNeverReachTheTun()
+    }
+}
+
+final class HostileTrafficTestsWorkers2: HostileTrafficTests {
+    override var upOptions: [String] { ["--workers", "2"] }
+    override func testFloodIsCountedAndNeverReachesTheTun() throws { try super.testFloodIsCountedAndNeverReachesTheTun() }
+}
+
+final class HostileTrafficTestsWorkers4: HostileTrafficTests {
+    override var upOptions: [String] { ["--workers", "4"] }
+    override func testFloodIsCountedAndNeverReachesTheTun() throws { try super.testFloodIsCountedAndNeverReachesTheTun() }
+}
+
+/// Worker pairs end to end (topology in HostileTopology.swift): one inner flow is handled by one worker pair on
+/// both sides of a node, several flows spread over the pairs, and TCP sees no more reordering with 4 pairs than
+/// with 1.
+final class WorkersTests: HostileTopologyTestCase {
+    /// Per worker pair: packets tun -> UDP and UDP -> tun so far.
+    func workers(_ node: Node) throws -> [(tunToUDP: Int, udpToTun: Int)] {
+        let w = try XCTUnwrap(daemonStatus(node)["workers"] as? [[String: Any]])
+        return w.map { ($0["tunToUDPPackets"] as? Int ?? -1, $0["udpToTunPackets"] as? Int ?? -1) }
+    }
+
+    func pair(_ i: Int, _ j: Int, workers n: Int) throws -> (Node, Node) {
+        let a = try makeNode(i, extra: ["--workers", "\(n)"])
+        let b = try makeNode(j, extra: ["--workers", "\(n)"])
+        XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
+        XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
+        XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0, "overlay up")
+        return (a, b)
+    }
+
+    func testOneFlowStaysOnOneWorkerWhileFlowsSpread() throws {
+        let (a, b) = try pair(1, 2, workers: 4)
+        let before = try workers(a)
+        XCTAssertEqual(before.count, 4)
+
+        // One flow: 100 echo requests from pod B (an ICMP flow is its address pair). At node A every request
+        // arrives on one worker's socket, and every reply leaves through that worker's tun queue (the tun sends
+        // a flow's packets to the queue its packets were written on).
+        let p = ping(from: b.pod, a.podAddress, ["-c", "100", "-i", "0.005", "-q"])
+        XCTAssertEqual(p.status, 0, p.description)
+        let after = try workers(a)
+        let rx = zip(after, before).map { $0.0.udpToTun - $0.1.udpToTun }
+        let tx = zip(after, before).map { $0.0.tunToUDP - $0.1.tunToUDP }
+        XCTAssertEqual(rx.filter { $0 > 0 }.count, 1, "one flow, one receiving worker: \(rx)")
+        XCTAssertEqual(rx.reduce(0, +), 100, "\(rx)")
+        XCTAssertEqual(tx.filter { $0 > 0 }.count, 1, "one flow, one sending worker: \(tx)")
+        XCTAssertEqual(rx.firstIndex { $0 > 0 }, tx.firstIndex { $0 > 0 }, "the same pair both ways: \(rx) \(tx)")
+
+        // Eight TCP flows (iperf3 -P 8: eight source ports) spread over more than one worker on each side.
+        let sender = try workers(b)
+        let (_, spread) = try iperf(from: b, to: a)
+        let rx8 = zip(try workers(a), after).map { $0.0.udpToTun - $0.1.udpToTun }
+        XCTAssertGreaterThan(rx8.filter { $0 > 0 }.count, 1, "8 flows over 4 receiving workers: \(rx8) (\(spread))")
+        let tx8 = zip(try workers(b), sender).map { $0.0.tunToUDP - $0.1.tunToUDP }
+        XCTAssertGreaterThan(tx8.filter { $0 > 0 }.count, 1, "8 flows over 4 sending workers: \(tx8)")
+    }
+
+    /// iperf3 with 8 streams through 1 and through 4 worker pairs: the receiving pod's out-of-order queueing and
+    /// the sender's retransmits with 4 pairs stay in the range of 1 pair's (a flow split over two workers would
+    /// reorder a large share of its segments). A bound, not a speed.
+    func testEightStreamsReorderNoMoreWithFourWorkersThanWithOne() throws {
+        let (a1, b1) = try pair(1, 2, workers: 1)
+        let (a4, b4) = try pair(3, 4, workers: 4)
+        let one = try iperf(from: b1, to: a1)
+        let four = try iperf(from: b4, to: a4)
+        let message = "1 worker: \(one.1); 4 workers: \(four.1)"
+        print("[+] \(message)")
+        XCTAssertLessThanOrEqual(four.0.outOfOrder, 3 * one.0.outOfOrder + four.0.segments / 100, message)
+        XCTAssertLessThanOrEqual(four.0.retransmits, 3 * one.0.retransmits + four.0.segments / 100, message)
+    }
+
+    struct Reordering { var retransmits: Int; var outOfOrder: Int; var segments: Int }
+
+    /// iperf3 -P 8 for 3 s from `client`'s pod to `server`'s pod: the sender's retransmits, the receiving pod's
+    /// TCPOFOQueue (segments queued out of order) and the segments received.
+    func iperf(from client: Node, to server: Node) throws -> (Reordering, String) {
+        let before = try netstat(server.pod)
+        let srv = try startBackground(["ip", "netns", "exec", server.pod.name, "iperf3", "-s", "-1", "-B",
+                                       server.podAddress])
+        defer {
+            if srv.isRunning { srv.terminate() }
+            srv.waitUntilExit()
+        }
+        try waitFor("iperf3 listens") { (try? server.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let r = runCommand(["ip", "netns", "exec", client.pod.name, "iperf3", "-c", server.podAddress, "-P", "8",
+                            "-t", "3", "-J"])
+        XCTAssertEqual(r.status, 0, r.description)
+        let json = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any])
+        let sent = try XCTUnwrap((json["end"] as? [String: Any])?["sum_sent"] as? [String: Any])
+        let retransmits = sent["retransmits"] as? Int ?? 0
+        let after = try netstat(server.pod)
+        let ofo = (after["TCPOFOQueue"] ?? 0) - (before["TCPOFOQueue"] ?? 0)
+        let segments = (after["InSegs"] ?? 0) - (before["InSegs"] ?? 0)
+        let bits = sent["bits_per_second"] as? Double ?? 0
+        return (Reordering(retransmits: retransmits, outOfOrder: ofo, segments: segments),
+                "\(retransmits) retransmits, \(ofo) out of order of \(segments) segments, \(Int(bits / 1e6)) Mbit/s")
+    }
+
+    /// TcpExt and Tcp counters of a namespace (/proc/net/netstat and /proc/net/snmp, name -> value).
+    func netstat(_ ns: TestNamespace) throws -> [String: Int] {
+        var out: [String: Int] = [:]
+        for file in ["/proc/net/netstat", "/proc/net/snmp"] {
+            let lines = try ns.run(["cat", file]).split(separator: "\n")
+            var i = 0
+            while i + 1 < lines.count {
+                let names = lines[i].split(separator: " ").dropFirst()
+                let values = lines[i + 1].split(separator: " ").dropFirst()
+                for (n, v) in zip(names, values) { out[String(n)] = Int(v) ?? 0 }
+                i += 2
+            }
+        }
+        return out
+    }
+}
