@@ -250,10 +250,15 @@ final class EtcdRegistryTests: XCTestCase {
         XCTAssertEqual(stored, #"{"PublicIP":"192.168.5.1","PublicIPv6":null}"#)
     }
 
+    /// Our own lease in the tests that then write a peer at a fixed subnet: a random lease can be that very
+    /// subnet (1 in 255), and the peer's write would then take our lease away. Free in a fresh registry, so
+    /// acquireLease takes it as the previous subnet.
+    static let pinnedSubnet = IPv4Network(address: IPv4Address(10, 244, 1, 0), prefixLength: 24)
+
     func testWatchRelistsAfterCompaction() async throws {
         let config = try await putConfig()
         let registry = try makeRegistry("192.168.6.1")
-        _ = try await registry.acquireLease(config: config, previousSubnet: nil)
+        _ = try await registry.acquireLease(config: config, previousSubnet: Self.pinnedSubnet)
         try await server.etcdctl("put", "/coreos.com/network/subnets/10.244.90.0-24", #"{"PublicIP":"192.168.6.90"}"#)
         // Take a listing, then change and compact the history after it, so that the watch resuming from the
         // listing's revision is told its start is compacted and has to list again and apply the difference.
@@ -350,7 +355,7 @@ final class EtcdRegistryTests: XCTestCase {
         }
         let registry = try makeRegistry("192.168.9.1") { $0.username = "flannel"; $0.password = "secret" }
         let config = try await registry.loadConfig(maxAttempts: 1)
-        let lease = try await registry.acquireLease(config: config, previousSubnet: nil)
+        let lease = try await registry.acquireLease(config: config, previousSubnet: Self.pinnedSubnet)
         let observer = start(registry)
         try await etcdEventually("watch with a token") { observer.routes != nil }
         try await server.etcdctl("--user=root:rootpw", "put", "/coreos.com/network/subnets/10.244.99.0-24",
@@ -404,7 +409,7 @@ final class EtcdRegistryTests: XCTestCase {
         XCTAssertTrue(server.endpoint.hasPrefix("https://"))
         let config = try await registry.loadConfig(maxAttempts: 1)
         XCTAssertEqual(config, expected)
-        _ = try await registry.acquireLease(config: config, previousSubnet: nil)
+        _ = try await registry.acquireLease(config: config, previousSubnet: Self.pinnedSubnet)
         let observer = start(registry)
         try await server.etcdctl("put", "/coreos.com/network/subnets/10.244.97.0-24", #"{"PublicIP":"192.168.11.97"}"#)
         try await etcdEventually("peer over TLS") { observer.subnets == ["10.244.97.0/24"] }
