@@ -451,31 +451,28 @@ def print_ratios(result, cols, subject_name=RATIO_SUBJECT):
     if not others:
         return
     w0 = max([len(label) for _, label in RATIOS] + [len(f"{label}, {unit}") for _, label, unit in DIFFS]) + 2
-    table = []
-    for key, label in RATIOS:
-        cells = []
+    def cells(key, fmt, values, median):
+        """One row's cells: the median and, over several runs, the lowest-highest run."""
+        row = []
         for c in others:
             e = r[c].get(key)
             if not e:
-                cells.append("n/a")
-            elif len(e["per_run"]) > 1:
-                cells.append(f"{e['median']:.2f}x ({min(e['per_run']):.2f}-{max(e['per_run']):.2f})")
+                row.append("n/a")
+            elif len(e[values]) > 1:
+                row.append(fmt(e[median], min(e[values]), max(e[values])))
             else:
-                cells.append(f"{e['median']:.2f}x")
-        if any(x != "n/a" for x in cells):
-            table.append((label, cells))
-    for key, label, unit in DIFFS:
-        cells = []
-        for c in others:
-            e = r[c].get(key)
-            if not e:
-                cells.append("n/a")
-            elif len(e["per_run_diff"]) > 1:
-                cells.append(f"{e['median_diff']:+.1f} ({min(e['per_run_diff']):+.1f}..{max(e['per_run_diff']):+.1f})")
-            else:
-                cells.append(f"{e['median_diff']:+.1f}")
-        if any(x != "n/a" for x in cells):
-            table.append((f"{label}, {unit}", cells))
+                row.append(fmt(e[median], None, None))
+        return row
+
+    def ratio(m, lo, hi):
+        return f"{m:.2f}x" if lo is None else f"{m:.2f}x ({lo:.2f}-{hi:.2f})"
+
+    def diff(m, lo, hi):
+        return f"{m:+.1f}" if lo is None else f"{m:+.1f} ({lo:+.1f}..{hi:+.1f})"
+
+    rows = [(label, cells(key, ratio, "per_run", "median")) for key, label in RATIOS]
+    rows += [(f"{label}, {unit}", cells(key, diff, "per_run_diff", "median_diff")) for key, label, unit in DIFFS]
+    table = [(label, row) for label, row in rows if any(x != "n/a" for x in row)]
     w = max(len(x) for x in others + [x for _, cells in table for x in cells]) + 3
     print()
     print(f"{subject_name} over each: median of the per-run ratios (lowest-highest run); same run, same namespaces;")
