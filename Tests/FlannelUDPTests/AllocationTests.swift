@@ -1,5 +1,6 @@
 import XCTest
 import CAllocCounter
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Allocations made by the calling thread while `body` runs (counted by the CAllocCounter test allocator).

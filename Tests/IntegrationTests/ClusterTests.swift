@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Cluster mode end to end: a real etcd (Debian's etcd-server) on the underlay, nodes that take their subnet

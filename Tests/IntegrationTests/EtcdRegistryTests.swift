@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The etcd registry against a real etcd (Debian's etcd-server) on loopback. Root only; each test gets its own

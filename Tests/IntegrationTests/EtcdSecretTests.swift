@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The etcd password against a local unprivileged user who reads every process's argv (issue 12): whichever way

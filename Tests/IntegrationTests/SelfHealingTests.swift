@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Self-healing (issue 13), on the topology in HostileTopology.swift: while pod 1 pings pod 2 every 10 ms, the

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Start-up against an etcd that is not there yet: the process that ran `up --detach` killed before the daemon

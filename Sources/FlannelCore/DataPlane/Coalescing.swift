@@ -28,9 +28,9 @@ import Glibc
 /// header, the first packet's IPv4 + TCP headers (copied into the coalescer's own buffer when a second packet
 /// joins, then patched), and every packet's payload where it was received. Packets passed in must stay valid
 /// until `finish`'s iovecs have been written. No allocation after init.
-final class TCPCoalescer {
-    static let maxSegments = 64
-    static let maxLength = 65535
+package final class TCPCoalescer {
+    package static let maxSegments = 64
+    package static let maxLength = 65535
 
     /// The super-packet's IPv4 + TCP headers (at most 20 + 60 bytes), once the group has two packets.
     private let headerBuffer: UnsafeMutableRawPointer
@@ -40,16 +40,16 @@ final class TCPCoalescer {
     /// The first packet, where it was received.
     private var head: UnsafeMutableRawPointer?
     private var length = 0
-    private(set) var count = 0
+    package private(set) var count = 0
     private var tcpHeaderLength = 0
     private var gsoSize = 0
     private var nextSequence: UInt32 = 0
     private var closed = false
     private var push = false
 
-    var isOpen: Bool { count > 0 }
+    package var isOpen: Bool { count > 0 }
 
-    init() {
+    package init() {
         headerBuffer = .allocate(byteCount: 128, alignment: 64)
         iovecs = .allocate(count: TCPCoalescer.maxSegments &+ 2, initializedTo: iovec())
     }
@@ -62,7 +62,7 @@ final class TCPCoalescer {
     /// The packet's flags when it may start or join a group: TCP/IPv4, 20-byte IP header, not a fragment, some
     /// payload, none of SYN, RST, URG, FIN. `packet.count` must be the packet's total length.
     @inline(__always)
-    static func candidateFlags(_ packet: UnsafeRawBufferPointer) -> UInt8? {
+    package static func candidateFlags(_ packet: UnsafeRawBufferPointer) -> UInt8? {
         guard packet.count >= 40, packet[0] == 0x45, packet[IPv4Header.proto] == TCPHeader.protocolNumber else {
             return nil
         }
@@ -75,10 +75,10 @@ final class TCPCoalescer {
         return flags
     }
 
-    static func isCandidate(_ packet: UnsafeRawBufferPointer) -> Bool { candidateFlags(packet) != nil }
+    package static func isCandidate(_ packet: UnsafeRawBufferPointer) -> Bool { candidateFlags(packet) != nil }
 
     /// Opens a group with `packet`. - Precondition: no group is open and `isCandidate(packet)`.
-    func begin(_ packet: UnsafeMutableRawBufferPointer) {
+    package func begin(_ packet: UnsafeMutableRawBufferPointer) {
         precondition(count == 0)
         let p = UnsafeRawBufferPointer(packet)
         head = packet.baseAddress
@@ -93,7 +93,7 @@ final class TCPCoalescer {
     }
 
     /// Merges `packet` into the open group if the rules allow; false leaves everything as it was.
-    func append(_ packet: UnsafeRawBufferPointer) -> Bool {
+    package func append(_ packet: UnsafeRawBufferPointer) -> Bool {
         guard count > 0, !closed, count < TCPCoalescer.maxSegments, let flags = TCPCoalescer.candidateFlags(packet)
         else { return false }
         let first = UnsafeRawPointer(head!)
@@ -142,7 +142,7 @@ final class TCPCoalescer {
     /// Closes the open group: writes its virtio header to `header` (`VirtioNetHeader.length` bytes) and returns
     /// the gather list to write: `header` first, then the packet's pieces (valid until the next `begin`, and only
     /// while the packets passed in stay where they are).
-    func finish(header: UnsafeMutableRawPointer) -> UnsafeBufferPointer<iovec> {
+    package func finish(header: UnsafeMutableRawPointer) -> UnsafeBufferPointer<iovec> {
         precondition(count > 0)
         let pieces = count == 1 ? 2 : count &+ 2
         defer {

@@ -114,6 +114,17 @@ public struct MasqueradeStatus: Codable, Equatable, Sendable {
     public var lastRestored: Date?
     /// The last failed check or reinstall, cleared by the next success.
     public var lastError: String?
+
+    package init(backend: String, objects: [String], inPlace: Bool, resyncSeconds: Double, restored: Int,
+                 lastRestored: Date?, lastError: String?) {
+        self.backend = backend
+        self.objects = objects
+        self.inPlace = inPlace
+        self.resyncSeconds = resyncSeconds
+        self.restored = restored
+        self.lastRestored = lastRestored
+        self.lastError = lastError
+    }
 }
 
 /// What `status` shows about self-healing: how often each piece was put back.
