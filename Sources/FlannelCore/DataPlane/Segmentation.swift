@@ -33,15 +33,12 @@ package enum TCPSegmenter {
     @inline(__always)
     package static func headers(_ packet: UnsafeRawBufferPointer) -> (Int, Int)? {
         guard packet.count >= IPv4Header.minimumLength &+ TCPHeader.minimumLength else { return nil }
-        let vihl = packet[IPv4Header.versionIHL]
-        let ihl = Int(vihl & 0x0F) &* 4
-        guard vihl >> 4 == 4, ihl >= IPv4Header.minimumLength, packet[IPv4Header.proto] == TCPHeader.protocolNumber
-        else { return nil }
-        let total = Int(UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.totalLength,
-                                                                as: UInt16.self)))
-        let frag = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.flagsFragment, as: UInt16.self))
-        guard total <= packet.count, frag & 0x3FFF == 0, ihl &+ TCPHeader.minimumLength <= total else { return nil }
-        let thl = Int(packet[ihl &+ TCPHeader.dataOffset] >> 4) &* 4
+        let h = IPv4TCPHeaders(packet)
+        let ihl = h.headerLength
+        guard h.version == 4, ihl >= IPv4Header.minimumLength, h.proto == TCPHeader.protocolNumber else { return nil }
+        let total = h.totalLength
+        guard total <= packet.count, !h.isFragment, ihl &+ TCPHeader.minimumLength <= total else { return nil }
+        let thl = h.tcpHeaderLength(at: ihl)
         guard thl >= TCPHeader.minimumLength, ihl &+ thl <= total else { return nil }
         return (ihl &+ thl, total)
     }
@@ -53,7 +50,8 @@ package enum TCPSegmenter {
                                 into queue: SendQueue, flow: UInt32 = 0) -> Outcome {
         let bytes = UnsafeRawBufferPointer(packet)
         guard gsoSize > 0, let (headerLength, total) = headers(bytes) else { return .invalid }
-        let ihl = Int(bytes[IPv4Header.versionIHL] & 0x0F) &* 4
+        let h = IPv4TCPHeaders(bytes)
+        let ihl = h.headerLength
         let thl = headerLength &- ihl
         let payloadLength = total &- headerLength
         let count = payloadLength == 0 ? 1 : (payloadLength &+ gsoSize &- 1) / gsoSize
@@ -61,9 +59,9 @@ package enum TCPSegmenter {
         precondition(count <= queue.free)
 
         let base = packet.baseAddress!
-        let id0 = UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
-        let seq0 = UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: ihl &+ TCPHeader.sequence, as: UInt32.self))
-        let flags = bytes[ihl &+ TCPHeader.flags]
+        let id0 = h.identification
+        let seq0 = h.tcpSequence(at: ihl)
+        let flags = h.tcpFlags(at: ihl)
         // The pseudo-header without its length (source, destination, protocol), once; each segment adds its own.
         let pseudo = InternetChecksum.pseudoHeaderSum(base, proto: TCPHeader.protocolNumber, length: 0)
         var k = 0

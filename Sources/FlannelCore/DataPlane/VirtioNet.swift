@@ -61,27 +61,6 @@ package struct VirtioNetHeader: Equatable {
     }
 }
 
-/// Offsets and flags of the TCP header (RFC 9293) that segmentation and coalescing touch.
-package enum TCPHeader {
-    package static let minimumLength = 20
-    package static let sequence = 4
-    package static let acknowledgment = 8
-    package static let dataOffset = 12
-    package static let flags = 13
-    package static let window = 14
-    package static let checksum = 16
-    package static let protocolNumber: UInt8 = 6
-
-    package static let fin: UInt8 = 0x01
-    package static let syn: UInt8 = 0x02
-    package static let rst: UInt8 = 0x04
-    package static let psh: UInt8 = 0x08
-    package static let ack: UInt8 = 0x10
-    package static let urg: UInt8 = 0x20
-    package static let ece: UInt8 = 0x40
-    package static let cwr: UInt8 = 0x80
-}
-
 extension InternetChecksum {
     /// The pseudo-header sum (RFC 9293 3.1) of an IPv4 packet's transport segment of `length` bytes, folded to 16
     /// bits and not complemented: what a NEEDS_CSUM packet carries in its checksum field. `ipHeader` points at
