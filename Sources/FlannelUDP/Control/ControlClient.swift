@@ -57,71 +57,67 @@ public enum ControlClient {
             }
         }
         let path = paths.controlSocket
-        let fd: Int32
-        do {
-            fd = try syscall("create control socket", path) {
+        let fd = try system { () throws(SystemError) in
+            try syscall("create control socket", path) {
                 socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             }
-        } catch { throw .system(error) }
-        defer { _ = close(fd) }
-        let daemon: DaemonIdentity?
-        do {
-            try UnixSocket.setTimeouts(fd, seconds: timeoutSeconds, what: path)
-            let rc = try UnixSocket.withAddress(path) { connect(fd, $0, $1) }
-            if rc != 0 {
-                let e = SystemError.current("connect to control socket", path)
-                if e.errno == ECONNREFUSED || e.errno == ENOENT { throw Failure.notRunning(paths.device) }
-                if e.errno == EACCES || e.errno == EPERM { throw Failure.permissionDenied(e.description) }
-                throw Failure.system(e)
-            }
-            daemon = try verifyPeer(fd, paths: paths, asRoot: asRoot)
-        } catch let e as Failure {
-            throw e
-        } catch let e as SystemError {
-            throw .system(e)
-        } catch {
-            throw .badResponse("\(error)")
         }
+        defer { _ = close(fd) }
+        let rc = try system { () throws(SystemError) in
+            try UnixSocket.setTimeouts(fd, seconds: timeoutSeconds, what: path)
+            return try UnixSocket.withAddress(path) { connect(fd, $0, $1) }
+        }
+        if rc != 0 {
+            let e = SystemError.current("connect to control socket", path)
+            if e.errno == ECONNREFUSED || e.errno == ENOENT { throw .notRunning(paths.device) }
+            if e.errno == EACCES || e.errno == EPERM { throw .permissionDenied(e.description) }
+            throw .system(e)
+        }
+        let daemon = try verifyPeer(fd, paths: paths, asRoot: asRoot)
 
-        do {
-            do { try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(request), what: path) } catch {
+        let line = try system { () throws(SystemError) in
+            do throws(SystemError) {
+                try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(request), what: path)
+            } catch {
                 // The daemon refuses a client it will not serve without reading its request and closes: the write
                 // can then fail with EPIPE (or ECONNRESET) while the refusal is waiting to be read.
                 guard error.errno == EPIPE || error.errno == ECONNRESET else { throw error }
             }
-            switch try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path) {
-            case .tooLong: throw Failure.badResponse("too long")
-            case .line(let bytes), .eof(let bytes):
-                if bytes.isEmpty { throw Failure.badResponse("daemon closed the connection without answering") }
-                do { return Answer(response: try ControlProtocol.decode(ControlResponse.self, from: bytes), daemon: daemon) } catch {
-                    throw Failure.badResponse("\(error)")
-                }
-            }
-        } catch let e as SystemError {
-            throw .system(e)
-        } catch let e as Failure {
-            throw e
-        } catch {
-            throw .badResponse("\(error)")
+            return try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path)
         }
+        switch line {
+        case .tooLong: throw .badResponse("too long")
+        case .line(let bytes), .eof(let bytes):
+            if bytes.isEmpty { throw .badResponse("daemon closed the connection without answering") }
+            do { return Answer(response: try ControlProtocol.decode(ControlResponse.self, from: bytes), daemon: daemon) } catch {
+                throw .badResponse("\(error)")
+            }
+        }
+    }
+
+    /// Runs a request to the OS and turns its `SystemError` into `.system`, the one conversion.
+    private static func system<T>(_ body: () throws(SystemError) -> T) throws(Failure) -> T {
+        do { return try body() } catch { throw .system(error) }
     }
 
     /// The listener must be root; for a root caller, also the process the state file names, started at the
     /// recorded time.
-    private static func verifyPeer(_ fd: Int32, paths: RuntimePaths, asRoot: Bool) throws -> DaemonIdentity? {
-        let peer = try UnixSocket.peerCredentials(fd, what: paths.controlSocket)
+    private static func verifyPeer(_ fd: Int32, paths: RuntimePaths, asRoot: Bool) throws(Failure) -> DaemonIdentity? {
+        let peer = try system { () throws(SystemError) in
+            try UnixSocket.peerCredentials(fd, what: paths.controlSocket)
+        }
         guard peer.uid == 0 else {
-            throw Failure.untrusted("\(paths.controlSocket) is held by uid \(peer.uid) (pid \(peer.pid)), not root")
+            throw .untrusted("\(paths.controlSocket) is held by uid \(peer.uid) (pid \(peer.pid)), not root")
         }
         guard asRoot else { return nil }
         guard let state = DaemonState.load(path: paths.stateFile) else {
-            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but there is no readable state file \(paths.stateFile)")
+            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but there is no readable state file \(paths.stateFile)")
         }
         guard state.pid == peer.pid else {
-            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but \(paths.stateFile) names pid \(state.pid)")
+            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but \(paths.stateFile) names pid \(state.pid)")
         }
         guard peer.pid > 1, let ticks = DaemonState.startTicks(of: peer.pid), ticks == state.startTicks else {
-            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but it is not the process that started at the time \(paths.stateFile) records")
+            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but it is not the process that started at the time \(paths.stateFile) records")
         }
         return DaemonIdentity(pid: peer.pid, startTicks: ticks)
     }
