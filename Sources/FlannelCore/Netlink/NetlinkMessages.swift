@@ -15,9 +15,7 @@ package enum NetlinkMessages {
 
     /// RTM_GETLINK for one interface by index.
     package static func getLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: index))
-        return m.bytes
+        headerOnly(UInt16(RTM_GETLINK), 0, linkHeader(index: index), sequence)
     }
 
     /// RTM_GETLINK for one interface by name (IFLA_IFNAME). The caller checks the name's length.
@@ -30,9 +28,7 @@ package enum NetlinkMessages {
 
     /// RTM_GETLINK dump of every interface.
     package static func dumpLinks(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: UInt16(NLM_F_DUMP), sequence: sequence)
-        m.putFixedHeader(linkHeader(index: 0))
-        return m.bytes
+        headerOnly(UInt16(RTM_GETLINK), UInt16(NLM_F_DUMP), linkHeader(index: 0), sequence)
     }
 
     /// RTM_NEWLINK on an existing interface (no NLM_F_CREATE) that changes only IFLA_MTU.
@@ -64,8 +60,14 @@ package enum NetlinkMessages {
 
     /// RTM_DELLINK by index.
     package static func deleteLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_DELLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: index))
+        headerOnly(UInt16(RTM_DELLINK), 0, linkHeader(index: index), sequence)
+    }
+
+    /// A request that is its fixed header alone: the dumps, and the link requests by index.
+    private static func headerOnly<Fixed: BitwiseCopyable>(_ type: UInt16, _ flags: UInt16, _ header: Fixed, _ sequence: UInt32)
+        -> [UInt8] {
+        let m = MessageBuilder(type: type, flags: flags, sequence: sequence)
+        m.putFixedHeader(header)
         return m.bytes
     }
 
@@ -80,11 +82,9 @@ package enum NetlinkMessages {
 
     /// RTM_GETADDR dump of the IPv4 addresses of every interface (the kernel filters by family).
     package static func dumpAddresses(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETADDR), flags: UInt16(NLM_F_DUMP), sequence: sequence)
         var header = ifaddrmsg()
         header.ifa_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETADDR), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_NEWADDR with NLM_F_CREATE | NLM_F_EXCL, as `ip addr add A/N dev D` sends it: IFA_LOCAL and IFA_ADDRESS
@@ -117,11 +117,9 @@ package enum NetlinkMessages {
 
     /// RTM_GETNEIGH dump of the IPv4 neighbour (ARP) tables of every interface.
     package static func dumpNeighbours(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETNEIGH), flags: UInt16(NLM_F_DUMP), sequence: sequence)
         var header = ndmsg()
         header.ndm_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETNEIGH), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_DELNEIGH for one IPv4 entry, as `ip neigh del ADDRESS dev DEV` sends it: interface and NDA_DST.
@@ -139,11 +137,9 @@ package enum NetlinkMessages {
 
     /// RTM_GETROUTE dump of the IPv4 routing tables (all tables; `Netlink.routes` filters by table).
     package static func dumpRoutes(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETROUTE), flags: UInt16(NLM_F_DUMP), sequence: sequence)
         var header = rtmsg()
         header.rtm_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETROUTE), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_NEWROUTE with NLM_F_CREATE | NLM_F_EXCL (so an existing identical route is EEXIST, as with
