@@ -37,6 +37,19 @@ final class EtcdRegistryTests: XCTestCase {
 
     // MARK: Helpers
 
+    /// The EtcdError `registry.loadConfig(maxAttempts:)` fails with; nil (and `failure` reported) when it
+    /// succeeds. Any other error is thrown on.
+    private func loadConfigError(_ registry: EtcdRegistry, maxAttempts: Int, _ failure: String,
+                                 file: StaticString = #filePath, line: UInt = #line) async throws -> EtcdError? {
+        do {
+            _ = try await registry.loadConfig(maxAttempts: maxAttempts)
+            XCTFail(failure, file: file, line: line)
+            return nil
+        } catch let error as EtcdError {
+            return error
+        }
+    }
+
     private func makeRegistry(_ ip: String, endpoints: [String]? = nil, tweak: (inout EtcdOptions) -> Void = { _ in })
         throws -> EtcdRegistry {
         var options = EtcdOptions(endpoints: endpoints ?? [server.endpoint])
@@ -90,10 +103,7 @@ final class EtcdRegistryTests: XCTestCase {
 
     func testConfigErrors() async throws {
         let registry = try makeRegistry("192.168.10.1")
-        do {
-            _ = try await registry.loadConfig(maxAttempts: 2)
-            XCTFail("no config yet")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(registry, maxAttempts: 2, "no config yet") {
             XCTAssertEqual(error, .configNotFound(key: configKey))
         }
         _ = try await server.etcdctl("put", configKey, #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
@@ -106,10 +116,7 @@ final class EtcdRegistryTests: XCTestCase {
         }
         // Nothing listens: every attempt fails, each is logged, and the last error names the endpoint.
         let nowhere = try makeRegistry("192.168.10.1", endpoints: ["http://127.0.0.1:\(try EtcdTestServer.freePort())"])
-        do {
-            _ = try await nowhere.loadConfig(maxAttempts: 2)
-            XCTFail("unreachable etcd answered")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(nowhere, maxAttempts: 2, "unreachable etcd answered") {
             guard case .unreachable = error else { return XCTFail("\(error)") }
         }
     }
@@ -341,17 +348,11 @@ final class EtcdRegistryTests: XCTestCase {
         try await server.etcdctl("auth", "enable")
 
         let anonymous = try makeRegistry("192.168.9.1")
-        do {
-            _ = try await anonymous.loadConfig(maxAttempts: 1)
-            XCTFail("read without credentials")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(anonymous, maxAttempts: 1, "read without credentials") {
             XCTAssertTrue("\(error)".contains("user name is empty") || "\(error)".contains("permission denied"), "\(error)")
         }
         let wrong = try makeRegistry("192.168.9.1") { $0.username = "flannel"; $0.password = "nope" }
-        do {
-            _ = try await wrong.loadConfig(maxAttempts: 1)
-            XCTFail("wrong password accepted")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(wrong, maxAttempts: 1, "wrong password accepted") {
             XCTAssertTrue("\(error)".contains("authentication failed"), "\(error)")
         }
         let registry = try makeRegistry("192.168.9.1") { $0.username = "flannel"; $0.password = "secret" }
@@ -417,10 +418,8 @@ final class EtcdRegistryTests: XCTestCase {
 
         // Without a client certificate the server refuses the handshake.
         let anonymous = try makeRegistry("192.168.11.2") { $0.caFile = tls.caCert }
-        do {
-            _ = try await anonymous.loadConfig(maxAttempts: 1)
-            XCTFail("etcd accepted a client without a certificate")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(anonymous, maxAttempts: 1,
+                                                 "etcd accepted a client without a certificate") {
             guard case .unreachable = error else { return XCTFail("\(error)") }
         }
     }
