@@ -118,50 +118,59 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// On any failure everything done so far is undone before the error is thrown.
     public func bringUp(_ plan: Plan) throws(Failure) -> TunDevice {
         let config = plan.config
-        do {
-            step("create tun device \(config.device)")
-            // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
-            let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
-            self.tun = tun
-            undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
-            guard let link = try netlink.link(named: tun.name) else {
-                throw SystemError("look up link", tun.name, errno: ENODEV)
-            }
-            step("set mtu \(plan.mtu) dev \(tun.name)")
-            try netlink.setMTU(plan.mtu, index: link.index)
-            step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
-            try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
-            let address = InterfaceAddress(index: link.index, address: config.tunAddress, prefixLength: 32)
-            step("add address \(config.tunAddress)/32 dev \(tun.name)")
-            try netlink.addAddress(address)
-            step("set \(tun.name) up")
-            try netlink.setUp(true, index: link.index)
-            let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
-                              scope: Route.scopeLink)
-            step("add route \(route.description(device: tun.name))")
-            try addOverlayRoute(route)
-            routeInstalled = route
-            installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
+        do throws(Failure) {
+            let tun = try Failure.system(try createDevice(plan))
             if config.ipMasq {
-                try installMasquerade(config)
+                do { try installMasquerade(config) } catch { throw .failed("\(error)") }
             }
             if let path = config.subnetFile {
-                let previous = try AtomicFile.read(path)
-                let ours = plan.subnetFileContents
-                step("write \(path)")
-                try AtomicFile.write(ours, to: path, mode: 0o644)
-                undo.append(("undo write \(path)", { [self] in
-                    NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
-                }))
+                try Failure.system(try writeSubnetFile(path, plan))
             }
             return tun
-        } catch let e as SystemError {
-            rollback()
-            throw .system(e)
         } catch {
-            rollback()  // the masquerade rules (NetfilterError)
-            throw .failed("\(error)")
+            rollback()
+            throw error
         }
+    }
+
+    /// The tun device, up, with its address and the overlay route.
+    private func createDevice(_ plan: Plan) throws(SystemError) -> TunDevice {
+        let config = plan.config
+        step("create tun device \(config.device)")
+        // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
+        let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
+        self.tun = tun
+        undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
+        guard let link = try netlink.link(named: tun.name) else {
+            throw SystemError("look up link", tun.name, errno: ENODEV)
+        }
+        step("set mtu \(plan.mtu) dev \(tun.name)")
+        try netlink.setMTU(plan.mtu, index: link.index)
+        step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
+        try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
+        let address = InterfaceAddress(index: link.index, address: config.tunAddress, prefixLength: 32)
+        step("add address \(config.tunAddress)/32 dev \(tun.name)")
+        try netlink.addAddress(address)
+        step("set \(tun.name) up")
+        try netlink.setUp(true, index: link.index)
+        let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
+                          scope: Route.scopeLink)
+        step("add route \(route.description(device: tun.name))")
+        try addOverlayRoute(route)
+        routeInstalled = route
+        installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
+        return tun
+    }
+
+    /// The subnet file, the previous one kept for the undo.
+    private func writeSubnetFile(_ path: String, _ plan: Plan) throws(SystemError) {
+        let previous = try AtomicFile.read(path)
+        let ours = plan.subnetFileContents
+        step("write \(path)")
+        try AtomicFile.write(ours, to: path, mode: 0o644)
+        undo.append(("undo write \(path)", { [self] in
+            NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
+        }))
     }
 
     /// Installs the masquerade and forward rules (one transaction, so a failure changes nothing) and starts keeping
