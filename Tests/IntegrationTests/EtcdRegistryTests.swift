@@ -37,6 +37,17 @@ final class EtcdRegistryTests: XCTestCase {
 
     // MARK: Helpers
 
+    /// Authentication on: users root (password rootpw) and flannel (secret), flannel with read and write access
+    /// to flannel's prefix only.
+    private func enableAuthentication() async throws {
+        try await server.etcdctl("user", "add", "root:rootpw")
+        try await server.etcdctl("user", "add", "flannel:secret")
+        try await server.etcdctl("role", "add", "flannel")
+        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
+        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
+        try await server.etcdctl("auth", "enable")
+    }
+
     /// The EtcdError `registry.loadConfig(maxAttempts:)` fails with; nil (and `failure` reported) when it
     /// succeeds. Any other error is thrown on.
     private func loadConfigError(_ registry: EtcdRegistry, maxAttempts: Int, _ failure: String,
@@ -340,12 +351,7 @@ final class EtcdRegistryTests: XCTestCase {
 
     func testPasswordAuthentication() async throws {
         _ = try await putConfig()
-        try await server.etcdctl("user", "add", "root:rootpw")
-        try await server.etcdctl("user", "add", "flannel:secret")
-        try await server.etcdctl("role", "add", "flannel")
-        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
-        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
-        try await server.etcdctl("auth", "enable")
+        try await enableAuthentication()
 
         let anonymous = try makeRegistry("192.168.9.1")
         if let error = try await loadConfigError(anonymous, maxAttempts: 1, "read without credentials") {
@@ -372,12 +378,7 @@ final class EtcdRegistryTests: XCTestCase {
         server.extraArguments = ["--auth-token-ttl=1"]
         try await server.start()
         _ = try await putConfig()
-        try await server.etcdctl("user", "add", "root:rootpw")
-        try await server.etcdctl("user", "add", "flannel:secret")
-        try await server.etcdctl("role", "add", "flannel")
-        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
-        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
-        try await server.etcdctl("auth", "enable")
+        try await enableAuthentication()
 
         let registry = try makeRegistry("192.168.9.2") { $0.username = "flannel"; $0.password = "secret" }
         let config = try await registry.loadConfig(maxAttempts: 1)

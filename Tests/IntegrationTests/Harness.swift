@@ -42,14 +42,15 @@ struct TimedOut: Error, CustomStringConvertible {
 
 /// Starts a long-running command (a server) without waiting for it; the caller terminates it. Used instead of a
 /// tool's own daemon mode (`iperf3 -D`), whose forked child would inherit the descriptors Foundation watches to
-/// notice that the started process exited, and so keep `Command.run` waiting forever.
-func startBackground(_ args: [String]) throws -> Process {
+/// notice that the started process exited, and so keep `Command.run` waiting forever. Its stdout and stderr go
+/// to `output` (discarded by default).
+func startBackground(_ args: [String], output: FileHandle = .nullDevice) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = args
     p.standardInput = FileHandle.nullDevice
-    p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle.nullDevice
+    p.standardOutput = output
+    p.standardError = output
     try p.run()
     return p
 }

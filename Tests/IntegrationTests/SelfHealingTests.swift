@@ -156,13 +156,7 @@ final class SelfHealingTests: HostileTopologyTestCase {
     private func startInBackground(_ arguments: [String], log: String) throws -> Process {
         XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
         let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = out
-        process.standardError = out
-        try process.run()
+        let process = try startBackground(arguments, output: out)
         addTeardownBlock {
             if process.isRunning { process.terminate() }
             process.waitUntilExit()

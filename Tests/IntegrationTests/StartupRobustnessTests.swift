@@ -48,15 +48,8 @@ final class StartupRobustnessTests: XCTestCase {
 
     /// `up --detach` started without waiting for it; `ip netns exec` execs, so the Process is the CLI itself.
     func startUp() throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["FLANNEL_UDP_RUN_DIR=\(runDir)", "ip", "netns", "exec", node.name, flannelUDPBinary(), "up",
-                       "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", subnetFile, "--detach"]
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        return p
+        try startBackground(["FLANNEL_UDP_RUN_DIR=\(runDir)", "ip", "netns", "exec", node.name, flannelUDPBinary(), "up",
+                             "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", subnetFile, "--detach"])
     }
 
     func startEtcd() throws {
