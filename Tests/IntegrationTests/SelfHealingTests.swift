@@ -57,8 +57,8 @@ final class SelfHealingTests: HostileTopologyTestCase {
 
         // Pod 1 pings pod 2 every 10 ms for the whole test; its output is read at the end.
         let log = tmp + "/ping.log"
-        try startInBackground(["ip", "netns", "exec", a.pod.name, "ping", "-n", "-i", "0.01", "-W", "1", b.podAddress],
-                              log: log)
+        let pinger = try startInBackground(
+            ["ip", "netns", "exec", a.pod.name, "ping", "-n", "-i", "0.01", "-W", "1", b.podAddress], log: log)
         func replies() -> Int {
             ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").components(separatedBy: "bytes from").count - 1
         }
@@ -152,7 +152,6 @@ final class SelfHealingTests: HostileTopologyTestCase {
 
     /// Starts `/usr/bin/env arguments` in the background, its output going to a new file `log`; stopped (and the
     /// file closed) when the test ends.
-    @discardableResult
     private func startInBackground(_ arguments: [String], log: String) throws -> Process {
         XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
         let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
