@@ -53,14 +53,8 @@ final class StartupRobustnessTests: XCTestCase {
     }
 
     func startEtcd() throws {
-        let peer = "http://192.168.77.250:2380"
-        etcd = try startBackground(["ip", "netns", "exec", underlay.ns.name, "etcd", "--name", "fu",
-                                    "--data-dir", tmp + "/etcd", "--listen-client-urls", etcdURL,
-                                    "--advertise-client-urls", etcdURL, "--listen-peer-urls", peer,
-                                    "--initial-advertise-peer-urls", peer, "--initial-cluster", "fu=\(peer)"])
-        try waitFor("etcd is healthy", timeout: 20) {
-            (try? underlay.ns.run(["etcdctl", "--endpoints", etcdURL, "--command-timeout=1s", "endpoint", "health"])) != nil
-        }
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
     }
 
