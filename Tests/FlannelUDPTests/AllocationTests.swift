@@ -1,5 +1,9 @@
 import XCTest
+import Logging
 import CAllocCounter
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import FlannelUDP
 
 /// Allocations made by the calling thread while `body` runs (counted by the CAllocCounter test allocator).
@@ -200,5 +204,63 @@ final class AllocationTests: XCTestCase {
             }
         }
         XCTAssertEqual(n, 0, "segmentation and coalescing allocated \(n) times")
+    }
+
+    /// The receive path with kernel timestamps and CoDel: recvmmsg of a batch over loopback, each datagram's
+    /// control messages (arrival time) read, and the CoDel verdict on it, thousands of times without an allocation.
+    func testTimestampedReceiveAndCoDelDoNotAllocate() throws {
+        let socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        defer { socket.close() }
+        let options = ForwarderOptions(batchSize: 16)
+        let offloads = OffloadState(vnetHeader: false, tso: false, udpGSO: false, udpGRO: false, coalesce: false)
+        let receiver = try UDPReceiver(socket: socket.fd, name: "test", options: options,
+                                       counters: DataPlaneCounters(), offloads: offloads,
+                                       logger: Logger(label: "test"), timestamps: true)
+        // A target of 1 ns: every bulk packet is above it, so the drop schedule runs too.
+        let codel = ReceiveCoDel(CoDelParameters(targetNanoseconds: 1, intervalNanoseconds: 1_000,
+                                                 bulkBytes: 1_000))
+        let sender = Glibc.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { _ = Glibc.close(sender) }
+        var to = sockaddr_in()
+        to.sin_family = sa_family_t(AF_INET)
+        to.sin_port = socket.localEndpoint.port.bigEndian
+        to.sin_addr = in_addr(s_addr: socket.localEndpoint.address.networkOrder)
+        let packet = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), proto: 6,
+                              payload: filled(7, 1200))
+        var passed = 0, dropped = 0, timestamped = 0
+        func round() {
+            var k = 0
+            while k < 16 {
+                _ = packet.withUnsafeBytes { p in
+                    withUnsafePointer(to: &to) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            sendto(sender, p.baseAddress, p.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                        }
+                    }
+                }
+                k += 1
+            }
+            guard (try? receiver.receive()) != nil else { return }
+            while let d = receiver.next() {
+                if d.sojourn > 0 { timestamped += 1 }
+                if codel.verdict(d.bytes, sojourn: d.sojourn, now: receiver.batchTime) == .drop {
+                    dropped += 1
+                } else {
+                    passed += 1
+                }
+            }
+        }
+        round()
+        let n = allocations {
+            var r = 0
+            while r < 500 {
+                round()
+                r += 1
+            }
+        }
+        XCTAssertEqual(n, 0, "the timestamped receive and CoDel allocated \(n) times")
+        XCTAssertGreaterThan(timestamped, 4000, "datagrams carry their arrival time")
+        XCTAssertGreaterThan(dropped, 0)
+        XCTAssertGreaterThan(passed, 0)
     }
 }

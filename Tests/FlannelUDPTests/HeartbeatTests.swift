@@ -2,7 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelUDP
 
-/// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in poll(), and stops moving
+/// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in its blocking receive (woken by its timer), and stops moving
 /// once the worker is gone.
 final class HeartbeatTests: LoopbackForwarderTestCase {
     func testHeartbeatsMoveWhileIdleAndStopWithTheWorkers() throws {
