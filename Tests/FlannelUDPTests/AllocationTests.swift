@@ -13,6 +13,18 @@ func allocations(_ body: () throws -> Void) rethrows -> UInt64 {
     return fu_alloc_count_this_thread() - before
 }
 
+/// Allocations made by the calling thread while `body` runs `times` times (an index loop: `for` allocates in an
+/// unoptimised build).
+func allocations(repeating times: Int, _ body: () -> Void) -> UInt64 {
+    allocations {
+        var r = 0
+        while r < times {
+            body()
+            r += 1
+        }
+    }
+}
+
 /// Somewhere to put values so the optimiser cannot drop the code that made them.
 nonisolated(unsafe) var allocationSink: [Int] = []
 
@@ -128,13 +140,7 @@ final class AllocationTests: XCTestCase {
         XCTAssertTrue(seen.contains { $0.hasPrefix("forward") } && seen.contains { $0.hasPrefix("icmpToTun") }
                       && seen.contains { $0.hasPrefix("deliver") } && seen.contains { $0.hasPrefix("icmpToPeer") })
 
-        let n = allocations {
-            var k = 0
-            while k < 5000 {
-                round(record: false)
-                k += 1
-            }
-        }
+        let n = allocations(repeating: 5000) { round(record: false) }
         XCTAssertEqual(n, 0, "the per-packet decisions allocated \(n) times in 45000 packets")
         XCTAssertGreaterThan(counters.drops(.unknownPeer), 5000)
     }
@@ -196,13 +202,7 @@ final class AllocationTests: XCTestCase {
         }
         round()
         XCTAssertEqual(produced, 46 + 52 + 39 * 1420 + 700)
-        let n = allocations {
-            var r = 0
-            while r < 2000 {
-                round()
-                r += 1
-            }
-        }
+        let n = allocations(repeating: 2000) { round() }
         XCTAssertEqual(n, 0, "segmentation and coalescing allocated \(n) times")
     }
 
@@ -251,13 +251,7 @@ final class AllocationTests: XCTestCase {
             }
         }
         round()
-        let n = allocations {
-            var r = 0
-            while r < 500 {
-                round()
-                r += 1
-            }
-        }
+        let n = allocations(repeating: 500) { round() }
         XCTAssertEqual(n, 0, "the timestamped receive and CoDel allocated \(n) times")
         XCTAssertGreaterThan(timestamped, 4000, "datagrams carry their arrival time")
         XCTAssertGreaterThan(dropped, 0)

@@ -75,6 +75,16 @@ class OverlayTests: XCTestCase {
         return (drops, udpToTun, peers)
     }
 
+    /// Nodes 1 and 2, each with a route to the other, and a ping from pod 1 to pod 2 that got through.
+    func twoNodesThatPing() throws -> (Node, Node) {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        routeAdd(a, b.subnet, via: b)
+        routeAdd(b, a.subnet, via: a)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        return (a, b)
+    }
+
     func testPingIperfRouteChangesAndTTL() throws {
         let a = try makeNode(1)
         let b = try makeNode(2)
@@ -123,11 +133,7 @@ class OverlayTests: XCTestCase {
     /// to it (`codel` drops move), while a ping sharing that queue (a sparse flow) loses none. Mechanism only:
     /// how long the ping waits is for bench/run to measure, not for a test on a shared machine.
     func testCoDelDropsTheBulkFlowsNeverTheSparsePing() throws {
-        let a = try makeNode(1)
-        let b = try makeNode(2)
-        routeAdd(a, b.subnet, via: b)
-        routeAdd(b, a.subnet, via: a)
-        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        let (a, b) = try twoNodesThatPing()
         let before = try counters(b).drops["codel"] ?? -1
         XCTAssertEqual(before, 0, "no CoDel drop without load")
 
@@ -174,11 +180,7 @@ class OverlayTests: XCTestCase {
     }
 
     func testDatagramsFromStrangersAndSpoofersNeverReachTheTun() throws {
-        let a = try makeNode(1)
-        let b = try makeNode(2)
-        routeAdd(a, b.subnet, via: b)
-        routeAdd(b, a.subnet, via: a)
-        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        let (a, b) = try twoNodesThatPing()
         let stranger = try TestNamespace(prefix: "fu-ovs")
         addTeardownBlock { stranger.destroy() }
         try plug(stranger, index: 99)
