@@ -158,7 +158,8 @@ public final class Forwarder: @unchecked Sendable {
 
     deinit { stop() }
 
-    /// Makes the tun descriptors non-blocking and starts two threads per worker pair.
+    /// Makes the tun queues and the sockets blocking (each worker waits in its one receive call; see
+    /// `ForwardingWorker.run`) and starts two threads per worker pair.
     /// - Throws: `SystemError` when the descriptor cannot be switched or a thread cannot be created (then
     ///   nothing is left running).
     public func start() throws(SystemError) {
