@@ -4,7 +4,7 @@ import Synchronization
 /// What the service layer (sd_notify, watchdog, health and metrics endpoint) is told by the running daemon.
 /// Called on the daemon's main thread; implementations return quickly.
 public protocol DaemonObserver: AnyObject, Sendable {
-    /// How long a forwarding worker may sit in poll() between heartbeats (`ForwarderOptions`).
+    /// How long a forwarding worker may sit in its blocking receive between heartbeats (`ForwarderOptions`).
     var heartbeatMilliseconds: Int32 { get }
     /// The forwarder runs with its routes in place: traffic can pass.
     func daemonReady(_ daemon: Daemon)
@@ -42,14 +42,7 @@ extension Daemon {
         if let failure = forwarder.failure {
             return DaemonHealth(healthy: false, reason: "the data plane stopped: \(failure)")
         }
-        if let registry {
-            guard let lease = registry.currentLease else {
-                return DaemonHealth(healthy: false, reason: "etcd: no lease held")
-            }
-            if lease.expiration < Date() {
-                return DaemonHealth(healthy: false, reason: "etcd: lease \(lease.subnet) expired at \(lease.expiration)")
-            }
-        }
+        if let reason = source.unhealthyReason { return DaemonHealth(healthy: false, reason: reason) }
         return DaemonHealth(healthy: true, reason: "ok")
     }
 }
