@@ -48,11 +48,7 @@ let package = Package(
                 "CNetlink",
                 "CShims",
                 .product(name: "Atomics", package: "swift-atomics"),
-            ],
-            // The data plane's per-packet code (decisions, checksums, segmentation, coalescing, the send queue) is
-            // called from FlannelUDP's I/O loops: cross-module optimisation lets the release build inline and
-            // specialise it there as it did when it was one module (bench/run's 64-byte UDP rate showed the cost).
-            swiftSettings: [.unsafeFlags(["-cross-module-optimization"], .when(configuration: .release))]
+            ]
         ),
         .target(
             name: "FlannelUDP",
