@@ -54,6 +54,49 @@ final class ReusePortSteeringTests: XCTestCase {
         second.close()
     }
 
+    /// `up --replace` on the port: the new daemon's sockets join the old group, its program (offset by the old
+    /// sockets) sends every datagram to them; when the old sockets close, the kernel compacts the group and the
+    /// program's indices point past it, so the kernel's hash picks (nothing is lost); the program attached again
+    /// without offset keeps each flow on one socket.
+    func testAReplacingGroupTakesEveryDatagramAndLosesNoneWhenTheOldOneCloses() throws {
+        let old = try UDPSocket.group(bind: Endpoint(address: ip("127.0.0.1"), port: 0), count: 2, bufferSize: 1 << 20)
+        defer { old.forEach { $0.close() } }
+        let port = old[0].localEndpoint
+        let new = try UDPSocket.join(port, count: 3, bufferSize: 1 << 20, steeringOffset: nil)
+        defer { new.forEach { $0.close() } }
+        let sender = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        defer { sender.close() }
+        func packet(_ k: Int) -> [UInt8] {
+            var spec = TCPPacketSpec()
+            spec.sourcePort = UInt16(40000 + k % 20)
+            return spec.bytes()
+        }
+        /// Sends 60 datagrams of 20 flows; returns where each landed (-1: an old socket, -2: nowhere).
+        func round() -> [Int] {
+            (0..<60).map { k in
+                send(packet(k), from: sender, to: port)
+                if old.contains(where: { receive($0) != nil }) { return -1 }
+                return new.indices.first { receive(new[$0]) != nil } ?? -2
+            }
+        }
+        // Before the new program: the old one spreads over the old sockets only.
+        XCTAssertEqual(Set(round()), [-1])
+        try UDPSocket.steer(new, offset: old.count)
+        let steered = round()
+        for (k, landed) in steered.enumerated() {
+            let expected = packet(k).withUnsafeBytes { FlowSteering.worker($0, workers: new.count) }
+            XCTAssertEqual(landed, expected, "datagram \(k) goes to the new socket the offset program names")
+        }
+        old.forEach { $0.close() }
+        XCTAssertFalse(round().contains(-2), "past the compacted group the kernel's hash picks: nothing is lost")
+        try UDPSocket.steer(new, offset: 0)
+        let settled = round()
+        XCTAssertFalse(settled.contains(-2))
+        for k in 0..<20 {
+            XCTAssertEqual(Set(stride(from: k, to: 60, by: 20).map { settled[$0] }).count, 1, "flow \(k) on one socket")
+        }
+    }
+
     private func send(_ bytes: [UInt8], from sock: UDPSocket, to endpoint: Endpoint) {
         var sa = sockaddr_in()
         sa.sin_family = sa_family_t(AF_INET)

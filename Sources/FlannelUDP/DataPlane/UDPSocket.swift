@@ -91,26 +91,42 @@ public final class UDPSocket: @unchecked Sendable {
         let probe = try UDPSocket(bind: endpoint, bufferSize: 0)
         let free = probe.localEndpoint
         probe.close()
+        return try join(free, count: count, bufferSize: bufferSize, steeringOffset: count > 1 ? 0 : nil)
+    }
+
+    /// Opens `count` sockets on `endpoint` with SO_REUSEPORT, joining whatever reuseport group is bound there
+    /// (no check that the port is free: `up --replace` joins its predecessor's group on purpose), and with
+    /// `steeringOffset` attaches `FlowSteering`'s program for them (see `steer`).
+    public static func join(_ endpoint: Endpoint, count: Int, bufferSize: Int = UDPSocket.defaultBufferSize,
+                            steeringOffset: Int?) throws(SystemError) -> [UDPSocket] {
         var sockets: [UDPSocket] = []
         do throws(SystemError) {
-            sockets.append(try UDPSocket(bind: free, bufferSize: bufferSize, reusePort: true))
+            sockets.append(try UDPSocket(bind: endpoint, bufferSize: bufferSize, reusePort: true))
             let bound = sockets[0].localEndpoint
             while sockets.count < count {
                 sockets.append(try UDPSocket(bind: bound, bufferSize: bufferSize, reusePort: true))
             }
-            if count > 1 {
-                let program = FlowSteering.program(workers: count)
-                try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(bound)") {
-                    program.withUnsafeBufferPointer {
-                        fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
-                    }
-                }
-            }
+            if let steeringOffset { try steer(sockets, offset: steeringOffset) }
         } catch {
             for s in sockets { s.close() }
             throw error
         }
         return sockets
+    }
+
+    /// Attaches `FlowSteering`'s program to the reuseport group of `sockets` (the program is the group's, whichever
+    /// member it is attached through, and replaces the one before), spreading the inner flows over the group's
+    /// indices `offset ..< offset + sockets.count`. A replacing daemon's sockets join the group after its
+    /// predecessor's (indices from the old count on), so with that offset every datagram goes to the new sockets;
+    /// once the old ones are closed the kernel compacts the group, an index beyond it falls back to the kernel's
+    /// hash over the remaining sockets (no loss), and the program is attached again with offset 0.
+    public static func steer(_ sockets: [UDPSocket], offset: Int) throws(SystemError) {
+        let program = FlowSteering.program(workers: sockets.count, offset: offset)
+        try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(sockets[0].localEndpoint)") {
+            program.withUnsafeBufferPointer {
+                fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
+            }
+        }
     }
 
     private static func setBuffer(_ fd: Int32, force: Int32, plain: Int32, size: Int) {

@@ -40,20 +40,20 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     public static let version = "0.1.0"
 
-    private var config: NodeConfig
-    private let registrySettings: EtcdOptions?
+    var config: NodeConfig
+    let registrySettings: EtcdOptions?
     var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
     private var registryTask: Task<Void, Never>?
     private let keepLease = Mutex(false)
-    private let logger: Logger
-    private let paths: RuntimePaths
+    let logger: Logger
+    let paths: RuntimePaths
     private let startedAt = Date()
-    private var plan: NodeSetup.Plan?
+    var plan: NodeSetup.Plan?
     private let table = RouteTable()
     /// The registry config's SubnetLen, once joined: every lease must be of that size.
     private var registrySubnetLength: Int?
     /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
-    private lazy var store: RouteStore = {
+    lazy var store: RouteStore = {
         assert(plan != nil, "the peer table's rules need the plan")
         return RouteStore(publisher: table, rules: PeerRouteRules(
             network: config.network, ownSubnet: config.subnet, publicIP: plan?.publicIP ?? config.publicIP,
@@ -61,8 +61,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }()
     private let counters = DataPlaneCounters()
     var forwarder: Forwarder?
-    private var masquerade: MasqueradeResync?
-    private var nodeGuard: NodeGuard?
+    var masquerade: MasqueradeResync?
+    var nodeGuard: NodeGuard?
     let fatalError = Mutex<String?>(nil)
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
     public var observer: DaemonObserver?
@@ -70,6 +70,13 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// and status reads nothing that start-up is still writing.
     private let running = Mutex(false)
     private var stoppedDuringStart = false
+    /// `up --replace`: take over from a daemon running for the device (Handover.swift), else start as `up` does.
+    public var replace = false
+    /// The tun queues and sockets the forwarder runs on, and the device as installed (a handover needs them).
+    var dataPlane: (tun: TunDevice, sockets: [UDPSocket])?
+    var overlay: OverlayDevice?
+    /// Where a handover to a replacing daemon stands.
+    let outgoing = OutgoingHandover()
 
     /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
     ///   registry); `config.network` and `config.subnet` are then ignored.
@@ -125,12 +132,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let instance: DaemonInstance
         do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
             switch error {
+            case .alreadyRunning where replace:
+                try runReplacing(readiness: readiness, fileRoutes: fileRoutes)
+                return
             case .alreadyRunning(let pid):
                 throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
             case .system(let e): throw .system(e)
             }
         }
-        defer { instance.release() }
+        defer { instance.release(handingOver: outgoing.handedOver) }
         // Where we will write, checked while nothing has changed yet.
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         instance.control.start(handler: self)
@@ -163,6 +173,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let tun: TunDevice
         tun = try setup.bringUp(plan)
         masquerade = setup.masquerade
+        overlay = setup.installed
+        dataPlane = (tun, sockets)
         // Recorded as soon as the subnet file is written, so that `down` after a SIGKILL from here on knows
         // what this daemon wrote and may remove.
         instance.record(state(plan: plan))
@@ -171,19 +183,44 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             // First, so that teardown's own changes are not taken for damage and put back.
             nodeGuard?.stop()
             if forwarderStarted { forwarder?.stop() }
-            setup.tearDown()
+            // Handed over: everything stays, the successor's now.
+            if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
+        try startGuard(setup)
+        forwarder = try startForwarder(tun: tun, sockets: sockets)
+        forwarderStarted = true
+        nodeGuard?.start()
+
+        if let registry {
+            startRegistryWatch(registry)
+        }
+        serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
+        leaseHeld = !keepLease.withLock { $0 } && !outgoing.handedOver
+        try throwIfFailed()
+    }
+
+    /// After a run: the fatal error that ended it, if one did.
+    func throwIfFailed() throws(Failure) {
+        if let message = fatalError.withLock({ $0 }) {
+            throw .failed(message)
+        }
+    }
+
+    /// Creates (does not start) the self-healing guard of the device `setup` installed or adopted.
+    func startGuard(_ setup: NodeSetup) throws(Failure) {
         if let installed = setup.installed {
             do {
                 nodeGuard = try NodeGuard(device: installed, logger: logger,
                                           onDeviceGone: { [weak self] reason in self?.fail(reason) })
             } catch { throw .failed("start self-healing: \(error)") }
         }
+    }
 
+    func startForwarder(tun: TunDevice, sockets: [UDPSocket]) throws(Failure) -> Forwarder {
         let fwd: Forwarder
         do {
             fwd = try Forwarder(tun: tun, sockets: sockets, table: table,
@@ -200,25 +237,19 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         } catch {
             throw .failed("start forwarder: \(error)")
         }
-        forwarder = fwd
-        forwarderStarted = true
-        nodeGuard?.start()
+        return fwd
+    }
 
-        if let registry {
-            startRegistryWatch(registry)
-        }
+    /// Up: reports readiness, then runs until a signal.
+    func serve(readiness: Readiness, setup: NodeSetup, plan: NodeSetup.Plan, fileRoutes: Int) {
         running.withLock { $0 = true }
-        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
+        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes) peer route(s) from file")
         reportReadiness(readiness.ready())
         setup.started()
         observer?.daemonReady(self)
 
         waitForSignals()
         observer?.daemonStopping(self)
-        leaseHeld = !keepLease.withLock { $0 }
-        if let message = fatalError.withLock({ $0 }) {
-            throw .failed(message)
-        }
     }
 
     // MARK: - etcd registry
@@ -301,6 +332,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
+        // Handing over: our queues and sockets go away on purpose.
+        if outgoing.leaving { return }
         let repeated = fatalError.withLock { fatalError -> Bool in
             if fatalError == nil { fatalError = message; return false }
             return fatalError == message
@@ -332,7 +365,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// What the state file records: pid and start time first (clients verify who answers with them); network,
     /// subnet and the subnet file's contents once the plan is made (from etcd they are not known at first).
-    private func state(plan: NodeSetup.Plan?) -> DaemonState {
+    func state(plan: NodeSetup.Plan?) -> DaemonState {
         let known = plan != nil || registrySettings == nil
         return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
                            device: config.device, network: known ? config.network.description : "",
@@ -343,9 +376,21 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     // MARK: - control requests
 
+    public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
+        switch request {
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            if !running.withLock({ $0 }) { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+            return handleHandover(request, from: pid)
+        default:
+            return handle(request)
+        }
+    }
+
     public func handle(_ request: ControlRequest) -> ControlResponse {
         let isRunning = running.withLock { $0 }
         switch request {
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            return .error("a handover request needs its client's pid")
         case .status:
             return .status(isRunning ? status() : startingStatus())
         case .shutdown:
@@ -379,6 +424,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             }
         case .reloadPeers:
             return reloadPeers()
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            return .error("a handover request needs its client's pid")
         case .shutdown(let keep):
             keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
@@ -412,7 +459,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    private func routeInfos() -> [RouteInfo] {
+    func routeInfos() -> [RouteInfo] {
         let snapshot = table.snapshot()
         return store.entries().map { entry in
             var info = RouteInfo(subnet: entry.route.subnet.description, endpoint: entry.route.endpoint.description,

@@ -1,0 +1,348 @@
+import Foundation
+import Synchronization
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `up --replace`: a new daemon takes a running node over without a packet lost (DESIGN: "Upgrading without loss").
+///
+///     new daemon                                    old daemon
+///     checks options, peers file, paths
+///     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade
+///     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
+///     attaches queues to the tun, sockets to the
+///     port, forwards; steers every datagram to
+///     its own sockets (FlowSteering offset)
+///     handoverCommit ────────────────────────────>  lets active flows move over, stops forwarding, closes
+///                                                   its queues and sockets (nothing is torn down), answers,
+///                                                   exits 0, releasing the lock last
+///     steers over its own sockets again; state file, control socket renamed over the old one, lock;
+///     self-healing, masquerade resync; READY
+public struct HandoverState: Codable, Equatable, Sendable {
+    /// The protocol spoken; a daemon refuses another version.
+    public static let version = 1
+
+    public var token: String
+    public var daemonVersion: String
+    public var device: String
+    public var deviceIndex: Int32
+    public var network: String
+    public var subnet: String
+    public var publicIP: String
+    public var port: UInt16
+    public var mtu: Int
+    public var vnetHeader: Bool
+    /// The old daemon's sockets in the reuseport group (its `--workers`): the new ones join after them.
+    public var sockets: Int
+    public var subnetFile: String?
+    public var subnetFileContents: String?
+    public var routes: [RouteInfo]
+    /// The masquerade backend with --ip-masq, nil without.
+    public var masquerade: MasqueradeBackend?
+}
+
+/// The old daemon's side: where a handover stands.
+final class OutgoingHandover: Sendable {
+    enum Phase: Equatable {
+        case idle
+        /// Begun by the process `pid` (started at `startTicks`); abandoned when it dies or at `deadline`.
+        case begun(token: String, pid: pid_t, startTicks: UInt64, deadline: Int64)
+        case committing
+        case handedOver
+    }
+    static let timeoutMilliseconds: Int64 = 20_000
+    /// How long the old daemon keeps forwarding after the commit, so that every active flow's packets move to
+    /// the new daemon's tun queues (the kernel queues a flow where its packets were last written from; the
+    /// replies now come in through the new daemon).
+    static let settleMicroseconds: UInt32 = 300_000
+
+    let phase = Mutex(Phase.idle)
+
+    /// True from the commit on: the data plane's failures (its queues and sockets going away) are expected.
+    var leaving: Bool { phase.withLock { $0 == .committing || $0 == .handedOver } }
+    var handedOver: Bool { phase.withLock { $0 == .handedOver } }
+}
+
+extension Daemon {
+    // MARK: - Old daemon
+
+    func handleHandover(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
+        switch request {
+        case .handoverBegin(let version):
+            guard version == HandoverState.version else {
+                return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
+            }
+            guard registry == nil else {
+                return .error("up --replace is not supported with --etcd-endpoints yet")
+            }
+            guard let plan, let overlay, let dataPlane else { return .error("the daemon for \(paths.device) is not forwarding") }
+            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return .error("the requesting process is gone") }
+            let token = UUID().uuidString
+            let begun = outgoing.phase.withLock { phase -> Bool in
+                guard phase == .idle else { return false }
+                phase = .begun(token: token, pid: pid, startTicks: ticks,
+                               deadline: MonotonicClock.milliseconds() + OutgoingHandover.timeoutMilliseconds)
+                return true
+            }
+            guard begun else { return .error("a handover of \(paths.device) is already in progress") }
+            // Nothing may be "repaired" while two daemons share the device.
+            nodeGuard?.stop()
+            logger.info("handover to pid \(pid) begun; self-healing paused")
+            watchHandover(token: token)
+            return .handover(HandoverState(
+                token: token, daemonVersion: Daemon.version, device: config.device, deviceIndex: overlay.index,
+                network: config.network.description, subnet: config.subnet.description,
+                publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
+                vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
+                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
+                masquerade: config.ipMasq ? config.masqBackend : nil))
+        case .handoverAbort(let token):
+            guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
+            return .ok
+        case .handoverCommit(let token):
+            let committing = outgoing.phase.withLock { phase -> Bool in
+                guard case .begun(token, _, _, _) = phase else { return false }
+                phase = .committing
+                return true
+            }
+            guard committing else { return .error("no such handover in progress (it was abandoned)") }
+            letGo()
+            return .ok
+        default:
+            return .error("not a handover request")
+        }
+    }
+
+    /// Resumes a begun handover's abandonment when the new daemon dies or the time is up.
+    private func watchHandover(token: String) {
+        let t = Thread { [self] in
+            while true {
+                usleep(50_000)
+                let verdict = outgoing.phase.withLock { phase -> String?? in
+                    guard case .begun(token, let pid, let ticks, let deadline) = phase else { return .some(nil) }
+                    if DaemonState.startTicks(of: pid) != ticks { return "the replacing daemon (pid \(pid)) died" }
+                    if MonotonicClock.milliseconds() > deadline { return "the replacing daemon (pid \(pid)) did not commit in time" }
+                    return nil
+                }
+                switch verdict {
+                case .some(nil): return
+                case .some(let reason?): _ = resume(token: token, because: reason); return
+                case nil: continue
+                }
+            }
+        }
+        t.name = "handover watch"
+        t.start()
+    }
+
+    /// Back to normal after a handover that did not happen: self-healing again, and the datagrams steered back
+    /// to our own sockets (the new daemon's program may still be on the group).
+    private func resume(token: String, because reason: String) -> Bool {
+        let resumed = outgoing.phase.withLock { phase -> Bool in
+            guard case .begun(token, _, _, _) = phase else { return false }
+            phase = .idle
+            return true
+        }
+        guard resumed else { return false }
+        if let sockets = dataPlane?.sockets {
+            do { try UDPSocket.steer(sockets, offset: 0) } catch { logger.error("handover: \(error)") }
+        }
+        nodeGuard?.start()
+        logger.warning("handover abandoned: \(reason); forwarding on, self-healing resumed")
+        return true
+    }
+
+    /// After the commit: the new daemon forwards and every datagram goes to its sockets. Keeps forwarding while
+    /// the flows move to the new daemon's tun queues, then stops, counts what was still queued to us (lost: a tun
+    /// queue's ring is purged when it closes), closes our queues and sockets (the device lives on with the new
+    /// daemon's queues) and has the main thread exit without tearing down.
+    private func letGo() {
+        usleep(OutgoingHandover.settleMicroseconds)
+        forwarder?.stop()
+        var left = 0
+        if let dataPlane {
+            var buffer = [UInt8](repeating: 0, count: 65_536)
+            for fd in dataPlane.tun.queueFDs + dataPlane.sockets.map(\.fd) {
+                while buffer.withUnsafeMutableBytes({ recv(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }) > 0 { left += 1 }
+                // A tun descriptor is no socket: recv fails with ENOTSOCK, read it instead.
+                if errno == ENOTSOCK {
+                    while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress!, $0.count) }) > 0 { left += 1 }
+                }
+            }
+            dataPlane.tun.close()
+            for s in dataPlane.sockets { s.close() }
+        }
+        outgoing.phase.withLock { $0 = .handedOver }
+        logger.info("handed over: \(left) packet(s) were still queued to this daemon and are dropped; exiting without tearing anything down")
+        kill(getpid(), SIGTERM)
+    }
+
+    // MARK: - New daemon
+
+    /// `up --replace` when a daemon runs for the device: everything checked, the handover as drawn above. The
+    /// caller has loaded the peers file (`fileRoutes`).
+    func runReplacing(readiness: Readiness, fileRoutes: [PeerRoute]) throws(Failure) {
+        if registrySettings != nil { throw .usage("up --replace is not supported with --etcd-endpoints yet") }
+        let instance: DaemonInstance
+        do { instance = try DaemonInstance(replacing: paths, logger: logger) } catch {
+            switch error {
+            case .alreadyRunning: throw .failed("flannel-udp is already running for \(config.device)")
+            case .system(let e): throw .system(e)
+            }
+        }
+        defer { instance.release(handingOver: outgoing.handedOver) }
+        try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
+        let setup = try Failure.system(try NodeSetup(logger: logger))
+
+        let old = try HandoverClient.begin(paths: paths)
+        let plan: NodeSetup.Plan
+        let sockets: [UDPSocket]
+        do throws(Failure) {
+            plan = try setup.plan(config, adopting: old.deviceIndex)
+            if let reason = HandoverClient.identityChange(old, plan: plan) {
+                throw Failure.usage("refusing to replace the daemon for \(config.device): \(reason); that changes the node's identity (use 'down' and 'up')")
+            }
+            self.plan = plan
+            try adoptPeers(old.routes, fileRoutes: fileRoutes)
+            sockets = try Failure.system(try UDPSocket.join(plan.listen, count: config.workers, steeringOffset: nil))
+        } catch {
+            HandoverClient.abort(old, paths: paths, logger: logger)
+            throw error
+        }
+        var started = false
+        defer {
+            if !started {
+                forwarder?.stop()
+                setup.rollback()
+                for s in sockets { s.close() }
+            }
+        }
+        do throws(Failure) {
+            let tun = try setup.adopt(plan, index: old.deviceIndex, vnetHeader: old.vnetHeader, queues: config.workers)
+            dataPlane = (tun, sockets)
+            forwarder = try startForwarder(tun: tun, sockets: sockets)
+            // Every datagram to our sockets from now on; the old daemon's drain.
+            try Failure.system(try UDPSocket.steer(sockets, offset: old.sockets))
+            try HandoverClient.commit(old, paths: paths)
+        } catch {
+            HandoverClient.abort(old, paths: paths, logger: logger)
+            throw error
+        }
+        started = true
+        // The old sockets are gone and the group compacted: ours are its indices 0..<n again.
+        do { try UDPSocket.steer(sockets, offset: 0) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        try Failure.system(try instance.takeOver(state(plan: plan)))
+        try setup.adopted(plan, index: old.deviceIndex)
+        masquerade = setup.masquerade
+        overlay = setup.installed
+        defer {
+            nodeGuard?.stop()
+            forwarder?.stop()
+            if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
+        }
+        try startGuard(setup)
+        nodeGuard?.start()
+        instance.control.start(handler: self)
+        logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion))")
+        serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
+        try throwIfFailed()
+    }
+
+    /// The old daemon's peer table, origins kept (manual `route add` entries survive), with our peers file's
+    /// routes in place of its file routes when we have one.
+    private func adoptPeers(_ routes: [RouteInfo], fileRoutes: [PeerRoute]) throws(Failure) {
+        var byOrigin: [RouteOrigin: [PeerRoute]] = [:]
+        for info in routes {
+            guard let origin = RouteOrigin(rawValue: info.origin) else {
+                throw .failed("the running daemon reported a route of unknown origin '\(info.origin)'")
+            }
+            do {
+                let route = PeerRoute(subnet: try IPv4Network(parsing: info.subnet),
+                                      endpoint: try Endpoint(parsing: info.endpoint, defaultPort: config.port))
+                byOrigin[origin, default: []].append(route)
+            } catch {
+                throw .failed("the running daemon reported a bad route \(info.subnet) via \(info.endpoint): \(error)")
+            }
+        }
+        if config.peersFile != nil { byOrigin[.file] = fileRoutes }
+        for (origin, list) in byOrigin {
+            do { try store.replace(list, origin: origin) } catch {
+                throw .failed("taking over the running daemon's \(origin.rawValue) routes: \(error)")
+            }
+        }
+    }
+}
+
+/// The new daemon's requests to the old one, over the verified control socket (`ControlClient`).
+enum HandoverClient {
+    typealias Failure = FlannelError
+
+    static func begin(paths: RuntimePaths) throws(Failure) -> HandoverState {
+        let state: HandoverState
+        switch try exchange(.handoverBegin(version: HandoverState.version), paths: paths) {
+        case .handover(let s): state = s
+        case .error(let message): throw .failed("the running daemon refused the handover: \(message)")
+        default: throw .failed("the running daemon answered the handover with something else")
+        }
+        if let problem = validate(state, device: paths.device) {
+            throw .failed("the running daemon's handover answer is malformed: \(problem)")
+        }
+        return state
+    }
+
+    static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {
+        switch try exchange(.handoverCommit(token: old.token), paths: paths) {
+        case .ok: return
+        case .error(let message): throw .failed("the running daemon did not let go: \(message); it keeps forwarding")
+        default: throw .failed("the running daemon answered the commit with something else; it keeps forwarding")
+        }
+    }
+
+    /// Best effort: the old daemon also resumes by itself when we die or time out.
+    static func abort(_ old: HandoverState, paths: RuntimePaths, logger: Logger) {
+        do { _ = try exchange(.handoverAbort(token: old.token), paths: paths) } catch {
+            logger.warning("telling the running daemon that the replacement failed: \(error)")
+        }
+    }
+
+    private static func exchange(_ request: ControlRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
+        do { return try ControlClient.send(request, paths: paths, timeoutSeconds: 10) } catch {
+            throw .failed("replace: \(error)")
+        }
+    }
+
+    /// What in an answer would make no sense (it comes from another process: checked, never trusted blindly).
+    static func validate(_ s: HandoverState, device: String) -> String? {
+        if s.device != device { return "it is for device '\(s.device)', not \(device)" }
+        if s.token.isEmpty || s.token.utf8.count > 128 { return "bad token" }
+        if s.deviceIndex <= 0 { return "device index \(s.deviceIndex)" }
+        if !(1...Workers.maximum).contains(s.sockets) { return "\(s.sockets) sockets" }
+        if !NodeConfig.mtuRange.contains(s.mtu) { return "MTU \(s.mtu)" }
+        if s.routes.count > 100_000 { return "\(s.routes.count) routes" }
+        for (what, text) in [("network", s.network), ("subnet", s.subnet)] {
+            do { _ = try IPv4Network(parsing: text) } catch { return "\(what) '\(text)': \(error)" }
+        }
+        if IPv4Address(s.publicIP) == nil { return "public IP '\(s.publicIP)'" }
+        return nil
+    }
+
+    /// Why the old daemon's node is not the one `plan` describes, if it is not.
+    static func identityChange(_ old: HandoverState, plan: NodeSetup.Plan) -> String? {
+        let config = plan.config
+        var changes: [String] = []
+        func compare(_ what: String, _ was: String, _ asked: String) {
+            if was != asked { changes.append("\(what) \(was) would become \(asked)") }
+        }
+        compare("network", old.network, config.network.description)
+        compare("subnet", old.subnet, config.subnet.description)
+        compare("public IP", old.publicIP, plan.publicIP.description)
+        compare("port", "\(old.port)", "\(plan.listen.port)")
+        compare("MTU", "\(old.mtu)", "\(plan.mtu)")
+        compare("subnet file", old.subnetFile ?? "none", config.subnetFile ?? "none")
+        compare("masquerade", old.masquerade?.rawValue ?? "off", config.ipMasq ? config.masqBackend.rawValue : "off")
+        // The device's IFF_VNET_HDR is the device's, for every queue: offloads cannot change under it.
+        compare("offloads", old.vnetHeader ? "on" : "off", config.offloads ? "on" : "off")
+        return changes.isEmpty ? nil : changes.joined(separator: ", ")
+    }
+}
