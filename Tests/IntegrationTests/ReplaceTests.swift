@@ -135,7 +135,8 @@ final class ReplaceTests: HostileTopologyTestCase {
         var windows: [String] = []
         for i in 0..<10 {
             let start = Date().timeIntervalSince1970
-            let r = up(a, ["--replace", "--workers", "\(1 + i % 3)"])
+            // The same number of workers, then more (queues attached, sockets joined): nothing may be lost.
+            let r = up(a, ["--replace", "--workers", "\(2 + i / 4)"])
             windows.append(String(format: "%.3f-%.3f", start, Date().timeIntervalSince1970))
             XCTAssertEqual(r.status, 0, "replacement \(i + 1): \(r)")
             let now = try pid(a)
@@ -149,12 +150,13 @@ final class ReplaceTests: HostileTopologyTestCase {
         }
         let (sent, received) = transfer.finish()
         let pings = pinger.stop()
-        print("[+] 10 replacements: \(pings.answered) pings answered, missing \(pings.missing); stream \(received)")
+        let stats = (try? a.ns.run(["cat", "/sys/class/net/flannel0/statistics/tx_dropped"])) ?? "?"
+        print("[+] 10 replacements: \(pings.answered) pings answered, missing \(pings.missing); stream \(received); flannel0 tx_dropped \(stats.trimmingCharacters(in: .whitespacesAndNewlines))")
         XCTAssertEqual(pings.missing, [], "pings lost: \(pings.output)\nreplacements: \(windows)")
         XCTAssertGreaterThan(pings.answered, 300)
         XCTAssertFalse(sent.isEmpty)
         XCTAssertEqual(sent, received, "the stream arrives whole")
-        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 1 + 9 % 3)
+        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 4)
 
         // down after replacements removes everything, as after a plain up.
         let down = fu(a, ["down"])
@@ -181,6 +183,13 @@ final class ReplaceTests: HostileTopologyTestCase {
         XCTAssertEqual(try pid(a), old)
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0, "the old daemon forwards on")
         XCTAssertTrue(try a.ns.run(["cat", "\(tmp)/subnet-1.env"]).contains("FLANNEL_SUBNET=10.244.1.1/24"))
+        // Fewer workers than the old daemon: its last queues and sockets are closed after the switch.
+        let fewer = up(a, ["--replace", "--workers", "1"])
+        XCTAssertEqual(fewer.status, 0, fewer.description)
+        XCTAssertNotEqual(try pid(a), old)
+        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 1)
+        XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress, ["-c", "20", "-i", "0.01"]).status, 0)
     }
 
     /// A replacement that fails after the old daemon paused (the new one asks for other offloads than the device

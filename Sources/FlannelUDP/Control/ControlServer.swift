@@ -11,10 +11,13 @@ public protocol ControlHandler: AnyObject, Sendable {
     func handle(_ request: ControlRequest) -> ControlResponse
     /// The same, knowing the client's pid (SO_PEERCRED, root's). By default the pid is not looked at.
     func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse
+    /// Descriptors to pass along with `response` (SCM_RIGHTS; the handler keeps its own). By default none.
+    func descriptors(for response: ControlResponse) -> [Int32]
 }
 
 extension ControlHandler {
     public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse { handle(request) }
+    public func descriptors(for response: ControlResponse) -> [Int32] { [] }
 }
 
 /// The daemon's control endpoint: a pathname unix socket in the root-only state directory (see `RuntimePaths`).
@@ -241,7 +244,8 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             return
         }
         do {
-            try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what)
+            try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what,
+                                    descriptors: handler.descriptors(for: response))
         } catch {
             logger.debug("control: \(error)")
         }

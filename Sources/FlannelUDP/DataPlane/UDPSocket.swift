@@ -56,15 +56,7 @@ public final class UDPSocket: @unchecked Sendable {
                     }
                 }
             }
-            var bound = sockaddr_in()
-            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-            try syscall("getsockname", "\(endpoint)") {
-                withUnsafeMutablePointer(to: &bound) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-                }
-            }
-            localEndpoint = Endpoint(address: IPv4Address(networkOrder: bound.sin_addr.s_addr),
-                                     port: UInt16(bigEndian: bound.sin_port))
+            localEndpoint = try UDPSocket.boundEndpoint(fd, what: "\(endpoint)")
             receiveBufferSize = UDPSocket.getInt(fd, SO_RCVBUF)
             sendBufferSize = UDPSocket.getInt(fd, SO_SNDBUF)
         } catch {
@@ -127,6 +119,40 @@ public final class UDPSocket: @unchecked Sendable {
                 fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
             }
         }
+    }
+
+    /// Takes over a bound IPv4 UDP socket (a running daemon's, passed to a replacing one): checked to be one,
+    /// bound to `endpoint`; this object owns and closes it from now on (also when the check fails).
+    public init(adopting fd: Int32, expecting endpoint: Endpoint) throws(SystemError) {
+        do throws(SystemError) {
+            var type: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            try syscall("inspect passed socket for", "\(endpoint)") { getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) }
+            guard type == Int32(SOCK_DGRAM.rawValue) else { throw SystemError("use passed socket for", "\(endpoint) (not UDP)", errno: EINVAL) }
+            let bound = try UDPSocket.boundEndpoint(fd, what: "passed socket")
+            guard bound == endpoint else {
+                throw SystemError("use passed socket for", "\(endpoint) (it is bound to \(bound))", errno: EINVAL)
+            }
+            localEndpoint = bound
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+        self.fd = fd
+        receiveBufferSize = UDPSocket.getInt(fd, SO_RCVBUF)
+        sendBufferSize = UDPSocket.getInt(fd, SO_SNDBUF)
+    }
+
+    private static func boundEndpoint(_ fd: Int32, what: String) throws(SystemError) -> Endpoint {
+        var bound = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        try syscall("getsockname", what) {
+            withUnsafeMutablePointer(to: &bound) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+            }
+        }
+        guard bound.sin_family == sa_family_t(AF_INET) else { throw SystemError("use socket", "\(what) (not IPv4)", errno: EAFNOSUPPORT) }
+        return Endpoint(address: IPv4Address(networkOrder: bound.sin_addr.s_addr), port: UInt16(bigEndian: bound.sin_port))
     }
 
     private static func setBuffer(_ fd: Int32, force: Int32, plain: Int32, size: Int) {

@@ -191,7 +191,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
         try startGuard(setup)
-        forwarder = try startForwarder(tun: tun, sockets: sockets)
+        forwarder = try makeForwarder(tun: tun, sockets: sockets)
+        try start(forwarder)
         forwarderStarted = true
         nodeGuard?.start()
 
@@ -220,10 +221,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    func startForwarder(tun: TunDevice, sockets: [UDPSocket]) throws(Failure) -> Forwarder {
-        let fwd: Forwarder
+    func makeForwarder(tun: TunDevice, sockets: [UDPSocket]) throws(Failure) -> Forwarder {
         do {
-            fwd = try Forwarder(tun: tun, sockets: sockets, table: table,
+            return try Forwarder(tun: tun, sockets: sockets, table: table,
                                 config: ForwardingConfig(network: config.network, subnet: config.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
@@ -233,11 +233,13 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                     // A deleted device fails the tun reads too; say so rather than only the errno.
                                     self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")
                                 })
-            try fwd.start()
         } catch {
             throw .failed("start forwarder: \(error)")
         }
-        return fwd
+    }
+
+    func start(_ forwarder: Forwarder?) throws(Failure) {
+        do { try forwarder?.start() } catch { throw .failed("start forwarder: \(error)") }
     }
 
     /// Up: reports readiness, then runs until a signal.

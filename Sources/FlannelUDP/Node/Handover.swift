@@ -9,16 +9,22 @@ import Glibc
 ///
 ///     new daemon                                    old daemon
 ///     checks options, peers file, paths
-///     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade
+///     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade,
+///                                                   and passes its tun queues and sockets along (SCM_RIGHTS)
 ///     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
-///     attaches queues to the tun, sockets to the
-///     port, forwards; steers every datagram to
-///     its own sockets (FlowSteering offset)
-///     handoverCommit ────────────────────────────>  lets active flows move over, stops forwarding, closes
-///                                                   its queues and sockets (nothing is torn down), answers,
-///                                                   exits 0, releasing the lock last
-///     steers over its own sockets again; state file, control socket renamed over the old one, lock;
-///     self-healing, masquerade resync; READY
+///     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
+///     joined to the port for more --workers), not started
+///     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
+///                                                   sockets stay open in the new daemon: nothing is detached,
+///                                                   nothing torn down), answers, exits 0, releasing the lock last
+///     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
+///     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
+///
+/// No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
+/// more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
+/// when one in the middle goes, and drops what it had already picked a vanished queue for. Taking the same
+/// descriptors over avoids all three, so no packet is lost. With fewer --workers, the surplus (the last queues
+/// and sockets, so nothing is renumbered) is closed after the switch, losing what was queued on it then.
 public struct HandoverState: Codable, Equatable, Sendable {
     /// The protocol spoken; a daemon refuses another version.
     public static let version = 1
@@ -52,10 +58,6 @@ final class OutgoingHandover: Sendable {
         case handedOver
     }
     static let timeoutMilliseconds: Int64 = 20_000
-    /// How long the old daemon keeps forwarding after the commit, so that every active flow's packets move to
-    /// the new daemon's tun queues (the kernel queues a flow where its packets were last written from; the
-    /// replies now come in through the new daemon).
-    static let settleMicroseconds: UInt32 = 300_000
 
     let phase = Mutex(Phase.idle)
 
@@ -153,29 +155,24 @@ extension Daemon {
         return true
     }
 
-    /// After the commit: the new daemon forwards and every datagram goes to its sockets. Keeps forwarding while
-    /// the flows move to the new daemon's tun queues, then stops, counts what was still queued to us (lost: a tun
-    /// queue's ring is purged when it closes), closes our queues and sockets (the device lives on with the new
-    /// daemon's queues) and has the main thread exit without tearing down.
+    /// After the commit: stops our workers (what arrives from now on waits in the queues and socket buffers for
+    /// the new daemon's), closes our descriptors (the new daemon holds the same queues and sockets, so nothing
+    /// leaves the device or the port) and has the main thread exit without tearing down.
     private func letGo() {
-        usleep(OutgoingHandover.settleMicroseconds)
         forwarder?.stop()
-        var left = 0
         if let dataPlane {
-            var buffer = [UInt8](repeating: 0, count: 65_536)
-            for fd in dataPlane.tun.queueFDs + dataPlane.sockets.map(\.fd) {
-                while buffer.withUnsafeMutableBytes({ recv(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }) > 0 { left += 1 }
-                // A tun descriptor is no socket: recv fails with ENOTSOCK, read it instead.
-                if errno == ENOTSOCK {
-                    while buffer.withUnsafeMutableBytes({ read(fd, $0.baseAddress!, $0.count) }) > 0 { left += 1 }
-                }
-            }
             dataPlane.tun.close()
             for s in dataPlane.sockets { s.close() }
         }
         outgoing.phase.withLock { $0 = .handedOver }
-        logger.info("handed over: \(left) packet(s) were still queued to this daemon and are dropped; exiting without tearing anything down")
+        logger.info("handed over; exiting without tearing anything down")
         kill(getpid(), SIGTERM)
+    }
+
+    /// The answer to `handoverBegin` carries our tun queues, then our sockets (SCM_RIGHTS).
+    public func descriptors(for response: ControlResponse) -> [Int32] {
+        guard case .handover = response, let dataPlane else { return [] }
+        return dataPlane.tun.queueFDs + dataPlane.sockets.map(\.fd)
     }
 
     // MARK: - New daemon
@@ -195,9 +192,21 @@ extension Daemon {
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
-        let old = try HandoverClient.begin(paths: paths)
+        let (old, passed) = try HandoverClient.begin(paths: paths)
+        // Ours to close until wrapped: the old daemon's queues (first `old.sockets`), then its sockets.
+        var loose = passed
+        defer { loose.forEach { _ = close($0) } }
         let plan: NodeSetup.Plan
-        let sockets: [UDPSocket]
+        var sockets: [UDPSocket] = []
+        var surplus: (queues: [Int32], sockets: [UDPSocket]) = ([], [])
+        var started = false
+        defer {
+            if !started {
+                setup.rollback()
+                for s in sockets + surplus.sockets { s.close() }
+                surplus.queues.forEach { _ = close($0) }
+            }
+        }
         do throws(Failure) {
             plan = try setup.plan(config, adopting: old.deviceIndex)
             if let reason = HandoverClient.identityChange(old, plan: plan) {
@@ -205,33 +214,40 @@ extension Daemon {
             }
             self.plan = plan
             try adoptPeers(old.routes, fileRoutes: fileRoutes)
-            sockets = try Failure.system(try UDPSocket.join(plan.listen, count: config.workers, steeringOffset: nil))
-        } catch {
-            HandoverClient.abort(old, paths: paths, logger: logger)
-            throw error
-        }
-        var started = false
-        defer {
-            if !started {
-                forwarder?.stop()
-                setup.rollback()
-                for s in sockets { s.close() }
+            let n = old.sockets
+            let wanted = config.workers
+            var queues = Array(loose[0..<n])
+            for fd in loose[n...] {
+                sockets.append(try Failure.system(try UDPSocket(adopting: fd, expecting: plan.listen)))
             }
-        }
-        do throws(Failure) {
-            let tun = try setup.adopt(plan, index: old.deviceIndex, vnetHeader: old.vnetHeader, queues: config.workers)
+            loose = []
+            if wanted > n {
+                // More workers: queues attached to the device and sockets joined to the group, after the old ones.
+                let more = try Failure.system(try TunDevice.attachQueues(name: config.device, vnetHeader: old.vnetHeader,
+                                                                          count: wanted - n))
+                queues += more
+                sockets += try Failure.system(try UDPSocket.join(plan.listen, count: wanted - n, steeringOffset: nil))
+            } else if wanted < n {
+                surplus = (Array(queues[wanted...]), Array(sockets[wanted...]))
+                queues = Array(queues[..<wanted])
+                sockets = Array(sockets[..<wanted])
+            }
+            let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
-            forwarder = try startForwarder(tun: tun, sockets: sockets)
-            // Every datagram to our sockets from now on; the old daemon's drain.
-            try Failure.system(try UDPSocket.steer(sockets, offset: old.sockets))
+            forwarder = try makeForwarder(tun: tun, sockets: sockets)
             try HandoverClient.commit(old, paths: paths)
         } catch {
             HandoverClient.abort(old, paths: paths, logger: logger)
             throw error
         }
         started = true
-        // The old sockets are gone and the group compacted: ours are its indices 0..<n again.
+        try start(forwarder)
+        // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
+        // first, so that nothing is renumbered.
         do { try UDPSocket.steer(sockets, offset: 0) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        for fd in surplus.queues.reversed() { _ = close(fd) }
+        for s in surplus.sockets.reversed() { s.close() }
+        surplus = ([], [])
         try Failure.system(try instance.takeOver(state(plan: plan)))
         try setup.adopted(plan, index: old.deviceIndex)
         masquerade = setup.masquerade
@@ -278,17 +294,34 @@ extension Daemon {
 enum HandoverClient {
     typealias Failure = FlannelError
 
-    static func begin(paths: RuntimePaths) throws(Failure) -> HandoverState {
-        let state: HandoverState
-        switch try exchange(.handoverBegin(version: HandoverState.version), paths: paths) {
-        case .handover(let s): state = s
-        case .error(let message): throw .failed("the running daemon refused the handover: \(message)")
-        default: throw .failed("the running daemon answered the handover with something else")
+    /// The old daemon's state and descriptors (its tun queues, then its sockets), which the caller must close.
+    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, [Int32]) {
+        let answer: ControlClient.Answer
+        do {
+            answer = try ControlClient.exchange(.handoverBegin(version: HandoverState.version), paths: paths,
+                                                timeoutSeconds: 10, acceptingDescriptors: true)
+        } catch { throw .failed("replace: \(error)") }
+        var problem: String?
+        switch answer.response {
+        case .handover(let state):
+            problem = validate(state, device: paths.device)
+            if problem == nil && answer.descriptors.count != 2 * state.sockets {
+                problem = "\(answer.descriptors.count) descriptors passed for \(state.sockets) queue(s) and socket(s)"
+            }
+            if problem == nil { return (state, answer.descriptors) }
+            // It did begin: tell it we are not going on.
+            if let problem { Self.abandon(state, paths: paths, because: problem) }
+        case .error(let message):
+            answer.descriptors.forEach { _ = close($0) }
+            throw .failed("replace: the running daemon refused the handover: \(message)")
+        default: problem = "not a handover answer"
         }
-        if let problem = validate(state, device: paths.device) {
-            throw .failed("the running daemon's handover answer is malformed: \(problem)")
-        }
-        return state
+        answer.descriptors.forEach { _ = close($0) }
+        throw .failed("replace: the running daemon's handover answer is unusable: \(problem ?? "")")
+    }
+
+    private static func abandon(_ state: HandoverState, paths: RuntimePaths, because problem: String) {
+        _ = try? exchange(.handoverAbort(token: state.token), paths: paths)
     }
 
     static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {

@@ -170,21 +170,19 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         }
     }
 
-    /// `up --replace`: attaches `queues` queues of our own to the running daemon's device (TUNSETIFF with the same
-    /// name and flags; `vnetHeader` must be the device's, which the kernel does not check for a device that has
-    /// queues) and checks that it is still the same device. Changes nothing else; undone by closing our queues,
-    /// which leaves the device to the queues of the old daemon.
-    public func adopt(_ plan: Plan, index: Int32, vnetHeader: Bool, queues: Int) throws(Failure) -> TunDevice {
+    /// `up --replace`: takes the running daemon's tun queues (`fds`, passed over the control socket; the old
+    /// daemon keeps its own descriptors of the same queues, so closing ours changes nothing while it lives) and
+    /// checks that the device is still the one with `index`. Changes nothing else.
+    public func adopt(_ plan: Plan, index: Int32, fds: [Int32], vnetHeader: Bool) throws(Failure) -> TunDevice {
         let name = plan.config.device
-        step("attach \(queues) queue(s) to tun device \(name)")
-        let tun = try Failure.system(try TunDevice(name: name, vnetHeader: vnetHeader, queues: queues))
+        step("take over \(fds.count) queue(s) of tun device \(name)")
+        let tun = TunDevice(adopting: fds, name: name, vnetHeader: vnetHeader)
         guard let link = try? netlink.link(named: tun.name), link.index == index else {
-            // The device vanished and TUNSETIFF made a new one: closing it removes it again.
             tun.close()
             throw .failed("tun device \(name) (index \(index)) disappeared during the replacement")
         }
         self.tun = tun
-        undo.append(("detach our queues from tun device \(name)", { tun.close(); self.tun = nil }))
+        undo.append(("close our descriptors of tun device \(name)", { tun.close(); self.tun = nil }))
         return tun
     }
 
