@@ -54,16 +54,15 @@ final class ReusePortSteeringTests: XCTestCase {
         second.close()
     }
 
-    /// `up --replace` on the port: the new daemon's sockets join the old group, its program (offset by the old
-    /// sockets) sends every datagram to them; when the old sockets close, the kernel compacts the group and the
-    /// program's indices point past it, so the kernel's hash picks (nothing is lost); the program attached again
-    /// without offset keeps each flow on one socket.
-    func testAReplacingGroupTakesEveryDatagramAndLosesNoneWhenTheOldOneCloses() throws {
-        let old = try UDPSocket.group(bind: Endpoint(address: ip("127.0.0.1"), port: 0), count: 2, bufferSize: 1 << 20)
-        defer { old.forEach { $0.close() } }
-        let port = old[0].localEndpoint
-        let new = try UDPSocket.join(port, count: 3, bufferSize: 1 << 20, steeringOffset: nil)
-        defer { new.forEach { $0.close() } }
+    /// `up --replace` changing the number of workers on the sockets it took over: sockets joined to the group get
+    /// nothing until the program is attached again for all of them, which then steers as `FlowSteering` says;
+    /// closing the last sockets after steering over the first ones renumbers nothing and loses nothing.
+    func testAGroupThatGrowsAndShrinksSteersAsToldAndLosesNothing() throws {
+        let first = try UDPSocket.group(bind: Endpoint(address: ip("127.0.0.1"), port: 0), count: 2, bufferSize: 1 << 20)
+        let port = first[0].localEndpoint
+        let added = try UDPSocket.join(port, count: 2, bufferSize: 1 << 20, steering: false)
+        let all = first + added
+        defer { all.forEach { $0.close() } }
         let sender = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
         defer { sender.close() }
         func packet(_ k: Int) -> [UInt8] {
@@ -71,30 +70,26 @@ final class ReusePortSteeringTests: XCTestCase {
             spec.sourcePort = UInt16(40000 + k % 20)
             return spec.bytes()
         }
-        /// Sends 60 datagrams of 20 flows; returns where each landed (-1: an old socket, -2: nowhere).
+        /// Sends 60 datagrams of 20 flows; returns the socket each landed on (-1: none).
         func round() -> [Int] {
             (0..<60).map { k in
                 send(packet(k), from: sender, to: port)
-                if old.contains(where: { receive($0) != nil }) { return -1 }
-                return new.indices.first { receive(new[$0]) != nil } ?? -2
+                return all.indices.first { receive(all[$0]) != nil } ?? -1
             }
         }
-        // Before the new program: the old one spreads over the old sockets only.
-        XCTAssertEqual(Set(round()), [-1])
-        try UDPSocket.steer(new, offset: old.count)
-        let steered = round()
-        for (k, landed) in steered.enumerated() {
-            let expected = packet(k).withUnsafeBytes { FlowSteering.worker($0, workers: new.count) }
-            XCTAssertEqual(landed, expected, "datagram \(k) goes to the new socket the offset program names")
+        func expected(_ workers: Int) -> [Int] {
+            (0..<60).map { k in packet(k).withUnsafeBytes { FlowSteering.worker($0, workers: workers) } }
         }
-        old.forEach { $0.close() }
-        XCTAssertFalse(round().contains(-2), "past the compacted group the kernel's hash picks: nothing is lost")
-        try UDPSocket.steer(new, offset: 0)
-        let settled = round()
-        XCTAssertFalse(settled.contains(-2))
-        for k in 0..<20 {
-            XCTAssertEqual(Set(stride(from: k, to: 60, by: 20).map { settled[$0] }).count, 1, "flow \(k) on one socket")
-        }
+        XCTAssertEqual(round(), expected(2), "joined sockets get nothing before the program covers them")
+        try UDPSocket.steer(all)
+        let four = round()
+        XCTAssertEqual(four, expected(4))
+        XCTAssertTrue(four.contains(3), "the flows spread over the joined sockets too: \(four)")
+        try UDPSocket.steer(Array(all.prefix(1)))
+        all[3].close()
+        all[2].close()
+        all[1].close()
+        XCTAssertEqual(round(), [Int](repeating: 0, count: 60), "one socket left, every datagram on it")
     }
 
     private func send(_ bytes: [UInt8], from sock: UDPSocket, to endpoint: Endpoint) {

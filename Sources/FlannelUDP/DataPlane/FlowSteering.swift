@@ -46,14 +46,13 @@ public enum FlowSteering {
         Int(((key &* 0x9E37_79B1) >> 16) % UInt32(workers))
     }
 
-    /// The classic BPF program for `workers` sockets (see above; `workers` >= 1), which are the reuseport group's
-    /// indices from `offset` on (`UDPSocket.steer`; non-zero while a replacing daemon takes over).
-    public static func program(workers: Int, offset: Int = 0) -> [fu_sock_filter] {
-        precondition(workers >= 1 && workers <= 65536 && offset >= 0 && offset <= 65536)
+    /// The classic BPF program for `workers` sockets (see above; `workers` >= 1).
+    public static func program(workers: Int) -> [fu_sock_filter] {
+        precondition(workers >= 1 && workers <= 65536)
         func op(_ code: UInt16, _ k: UInt32 = 0, jt: UInt8 = 0, jf: UInt8 = 0) -> fu_sock_filter {
             fu_sock_filter(code: code, jt: jt, jf: jf, k: k)
         }
-        let program = [
+        return [
             op(BPF.ldAbsW, 16),                     //  0  A = inner destination
             op(BPF.tax),                            //  1  X = A
             op(BPF.ldAbsW, 12),                     //  2  A = inner source
@@ -75,8 +74,6 @@ public enum FlowSteering {
             op(BPF.modK, UInt32(workers)),          // 18
             op(BPF.retA),                           // 19  the socket's index
         ]
-        guard offset > 0 else { return program }
-        return Array(program.dropLast()) + [op(BPF.addK, UInt32(offset)), op(BPF.retA)]
     }
 
     @inline(__always)
@@ -100,7 +97,6 @@ public enum BPF {
     public static let mulK: UInt16 = 0x24     // BPF_ALU | BPF_MUL | BPF_K
     public static let rshK: UInt16 = 0x74     // BPF_ALU | BPF_RSH | BPF_K
     public static let modK: UInt16 = 0x94     // BPF_ALU | BPF_MOD | BPF_K
-    public static let addK: UInt16 = 0x04     // BPF_ALU | BPF_ADD | BPF_K
     public static let jeqK: UInt16 = 0x15     // BPF_JMP | BPF_JEQ | BPF_K
     public static let jsetK: UInt16 = 0x45    // BPF_JMP | BPF_JSET | BPF_K
     public static let retA: UInt16 = 0x16     // BPF_RET | BPF_A

@@ -83,14 +83,14 @@ public final class UDPSocket: @unchecked Sendable {
         let probe = try UDPSocket(bind: endpoint, bufferSize: 0)
         let free = probe.localEndpoint
         probe.close()
-        return try join(free, count: count, bufferSize: bufferSize, steeringOffset: count > 1 ? 0 : nil)
+        return try join(free, count: count, bufferSize: bufferSize, steering: count > 1)
     }
 
     /// Opens `count` sockets on `endpoint` with SO_REUSEPORT, joining whatever reuseport group is bound there
-    /// (no check that the port is free: `up --replace` joins its predecessor's group on purpose), and with
-    /// `steeringOffset` attaches `FlowSteering`'s program for them (see `steer`).
+    /// (no check that the port is free: `up --replace` with more workers adds sockets to the group it took
+    /// over), and with `steering` attaches `FlowSteering`'s program for them (see `steer`).
     public static func join(_ endpoint: Endpoint, count: Int, bufferSize: Int = UDPSocket.defaultBufferSize,
-                            steeringOffset: Int?) throws(SystemError) -> [UDPSocket] {
+                            steering: Bool) throws(SystemError) -> [UDPSocket] {
         var sockets: [UDPSocket] = []
         do throws(SystemError) {
             sockets.append(try UDPSocket(bind: endpoint, bufferSize: bufferSize, reusePort: true))
@@ -98,7 +98,7 @@ public final class UDPSocket: @unchecked Sendable {
             while sockets.count < count {
                 sockets.append(try UDPSocket(bind: bound, bufferSize: bufferSize, reusePort: true))
             }
-            if let steeringOffset { try steer(sockets, offset: steeringOffset) }
+            if steering { try steer(sockets) }
         } catch {
             for s in sockets { s.close() }
             throw error
@@ -106,14 +106,13 @@ public final class UDPSocket: @unchecked Sendable {
         return sockets
     }
 
-    /// Attaches `FlowSteering`'s program to the reuseport group of `sockets` (the program is the group's, whichever
-    /// member it is attached through, and replaces the one before), spreading the inner flows over the group's
-    /// indices `offset ..< offset + sockets.count`. A replacing daemon's sockets join the group after its
-    /// predecessor's (indices from the old count on), so with that offset every datagram goes to the new sockets;
-    /// once the old ones are closed the kernel compacts the group, an index beyond it falls back to the kernel's
-    /// hash over the remaining sockets (no loss), and the program is attached again with offset 0.
-    public static func steer(_ sockets: [UDPSocket], offset: Int) throws(SystemError) {
-        let program = FlowSteering.program(workers: sockets.count, offset: offset)
+    /// Attaches `FlowSteering`'s program for `sockets.count` sockets to the reuseport group of `sockets` (the
+    /// program is the group's, whichever member it is attached through, and atomically replaces the one before):
+    /// the flows spread over the group's first `sockets.count` indices, which must be these sockets. Sockets
+    /// joined later get nothing until the program is attached again for them (`up --replace` with more workers);
+    /// an index past the group (sockets closed) falls back to the kernel's hash.
+    public static func steer(_ sockets: [UDPSocket]) throws(SystemError) {
+        let program = FlowSteering.program(workers: sockets.count)
         try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(sockets[0].localEndpoint)") {
             program.withUnsafeBufferPointer {
                 fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))

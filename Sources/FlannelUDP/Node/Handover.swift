@@ -138,8 +138,8 @@ extension Daemon {
         t.start()
     }
 
-    /// Back to normal after a handover that did not happen: self-healing again, and the datagrams steered back
-    /// to our own sockets (the new daemon's program may still be on the group).
+    /// Back to normal after a handover that did not happen: self-healing again. (The data plane never stopped,
+    /// and the new daemon changes the steering only after the commit.)
     private func resume(token: String, because reason: String) -> Bool {
         let resumed = outgoing.phase.withLock { phase -> Bool in
             guard case .begun(token, _, _, _) = phase else { return false }
@@ -147,9 +147,6 @@ extension Daemon {
             return true
         }
         guard resumed else { return false }
-        if let sockets = dataPlane?.sockets {
-            do { try UDPSocket.steer(sockets, offset: 0) } catch { logger.error("handover: \(error)") }
-        }
         nodeGuard?.start()
         logger.warning("handover abandoned: \(reason); forwarding on, self-healing resumed")
         return true
@@ -226,7 +223,7 @@ extension Daemon {
                 let more = try Failure.system(try TunDevice.attachQueues(name: config.device, vnetHeader: old.vnetHeader,
                                                                           count: wanted - n))
                 queues += more
-                sockets += try Failure.system(try UDPSocket.join(plan.listen, count: wanted - n, steeringOffset: nil))
+                sockets += try Failure.system(try UDPSocket.join(plan.listen, count: wanted - n, steering: false))
             } else if wanted < n {
                 surplus = (Array(queues[wanted...]), Array(sockets[wanted...]))
                 queues = Array(queues[..<wanted])
@@ -244,7 +241,7 @@ extension Daemon {
         try start(forwarder)
         // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
         // first, so that nothing is renumbered.
-        do { try UDPSocket.steer(sockets, offset: 0) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
         for fd in surplus.queues.reversed() { _ = close(fd) }
         for s in surplus.sockets.reversed() { s.close() }
         surplus = ([], [])
