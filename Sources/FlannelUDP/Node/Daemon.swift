@@ -44,14 +44,14 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     let registrySettings: EtcdOptions?
     var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
     private var registryTask: Task<Void, Never>?
-    private let keepLease = Mutex(false)
+    let keepLease = Mutex(false)
     let logger: Logger
     let paths: RuntimePaths
     private let startedAt = Date()
     var plan: NodeSetup.Plan?
     private let table = RouteTable()
     /// The registry config's SubnetLen, once joined: every lease must be of that size.
-    private var registrySubnetLength: Int?
+    var registrySubnetLength: Int?
     /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
     lazy var store: RouteStore = {
         assert(plan != nil, "the peer table's rules need the plan")
@@ -297,7 +297,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Applies every change of the other nodes' leases to the peer table until the daemon stops; stops the
     /// daemon if our own lease disappears (as flanneld does).
-    private func startRegistryWatch(_ registry: EtcdRegistry) {
+    func startRegistryWatch(_ registry: EtcdRegistry) {
         let store = self.store
         let logger = self.logger
         let filter = RegistryRouteFilter()
@@ -319,7 +319,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    private func leaveRegistry(_ registry: EtcdRegistry, release: Bool) {
+    /// Stops following the registry (a handover: the lease stays, and is renewed by whoever runs next).
+    func stopRegistryWatch() {
+        registryTask?.cancel()
+        let task = registryTask
+        registryTask = nil
+        _ = try? Blocking.run { await task?.value }
+    }
+
+    func leaveRegistry(_ registry: EtcdRegistry, release: Bool) {
         registryTask?.cancel()
         let task = registryTask
         _ = try? Blocking.run {

@@ -46,6 +46,13 @@ public struct HandoverState: Codable, Equatable, Sendable {
     public var routes: [RouteInfo]
     /// The masquerade backend with --ip-masq, nil without.
     public var masquerade: MasqueradeBackend?
+    /// The registry lease with --etcd-endpoints: the new daemon keeps that etcd lease alive instead of taking one.
+    public var lease: HandoverLease?
+}
+
+public struct HandoverLease: Codable, Equatable, Sendable {
+    public var subnet: String
+    public var etcdLeaseID: Int64
 }
 
 /// The old daemon's side: where a handover stands.
@@ -75,9 +82,6 @@ extension Daemon {
             guard version == HandoverState.version else {
                 return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
             }
-            guard registry == nil else {
-                return .error("up --replace is not supported with --etcd-endpoints yet")
-            }
             guard let plan, let overlay, let dataPlane else { return .error("the daemon for \(paths.device) is not forwarding") }
             guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return .error("the requesting process is gone") }
             let token = UUID().uuidString
@@ -88,8 +92,9 @@ extension Daemon {
                 return true
             }
             guard begun else { return .error("a handover of \(paths.device) is already in progress") }
-            // Nothing may be "repaired" while two daemons share the device.
+            // Nothing may be "repaired" while two daemons share the device, nor the peer table changed.
             nodeGuard?.stop()
+            stopRegistryWatch()
             logger.info("handover to pid \(pid) begun; self-healing paused")
             watchHandover(token: token)
             return .handover(HandoverState(
@@ -98,7 +103,8 @@ extension Daemon {
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
-                masquerade: config.ipMasq ? config.masqBackend : nil))
+                masquerade: config.ipMasq ? config.masqBackend : nil,
+                lease: registry?.currentLease.map { HandoverLease(subnet: $0.subnet.description, etcdLeaseID: $0.etcdLeaseID) }))
         case .handoverAbort(let token):
             guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
             return .ok
@@ -148,6 +154,7 @@ extension Daemon {
         }
         guard resumed else { return false }
         nodeGuard?.start()
+        if let registry { startRegistryWatch(registry) }
         logger.warning("handover abandoned: \(reason); forwarding on, self-healing resumed")
         return true
     }
@@ -177,7 +184,6 @@ extension Daemon {
     /// `up --replace` when a daemon runs for the device: everything checked, the handover as drawn above. The
     /// caller has loaded the peers file (`fileRoutes`).
     func runReplacing(readiness: Readiness, fileRoutes: [PeerRoute]) throws(Failure) {
-        if registrySettings != nil { throw .usage("up --replace is not supported with --etcd-endpoints yet") }
         let instance: DaemonInstance
         do { instance = try DaemonInstance(replacing: paths, logger: logger) } catch {
             switch error {
@@ -186,6 +192,9 @@ extension Daemon {
             }
         }
         defer { instance.release(handingOver: outgoing.handedOver) }
+        // The lease is the old daemon's until the commit, ours (released by `down`) after it.
+        var leaseHeld = false
+        defer { if let registry { leaveRegistry(registry, release: leaseHeld) } }
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
@@ -205,6 +214,7 @@ extension Daemon {
             }
         }
         do throws(Failure) {
+            try adoptRegistry(old, setup: setup)
             plan = try setup.plan(config, adopting: old.deviceIndex)
             if let reason = HandoverClient.identityChange(old, plan: plan) {
                 throw Failure.usage("refusing to replace the daemon for \(config.device): \(reason); that changes the node's identity (use 'down' and 'up')")
@@ -213,22 +223,26 @@ extension Daemon {
             try adoptPeers(old.routes, fileRoutes: fileRoutes)
             let n = old.sockets
             let wanted = config.workers
-            var queues = Array(loose[0..<n])
-            for fd in loose[n...] {
-                sockets.append(try Failure.system(try UDPSocket(adopting: fd, expecting: plan.listen)))
+            let socketFDs = Array(loose[n...])
+            loose = Array(loose[..<n])  // the queues, until the tun takes them
+            for (i, fd) in socketFDs.enumerated() {
+                do { sockets.append(try UDPSocket(adopting: fd, expecting: plan.listen)) } catch {
+                    socketFDs[(i + 1)...].forEach { _ = close($0) }
+                    throw .system(error)
+                }
             }
-            loose = []
             if wanted > n {
                 // More workers: queues attached to the device and sockets joined to the group, after the old ones.
-                let more = try Failure.system(try TunDevice.attachQueues(name: config.device, vnetHeader: old.vnetHeader,
-                                                                          count: wanted - n))
-                queues += more
+                loose += try Failure.system(try TunDevice.attachQueues(name: config.device, vnetHeader: old.vnetHeader,
+                                                                        count: wanted - n))
                 sockets += try Failure.system(try UDPSocket.join(plan.listen, count: wanted - n, steering: false))
             } else if wanted < n {
-                surplus = (Array(queues[wanted...]), Array(sockets[wanted...]))
-                queues = Array(queues[..<wanted])
+                surplus = (Array(loose[wanted...]), Array(sockets[wanted...]))
+                loose = Array(loose[..<wanted])
                 sockets = Array(sockets[..<wanted])
             }
+            let queues = loose
+            loose = []  // the tun's from here on, closed by it also when `adopt` fails
             let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
             forwarder = try makeForwarder(tun: tun, sockets: sockets)
@@ -237,15 +251,9 @@ extension Daemon {
             HandoverClient.abort(old, paths: paths, logger: logger)
             throw error
         }
+        // Ours now: from here on a failure tears down as any daemon's does.
         started = true
-        try start(forwarder)
-        // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
-        // first, so that nothing is renumbered.
-        do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
-        for fd in surplus.queues.reversed() { _ = close(fd) }
-        for s in surplus.sockets.reversed() { s.close() }
-        surplus = ([], [])
-        try Failure.system(try instance.takeOver(state(plan: plan)))
+        leaseHeld = true
         try setup.adopted(plan, index: old.deviceIndex)
         masquerade = setup.masquerade
         overlay = setup.installed
@@ -254,12 +262,54 @@ extension Daemon {
             forwarder?.stop()
             if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
+        try start(forwarder)
+        // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
+        // first, so that nothing is renumbered.
+        do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        for fd in surplus.queues.reversed() { _ = close(fd) }
+        for s in surplus.sockets.reversed() { s.close() }
+        surplus = ([], [])
+        try Failure.system(try instance.takeOver(state(plan: plan)))
         try startGuard(setup)
         nodeGuard?.start()
+        if let registry { startRegistryWatch(registry) }
         instance.control.start(handler: self)
         logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion))")
         serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
+        leaseHeld = !keepLease.withLock { $0 } && !outgoing.handedOver
         try throwIfFailed()
+    }
+
+    /// With --etcd-endpoints: the network config from etcd, the old daemon's lease checked there and kept (its
+    /// etcd lease, renewed by us from now on). Fills in network, subnet, port and public IP as `joinRegistry` does.
+    private func adoptRegistry(_ old: HandoverState, setup: NodeSetup) throws(Failure) {
+        guard let settings = registrySettings else {
+            if old.lease != nil {
+                throw .usage("refusing to replace the daemon for \(config.device): it takes its subnet from etcd and this one would not")
+            }
+            return
+        }
+        guard let held = old.lease else {
+            throw .usage("refusing to replace the daemon for \(config.device): it does not use etcd and this one would")
+        }
+        let underlay = try setup.resolveUnderlay(config.underlay)
+        let publicIP = config.publicIP ?? underlay.address
+        do {
+            let subnet = try IPv4Network(parsing: held.subnet)
+            let registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger)
+            self.registry = registry
+            let network = try Blocking.run { try await registry.loadConfig(maxAttempts: 3) }
+            let lease = try Blocking.run {
+                try await registry.adoptLease(config: network, subnet: subnet, etcdLeaseID: held.etcdLeaseID)
+            }
+            registrySubnetLength = network.subnetLength
+            config.network = network.network
+            config.subnet = lease.subnet
+            config.port = network.port
+            config.publicIP = publicIP
+        } catch {
+            throw .failed("etcd: \(error)")
+        }
     }
 
     /// The old daemon's peer table, origins kept (manual `route add` entries survive), with our peers file's
