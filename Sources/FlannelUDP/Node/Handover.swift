@@ -206,6 +206,7 @@ extension Daemon {
         var sockets: [UDPSocket] = []
         var surplus: (queues: [Int32], sockets: [UDPSocket]) = ([], [])
         var started = false
+        var switchStarted: Int64 = 0
         defer {
             if !started {
                 setup.rollback()
@@ -246,6 +247,7 @@ extension Daemon {
             let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
             forwarder = try makeForwarder(tun: tun, sockets: sockets)
+            switchStarted = MonotonicClock.milliseconds()
             try HandoverClient.commit(old, paths: paths)
         } catch {
             HandoverClient.abort(old, paths: paths, logger: logger)
@@ -263,6 +265,7 @@ extension Daemon {
             if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
         try start(forwarder)
+        let switched = MonotonicClock.milliseconds() - switchStarted
         // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
         // first, so that nothing is renumbered.
         do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
@@ -274,7 +277,7 @@ extension Daemon {
         nodeGuard?.start()
         if let registry { startRegistryWatch(registry) }
         instance.control.start(handler: self)
-        logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion))")
+        logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion)): no worker forwarded for \(switched) ms, what arrived meanwhile was queued")
         serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
         leaseHeld = !keepLease.withLock { $0 } && !outgoing.handedOver
         try throwIfFailed()
