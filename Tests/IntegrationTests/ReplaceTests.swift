@@ -248,8 +248,16 @@ final class ReplaceTests: HostileTopologyTestCase {
         try waitFor("self-healing puts the MTU back") {
             (try? a.ns.run(["ip", "-o", "link", "show", "flannel0"]))?.contains("mtu 1472") == true
         }
+        // A replacing daemon killed before it took over left its temporary endpoint: the next one removes it.
+        let finished = Process()
+        finished.executableURL = URL(fileURLWithPath: "/bin/true")
+        try finished.run()
+        finished.waitUntilExit()
+        let leftover = "\(tmp)/run/ns-\(try nsID(a))/flannel0.sock.\(finished.processIdentifier)"
+        XCTAssertTrue(FileManager.default.createFile(atPath: leftover, contents: Data()))
         let r = up(a, ["--replace"])
         XCTAssertEqual(r.status, 0, r.description)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: leftover))
         XCTAssertNotEqual(try pid(a), old)
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
     }

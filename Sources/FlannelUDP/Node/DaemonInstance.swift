@@ -50,9 +50,20 @@ final class DaemonInstance {
         self.logger = logger
         do {
             try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700)
+            DaemonInstance.removeDeadReplacementSockets(paths)
             control = try ControlServer(path: paths.controlSocket + ".\(getpid())", logger: logger)
         } catch { throw .system(error) }
         lock = nil
+    }
+
+    /// Temporary endpoints (`<device>.sock.<pid>`) of replacing daemons that were killed before they took over.
+    static func removeDeadReplacementSockets(_ paths: RuntimePaths) {
+        let prefix = "\(paths.device).sock."
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: paths.stateDirectory)) ?? []
+        where name.hasPrefix(prefix) {
+            guard let pid = Int32(name.dropFirst(prefix.count)), pid > 0, kill(pid, 0) != 0, errno == ESRCH else { continue }
+            _ = unlink("\(paths.stateDirectory)/\(name)")
+        }
     }
 
     /// After the old daemon committed the handover: records our state, renames our endpoint over the old one's
@@ -94,6 +105,7 @@ final class DaemonInstance {
             logger.warning("\(SystemError.current("remove state file", paths.stateFile))")
         }
         if let e = lock.release(removingFile: true) { logger.warning("\(e)") }
+        DaemonInstance.removeDeadReplacementSockets(paths)
         _ = rmdir(paths.stateDirectory)  // fails harmlessly while another device's files (or a log) are in it
     }
 
