@@ -15,8 +15,9 @@ struct Up: ParsableCommand {
             A failed start leaves nothing behind. \
             With --replace, a daemon already running for the device hands the node over without losing a packet \
             (like 'ip route replace': without one it is a plain 'up'): the new daemon takes the old one's peer table \
-            (routes added with 'route add' included), attaches to the device and the port, forwards, and only then \
-            lets the old one exit; the device, its address and route, the subnet file and the masquerade rules stay. \
+            (routes added with 'route add' included), its etcd lease, and its tun queues and UDP sockets (passed \
+            over the control socket), and forwards as soon as the old one lets go and exits; the device, its address \
+            and route, the subnet file, the masquerade rules and the lease stay. \
             Options that would change the node's identity (network, subnet, public IP, port, MTU, subnet file, \
             --ip-masq, offloads) are refused with the reason, and a failed replacement leaves the old daemon \
             forwarding. \
