@@ -70,7 +70,7 @@ func fail(_ command: String, _ message: String, _ code: ExitCode = Exit.failure)
 func fail(_ command: String, _ error: FlannelError) -> ExitCode {
     switch error {
     case .usage(let message): return fail(command, message, Exit.usage)
-    case .system, .failed: return fail(command, error.description, Exit.failure)
+    case .system, .failed, .stopped: return fail(command, error.description, Exit.failure)
     case .notRunning(let message): return fail(command, message, Exit.notRunning)
     }
 }

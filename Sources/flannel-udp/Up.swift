@@ -114,8 +114,8 @@ struct Up: ParsableCommand {
             if network != nil || subnet != nil {
                 throw ValidationError("--network and --subnet come from etcd when --etcd-endpoints is given")
             }
-            _ = try etcd.options()
-            var config = NodeConfig.fromRegistry
+            guard let options = try etcd.options() else { return }
+            var config = NodeConfig(source: .etcd(options))
             config.device = device
             config.underlay = underlay
             config.mtu = mtu
@@ -135,10 +135,16 @@ struct Up: ParsableCommand {
         if let problem = config.validate() { throw ValidationError(problem) }
     }
 
-    func makeConfig() throws -> NodeConfig {
-        var config = NodeConfig.fromRegistry
-        if let network, let subnet {
+    /// The node's config; with --etcd-endpoints its source is the registry, reached with `etcdPassword`.
+    func makeConfig(etcdPassword: String? = nil) throws -> NodeConfig {
+        var config: NodeConfig
+        if var options = try etcd.options() {
+            options.password = etcdPassword
+            config = NodeConfig(source: .etcd(options))
+        } else if let network, let subnet {
             config = NodeConfig(network: try parseNetwork(network), subnet: try parseNetwork(subnet))
+        } else {
+            throw ValidationError("give --network and --subnet, or --etcd-endpoints to take them from etcd")
         }
         config.device = device
         config.underlay = underlay
@@ -159,10 +165,10 @@ struct Up: ParsableCommand {
     func run() throws {
         try requireRoot("up")
         let etcdPassword = try etcd.takePassword()
-        let config = try makeConfig()
-        var etcdOptions = try etcd.options()
-        etcdOptions?.password = etcdPassword
-        if let warning = etcdOptions?.plainTextCredentialsWarning { warn("up", warning) }
+        let config = try makeConfig(etcdPassword: etcdPassword)
+        if case .etcd(let options) = config.source, let warning = options.plainTextCredentialsWarning {
+            warn("up", warning)
+        }
         if detach {
             do throws(DaemonSpawn.Failure) {
                 let daemon = try DaemonSpawn.start(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
@@ -179,7 +185,7 @@ struct Up: ParsableCommand {
         }
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
-        let daemon = Daemon(config: config, logger: logger, etcd: etcdOptions)
+        let daemon = Daemon(config: config, logger: logger)
         daemon.replace = replace
         let service = try startService(logger: logger)  // UpService.swift
         daemon.observer = service

@@ -36,14 +36,20 @@ final class HandoverTests: XCTestCase {
     func testAChangedIdentityIsNamed() throws {
         var config = NodeConfig(network: try IPv4Network(parsing: "10.244.0.0/16"), subnet: try IPv4Network(parsing: "10.244.1.0/24"))
         config.subnetFile = "/run/flannel/subnet.env"
+        let network = try IPv4Network(parsing: "10.244.0.0/16")
+        func subnet(_ config: NodeConfig) -> IPv4Network {
+            if case .fixed(_, let subnet) = config.source { return subnet }
+            return network
+        }
         func plan(_ config: NodeConfig, port: UInt16 = 8285, mtu: Int = 1472) -> NodeSetup.Plan {
-            NodeSetup.Plan(config: config, underlay: Link(index: 2, name: "eth0", mtu: 1500, flags: 0),
+            NodeSetup.Plan(config: config, membership: Membership(network: network, subnet: subnet(config), port: port),
+                           underlay: Link(index: 2, name: "eth0", mtu: 1500, flags: 0),
                            underlayAddress: IPv4Address(192, 168, 77, 1), publicIP: IPv4Address(192, 168, 77, 1),
                            mtu: mtu, listen: Endpoint(address: IPv4Address(192, 168, 77, 1), port: port))
         }
         XCTAssertNil(HandoverClient.identityChange(good, plan: plan(config)))
         var other = config
-        other.subnet = try IPv4Network(parsing: "10.244.2.0/24")
+        other.source = .fixed(network: network, subnet: try IPv4Network(parsing: "10.244.2.0/24"))
         other.offloads = false
         other.ipMasq = true
         let change = HandoverClient.identityChange(good, plan: plan(other, port: 8286, mtu: 1400))

@@ -40,24 +40,24 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     public static let version = "0.1.0"
 
-    var config: NodeConfig
-    let registrySettings: EtcdOptions?
-    var registry: EtcdRegistry?  // internal: read by the service hooks (Service/DaemonService.swift)
-    private var registryTask: Task<Void, Never>?
+    let config: NodeConfig
+    /// Where the network, our subnet and the peers come from (the command line or etcd); internal: the service
+    /// hooks read its health (Service/DaemonService.swift).
+    let source: any PeerSource
+    /// The network, our subnet and the port: from the command line at once, from a registry once it answers.
+    var membership: Membership?
     let keepLease = Mutex(false)
     let logger: Logger
     let paths: RuntimePaths
     private let startedAt = Date()
     var plan: NodeSetup.Plan?
     private let table = RouteTable()
-    /// The registry config's SubnetLen, once joined: every lease must be of that size.
-    var registrySubnetLength: Int?
     /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
     lazy var store: RouteStore = {
-        assert(plan != nil, "the peer table's rules need the plan")
+        guard let plan else { preconditionFailure("the peer table's rules need the plan") }
         return RouteStore(publisher: table, rules: PeerRouteRules(
-            network: config.network, ownSubnet: config.subnet, publicIP: plan?.publicIP ?? config.publicIP,
-            subnetLength: registrySubnetLength))
+            network: plan.membership.network, ownSubnet: plan.membership.subnet, publicIP: plan.publicIP,
+            subnetLength: plan.membership.leaseLength))
     }()
     private let counters = DataPlaneCounters()
     var forwarder: Forwarder?
@@ -69,7 +69,6 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// False until start-up is complete: control requests other than status and shutdown are refused till then,
     /// and status reads nothing that start-up is still writing.
     private let running = Mutex(false)
-    private var stoppedDuringStart = false
     /// `up --replace`: take over from a daemon running for the device (Handover.swift), else start as `up` does.
     public var replace = false
     /// The tun queues and sockets the forwarder runs on, and the device as installed (a handover needs them).
@@ -78,13 +77,17 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// Where a handover to a replacing daemon stands.
     let outgoing = OutgoingHandover()
 
-    /// - Parameter etcd: take the network from etcd's config key and the subnet from a lease there (flannel's
-    ///   registry); `config.network` and `config.subnet` are then ignored.
-    public init(config: NodeConfig, logger: Logger, etcd: EtcdOptions? = nil) {
+    /// The peer source is the one `config.source` names (`NodeConfig.peerSource`).
+    public convenience init(config: NodeConfig, logger: Logger) {
+        self.init(config: config, source: config.peerSource(logger: logger), logger: logger)
+    }
+
+    public init(config: NodeConfig, source: any PeerSource, logger: Logger) {
         self.config = config
-        registrySettings = etcd
+        self.source = source
         self.logger = logger
         paths = RuntimePaths(device: config.device)
+        if let fixed = source as? StaticPeerSource { membership = fixed.membership }
     }
 
     /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread; every thread started afterwards inherits the mask,
@@ -105,8 +108,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         do {
             try runLocked(readiness: readiness)
         } catch {
-            if stoppedDuringStart {
-                // `down` (or SIGTERM/SIGINT) while etcd was still being waited for: everything taken is released.
+            if case .stopped = error {
+                // `down` (or SIGTERM/SIGINT) while the registry was still being waited for: everything taken is
+                // released.
                 logger.info("stopped during start-up")
                 reportReadiness(readiness.failed("stopped during start-up"))
                 return
@@ -146,19 +150,18 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         instance.control.start(handler: self)
 
         let setup = try Failure.system(try NodeSetup(logger: logger))
-        var leaseHeld = false
         defer {
             // Reached on every way out, a failed start included: give the lease back (unless
-            // `down --keep-lease`) and close the client (which must always be shut down).
-            if let registry { leaveRegistry(registry, release: leaseHeld) }
+            // `down --keep-lease`, or handed over) and close the registry's client (which must always be shut down).
+            source.leave(keep: keepLease.withLock { $0 } || outgoing.handedOver)
         }
-        if let settings = registrySettings {
-            try joinRegistry(settings, setup: setup)
-            leaseHeld = true
-        }
+        let underlay = try setup.resolveUnderlay(config.underlay)
+        let joined = try source.join(underlay: underlay.address, publicIP: config.publicIP ?? underlay.address,
+                                     previous: config.subnetFile.flatMap { try? SubnetFile.load(path: $0) })
+        membership = joined
 
         let plan: NodeSetup.Plan
-        plan = try setup.plan(config)
+        plan = try setup.plan(config, membership: joined)
         self.plan = plan
         if let path = config.peersFile {
             for r in fileRoutes {
@@ -191,24 +194,14 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
         try startGuard(setup)
-        forwarder = try makeForwarder(tun: tun, sockets: sockets)
+        forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
         try start(forwarder)
         forwarderStarted = true
         nodeGuard?.start()
 
-        if let registry {
-            startRegistryWatch(registry)
-        }
+        watchPeers()
         serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
-        leaseHeld = !keepLease.withLock { $0 } && !outgoing.handedOver
         try throwIfFailed()
-    }
-
-    /// After a run: the fatal error that ended it, if one did.
-    func throwIfFailed() throws(Failure) {
-        if let message = fatalError.withLock({ $0 }) {
-            throw .failed(message)
-        }
     }
 
     /// Creates (does not start) the self-healing guard of the device `setup` installed or adopted.
@@ -221,10 +214,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    func makeForwarder(tun: TunDevice, sockets: [UDPSocket]) throws(Failure) -> Forwarder {
+    func makeForwarder(tun: TunDevice, sockets: [UDPSocket], membership joined: Membership) throws(Failure) -> Forwarder {
         do {
             return try Forwarder(tun: tun, sockets: sockets, table: table,
-                                config: ForwardingConfig(network: config.network, subnet: config.subnet,
+                                config: ForwardingConfig(network: joined.network, subnet: joined.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
                                 options: ForwarderOptions(offloads: config.offloads,
@@ -245,7 +238,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// Up: reports readiness, then runs until a signal.
     func serve(readiness: Readiness, setup: NodeSetup, plan: NodeSetup.Plan, fileRoutes: Int) {
         running.withLock { $0 = true }
-        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(config.subnet) in \(config.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes) peer route(s) from file")
+        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(plan.membership.subnet) in \(plan.membership.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes) peer route(s) from file")
         reportReadiness(readiness.ready())
         setup.started()
         observer?.daemonReady(self)
@@ -254,90 +247,27 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         observer?.daemonStopping(self)
     }
 
-    // MARK: - etcd registry
-
-    /// Reads the network config from etcd and takes a lease, then fills in network, subnet and port. Retries while
-    /// etcd is unreachable (logging each attempt); a bad config is a usage error.
-    private func joinRegistry(_ settings: EtcdOptions, setup: NodeSetup) throws(Failure) {
-        let underlay: (link: Link, address: IPv4Address)
-        underlay = try setup.resolveUnderlay(config.underlay)
-        let publicIP = config.publicIP ?? underlay.address
-        let registry: EtcdRegistry
-        do { registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger) } catch {
-            throw .usage("etcd: \(error)")
-        }
-        self.registry = registry
-        do {
-            let network = try Blocking.run { try await registry.loadConfig() }
-            // Before the lease: a registry whose Network would swallow the underlay changes nothing here.
-            if let problem = PeerRouteRules.checkNetwork(network.network, underlay: underlay.address, publicIP: publicIP) {
-                throw NetworkConfigError(problem)
-            }
-            registrySubnetLength = network.subnetLength
-            var previous: IPv4Network?
-            if let path = config.subnetFile, let file = try? SubnetFile.load(path: path), file.network == network.network {
-                previous = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
-            }
-            let previousSubnet = previous
-            let lease = try Blocking.run { try await registry.acquireLease(config: network, previousSubnet: previousSubnet) }
-            config.network = network.network
-            config.subnet = lease.subnet
-            config.port = network.port
-            config.publicIP = publicIP
-            logger.info("etcd: network \(network.network), leased \(lease.subnet) for \(publicIP) until \(lease.expiration)")
-        } catch let error as NetworkConfigError {
-            throw .usage("etcd config \(settings.prefix)/config: \(error)")
-        } catch let error as Blocking.Interrupted {
-            stoppedDuringStart = true
-            throw .failed("\(error)")
-        } catch {
-            throw .failed("etcd: \(error)")
+    /// After a run: the fatal error that ended it, if one did.
+    func throwIfFailed() throws(Failure) {
+        if let message = fatalError.withLock({ $0 }) {
+            throw .failed(message)
         }
     }
 
-    /// Applies every change of the other nodes' leases to the peer table until the daemon stops; stops the
-    /// daemon if our own lease disappears (as flanneld does).
-    func startRegistryWatch(_ registry: EtcdRegistry) {
+    // MARK: - peer source
+
+    /// Applies every change of the source's peer set to the peer table until the daemon stops; stops the daemon
+    /// if the source says our subnet is lost (as flanneld does). A peer the rules refuse is logged once.
+    func watchPeers() {
         let store = self.store
         let logger = self.logger
         let filter = RegistryRouteFilter()
-        let fail: @Sendable (String) -> Void = { [weak self] message in self?.fail(message) }
-        registryTask = Task.detached {
-            do {
-                try await registry.run(onPeers: { routes in
-                    let (usable, refused) = filter.filter(routes, store: store)
-                    for error in refused { logger.warning("etcd: ignoring a lease: \(error)") }
-                    try? store.replace(usable, origin: .registry)
-                    logger.info("etcd: \(usable.count) peer route(s)")
-                }, onLeaseLost: {
-                    fail("etcd: our lease was removed from the registry")
-                })
-            } catch is CancellationError {
-            } catch {
-                if !Task.isCancelled { fail("etcd watch failed: \(error)") }
-            }
-        }
-    }
-
-    /// Stops following the registry (a handover: the lease stays, and is renewed by whoever runs next).
-    func stopRegistryWatch() {
-        registryTask?.cancel()
-        let task = registryTask
-        registryTask = nil
-        _ = try? Blocking.run { await task?.value }
-    }
-
-    func leaveRegistry(_ registry: EtcdRegistry, release: Bool) {
-        registryTask?.cancel()
-        let task = registryTask
-        _ = try? Blocking.run {
-            await task?.value
-            if release {
-                do { try await registry.releaseLease() } catch { self.logger.warning("etcd: releasing the lease failed: \(error)") }
-            }
-            try await registry.shutdown()
-        }
-        if release { logger.info("etcd: lease released") }
+        source.watch(onPeers: { routes in
+            let (usable, refused) = filter.filter(routes, store: store)
+            for error in refused { logger.warning("etcd: ignoring a lease: \(error)") }
+            try? store.replace(usable, origin: .registry)
+            logger.info("etcd: \(usable.count) peer route(s)")
+        }, onLost: { [weak self] message in self?.fail(message) })
     }
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
@@ -376,10 +306,9 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     /// What the state file records: pid and start time first (clients verify who answers with them); network,
     /// subnet and the subnet file's contents once the plan is made (from etcd they are not known at first).
     func state(plan: NodeSetup.Plan?) -> DaemonState {
-        let known = plan != nil || registrySettings == nil
         return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
-                           device: config.device, network: known ? config.network.description : "",
-                           subnet: known ? config.subnet.description : "", subnetFile: config.subnetFile,
+                           device: config.device, network: membership?.network.description ?? "",
+                           subnet: membership?.subnet.description ?? "", subnetFile: config.subnetFile,
                            listen: plan?.listen.description ?? "", startedAt: startedAt,
                            subnetFileContents: config.subnetFile == nil ? nil : plan?.subnetFileContents)
     }
@@ -416,7 +345,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         case .routeAdd(let subnetText, let endpointText):
             do {
                 let subnet = try IPv4Network(parsing: subnetText)
-                let endpoint = try Endpoint(parsing: endpointText, defaultPort: config.port)
+                let endpoint = try Endpoint(parsing: endpointText, defaultPort: membership?.port ?? config.port)
                 try store.add(PeerRoute(subnet: subnet, endpoint: endpoint), origin: .manual)
                 logger.info("route add \(subnet) via \(endpoint)")
                 return .ok
@@ -458,7 +387,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     private func reloadPeers() -> ControlResponse {
         guard let path = config.peersFile else { return .error("no peers file was given to 'up'") }
         do {
-            let routes = try PeersFile.load(path: path, defaultPort: config.port)
+            let routes = try PeersFile.load(path: path, defaultPort: membership?.port ?? config.port)
             do { try store.replace(routes, origin: .file) } catch {
                 return .error("\(path): \(error); the peer table is unchanged")
             }
@@ -489,14 +418,12 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         var status = DaemonStatus(
             pid: getpid(), version: Daemon.version, startedAt: startedAt,
             uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
-            network: config.network.description, subnet: config.subnet.description, mtu: plan?.mtu ?? 0,
+            network: membership?.network.description ?? "", subnet: membership?.subnet.description ?? "", mtu: plan?.mtu ?? 0,
             listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
             underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
             peerCheck: config.peerCheck.rawValue, routes: routeInfos(), counters: counters.snapshot(),
             offloads: forwarder?.activeOffloads ?? [],
-            lease: registry?.currentLease.map {
-                LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: registrySettings?.endpoints ?? [])
-            })
+            lease: source.lease)
         status.offloadStatistics = forwarder?.offloadStatistics
         status.workers = forwarder?.workerCounts
         status.masquerade = masquerade?.status

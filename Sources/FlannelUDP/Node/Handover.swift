@@ -94,17 +94,17 @@ extension Daemon {
             guard begun else { return .error("a handover of \(paths.device) is already in progress") }
             // Nothing may be "repaired" while two daemons share the device, nor the peer table changed.
             nodeGuard?.stop()
-            stopRegistryWatch()
+            source.pauseWatch()
             logger.info("handover to pid \(pid) begun; self-healing paused")
             watchHandover(token: token)
             return .handover(HandoverState(
                 token: token, daemonVersion: Daemon.version, device: config.device, deviceIndex: overlay.index,
-                network: config.network.description, subnet: config.subnet.description,
+                network: plan.membership.network.description, subnet: plan.membership.subnet.description,
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
-                lease: registry?.currentLease.map { HandoverLease(subnet: $0.subnet.description, etcdLeaseID: $0.etcdLeaseID) }))
+                lease: source.handoverLease))
         case .handoverAbort(let token):
             guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
             return .ok
@@ -154,7 +154,7 @@ extension Daemon {
         }
         guard resumed else { return false }
         nodeGuard?.start()
-        if let registry { startRegistryWatch(registry) }
+        watchPeers()
         logger.warning("handover abandoned: \(reason); forwarding on, self-healing resumed")
         return true
     }
@@ -194,7 +194,7 @@ extension Daemon {
         defer { instance.release(handingOver: outgoing.handedOver) }
         // The lease is the old daemon's until the commit, ours (released by `down`) after it.
         var leaseHeld = false
-        defer { if let registry { leaveRegistry(registry, release: leaseHeld) } }
+        defer { source.leave(keep: !leaseHeld || keepLease.withLock { $0 } || outgoing.handedOver) }
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
@@ -215,13 +215,19 @@ extension Daemon {
             }
         }
         do throws(Failure) {
-            try adoptRegistry(old, setup: setup)
-            plan = try setup.plan(config, adopting: old.deviceIndex)
+            let underlay = try setup.resolveUnderlay(config.underlay)
+            let joined: Membership
+            do { joined = try source.adopt(old.lease, underlay: underlay.address, publicIP: config.publicIP ?? underlay.address) } catch {
+                if case .usage(let why) = error { throw .usage("refusing to replace the daemon for \(config.device): \(why)") }
+                throw error
+            }
+            membership = joined
+            plan = try setup.plan(config, membership: joined, adopting: old.deviceIndex)
             if let reason = HandoverClient.identityChange(old, plan: plan) {
                 throw Failure.usage("refusing to replace the daemon for \(config.device): \(reason); that changes the node's identity (use 'down' and 'up')")
             }
             self.plan = plan
-            try adoptPeers(old.routes, fileRoutes: fileRoutes)
+            try adoptPeers(old.routes, fileRoutes: fileRoutes, port: joined.port)
             let n = old.sockets
             let wanted = config.workers
             let socketFDs = Array(loose[n...])
@@ -246,7 +252,7 @@ extension Daemon {
             loose = []  // the tun's from here on, closed by it also when `adopt` fails
             let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
-            forwarder = try makeForwarder(tun: tun, sockets: sockets)
+            forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
             switchStarted = MonotonicClock.milliseconds()
             try HandoverClient.commit(old, paths: paths)
         } catch {
@@ -275,49 +281,16 @@ extension Daemon {
         try Failure.system(try instance.takeOver(state(plan: plan)))
         try startGuard(setup)
         nodeGuard?.start()
-        if let registry { startRegistryWatch(registry) }
+        watchPeers()
         instance.control.start(handler: self)
         logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion)): no worker forwarded for \(switched) ms, what arrived meanwhile was queued")
         serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
-        leaseHeld = !keepLease.withLock { $0 } && !outgoing.handedOver
         try throwIfFailed()
-    }
-
-    /// With --etcd-endpoints: the network config from etcd, the old daemon's lease checked there and kept (its
-    /// etcd lease, renewed by us from now on). Fills in network, subnet, port and public IP as `joinRegistry` does.
-    private func adoptRegistry(_ old: HandoverState, setup: NodeSetup) throws(Failure) {
-        guard let settings = registrySettings else {
-            if old.lease != nil {
-                throw .usage("refusing to replace the daemon for \(config.device): it takes its subnet from etcd and this one would not")
-            }
-            return
-        }
-        guard let held = old.lease else {
-            throw .usage("refusing to replace the daemon for \(config.device): it does not use etcd and this one would")
-        }
-        let underlay = try setup.resolveUnderlay(config.underlay)
-        let publicIP = config.publicIP ?? underlay.address
-        do {
-            let subnet = try IPv4Network(parsing: held.subnet)
-            let registry = try EtcdRegistry(options: settings, publicIP: publicIP, logger: logger)
-            self.registry = registry
-            let network = try Blocking.run { try await registry.loadConfig(maxAttempts: 3) }
-            let lease = try Blocking.run {
-                try await registry.adoptLease(config: network, subnet: subnet, etcdLeaseID: held.etcdLeaseID)
-            }
-            registrySubnetLength = network.subnetLength
-            config.network = network.network
-            config.subnet = lease.subnet
-            config.port = network.port
-            config.publicIP = publicIP
-        } catch {
-            throw .failed("etcd: \(error)")
-        }
     }
 
     /// The old daemon's peer table, origins kept (manual `route add` entries survive), with our peers file's
     /// routes in place of its file routes when we have one.
-    private func adoptPeers(_ routes: [RouteInfo], fileRoutes: [PeerRoute]) throws(Failure) {
+    private func adoptPeers(_ routes: [RouteInfo], fileRoutes: [PeerRoute], port: UInt16) throws(Failure) {
         var byOrigin: [RouteOrigin: [PeerRoute]] = [:]
         for info in routes {
             guard let origin = RouteOrigin(rawValue: info.origin) else {
@@ -325,7 +298,7 @@ extension Daemon {
             }
             do {
                 let route = PeerRoute(subnet: try IPv4Network(parsing: info.subnet),
-                                      endpoint: try Endpoint(parsing: info.endpoint, defaultPort: config.port))
+                                      endpoint: try Endpoint(parsing: info.endpoint, defaultPort: port))
                 byOrigin[origin, default: []].append(route)
             } catch {
                 throw .failed("the running daemon reported a bad route \(info.subnet) via \(info.endpoint): \(error)")
@@ -417,8 +390,8 @@ enum HandoverClient {
         func compare(_ what: String, _ was: String, _ asked: String) {
             if was != asked { changes.append("\(what) \(was) would become \(asked)") }
         }
-        compare("network", old.network, config.network.description)
-        compare("subnet", old.subnet, config.subnet.description)
+        compare("network", old.network, plan.membership.network.description)
+        compare("subnet", old.subnet, plan.membership.subnet.description)
         compare("public IP", old.publicIP, plan.publicIP.description)
         compare("port", "\(old.port)", "\(plan.listen.port)")
         compare("MTU", "\(old.mtu)", "\(plan.mtu)")

@@ -1,7 +1,16 @@
+import Logging
+
 /// Everything `up` was asked to do, already parsed and checked for form (but not yet against the system).
 public struct NodeConfig: Sendable {
-    public var network: IPv4Network
-    public var subnet: IPv4Network
+    /// Where the network and this node's subnet come from (`PeerSource`).
+    public enum Source: Sendable {
+        /// `--network` and `--subnet` (with `--port`).
+        case fixed(network: IPv4Network, subnet: IPv4Network)
+        /// flannel's etcd registry (`--etcd-endpoints`): the network and port from its config key, the subnet leased.
+        case etcd(EtcdOptions)
+    }
+
+    public var source: Source
     public var device: String = FlannelDefault.device
     /// The underlay interface; nil means the interface of the default route.
     public var underlay: String?
@@ -26,16 +35,23 @@ public struct NodeConfig: Sendable {
     /// Worker pairs: tun queues, UDP sockets on the port (SO_REUSEPORT) and two threads per pair (`Workers`).
     public var workers = 1
 
-    public init(network: IPv4Network, subnet: IPv4Network) {
-        self.network = network
-        self.subnet = subnet
+    public init(source: Source) {
+        self.source = source
     }
 
-    /// A config whose network and subnet are still to come from the etcd registry (the daemon fills them in from
-    /// the registry's config key and our lease before anything is set up).
-    public static var fromRegistry: NodeConfig {
-        NodeConfig(network: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 8),
-                   subnet: IPv4Network(address: IPv4Address(10, 0, 0, 0), prefixLength: 24))
+    /// `--network` and `--subnet`.
+    public init(network: IPv4Network, subnet: IPv4Network) {
+        self.init(source: .fixed(network: network, subnet: subnet))
+    }
+
+    /// The peer source this config asks for (`PeerSource`).
+    public func peerSource(logger: Logger) -> any PeerSource {
+        switch source {
+        case .fixed(let network, let subnet):
+            return StaticPeerSource(Membership(network: network, subnet: subnet, port: port))
+        case .etcd(let options):
+            return EtcdPeerSource(options: options, logger: logger)
+        }
     }
 
     /// IPv4 (20) + UDP (8): what the encapsulation costs on the underlay (see `WireFormat`).
@@ -48,22 +64,18 @@ public struct NodeConfig: Sendable {
     /// (up to 64 KiB each) into a bufferbloat queue.
     public static let tunTxQueueLength = 1000
 
-    /// The tun device's address: the subnet's network address as a /32 (10.244.1.0/24 -> 10.244.1.0/32).
-    public var tunAddress: IPv4Address { subnet.address }
-
-    /// Checks the parts that need no system access. Each message names the value and what is wrong with it.
+    /// Checks the parts that need no system access (with `--network`/`--subnet`, those too; a registry's are
+    /// checked when it answers). Each message names the value and what is wrong with it.
     public func validate() -> String? {
-        if !network.contains(subnet) || subnet.prefixLength <= network.prefixLength {
-            return "subnet \(subnet) is not inside network \(network)"
+        if case .fixed(let network, let subnet) = source,
+           let problem = Membership(network: network, subnet: subnet, port: port).validate() {
+            return problem
         }
-        if network.prefixLength > 30 { return "network \(network) is too small for an overlay (at most /30)" }
-        if let problem = PeerRouteRules.checkNetwork(network) { return problem }
         if let problem = TunDevice.validateName(device) { return "device: \(problem)" }
         if let underlay, let problem = TunDevice.validateName(underlay) { return "iface: \(problem)" }
         if !(masqResyncSeconds > 0 && masqResyncSeconds <= 3600) {
             return "masq-resync \(masqResyncSeconds) is outside 0-3600 seconds (it must be more than 0)"
         }
-        if port == 0 { return "port 0 is not a valid UDP port (1-65535)" }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"
         }

@@ -10,6 +10,8 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// What `up` found out about the system before changing anything.
     public struct Plan: Sendable {
         public var config: NodeConfig
+        /// The network, our subnet and the port, as the peer source gave them.
+        public var membership: Membership
         public var underlay: Link
         public var underlayAddress: IPv4Address
         public var publicIP: IPv4Address
@@ -19,7 +21,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         /// What `bringUp` writes to `config.subnetFile`, byte for byte (recorded in the state file, so that `down`
         /// can tell a killed daemon's subnet file from one that someone else wrote since).
         public var subnetFileContents: String {
-            SubnetFile(network: config.network, subnet: config.subnet, mtu: mtu, ipMasq: config.ipMasq).contents
+            SubnetFile(network: membership.network, subnet: membership.subnet, mtu: mtu, ipMasq: config.ipMasq).contents
         }
     }
 
@@ -66,13 +68,13 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         return (link, first.address)
     }
 
-    /// Resolves the underlay, MTU and addresses. Changes nothing.
+    /// Resolves the underlay, MTU and addresses for `membership`. Changes nothing.
     /// - Parameter adopting: `up --replace`: the device (with this index) and its route are the running daemon's,
     ///   and are to be taken over rather than refused.
-    public func plan(_ config: NodeConfig, adopting: Int32? = nil) throws(Failure) -> Plan {
-        if let problem = config.validate() { throw .usage(problem) }
+    public func plan(_ config: NodeConfig, membership: Membership, adopting: Int32? = nil) throws(Failure) -> Plan {
+        if let problem = config.validate() ?? membership.validate() { throw .usage(problem) }
         let (link, underlayAddress) = try resolveUnderlay(config.underlay)
-        if let problem = PeerRouteRules.checkNetwork(config.network, underlay: underlayAddress,
+        if let problem = PeerRouteRules.checkNetwork(membership.network, underlay: underlayAddress,
                                                      publicIP: config.publicIP) {
             throw .usage(problem)
         }
@@ -90,13 +92,13 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         if !NodeConfig.mtuRange.contains(mtu) {
             throw .usage("iface \(link.name) has MTU \(link.mtu), which leaves \(mtu) for the overlay (needs \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)); give --mtu")
         }
-        if let existing = try Failure.system(try netlink.routes()).first(where: { $0.destination == config.network && $0.gateway == nil && $0.outputInterface != nil }),
+        if let existing = try Failure.system(try netlink.routes()).first(where: { $0.destination == membership.network && $0.gateway == nil && $0.outputInterface != nil }),
            let idx = existing.outputInterface, idx != adopting, let other = try Failure.system(try netlink.link(index: idx)) {
-            throw .usage("network \(config.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(config.network)')")
+            throw .usage("network \(membership.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(membership.network)')")
         }
-        return Plan(config: config, underlay: link, underlayAddress: underlayAddress,
+        return Plan(config: config, membership: membership, underlay: link, underlayAddress: underlayAddress,
                     publicIP: config.publicIP ?? underlayAddress, mtu: mtu,
-                    listen: Endpoint(address: underlayAddress, port: config.port))
+                    listen: Endpoint(address: underlayAddress, port: membership.port))
     }
 
     /// Checks, before anything is changed, where `up` will write: the subnet file's directory (0755) and the run
@@ -137,19 +139,19 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             try netlink.setMTU(plan.mtu, index: link.index)
             step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
             try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
-            let address = InterfaceAddress(index: link.index, address: config.tunAddress, prefixLength: 32)
-            step("add address \(config.tunAddress)/32 dev \(tun.name)")
+            let address = InterfaceAddress(index: link.index, address: plan.membership.tunAddress, prefixLength: 32)
+            step("add address \(plan.membership.tunAddress)/32 dev \(tun.name)")
             try netlink.addAddress(address)
             step("set \(tun.name) up")
             try netlink.setUp(true, index: link.index)
-            let route = Route(destination: config.network, gateway: nil, outputInterface: link.index,
+            let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: link.index,
                               scope: Route.scopeLink)
             step("add route \(route.description(device: tun.name))")
             try addOverlayRoute(route)
             routeInstalled = route
             installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
             if config.ipMasq {
-                try installMasquerade(config)
+                try installMasquerade(plan)
             }
             if let path = config.subnetFile {
                 let previous = try AtomicFile.read(path)
@@ -190,14 +192,15 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// the subnet file are ours from now on, removed by `tearDown` as if `bringUp` had made them.
     public func adopted(_ plan: Plan, index: Int32) throws(Failure) {
         let config = plan.config
-        let address = InterfaceAddress(index: index, address: config.tunAddress, prefixLength: 32)
-        let route = Route(destination: config.network, gateway: nil, outputInterface: index, scope: Route.scopeLink)
+        let address = InterfaceAddress(index: index, address: plan.membership.tunAddress, prefixLength: 32)
+        let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: index,
+                          scope: Route.scopeLink)
         routeInstalled = route
         installed = OverlayDevice(name: config.device, index: index, address: address, mtu: plan.mtu, route: route)
         if config.ipMasq {
             do {
-                let rules = try makeMasqueradeRules(config.masqBackend,
-                                                    spec: MasqueradeSpec(network: config.network, subnet: config.subnet))
+                let rules = try makeMasqueradeRules(config.masqBackend, spec: MasqueradeSpec(
+                    network: plan.membership.network, subnet: plan.membership.subnet))
                 keepMasquerade(rules, config).checkOnce()  // in place, as the old daemon left them
             } catch {
                 throw .failed("\(error)")
@@ -214,9 +217,10 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
 
     /// Installs the masquerade and forward rules (one transaction, so a failure changes nothing) and starts keeping
     /// them in place. Undo stops the checks first, then removes the rules.
-    private func installMasquerade(_ config: NodeConfig) throws(NetfilterError) {
+    private func installMasquerade(_ plan: Plan) throws(NetfilterError) {
+        let config = plan.config
         let rules = try makeMasqueradeRules(config.masqBackend,
-                                            spec: MasqueradeSpec(network: config.network, subnet: config.subnet))
+                                            spec: MasqueradeSpec(network: plan.membership.network, subnet: plan.membership.subnet))
         let objects = rules.objects.joined(separator: ", ")
         step("install masquerade rules: \(rules.backend.rawValue) \(objects)")
         try rules.install()

@@ -42,14 +42,7 @@ extension Daemon {
         if let failure = forwarder.failure {
             return DaemonHealth(healthy: false, reason: "the data plane stopped: \(failure)")
         }
-        if let registry {
-            guard let lease = registry.currentLease else {
-                return DaemonHealth(healthy: false, reason: "etcd: no lease held")
-            }
-            if lease.expiration < Date() {
-                return DaemonHealth(healthy: false, reason: "etcd: lease \(lease.subnet) expired at \(lease.expiration)")
-            }
-        }
+        if let reason = source.unhealthyReason { return DaemonHealth(healthy: false, reason: reason) }
         return DaemonHealth(healthy: true, reason: "ok")
     }
 }

@@ -11,10 +11,13 @@ public enum FlannelError: Error, CustomStringConvertible, Sendable {
     case failed(String)
     /// No daemon runs for the device, so there is nothing to ask. Exit 3.
     case notRunning(String)
+    /// A signal or `down` stopped the work before it was done (while waiting for the registry at start-up, say);
+    /// what was taken has been given back. The daemon ends normally on it; anywhere else exit 1.
+    case stopped(String)
 
     public var description: String {
         switch self {
-        case .usage(let m), .failed(let m), .notRunning(let m): return m
+        case .usage(let m), .failed(let m), .notRunning(let m), .stopped(let m): return m
         case .system(let e): return e.description
         }
     }
