@@ -13,7 +13,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 #include <pthread.h>
-#include <sys/eventfd.h>
+#include <signal.h>
+#include <time.h>
 #include <sched.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -100,8 +101,6 @@ int fu_spawn_file_actions_addclosefrom(void *actions, int from) {
     return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
 }
 
-int fu_stop_eventfd(void) { return eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
-
 int fu_set_thread_name(const char *name) {
     char buf[16];
     strncpy(buf, name, sizeof(buf) - 1);
@@ -110,6 +109,57 @@ int fu_set_thread_name(const char *name) {
 }
 
 int fu_setns_net(int fd) { return setns(fd, CLONE_NEWNET); }
+
+int fu_wake_signal(void) { return SIGURG; }
+
+static void fu_wake_handler(int signo) { (void)signo; }
+
+int fu_install_wake_signal(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = fu_wake_handler;
+    sigemptyset(&sa.sa_mask);
+    sa.sa_flags = 0;  // no SA_RESTART: the blocked call returns EINTR
+    return sigaction(SIGURG, &sa, NULL);
+}
+
+int fu_wake_timer_create(int interval_ms, void **timer) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGURG);
+    int rc = pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+    if (rc != 0) { errno = rc; return -1; }
+    struct sigevent sev;
+    memset(&sev, 0, sizeof(sev));
+    sev.sigev_notify = SIGEV_THREAD_ID;
+    sev.sigev_signo = SIGURG;
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);  // sigev_notify_thread_id, named only by glibc >= 2.41
+    timer_t t;
+    if (timer_create(CLOCK_MONOTONIC, &sev, &t) != 0) return -1;
+    struct itimerspec its;
+    its.it_interval.tv_sec = interval_ms / 1000;
+    its.it_interval.tv_nsec = (long)(interval_ms % 1000) * 1000000L;
+    its.it_value = its.it_interval;
+    if (timer_settime(t, 0, &its, NULL) != 0) {
+        int e = errno;
+        timer_delete(t);
+        errno = e;
+        return -1;
+    }
+    *timer = (void *)t;
+    return 0;
+}
+
+int fu_wake_timer_delete(void *timer) { return timer_delete((timer_t)timer); }
+
+ssize_t fu_read_nowait(int fd, void *buf, size_t count) {
+    struct iovec iov = { .iov_base = buf, .iov_len = count };
+    return preadv2(fd, &iov, 1, -1, RWF_NOWAIT);
+}
+
+ssize_t fu_writev_nowait(int fd, const struct iovec *iov, int iovcnt) {
+    return pwritev2(fd, iov, iovcnt, -1, RWF_NOWAIT);
+}
 
 _Static_assert(sizeof(struct fu_sock_filter) == sizeof(struct sock_filter) &&
                offsetof(struct fu_sock_filter, k) == offsetof(struct sock_filter, k), "fu_sock_filter layout");

@@ -125,7 +125,7 @@ struct Status: ParsableCommand {
             if let e = r.lastError { print("           error: \(e)") }
         }
         let c = s.counters
-        print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)")
+        print("traffic:   tun->udp \(c.tunToUDP.packets) pkts \(c.tunToUDP.bytes) bytes, udp->tun \(c.udpToTun.packets) pkts \(c.udpToTun.bytes) bytes, icmp sent \(c.icmpSent)\(c.codelMarks > 0 ? ", codel marks \(c.codelMarks)" : "")")
         let drops = c.drops.filter { $0.value > 0 }.sorted { $0.key < $1.key }
         print("drops:     \(drops.isEmpty ? "none" : drops.map { "\($0.key) \($0.value)" }.joined(separator: ", "))")
         print("peers:     \(s.routes.count)")

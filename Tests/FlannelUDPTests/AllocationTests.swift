@@ -1,5 +1,9 @@
 import XCTest
+import Logging
 import CAllocCounter
+#if canImport(Glibc)
+import Glibc
+#endif
 @testable import FlannelUDP
 
 /// Allocations made by the calling thread while `body` runs (counted by the CAllocCounter test allocator).
@@ -7,6 +11,18 @@ func allocations(_ body: () throws -> Void) rethrows -> UInt64 {
     let before = fu_alloc_count_this_thread()
     try body()
     return fu_alloc_count_this_thread() - before
+}
+
+/// Allocations made by the calling thread while `body` runs `times` times (an index loop: `for` allocates in an
+/// unoptimised build).
+func allocations(repeating times: Int, _ body: () -> Void) -> UInt64 {
+    allocations {
+        var r = 0
+        while r < times {
+            body()
+            r += 1
+        }
+    }
 }
 
 /// Somewhere to put values so the optimiser cannot drop the code that made them.
@@ -124,13 +140,7 @@ final class AllocationTests: XCTestCase {
         XCTAssertTrue(seen.contains { $0.hasPrefix("forward") } && seen.contains { $0.hasPrefix("icmpToTun") }
                       && seen.contains { $0.hasPrefix("deliver") } && seen.contains { $0.hasPrefix("icmpToPeer") })
 
-        let n = allocations {
-            var k = 0
-            while k < 5000 {
-                round(record: false)
-                k += 1
-            }
-        }
+        let n = allocations(repeating: 5000) { round(record: false) }
         XCTAssertEqual(n, 0, "the per-packet decisions allocated \(n) times in 45000 packets")
         XCTAssertGreaterThan(counters.drops(.unknownPeer), 5000)
     }
@@ -192,13 +202,59 @@ final class AllocationTests: XCTestCase {
         }
         round()
         XCTAssertEqual(produced, 46 + 52 + 39 * 1420 + 700)
-        let n = allocations {
-            var r = 0
-            while r < 2000 {
-                round()
-                r += 1
+        let n = allocations(repeating: 2000) { round() }
+        XCTAssertEqual(n, 0, "segmentation and coalescing allocated \(n) times")
+    }
+
+    /// The receive path with kernel timestamps and CoDel: recvmmsg of a batch over loopback, each datagram's
+    /// control messages (arrival time) read, and the CoDel verdict on it, thousands of times without an allocation.
+    func testTimestampedReceiveAndCoDelDoNotAllocate() throws {
+        let socket = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        defer { socket.close() }
+        let options = ForwarderOptions(batchSize: 16)
+        let offloads = OffloadState(vnetHeader: false, tso: false, udpGSO: false, udpGRO: false, coalesce: false)
+        let receiver = try UDPReceiver(socket: socket.fd, name: "test", options: options,
+                                       counters: DataPlaneCounters(), offloads: offloads,
+                                       logger: Logger(label: "test"), timestamps: true)
+        // A target of 1 ns: every bulk packet is above it, so the drop schedule runs too.
+        let codel = ReceiveCoDel(CoDelParameters(targetNanoseconds: 1, intervalNanoseconds: 1_000,
+                                                 bulkBytes: 1_000))
+        let sender = Glibc.socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        defer { _ = Glibc.close(sender) }
+        var to = sockaddr_in()
+        to.sin_family = sa_family_t(AF_INET)
+        to.sin_port = socket.localEndpoint.port.bigEndian
+        to.sin_addr = in_addr(s_addr: socket.localEndpoint.address.networkOrder)
+        let packet = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), proto: 6,
+                              payload: filled(7, 1200))
+        var passed = 0, dropped = 0, timestamped = 0
+        func round() {
+            var k = 0
+            while k < 16 {
+                _ = packet.withUnsafeBytes { p in
+                    withUnsafePointer(to: &to) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            sendto(sender, p.baseAddress, p.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                        }
+                    }
+                }
+                k += 1
+            }
+            guard (try? receiver.receive()) != nil else { return }
+            while let d = receiver.next() {
+                if d.sojourn > 0 { timestamped += 1 }
+                if codel.verdict(d.bytes, sojourn: d.sojourn, now: receiver.batchTime) == .drop {
+                    dropped += 1
+                } else {
+                    passed += 1
+                }
             }
         }
-        XCTAssertEqual(n, 0, "segmentation and coalescing allocated \(n) times")
+        round()
+        let n = allocations(repeating: 500) { round() }
+        XCTAssertEqual(n, 0, "the timestamped receive and CoDel allocated \(n) times")
+        XCTAssertGreaterThan(timestamped, 4000, "datagrams carry their arrival time")
+        XCTAssertGreaterThan(dropped, 0)
+        XCTAssertGreaterThan(passed, 0)
     }
 }

@@ -2,7 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelUDP
 
-/// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in poll(), and stops moving
+/// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in its blocking receive (woken by its timer), and stops moving
 /// once the worker is gone.
 final class HeartbeatTests: LoopbackForwarderTestCase {
     func testHeartbeatsMoveWhileIdleAndStopWithTheWorkers() throws {
@@ -22,6 +22,27 @@ final class HeartbeatTests: LoopbackForwarderTestCase {
         forwarder.stop()  // joins both workers: nothing bumps the heartbeats any more
         let stopped = forwarder.heartbeats.map(\.count)
         XCTAssertEqual(forwarder.heartbeats.map(\.count), stopped)
+    }
+
+    /// Both workers sleep in their blocking receive with a heartbeat timer an hour away: only the wake signal
+    /// that stop() sends can end their waits. Without it stop() would hang (the 60 s is a liveness bound, not a
+    /// measurement).
+    func testStopWakesWorkersBlockedInTheirReceive() throws {
+        let forwarder = try Forwarder(tunFD: pair[0], tunName: "test", socket: socket, table: table, config: config,
+                                      counters: counters, logger: logger,
+                                      options: ForwarderOptions(offloads: false, heartbeatMilliseconds: 3_600_000))
+        try forwarder.start()
+        let deadline = Date().addingTimeInterval(5)
+        while forwarder.heartbeats.contains(where: { $0.count == 0 }) && Date() < deadline { usleep(5000) }
+        usleep(200_000)  // past the flag check, into the blocking call
+        let heartbeats = forwarder.heartbeats.map(\.count)
+        let stopped = expectation(description: "stop() returned")
+        Thread.detachNewThread {
+            forwarder.stop()
+            stopped.fulfill()
+        }
+        wait(for: [stopped], timeout: 60)
+        XCTAssertEqual(heartbeats, [1, 1], "each worker went round once and then blocked, idle")
     }
 
     func testWatchdogPingsOnlyWhileEveryWorkerMoves() {

@@ -75,6 +75,16 @@ class OverlayTests: XCTestCase {
         return (drops, udpToTun, peers)
     }
 
+    /// Nodes 1 and 2, each with a route to the other, and a ping from pod 1 to pod 2 that got through.
+    func twoNodesThatPing() throws -> (Node, Node) {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        routeAdd(a, b.subnet, via: b)
+        routeAdd(b, a.subnet, via: a)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        return (a, b)
+    }
+
     func testPingIperfRouteChangesAndTTL() throws {
         let a = try makeNode(1)
         let b = try makeNode(2)
@@ -119,6 +129,36 @@ class OverlayTests: XCTestCase {
         XCTAssertGreaterThanOrEqual(try counters(a).drops["noRoute"] ?? 0, 1)
     }
 
+    /// The receive side's CoDel under a 4-stream load: the bulk flows fill node B's socket queue and lose packets
+    /// to it (`codel` drops move), while a ping sharing that queue (a sparse flow) loses none. Mechanism only:
+    /// how long the ping waits is for bench/run to measure, not for a test on a shared machine.
+    func testCoDelDropsTheBulkFlowsNeverTheSparsePing() throws {
+        let (a, b) = try twoNodesThatPing()
+        let before = try counters(b).drops["codel"] ?? -1
+        XCTAssertEqual(before, 0, "no CoDel drop without load")
+
+        let server = try startBackground(["ip", "netns", "exec", b.pod.name, "iperf3", "-s", "-1", "-B", b.podAddress])
+        addTeardownBlock {
+            if server.isRunning { server.terminate() }
+            server.waitUntilExit()
+        }
+        try waitFor("iperf3 listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let client = try startBackground(["ip", "netns", "exec", a.pod.name, "iperf3", "-c", b.podAddress, "-P", "4",
+                                          "-t", "8"])
+        addTeardownBlock {
+            if client.isRunning { client.terminate() }
+            client.waitUntilExit()
+        }
+        try waitFor("the streams run") { (try? counters(b).udpToTun) ?? 0 > 20_000 }
+        let pings = runCommand(["ip", "netns", "exec", a.pod.name, "ping", "-n", "-q", "-c", "300", "-i", "0.01",
+                                "-W", "1", b.podAddress])
+        let dropsDuringPing = try counters(b).drops["codel"] ?? 0
+        client.waitUntilExit()
+        XCTAssertEqual(client.terminationStatus, 0, "iperf3 client")
+        XCTAssertTrue(pings.stdout.contains(" 0% packet loss"), pings.description)
+        XCTAssertGreaterThan(dropsDuringPing, 0, "the bulk flows kept node B's socket queue above the target")
+    }
+
     func testLongestPrefixWins() throws {
         let a = try makeNode(1)
         let b = try makeNode(2)
@@ -140,11 +180,7 @@ class OverlayTests: XCTestCase {
     }
 
     func testDatagramsFromStrangersAndSpoofersNeverReachTheTun() throws {
-        let a = try makeNode(1)
-        let b = try makeNode(2)
-        routeAdd(a, b.subnet, via: b)
-        routeAdd(b, a.subnet, via: a)
-        XCTAssertEqual(ping(from: a.pod, b.podAddress).status, 0)
+        let (a, b) = try twoNodesThatPing()
         let stranger = try TestNamespace(prefix: "fu-ovs")
         addTeardownBlock { stranger.destroy() }
         try plug(stranger, index: 99)

@@ -95,6 +95,12 @@ enum {
     FU_SO_SNDBUFFORCE = 32,
 };
 
+/// SO_TIMESTAMPNS (<asm-generic/socket.h>): each received datagram carries its arrival time (CLOCK_REALTIME) as an
+/// SCM_TIMESTAMPNS control message (same value) with a struct timespec, for the receive side's CoDel.
+enum {
+    FU_SO_TIMESTAMPNS = 35,
+};
+
 // ---- worker per core ------------------------------------------------------------------------------------
 
 /// SO_REUSEPORT (<asm-generic/socket.h>): N sockets, one per worker, bound to the same address and port. Also
@@ -122,13 +128,30 @@ int fu_available_cpus(void);
 
 // ---- data plane threads ----------------------------------------------------------------------------------
 
-/// eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK): the forwarder's stop signal, polled beside the tun and the socket.
-/// <sys/eventfd.h> is not part of Swift's Glibc module.
-int fu_stop_eventfd(void);
-
 /// pthread_setname_np(pthread_self(), name), so `top -H` shows which forwarding thread is busy. Needs _GNU_SOURCE.
 /// The name is cut to 15 bytes.
 int fu_set_thread_name(const char *name);
+
+/// The signal that wakes a forwarding thread blocked in read()/recvmmsg(): SIGURG, whose default action is to
+/// ignore it. `fu_install_wake_signal` gives it a handler that does nothing, installed without SA_RESTART, so the
+/// blocked call returns EINTR (Swift cannot build a sigaction's handler union); idempotent, 0 or -1 with errno.
+int fu_wake_signal(void);
+int fu_install_wake_signal(void);
+
+/// Unblocks the wake signal in the calling thread (a daemon may have blocked signals before it started the
+/// thread), then creates a CLOCK_MONOTONIC timer that sends it to the calling thread every `interval_ms`: a thread
+/// blocked with nothing to do wakes that often (its heartbeat), and a wake that raced with the start of a blocking
+/// call is repeated by it. 0 and the timer in `*timer`, or -1 with errno. SIGEV_THREAD_ID needs a union field
+/// Swift cannot reach.
+int fu_wake_timer_create(int interval_ms, void **timer);
+int fu_wake_timer_delete(void *timer);
+
+/// One read of at most `count` bytes that never blocks, whatever the descriptor's O_NONBLOCK
+/// (preadv2(RWF_NOWAIT) at the current position; a tun and a socket honour it): -1 with EAGAIN when empty.
+ssize_t fu_read_nowait(int fd, void *buf, size_t count);
+
+/// writev that never blocks, whatever the descriptor's O_NONBLOCK (pwritev2(RWF_NOWAIT)).
+ssize_t fu_writev_nowait(int fd, const struct iovec *iov, int iovcnt);
 
 /// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` refers to (a tun device
 /// and a socket belong to the namespace of the thread that creates them). setns needs _GNU_SOURCE.

@@ -23,6 +23,9 @@ public enum DropReason: String, CaseIterable, Codable, Sendable {
     /// UDP -> tun: the inner destination lies outside the overlay network (the node's underlay, the node itself,
     /// the world). A peer is trusted only to reach pods, never to have its packets forwarded by this node.
     case outsideNetwork
+    /// UDP -> tun: a bulk flow's packet dropped by the receive side's CoDel (`ReceiveCoDel`) because the flow's
+    /// packets kept waiting in the socket queue longer than the target; its sender backs off.
+    case codel
 
     /// Dense index for counter arrays.
     public var index: Int {
@@ -37,6 +40,7 @@ public enum DropReason: String, CaseIterable, Codable, Sendable {
         case .sendFailed: return 7
         case .tunWriteFailed: return 8
         case .outsideNetwork: return 9
+        case .codel: return 10
         }
     }
 }
@@ -64,6 +68,8 @@ public final class DataPlaneCounters: Sendable {
     /// ICMP errors that the rules allowed but the rate limit suppressed. Not a drop: the offending packet is
     /// counted under its own reason as well.
     public let icmpRateLimited = ManagedAtomic<UInt64>(0)
+    /// Packets of ECN-capable bulk flows the receive side's CoDel marked CE instead of dropping (delivered).
+    public let codelMarks = ManagedAtomic<UInt64>(0)
     private let drops: [ManagedAtomic<UInt64>]
 
     public init() {
@@ -88,6 +94,7 @@ public final class DataPlaneCounters: Sendable {
                                       bytes: udpToTunBytes.load(ordering: .relaxed)),
             icmpSent: icmpSent.load(ordering: .relaxed),
             icmpRateLimited: icmpRateLimited.load(ordering: .relaxed),
+            codelMarks: codelMarks.load(ordering: .relaxed),
             drops: d)
     }
 }
@@ -99,15 +106,32 @@ public struct DataPlaneCountersSnapshot: Codable, Equatable, Sendable {
     public var udpToTun: DirectionCounts
     public var icmpSent: UInt64
     public var icmpRateLimited: UInt64
+    /// See `DataPlaneCounters.codelMarks`; 0 when read from a daemon that predates it.
+    public var codelMarks: UInt64
     public var drops: [String: UInt64]
 
     public init(tunToUDP: DirectionCounts, udpToTun: DirectionCounts, icmpSent: UInt64, icmpRateLimited: UInt64,
-                drops: [String: UInt64]) {
+                codelMarks: UInt64 = 0, drops: [String: UInt64]) {
         self.tunToUDP = tunToUDP
         self.udpToTun = udpToTun
         self.icmpSent = icmpSent
         self.icmpRateLimited = icmpRateLimited
+        self.codelMarks = codelMarks
         self.drops = drops
+    }
+
+    private enum CodingKeys: String, CodingKey {
+        case tunToUDP, udpToTun, icmpSent, icmpRateLimited, codelMarks, drops
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        tunToUDP = try c.decode(DirectionCounts.self, forKey: .tunToUDP)
+        udpToTun = try c.decode(DirectionCounts.self, forKey: .udpToTun)
+        icmpSent = try c.decode(UInt64.self, forKey: .icmpSent)
+        icmpRateLimited = try c.decode(UInt64.self, forKey: .icmpRateLimited)
+        codelMarks = try c.decodeIfPresent(UInt64.self, forKey: .codelMarks) ?? 0
+        drops = try c.decode([String: UInt64].self, forKey: .drops)
     }
 
     public func drops(_ reason: DropReason) -> UInt64 { drops[reason.rawValue] ?? 0 }

@@ -26,12 +26,15 @@ public final class Forwarder: @unchecked Sendable {
     private let tunName: String
     private let tunDevice: TunDevice?
     private let sockets: [UDPSocket]
-    private let stopFD: Int32
+    /// Set by `stop()` or a failing worker; each worker then gets the wake signal (`fu_wake_signal`).
+    private let stopRequested: ManagedAtomic<Bool>
     private let onFailure: (@Sendable (SystemError) -> Void)?
 
     private struct State {
         var started = false
         var threads: [pthread_t] = []
+        /// Per thread: its worker has returned (it may then be joined, and must not be signalled any more).
+        var exited: [Bool] = []
         var joined = false
     }
     private let state = Mutex(State())
@@ -118,8 +121,8 @@ public final class Forwarder: @unchecked Sendable {
         self.onFailure = onFailure
         offloads = try OffloadState.probe(tunFD: tunFDs[0], tunName: tunName, vnetHeader: vnetHeader,
                                           sockets: sockets, enabled: options.offloads, logger: logger)
-        let stopFD = try syscall("create eventfd", "for the forwarder") { fu_stop_eventfd() }
-        self.stopFD = stopFD
+        let stopRequested = ManagedAtomic<Bool>(false)
+        self.stopRequested = stopRequested
         workerCounters = sockets.map { _ in WorkerCounters() }
         var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
@@ -128,7 +131,7 @@ public final class Forwarder: @unchecked Sendable {
             let worker = workerCounters[k]
             let suffix = k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
             func setup(_ name: String) -> WorkerSetup {
-                WorkerSetup(threadName: name + suffix, stopFD: stopFD, table: table, config: config, counters: counters,
+                WorkerSetup(threadName: name + suffix, stopRequested: stopRequested, table: table, config: config, counters: counters,
                             options: options)
             }
             pairs.append((
@@ -141,8 +144,9 @@ public final class Forwarder: @unchecked Sendable {
                                           worker: worker, offloads: offloads, logger: logger),
                     setup("fu-tun-to-udp")),
                 UDPToTunWorker(
-                    receiver: UDPReceiver(socket: socket.fd, name: socketName, options: options, counters: counters,
-                                          offloads: offloads, logger: logger),
+                    receiver: try UDPReceiver(socket: socket.fd, name: socketName, options: options,
+                                              counters: counters, offloads: offloads, logger: logger,
+                                              timestamps: options.codel.isOn),
                     writer: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: offloads.coalesce,
                                       counters: counters, worker: worker, offloads: offloads, logger: logger),
                     icmpSender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
@@ -152,12 +156,10 @@ public final class Forwarder: @unchecked Sendable {
         self.pairs = pairs
     }
 
-    deinit {
-        stop()
-        _ = Glibc.close(stopFD)
-    }
+    deinit { stop() }
 
-    /// Makes the tun descriptors non-blocking and starts two threads per worker pair.
+    /// Makes the tun queues and the sockets blocking (each worker waits in its one receive call; see
+    /// `ForwardingWorker.run`) and starts two threads per worker pair.
     /// - Throws: `SystemError` when the descriptor cannot be switched or a thread cannot be created (then
     ///   nothing is left running).
     public func start() throws(SystemError) {
@@ -166,20 +168,20 @@ public final class Forwarder: @unchecked Sendable {
             return s.started
         }
         precondition(!already, "Forwarder.start() called twice")
-        // A stop() before start() had nothing to stop: clear its signal so the workers do not exit at once.
-        var pending: UInt64 = 0
-        _ = Glibc.read(stopFD, &pending, 8)
-        for tunFD in tunFDs {
-            let flags = try syscall("get flags of", tunName) { fcntl(tunFD, F_GETFL) }
-            try syscall("set O_NONBLOCK on", tunName) { fcntl(tunFD, F_SETFL, flags | O_NONBLOCK) }
-        }
-        for worker in workers {
-            let context = ThreadContext(worker: worker, forwarder: self)
+        // A stop() before start() had nothing to stop: clear its flag so the workers do not exit at once.
+        stopRequested.store(false, ordering: .releasing)
+        // The workers block in their receive (read on a tun queue, recvmmsg on a socket) and do every other call
+        // with RWF_NOWAIT or MSG_DONTWAIT, so the descriptors are made blocking; the wake signal ends a wait.
+        try syscall("install the wake signal of", "the forwarding threads") { fu_install_wake_signal() }
+        for fd in tunFDs { try Forwarder.clearNonBlocking(fd, tunName) }
+        for socket in sockets { try Forwarder.clearNonBlocking(socket.fd, "UDP socket \(socket.localEndpoint)") }
+        for (index, worker) in workers.enumerated() {
+            let context = ThreadContext(worker: worker, index: index, forwarder: self)
             var tid = pthread_t()
             let raw = Unmanaged.passRetained(context).toOpaque()
             let rc = pthread_create(&tid, nil, { arg in
                 let ctx = Unmanaged<ThreadContext>.fromOpaque(arg!).takeRetainedValue()
-                ctx.forwarder.runWorker(ctx.worker)
+                ctx.forwarder.runWorker(ctx.worker, index: ctx.index)
                 return nil
             }, raw)
             if rc != 0 {
@@ -187,7 +189,10 @@ public final class Forwarder: @unchecked Sendable {
                 stop()
                 throw SystemError("start forwarding thread", worker.threadName, errno: rc)
             }
-            state.withLock { $0.threads.append(tid) }
+            state.withLock {
+                $0.threads.append(tid)
+                $0.exited.append(false)
+            }
         }
         logger.info("forwarding between \(tunName) and \(sockets[0].localEndpoint)",
                     metadata: ["batch": "\(options.batchSize)", "workers": "\(pairs.count)",
@@ -198,9 +203,23 @@ public final class Forwarder: @unchecked Sendable {
     /// Call it before closing the tun device or the socket: a worker reading a closed descriptor fails (EBADF).
     /// The running threads keep the forwarder alive, so dropping the last reference does not stop it.
     public func stop() {
-        var one: UInt64 = 1
-        _ = Glibc.write(stopFD, &one, 8)
+        requestStop()
         _ = wait()
+    }
+
+    /// Sets the stop flag and wakes every worker still running from its blocking receive (EINTR). A wake that
+    /// lands just before a worker enters its wait is repeated by the worker's heartbeat timer.
+    private func requestStop() {
+        stopRequested.store(true, ordering: .releasing)
+        state.withLock { s in
+            // Under the lock a worker not yet marked exited has not returned, so it is not joined either.
+            for (t, exited) in zip(s.threads, s.exited) where !exited { _ = pthread_kill(t, fu_wake_signal()) }
+        }
+    }
+
+    private static func clearNonBlocking(_ fd: Int32, _ name: String) throws(SystemError) {
+        let flags = try syscall("get flags of", name) { fcntl(fd, F_GETFL) }
+        try syscall("clear O_NONBLOCK on", name) { fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
     }
 
     /// Waits until every worker has stopped (after `stop()` or a fatal error); returns the fatal error if any.
@@ -219,8 +238,9 @@ public final class Forwarder: @unchecked Sendable {
         return failure
     }
 
-    private func runWorker(_ worker: ForwardingWorker) {
+    private func runWorker(_ worker: ForwardingWorker, index: Int) {
         _ = fu_set_thread_name(worker.threadName)
+        defer { state.withLock { $0.exited[index] = true } }
         do throws(SystemError) {
             try worker.run()
         } catch {
@@ -230,8 +250,7 @@ public final class Forwarder: @unchecked Sendable {
             }
             logger.error("forwarding stopped: \(error)", metadata: ["worker": "\(worker.threadName)"])
             // Take the other worker down too: a half-working data plane is worse than a daemon that exits.
-            var one: UInt64 = 1
-            _ = Glibc.write(stopFD, &one, 8)
+            requestStop()
             if first { onFailure?(error) }
         }
     }
@@ -239,9 +258,11 @@ public final class Forwarder: @unchecked Sendable {
 
 private final class ThreadContext {
     let worker: ForwardingWorker
+    let index: Int
     let forwarder: Forwarder
-    init(worker: ForwardingWorker, forwarder: Forwarder) {
+    init(worker: ForwardingWorker, index: Int, forwarder: Forwarder) {
         self.worker = worker
+        self.index = index
         self.forwarder = forwarder
     }
 }

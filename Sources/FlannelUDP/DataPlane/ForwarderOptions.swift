@@ -29,16 +29,22 @@ public struct ForwarderOptions: Sendable {
     /// Datagram buffers per recvmmsg when UDP GRO is on (each may hold up to 64 KiB of coalesced datagrams), for
     /// the same reason: 8 keeps a batch in cache between the copy in and the copy out to the tun.
     public var groBatchSize: Int
-    /// The longest a worker sleeps in poll() with nothing to do. Each pass of its loop bumps its heartbeat
+    /// The longest a worker sleeps in its blocking receive with nothing to do (its timer then wakes it with the
+    /// wake signal). Each pass of its loop bumps its heartbeat
     /// (`Forwarder.heartbeats`), so an idle worker still proves it is alive at least this often; the systemd
     /// watchdog pings only while every heartbeat moves.
     public var heartbeatMilliseconds: Int32
+    /// The receive side's CoDel (`ReceiveCoDel`): how long bulk flows may keep waiting in the socket queue
+    /// before they lose (or get CE on) a packet. `.off` leaves the queue to the kernel's tail drop.
+    public var codel: CoDelParameters
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
-                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000) {
+                readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000,
+                codel: CoDelParameters = CoDelParameters()) {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
                      && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
+        self.codel = codel
         self.heartbeatMilliseconds = heartbeatMilliseconds
         self.readBytesPerBatch = readBytesPerBatch
         self.groBatchSize = groBatchSize

@@ -6,7 +6,8 @@ import Glibc
 /// The one funnel of the data path's system calls (read/write/writev on the tun, recvmmsg/sendmmsg/sendto on the
 /// socket) and its one errno policy, so no call site judges an errno on its own:
 ///
-/// - EINTR: retried here.
+/// - EINTR: retried here, except in a call made `interruptible` (a worker's blocking receive, which the wake signal
+///   interrupts): `.wouldBlock`, so the worker looks at its stop flag and bumps its heartbeat.
 /// - EAGAIN/EWOULDBLOCK: `.wouldBlock` (the input is drained, or the output full for now).
 /// - EBADF, EBADFD, EFAULT, ENOTSOCK, ENXIO, ENODEV (plus what a call site names as fatal for it): the descriptor
 ///   is unusable or this is a bug; thrown as `SystemError` naming the call, its object and the errno. The worker
@@ -28,13 +29,16 @@ enum PacketIO {
     /// Runs `body` (a syscall returning -1 with errno set on failure) under the policy above. `alsoFatal`: one
     /// more errno that is fatal for this call (EINVAL for recvmmsg: its arguments are ours).
     @inline(__always)
-    static func call(_ operation: StaticString, _ object: String, alsoFatal: Int32 = 0,
+    static func call(_ operation: StaticString, _ object: String, alsoFatal: Int32 = 0, interruptible: Bool = false,
                      _ body: () -> Int) throws(SystemError) -> Result {
         while true {
             let n = body()
             if n >= 0 { return .done(n) }
             let e = errno
-            if e == EINTR { continue }
+            if e == EINTR {
+                if interruptible { return .wouldBlock }
+                continue
+            }
             if e == EAGAIN || e == EWOULDBLOCK { return .wouldBlock }
             if isFatal(e) || (alsoFatal != 0 && e == alsoFatal) {
                 throw SystemError("\(operation)", object, errno: e)

@@ -1,3 +1,4 @@
+import CShims
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -31,6 +32,8 @@ final class TunReader {
     private var logLimiter = LogLimiter()
     /// The last `read()` stopped because the tun had nothing more (not because the batch was full).
     private(set) var isEmpty = false
+    /// A read returned 0 bytes: the other end of a test socketpair went away (a tun never does that).
+    private(set) var hungUp = false
 
     init(fd: Int32, name: String, vnet: Bool, options: ForwarderOptions, counters: DataPlaneCounters,
          logger: Logger) {
@@ -44,15 +47,24 @@ final class TunReader {
                                 size: options.bufferSize + (vnet ? VirtioNetHeader.length : 0))
     }
 
-    /// Reads up to a batch; returns the number of reads. ENOBUFS/ENOMEM end the batch with a log line.
-    func read() throws(SystemError) -> Int {
+    /// Reads up to a batch; returns the number of reads. `wait`: the first read blocks (the descriptor is left
+    /// blocking by `Forwarder.start`) until a packet comes or the wake signal interrupts it; every other read
+    /// never blocks (RWF_NOWAIT). ENOBUFS/ENOMEM end the batch with a log line.
+    func read(wait: Bool = false) throws(SystemError) -> Int {
         var count = 0
         var left = budget
         isEmpty = false
         while count < buffers.count {
             let p = buffers.packet(count)
             let size = buffers.size
-            switch try PacketIO.call("read from", name, { Glibc.read(fd, p, size) }) {
+            let blocking = wait && count == 0
+            switch try PacketIO.call("read from", name, interruptible: blocking, {
+                blocking ? Glibc.read(fd, p, size) : fu_read_nowait(fd, p, size)
+            }) {
+            case .done(0):
+                hungUp = true
+                isEmpty = true
+                return count
             case .done(let n):
                 buffers.lengths[count] = n
                 count += 1

@@ -24,12 +24,12 @@ final class TunToUDPWorker: ForwardingWorker {
         super.init(setup)
     }
 
-    override var inputFD: Int32 { reader.fd }
-
-    override func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
-        let n = try reader.read()
+    override func takeBatch(wait: Bool) throws(SystemError) -> (count: Int, drained: Bool) {
+        let n = try reader.read(wait: wait)
         return (n, reader.isEmpty)
     }
+
+    override var hungUp: Bool { reader.hungUp }
 
     override func handleBatch(_ count: Int) throws(SystemError) { try forwardBatch(count) }
 

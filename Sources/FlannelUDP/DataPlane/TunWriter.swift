@@ -1,3 +1,4 @@
+import CShims
 import Logging
 #if canImport(Glibc)
 import Glibc
@@ -109,7 +110,8 @@ final class TunWriter {
     /// One packet, after a virtio_net_hdr saying "nothing to do" when the tun has one.
     private func write(_ packet: UnsafeMutableRawBufferPointer) throws(SystemError) -> Bool {
         guard vnet else {
-            return try written(PacketIO.call("write to", name) { Glibc.write(fd, packet.baseAddress, packet.count) })
+            iovs[0] = iovec(iov_base: packet.baseAddress, iov_len: packet.count)
+            return try write(UnsafeBufferPointer(start: iovs, count: 1))
         }
         VirtioNetHeader.none.store(to: header)
         iovs[0] = iovec(iov_base: header, iov_len: VirtioNetHeader.length)
@@ -117,9 +119,12 @@ final class TunWriter {
         return try write(UnsafeBufferPointer(start: iovs, count: 2))
     }
 
-    /// One writev of a gather list (virtio header first when the tun has one).
+    /// One writev of a gather list (virtio header first when the tun has one), never blocking (the descriptor
+    /// itself blocks, for the reader's sake): a full queue is EAGAIN.
     private func write(_ pieces: UnsafeBufferPointer<iovec>) throws(SystemError) -> Bool {
-        try written(PacketIO.call("write to", name) { Glibc.writev(fd, pieces.baseAddress!, Int32(pieces.count)) })
+        try written(PacketIO.call("write to", name) {
+            fu_writev_nowait(fd, pieces.baseAddress!, Int32(pieces.count))
+        })
     }
 
     private func written(_ result: PacketIO.Result) -> Bool {

@@ -66,7 +66,7 @@ final class UDPSender {
         while sent < queue.messageCount {
             let msgs = queue.msgs + sent
             let count = UInt32(queue.messageCount - sent)
-            switch try PacketIO.call("sendmmsg on", name, { Int(fu_sendmmsg(fd, msgs, count, 0)) }) {
+            switch try PacketIO.call("sendmmsg on", name, { Int(fu_sendmmsg(fd, msgs, count, Int32(MSG_DONTWAIT))) }) {
             case .done(let r):
                 var j = sent
                 while j < sent + r {
@@ -129,7 +129,7 @@ final class UDPSender {
         let result = try PacketIO.call("sendto on", name) {
             withUnsafePointer(to: &sa) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, packet.baseAddress, packet.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                    sendto(fd, packet.baseAddress, packet.count, Int32(MSG_DONTWAIT), $0, socklen_t(MemoryLayout<sockaddr_in>.size))
                 }
             }
         }

@@ -3,8 +3,9 @@ import CShims
 import Glibc
 #endif
 
-/// The underlay UDP socket: IPv4, bound to one address and port, non-blocking, close-on-exec, with large kernel
-/// buffers (flannel's proxy never sets them, and its receive buffer overflowing is where it loses packets).
+/// The underlay UDP socket: IPv4, bound to one address and port, non-blocking (until `Forwarder.start` makes it
+/// blocking for its receive worker; the data plane's sends all pass MSG_DONTWAIT), close-on-exec, with large
+/// kernel buffers (flannel's proxy never sets them, and its receive buffer overflowing is where it loses packets).
 ///
 /// `@unchecked Sendable`: the descriptor is immutable after init and the kernel serialises concurrent use of a
 /// socket, so the two forwarding workers may send and receive on it from their own threads. `close()` must only

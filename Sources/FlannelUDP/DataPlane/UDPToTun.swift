@@ -15,18 +15,19 @@ final class UDPToTunWorker: ForwardingWorker {
     let receiver: UDPReceiver
     let writer: TunWriter
     private let icmpSender: UDPSender
+    /// Drops or marks bulk flows' packets that waited too long in the socket queue (nil: off, or no timestamps).
+    let codel: ReceiveCoDel?
 
     init(receiver: UDPReceiver, writer: TunWriter, icmpSender: UDPSender, _ setup: WorkerSetup) {
         self.receiver = receiver
         self.writer = writer
         self.icmpSender = icmpSender
+        codel = setup.options.codel.isOn && receiver.timestamps ? ReceiveCoDel(setup.options.codel) : nil
         super.init(setup)
     }
 
-    override var inputFD: Int32 { receiver.fd }
-
-    override func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
-        let n = try receiver.receive()
+    override func takeBatch(wait: Bool) throws(SystemError) -> (count: Int, drained: Bool) {
+        let n = try receiver.receive(wait: wait)
         return (n, n < receiver.batchSize)
     }
 
@@ -39,8 +40,17 @@ final class UDPToTunWorker: ForwardingWorker {
             switch decider.fromUDP(datagram.bytes, outerSource: datagram.source, snapshot: snapshot,
                                    scratch: scratch) {
             case .deliver(let peer, let length):
-                try writer.deliver(UnsafeMutableRawBufferPointer(rebasing: datagram.bytes[0..<length]), peer: peer,
-                                   snapshot: snapshot)
+                let packet = UnsafeMutableRawBufferPointer(rebasing: datagram.bytes[0..<length])
+                if let codel {
+                    switch codel.verdict(packet, sojourn: datagram.sojourn, now: receiver.batchTime) {
+                    case .pass: break
+                    case .marked: counters.codelMarks.wrappingIncrement(ordering: .relaxed)
+                    case .drop:
+                        counters.countDrop(.codel)
+                        continue
+                    }
+                }
+                try writer.deliver(packet, peer: peer, snapshot: snapshot)
             case .icmpToPeer(let length, let peer, let reason):
                 counters.countDrop(reason)
                 try icmpSender.sendNow(UnsafeRawBufferPointer(rebasing: scratch[0..<length]),

@@ -1,18 +1,18 @@
+import CShims
 import Atomics
 import Logging
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// What every forwarding worker has and does: a thread name, the descriptor it waits on, the stop eventfd, a
-/// heartbeat, its `PacketDecider` and the scratch buffer it builds ICMP errors in, and the loop that waits, takes
-/// a batch in and hands it on. The two directions (`TunToUDPWorker`, `UDPToTunWorker`) say only how a batch comes
+/// What every forwarding worker has and does: a thread name, the stop flag, a heartbeat, its `PacketDecider` and
+/// the scratch buffer it builds ICMP errors in, and the loop that blocks for a batch, takes it in and hands it on. The two directions (`TunToUDPWorker`, `UDPToTunWorker`) say only how a batch comes
 /// in and what becomes of each packet; the I/O and the offloads live in their stages (`TunReader`, `UDPSender`,
 /// `UDPReceiver`, `TunWriter`).
-/// What a worker is told about its place: its thread's name, the stop eventfd, and what every decision needs.
+/// What a worker is told about its place: its thread's name, the stop flag, and what every decision needs.
 struct WorkerSetup {
     let threadName: String
-    let stopFD: Int32
+    let stopRequested: ManagedAtomic<Bool>
     let table: RouteTable
     let config: ForwardingConfig
     let counters: DataPlaneCounters
@@ -22,18 +22,19 @@ struct WorkerSetup {
 class ForwardingWorker {
     let threadName: String
     let options: ForwarderOptions
-    let stopFD: Int32
+    /// Set (then the thread woken with the wake signal) by `Forwarder.stop()` or a failing worker.
+    let stopRequested: ManagedAtomic<Bool>
     let table: RouteTable
     let counters: DataPlaneCounters
     var decider: PacketDecider
     /// Where the decider builds ICMP errors (576 bytes is the most they need).
     let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 64)
-    /// Bumped (relaxed, no lock) on every pass of the poll loop; see `Forwarder.heartbeats`.
+    /// Bumped (relaxed, no lock) on every pass of the loop; see `Forwarder.heartbeats`.
     let heartbeat = ManagedAtomic<UInt64>(0)
 
     init(_ setup: WorkerSetup) {
         threadName = setup.threadName
-        stopFD = setup.stopFD
+        stopRequested = setup.stopRequested
         table = setup.table
         counters = setup.counters
         options = setup.options
@@ -42,25 +43,28 @@ class ForwardingWorker {
 
     deinit { scratch.deallocate() }
 
-    /// The descriptor whose readability means work.
-    var inputFD: Int32 { preconditionFailure("a worker names its input") }
-
-    /// Takes one batch in: how many packets or datagrams (0 when nothing was waiting), and whether the input has
-    /// nothing more for now.
-    func takeBatch() throws(SystemError) -> (count: Int, drained: Bool) {
+    /// Takes one batch in: how many packets or datagrams (0 when nothing was waiting, or the wait was
+    /// interrupted), and whether the input has nothing more for now. `wait`: block until the first one arrives
+    /// (or the wake signal comes); else never block.
+    func takeBatch(wait: Bool) throws(SystemError) -> (count: Int, drained: Bool) {
         preconditionFailure("a worker takes its batches in")
     }
+
+    /// The input reported its end (only the other end of a test socketpair going away; a tun never does).
+    var hungUp: Bool { false }
 
     /// Decides each packet of the batch just taken and hands it over.
     func handleBatch(_ count: Int) throws(SystemError) { preconditionFailure("a worker handles its batches") }
 
     /// Processes input until it would block or `options.batchesPerWakeup` batches are done; returns the number
-    /// of packets taken in. Throws only fatal errors.
-    final func drain() throws(SystemError) -> Int {
+    /// of packets taken in. `wait`: the first batch blocks until there is one. Throws only fatal errors.
+    final func drain(wait: Bool = false) throws(SystemError) -> Int {
         var total = 0
         var batches = 0
+        var blocking = wait
         while batches < options.batchesPerWakeup {
-            let (n, drained) = try takeBatch()
+            let (n, drained) = try takeBatch(wait: blocking)
+            blocking = false
             if n == 0 { break }
             total += n
             try handleBatch(n)
@@ -77,29 +81,22 @@ class ForwardingWorker {
         if limited { counters.icmpRateLimited.wrappingIncrement(ordering: .relaxed) }
     }
 
-    /// poll(input, stop) -> drain, until the stop eventfd is readable or a fatal error. The poll times out after
-    /// `options.heartbeatMilliseconds`, so the heartbeat moves while the input is idle.
+    /// Blocking receive -> drain, until the stop flag is set or a fatal error. An idle worker sleeps in its one
+    /// blocking call (read on the tun, recvmmsg with MSG_WAITFORONE on the socket): a packet costs no poll and no
+    /// extra call that finds the input empty. The wake signal ends the wait with EINTR: sent by `stop()`, and
+    /// every `options.heartbeatMilliseconds` by this thread's timer, so the heartbeat moves while the input is
+    /// idle, and a stop that raced with the start of the wait is seen at the next tick at the latest.
     final func run() throws(SystemError) {
-        var fds = [pollfd(fd: inputFD, events: Int16(POLLIN), revents: 0),
-                   pollfd(fd: stopFD, events: Int16(POLLIN), revents: 0)]
-        let timeout = options.heartbeatMilliseconds
+        var timer: UnsafeMutableRawPointer?
+        try syscall("create the heartbeat timer of", threadName) {
+            fu_wake_timer_create(options.heartbeatMilliseconds, &timer)
+        }
+        defer { _ = fu_wake_timer_delete(timer) }
         while true {
             heartbeat.wrappingIncrement(ordering: .relaxed)
-            let n = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, 2, timeout) }
-            if n < 0 {
-                let e = errno
-                if e == EINTR { continue }
-                throw SystemError("poll", threadName, errno: e)
-            }
-            if fds[1].revents != 0 { return }
-            let revents = Int32(fds[0].revents)
-            if revents & Int32(POLLNVAL) != 0 { throw SystemError("poll", threadName, errno: EBADF) }
-            if revents & Int32(POLLIN) != 0 || revents & Int32(POLLERR) != 0 {
-                _ = try drain()
-            } else if revents & Int32(POLLHUP) != 0 {
-                // The other end of a test socketpair went away (a tun never hangs up): nothing more will come.
-                return
-            }
+            if stopRequested.load(ordering: .acquiring) { return }
+            _ = try drain(wait: true)
+            if hungUp { return }
         }
     }
 }

@@ -4,7 +4,7 @@ import Synchronization
 /// What the service layer (sd_notify, watchdog, health and metrics endpoint) is told by the running daemon.
 /// Called on the daemon's main thread; implementations return quickly.
 public protocol DaemonObserver: AnyObject, Sendable {
-    /// How long a forwarding worker may sit in poll() between heartbeats (`ForwarderOptions`).
+    /// How long a forwarding worker may sit in its blocking receive between heartbeats (`ForwarderOptions`).
     var heartbeatMilliseconds: Int32 { get }
     /// The forwarder runs with its routes in place: traffic can pass.
     func daemonReady(_ daemon: Daemon)

@@ -69,6 +69,9 @@ public enum PrometheusText {
         out.sample("flannel_udp_icmp_sent_total", [:], c.icmpSent)
         out.family("flannel_udp_icmp_rate_limited_total", .counter, "ICMP errors suppressed by the rate limit.")
         out.sample("flannel_udp_icmp_rate_limited_total", [:], c.icmpRateLimited)
+        out.family("flannel_udp_codel_marks_total", .counter,
+                   "Packets of bulk flows marked CE (not dropped) by the receive side's CoDel.")
+        out.sample("flannel_udp_codel_marks_total", [:], c.codelMarks)
 
         out.family("flannel_udp_peers", .gauge, "Peer routes in the table.")
         out.sample("flannel_udp_peers", [:], UInt64(status.routes.count))

@@ -111,7 +111,7 @@ public struct WatchdogSettings: Equatable, Sendable {
         return WatchdogSettings(timeoutMicroseconds: usec)
     }
 
-    /// How long a forwarding worker may sleep in poll() so that its heartbeat moves at least twice per ping
+    /// How long a forwarding worker may sleep in its blocking receive so that its heartbeat moves at least twice per ping
     /// interval: a quarter of the interval, at most one second, at least 10 ms.
     public var heartbeatMilliseconds: Int32 {
         Int32(min(1000, max(10, Double(timeoutMicroseconds) / 8000)))
