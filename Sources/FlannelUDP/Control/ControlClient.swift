@@ -37,6 +37,8 @@ public enum ControlClient {
     public struct Answer: Sendable {
         public let response: ControlResponse
         public let daemon: DaemonIdentity?
+        /// Descriptors the daemon passed along (`acceptingDescriptors` only): the caller's to close.
+        public var descriptors: [Int32] = []
     }
 
     /// Sends one request to the daemon of `paths.device` and returns its response.
@@ -46,8 +48,10 @@ public enum ControlClient {
     }
 
     /// Sends one request to the verified daemon of `paths.device`; the answer says who answered.
-    public static func exchange(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5)
-        throws(Failure) -> Answer {
+    ///
+    /// `acceptingDescriptors`: keep descriptors the daemon passes along (a handover's); otherwise any are closed.
+    public static func exchange(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5,
+                                acceptingDescriptors: Bool = false) throws(Failure) -> Answer {
         let asRoot = geteuid() == 0
         do { try SecureDirectory.check(paths.stateDirectory) } catch {
             switch error.errno {
@@ -89,11 +93,20 @@ public enum ControlClient {
                 // can then fail with EPIPE (or ECONNRESET) while the refusal is waiting to be read.
                 guard error.errno == EPIPE || error.errno == ECONNRESET else { throw error }
             }
-            switch try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path) {
+            var passed: [Int32] = []
+            var kept = false
+            defer { if !kept { passed.forEach { _ = close($0) } } }
+            let outcome = try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path,
+                                                  descriptors: { passed.append($0) })
+            switch outcome {
             case .tooLong: throw Failure.badResponse("too long")
             case .line(let bytes), .eof(let bytes):
                 if bytes.isEmpty { throw Failure.badResponse("daemon closed the connection without answering") }
-                do { return Answer(response: try ControlProtocol.decode(ControlResponse.self, from: bytes), daemon: daemon) } catch {
+                do {
+                    let response = try ControlProtocol.decode(ControlResponse.self, from: bytes)
+                    kept = acceptingDescriptors
+                    return Answer(response: response, daemon: daemon, descriptors: kept ? passed : [])
+                } catch {
                     throw Failure.badResponse("\(error)")
                 }
             }

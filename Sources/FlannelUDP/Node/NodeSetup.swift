@@ -69,7 +69,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     }
 
     /// Resolves the underlay, MTU and addresses for `membership`. Changes nothing.
-    public func plan(_ config: NodeConfig, membership: Membership) throws(Failure) -> Plan {
+    /// - Parameter adopting: `up --replace`: the device (with this index) and its route are the running daemon's,
+    ///   and are to be taken over rather than refused.
+    public func plan(_ config: NodeConfig, membership: Membership, adopting: Int32? = nil) throws(Failure) -> Plan {
         if let problem = config.validate() ?? membership.validate() { throw .usage(problem) }
         let (link, underlayAddress) = try resolveUnderlay(config.underlay)
         if let problem = PeerRouteRules.checkNetwork(membership.network, underlay: underlayAddress,
@@ -79,7 +81,11 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         if link.name == config.device {
             throw .usage("iface \(link.name) is the overlay device itself; give the underlay interface")
         }
-        if try Failure.system(try netlink.link(named: config.device)) != nil {
+        let existingDevice = try Failure.system(try netlink.link(named: config.device))
+        if let adopting, existingDevice?.index != adopting {
+            throw .failed("device \(config.device) is not the one the running daemon reported (index \(adopting)); not replacing")
+        }
+        if adopting == nil, existingDevice != nil {
             throw .usage("device \(config.device) already exists; run 'flannel-udp down --device \(config.device)' or 'flannel-udp cleanup'")
         }
         let mtu = config.mtu ?? (link.mtu - NodeConfig.encapsulationOverhead)
@@ -87,7 +93,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             throw .usage("iface \(link.name) has MTU \(link.mtu), which leaves \(mtu) for the overlay (needs \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)); give --mtu")
         }
         if let existing = try Failure.system(try netlink.routes()).first(where: { $0.destination == membership.network && $0.gateway == nil && $0.outputInterface != nil }),
-           let idx = existing.outputInterface, let other = try Failure.system(try netlink.link(index: idx)) {
+           let idx = existing.outputInterface, idx != adopting, let other = try Failure.system(try netlink.link(index: idx)) {
             throw .usage("network \(membership.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(membership.network)')")
         }
         return Plan(config: config, membership: membership, underlay: link, underlayAddress: underlayAddress,
@@ -166,6 +172,49 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         }
     }
 
+    /// `up --replace`: takes the running daemon's tun queues (`fds`, passed over the control socket; the old
+    /// daemon keeps its own descriptors of the same queues, so closing ours changes nothing while it lives) and
+    /// checks that the device is still the one with `index`. Changes nothing else.
+    public func adopt(_ plan: Plan, index: Int32, fds: [Int32], vnetHeader: Bool) throws(Failure) -> TunDevice {
+        let name = plan.config.device
+        step("take over \(fds.count) queue(s) of tun device \(name)")
+        let tun = TunDevice(adopting: fds, name: name, vnetHeader: vnetHeader)
+        guard let link = try? netlink.link(named: tun.name), link.index == index else {
+            tun.close()
+            throw .failed("tun device \(name) (index \(index)) disappeared during the replacement")
+        }
+        self.tun = tun
+        undo.append(("close our descriptors of tun device \(name)", { tun.close(); self.tun = nil }))
+        return tun
+    }
+
+    /// `up --replace`, once the old daemon has let go: the device, its address and route, the masquerade rules and
+    /// the subnet file are ours from now on, removed by `tearDown` as if `bringUp` had made them.
+    public func adopted(_ plan: Plan, index: Int32) throws(Failure) {
+        let config = plan.config
+        let address = InterfaceAddress(index: index, address: plan.membership.tunAddress, prefixLength: 32)
+        let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: index,
+                          scope: Route.scopeLink)
+        routeInstalled = route
+        installed = OverlayDevice(name: config.device, index: index, address: address, mtu: plan.mtu, route: route)
+        if config.ipMasq {
+            do {
+                let rules = try makeMasqueradeRules(config.masqBackend, spec: MasqueradeSpec(
+                    network: plan.membership.network, subnet: plan.membership.subnet))
+                keepMasquerade(rules, config).checkOnce()  // in place, as the old daemon left them
+            } catch {
+                throw .failed("\(error)")
+            }
+        }
+        if let path = config.subnetFile {
+            let ours = plan.subnetFileContents
+            undo.append(("undo write \(path)", { [logger] in
+                NodeSetup.undoSubnetFile(path: path, ours: ours, previous: nil, logger: logger)
+            }))
+        }
+        running = true
+    }
+
     /// Installs the masquerade and forward rules (one transaction, so a failure changes nothing) and starts keeping
     /// them in place. Undo stops the checks first, then removes the rules.
     private func installMasquerade(_ plan: Plan) throws(NetfilterError) {
@@ -175,6 +224,13 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         let objects = rules.objects.joined(separator: ", ")
         step("install masquerade rules: \(rules.backend.rawValue) \(objects)")
         try rules.install()
+        keepMasquerade(rules, config)
+    }
+
+    /// Registers the rules' removal and starts the thread that keeps them in place.
+    @discardableResult
+    private func keepMasquerade(_ rules: MasqueradeRules, _ config: NodeConfig) -> MasqueradeResync {
+        let objects = rules.objects.joined(separator: ", ")
         undo.append(("remove masquerade rules: \(rules.backend.rawValue) \(objects)", { [logger] in
             do { try rules.remove() } catch { logger.warning("\(error)") }
         }))
@@ -182,6 +238,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         resync.start()
         masquerade = resync
         undo.append(("stop masquerade resync", { resync.stop(); self.masquerade = nil }))
+        return resync
     }
 
     /// Adds the overlay route. An identical route already there is fine (the contract says so); EEXIST for
