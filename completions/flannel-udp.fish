@@ -23,7 +23,7 @@ function __flannel-udp_parse_tokens -S
         __flannel-udp_parse_subcommand 0 'version' 'h/help'
         switch $unparsed_tokens[1]
         case 'up'
-            __flannel-udp_parse_subcommand 0 'network=' 'subnet=' 'etcd-endpoints=' 'etcd-prefix=' 'etcd-username=' 'etcd-password=' 'etcd-password-file=' 'etcd-cafile=' 'etcd-certfile=' 'etcd-keyfile=' 'iface=' 'public-ip=' 'port=' 'mtu=' 'device=' 'peers=' 'subnet-file=' 'ip-masq' 'masq-backend=' 'masq-resync=' 'peer-check=' 'no-offload' 'workers=' 'metrics-addr=' 'detach' 'log-file=' 'v/verbose' 'version' 'h/help'
+            __flannel-udp_parse_subcommand 0 'network=' 'subnet=' 'etcd-endpoints=' 'etcd-prefix=' 'etcd-username=' 'etcd-password=' 'etcd-password-file=' 'etcd-cafile=' 'etcd-certfile=' 'etcd-keyfile=' 'iface=' 'public-ip=' 'port=' 'mtu=' 'device=' 'peers=' 'subnet-file=' 'ip-masq' 'masq-backend=' 'masq-resync=' 'peer-check=' 'no-offload' 'workers=' 'metrics-addr=' 'detach' 'replace' 'log-file=' 'v/verbose' 'version' 'h/help'
         case 'down'
             __flannel-udp_parse_subcommand 0 'device=' 'keep-lease' 'timeout=' 'version' 'h/help'
         case 'route'
@@ -128,6 +128,7 @@ complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_o
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" workers' -l 'workers' -d 'Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" metrics-addr' -l 'metrics-addr' -d 'Serve /healthz and Prometheus /metrics over HTTP on this IPv4 address and port, e.g. 127.0.0.1:9100 (off by default).' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" detach' -l 'detach' -d 'Return once the node is ready, leaving the daemon running in the background.'
+complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" replace' -l 'replace' -d 'Take over from a daemon running for the device without losing a packet (a plain \'up\' if none runs).'
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" log-file' -l 'log-file' -d 'With --detach: where the daemon logs (default: its state directory).' -rfka ''
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" v verbose' -l 'verbose' -s 'v' -d 'Log each packet-level event (debug level).'
 complete -c 'flannel-udp' -n '__flannel-udp_should_offer_completions_for_flags_or_options "flannel-udp up" version' -l 'version' -d 'Show the version.'

@@ -58,7 +58,7 @@ struct Status: ParsableCommand {
                 // E.g. a non-root caller: the daemon runs but refused us; not "not running" (exit 3).
                 report.running = true
                 report.error = "daemon: \(message)"
-            case .ok, .routes:
+            case .ok, .routes, .handover:
                 report.error = "daemon: unexpected response to status"
             }
         } catch {

@@ -13,6 +13,14 @@ struct Up: ParsableCommand {
             between the device and UDP until SIGINT, SIGTERM or 'flannel-udp down'. SIGHUP re-reads --peers. \
             With --detach it returns once the node is ready (exit 0) or start-up failed (non-zero, with the reason). \
             A failed start leaves nothing behind. \
+            With --replace, a daemon already running for the device hands the node over without losing a packet \
+            (like 'ip route replace': without one it is a plain 'up'): the new daemon takes the old one's peer table \
+            (routes added with 'route add' included), its etcd lease, and its tun queues and UDP sockets (passed \
+            over the control socket), and forwards as soon as the old one lets go and exits; the device, its address \
+            and route, the subnet file, the masquerade rules and the lease stay. \
+            Options that would change the node's identity (network, subnet, public IP, port, MTU, subnet file, \
+            --ip-masq, offloads) are refused with the reason, and a failed replacement leaves the old daemon \
+            forwarding. \
             --ip-masq adds flanneld's masquerade and forward rules (pods' traffic out of the network leaves with \
             the node's address; inside it, and kube-proxy's marked packets, untouched), in one transaction, kept \
             in place every --masq-resync seconds.
@@ -76,6 +84,9 @@ struct Up: ParsableCommand {
 
     @Flag(help: "Return once the node is ready, leaving the daemon running in the background.")
     var detach = false
+
+    @Flag(help: "Take over from a daemon running for the device without losing a packet (a plain 'up' if none runs).")
+    var replace = false
 
     @Option(name: .customLong("log-file"), help: ArgumentHelp("With --detach: where the daemon logs (default: its state directory).", valueName: "path"))
     var logFile: String?
@@ -175,6 +186,7 @@ struct Up: ParsableCommand {
         var logger = Logger(label: "flannel-udp")
         logger.logLevel = verbose ? .debug : .info
         let daemon = Daemon(config: config, logger: logger)
+        daemon.replace = replace
         let service = try startService(logger: logger)  // UpService.swift
         daemon.observer = service
         defer { service.shutdown() }

@@ -55,6 +55,44 @@ final class ReusePortSteeringTests: XCTestCase {
         second.close()
     }
 
+    /// `up --replace` changing the number of workers on the sockets it took over: sockets joined to the group get
+    /// nothing until the program is attached again for all of them, which then steers as `FlowSteering` says;
+    /// closing the last sockets after steering over the first ones renumbers nothing and loses nothing.
+    func testAGroupThatGrowsAndShrinksSteersAsToldAndLosesNothing() throws {
+        let first = try UDPSocket.group(bind: Endpoint(address: ip("127.0.0.1"), port: 0), count: 2, bufferSize: 1 << 20)
+        let port = first[0].localEndpoint
+        let added = try UDPSocket.join(port, count: 2, bufferSize: 1 << 20, steering: false)
+        let all = first + added
+        defer { all.forEach { $0.close() } }
+        let sender = try UDPSocket(bind: Endpoint(address: ip("127.0.0.1"), port: 0))
+        defer { sender.close() }
+        func packet(_ k: Int) -> [UInt8] {
+            var spec = TCPPacketSpec()
+            spec.sourcePort = UInt16(40000 + k % 20)
+            return spec.bytes()
+        }
+        /// Sends 60 datagrams of 20 flows; returns the socket each landed on (-1: none).
+        func round() -> [Int] {
+            (0..<60).map { k in
+                send(packet(k), from: sender, to: port)
+                return all.indices.first { receive(all[$0]) != nil } ?? -1
+            }
+        }
+        func expected(_ workers: Int) -> [Int] {
+            (0..<60).map { k in packet(k).withUnsafeBytes { FlowSteering.worker($0, workers: workers) } }
+        }
+        XCTAssertEqual(round(), expected(2), "joined sockets get nothing before the program covers them")
+        try UDPSocket.steer(all)
+        let four = round()
+        XCTAssertEqual(four, expected(4))
+        XCTAssertTrue(four.contains(3), "the flows spread over the joined sockets too: \(four)")
+        try UDPSocket.steer(Array(all.prefix(1)))
+        all[3].close()
+        all[2].close()
+        all[1].close()
+        XCTAssertEqual(round(), [Int](repeating: 0, count: 60), "one socket left, every datagram on it")
+    }
+
     private func send(_ bytes: [UInt8], from sock: UDPSocket, to endpoint: Endpoint) {
         var sa = sockaddr_in()
         sa.sin_family = sa_family_t(AF_INET)

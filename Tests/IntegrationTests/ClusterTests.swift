@@ -143,6 +143,36 @@ final class ClusterTests: XCTestCase {
         XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains("\(fourth.subnet.address)-24"))
     }
 
+    /// `up --replace` in cluster mode: the new daemon keeps the old one's lease (the same key on the same etcd
+    /// lease, renewed by the new daemon), follows the registry, and `down` afterwards releases it.
+    func testReplaceKeepsTheLease() throws {
+        let a = try makeNode(1)
+        let b = try makeNode(2)
+        try waitFor("pods reach each other", timeout: 5) { pings(a, b) && pings(b, a) }
+        let key = "/coreos.com/network/subnets/\(a.subnet.address)-\(a.subnet.prefixLength)"
+        func etcdLease() throws -> Int {
+            let json = try JSONSerialization.jsonObject(with: Data(try etcdctl(["get", key, "-w", "json"]).utf8)) as? [String: Any]
+            return try XCTUnwrap((json?["kvs"] as? [[String: Any]])?.first?["lease"] as? Int, "\(json ?? [:])")
+        }
+        let lease = try etcdLease()
+        let old = try XCTUnwrap(try daemonJSON(fu(a.ns, ["status", "--json"]))["pid"] as? Int)
+        let r = fu(a.ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-1.env",
+                          "--detach", "--replace"])
+        XCTAssertEqual(r.status, 0, r.description)
+        let status = try daemonJSON(fu(a.ns, ["status", "--json"]))
+        XCTAssertNotEqual(status["pid"] as? Int, old)
+        XCTAssertEqual((status["lease"] as? [String: Any])?["subnet"] as? String, a.subnet.description)
+        XCTAssertEqual(try etcdLease(), lease, "the same etcd lease")
+        XCTAssertTrue(pings(a, b) && pings(b, a))
+        XCTAssertTrue(try peerSubnets(a).contains(b.subnet.description))
+        // The new daemon follows the registry.
+        try etcdctl(["put", "/coreos.com/network/subnets/10.244.201.0-24", #"{"PublicIP":"192.168.77.201","PublicIPv6":null}"#])
+        try waitFor("the new daemon sees a new lease", timeout: 3) { try peerSubnets(a).contains("10.244.201.0/24") }
+        XCTAssertEqual(fu(a.ns, ["down"]).status, 0)
+        XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains(key),
+                       "down after a replacement releases the lease")
+    }
+
     func testTenNodesStartedAtOnceGetDistinctSubnets() throws {
         // A /20 of /24s leaves 15 free subnets (flannel's SubnetMin skips the first): the ten race for few.
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/20","SubnetLen":24,"Backend":{"Type":"udp"}}"#])

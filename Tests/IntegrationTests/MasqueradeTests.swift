@@ -82,6 +82,13 @@ final class MasqueradeTests: XCTestCase {
         XCTAssertTrue(table.stdout.contains("masquerade: \(backend) "), table.stdout)
         XCTAssertNil(try daemonJSON(fu(b, ["status", "--json"]))["masquerade"], "node B has no --ip-masq")
 
+        // up --replace: the rules stay, and the new daemon keeps them in place (below) and removes them on down.
+        let old = try daemonJSON(fu(a, ["status", "--json"]))["pid"] as? Int
+        start(a, ["--ip-masq", "--masq-backend", backend, "--masq-resync", "1", "--log-file", log, "--replace"])
+        XCTAssertNotEqual(try daemonJSON(fu(a, ["status", "--json"]))["pid"] as? Int, old)
+        XCTAssertTrue(probe(from: a.pod, to: outside, address: "192.168.77.99", expect: a.underlay),
+                      "pod A -> outside after the replacement")
+
         // Someone deletes our rules: back within the resync period (1 s; 5 s allowed for a loaded machine), logged.
         switch backend {
         case "iptables":

@@ -165,6 +165,18 @@ int fu_peer_credentials(int fd, pid_t *pid, uid_t *uid);
 /// accept4(fd, NULL, NULL, SOCK_CLOEXEC): accept4 needs _GNU_SOURCE.
 int fu_accept_cloexec(int fd);
 
+/// Handing descriptors to another process over a unix socket (SCM_RIGHTS, `up --replace`): the cmsg macros are
+/// not importable. At most FU_MAX_PASSED_FDS descriptors.
+enum { FU_MAX_PASSED_FDS = 200 };
+
+/// sendmsg(sock) of `len` bytes from `buf` with `count` descriptors attached; MSG_NOSIGNAL. Returns bytes sent.
+long fu_send_with_fds(int sock, const void *buf, unsigned long len, const int *fds, int count);
+
+/// recvmsg(sock) into `buf` with MSG_CMSG_CLOEXEC; descriptors that came along are stored in `fds` (room for
+/// FU_MAX_PASSED_FDS) and counted in `*count`. Returns bytes received. A truncated control message (MSG_CTRUNC:
+/// more descriptors than room) is EMSGSIZE, the descriptors that did arrive closed.
+long fu_recv_with_fds(int sock, void *buf, unsigned long len, int *fds, int *count);
+
 // ---- pidfd ------------------------------------------------------------------------------------------------
 
 /// pidfd_open(pid, 0) with PIDFD_NONBLOCK unset: a descriptor that names one process for as long as it is open,

@@ -16,6 +16,12 @@ public enum ControlRequest: Codable, Equatable, Sendable {
     case reloadPeers
     /// Stop the daemon; with `keepLease` an etcd lease is left in the registry (it expires by itself).
     case shutdown(keepLease: Bool)
+    /// `up --replace`, from the replacing daemon: pause self-healing and answer with what it needs (`.handover`).
+    case handoverBegin(version: Int)
+    /// The replacing daemon forwards: let go of the data plane and exit without tearing anything down.
+    case handoverCommit(token: String)
+    /// The replacing daemon gave up: carry on as before.
+    case handoverAbort(token: String)
 }
 
 /// One route as the daemon reports it.
@@ -166,6 +172,8 @@ public enum ControlResponse: Codable, Equatable, Sendable {
     case status(DaemonStatus)
     case routes([RouteInfo])
     case error(String)
+    /// The answer to `handoverBegin` (Node/Handover.swift).
+    case handover(HandoverState)
 }
 
 extension ControlProtocol {

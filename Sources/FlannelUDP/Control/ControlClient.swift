@@ -37,6 +37,8 @@ public enum ControlClient {
     public struct Answer: Sendable {
         public let response: ControlResponse
         public let daemon: DaemonIdentity?
+        /// Descriptors the daemon passed along (`acceptingDescriptors` only): the caller's to close.
+        public var descriptors: [Int32] = []
     }
 
     /// Sends one request to the daemon of `paths.device` and returns its response.
@@ -46,8 +48,10 @@ public enum ControlClient {
     }
 
     /// Sends one request to the verified daemon of `paths.device`; the answer says who answered.
-    public static func exchange(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5)
-        throws(Failure) -> Answer {
+    ///
+    /// `acceptingDescriptors`: keep descriptors the daemon passes along (a handover's); otherwise any are closed.
+    public static func exchange(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5,
+                                acceptingDescriptors: Bool = false) throws(Failure) -> Answer {
         let asRoot = geteuid() == 0
         do { try SecureDirectory.check(paths.stateDirectory) } catch {
             switch error.errno {
@@ -57,67 +61,80 @@ public enum ControlClient {
             }
         }
         let path = paths.controlSocket
-        let fd = try system { () throws(SystemError) in
-            try syscall("create control socket", path) {
+        let fd: Int32
+        do {
+            fd = try syscall("create control socket", path) {
                 socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
             }
-        }
+        } catch { throw .system(error) }
         defer { _ = close(fd) }
-        let rc = try system { () throws(SystemError) in
+        let daemon: DaemonIdentity?
+        do {
             try UnixSocket.setTimeouts(fd, seconds: timeoutSeconds, what: path)
-            return try UnixSocket.withAddress(path) { connect(fd, $0, $1) }
-        }
-        if rc != 0 {
-            let e = SystemError.current("connect to control socket", path)
-            if e.errno == ECONNREFUSED || e.errno == ENOENT { throw .notRunning(paths.device) }
-            if e.errno == EACCES || e.errno == EPERM { throw .permissionDenied(e.description) }
+            let rc = try UnixSocket.withAddress(path) { connect(fd, $0, $1) }
+            if rc != 0 {
+                let e = SystemError.current("connect to control socket", path)
+                if e.errno == ECONNREFUSED || e.errno == ENOENT { throw Failure.notRunning(paths.device) }
+                if e.errno == EACCES || e.errno == EPERM { throw Failure.permissionDenied(e.description) }
+                throw Failure.system(e)
+            }
+            daemon = try verifyPeer(fd, paths: paths, asRoot: asRoot)
+        } catch let e as Failure {
+            throw e
+        } catch let e as SystemError {
             throw .system(e)
+        } catch {
+            throw .badResponse("\(error)")
         }
-        let daemon = try verifyPeer(fd, paths: paths, asRoot: asRoot)
 
-        let line = try system { () throws(SystemError) in
-            do throws(SystemError) {
-                try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(request), what: path)
-            } catch {
+        do {
+            do { try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(request), what: path) } catch {
                 // The daemon refuses a client it will not serve without reading its request and closes: the write
                 // can then fail with EPIPE (or ECONNRESET) while the refusal is waiting to be read.
                 guard error.errno == EPIPE || error.errno == ECONNRESET else { throw error }
             }
-            return try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path)
-        }
-        switch line {
-        case .tooLong: throw .badResponse("too long")
-        case .line(let bytes), .eof(let bytes):
-            if bytes.isEmpty { throw .badResponse("daemon closed the connection without answering") }
-            do { return Answer(response: try ControlProtocol.decode(ControlResponse.self, from: bytes), daemon: daemon) } catch {
-                throw .badResponse("\(error)")
+            var passed: [Int32] = []
+            var kept = false
+            defer { if !kept { passed.forEach { _ = close($0) } } }
+            let outcome = try UnixSocket.readLine(fd, limit: 16 * 1024 * 1024, what: path,
+                                                  descriptors: { passed.append($0) })
+            switch outcome {
+            case .tooLong: throw Failure.badResponse("too long")
+            case .line(let bytes), .eof(let bytes):
+                if bytes.isEmpty { throw Failure.badResponse("daemon closed the connection without answering") }
+                do {
+                    let response = try ControlProtocol.decode(ControlResponse.self, from: bytes)
+                    kept = acceptingDescriptors
+                    return Answer(response: response, daemon: daemon, descriptors: kept ? passed : [])
+                } catch {
+                    throw Failure.badResponse("\(error)")
+                }
             }
+        } catch let e as SystemError {
+            throw .system(e)
+        } catch let e as Failure {
+            throw e
+        } catch {
+            throw .badResponse("\(error)")
         }
-    }
-
-    /// Runs a request to the OS and turns its `SystemError` into `.system`, the one conversion.
-    private static func system<T>(_ body: () throws(SystemError) -> T) throws(Failure) -> T {
-        do { return try body() } catch { throw .system(error) }
     }
 
     /// The listener must be root; for a root caller, also the process the state file names, started at the
     /// recorded time.
-    private static func verifyPeer(_ fd: Int32, paths: RuntimePaths, asRoot: Bool) throws(Failure) -> DaemonIdentity? {
-        let peer = try system { () throws(SystemError) in
-            try UnixSocket.peerCredentials(fd, what: paths.controlSocket)
-        }
+    private static func verifyPeer(_ fd: Int32, paths: RuntimePaths, asRoot: Bool) throws -> DaemonIdentity? {
+        let peer = try UnixSocket.peerCredentials(fd, what: paths.controlSocket)
         guard peer.uid == 0 else {
-            throw .untrusted("\(paths.controlSocket) is held by uid \(peer.uid) (pid \(peer.pid)), not root")
+            throw Failure.untrusted("\(paths.controlSocket) is held by uid \(peer.uid) (pid \(peer.pid)), not root")
         }
         guard asRoot else { return nil }
         guard let state = DaemonState.load(path: paths.stateFile) else {
-            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but there is no readable state file \(paths.stateFile)")
+            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but there is no readable state file \(paths.stateFile)")
         }
         guard state.pid == peer.pid else {
-            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but \(paths.stateFile) names pid \(state.pid)")
+            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but \(paths.stateFile) names pid \(state.pid)")
         }
         guard peer.pid > 1, let ticks = DaemonState.startTicks(of: peer.pid), ticks == state.startTicks else {
-            throw .untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but it is not the process that started at the time \(paths.stateFile) records")
+            throw Failure.untrusted("pid \(peer.pid) answers on \(paths.controlSocket), but it is not the process that started at the time \(paths.stateFile) records")
         }
         return DaemonIdentity(pid: peer.pid, startTicks: ticks)
     }

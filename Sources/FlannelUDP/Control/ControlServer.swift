@@ -9,6 +9,15 @@ import Glibc
 /// Answers control requests. Calls are serialized (one request at a time), from any of the serving threads.
 public protocol ControlHandler: AnyObject, Sendable {
     func handle(_ request: ControlRequest) -> ControlResponse
+    /// The same, knowing the client's pid (SO_PEERCRED, root's). By default the pid is not looked at.
+    func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse
+    /// Descriptors to pass along with `response` (SCM_RIGHTS; the handler keeps its own). By default none.
+    func descriptors(for response: ControlResponse) -> [Int32]
+}
+
+extension ControlHandler {
+    public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse { handle(request) }
+    public func descriptors(for response: ControlResponse) -> [Int32] { [] }
 }
 
 /// The daemon's control endpoint: a pathname unix socket in the root-only state directory (see `RuntimePaths`).
@@ -30,12 +39,13 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
     public static let maxPending = 64
     static let refusal = "permission denied: only root may control flannel-udp"
 
-    public let path: String
+    /// Where the socket is bound; changes only with `move(to:)`, before `start`.
+    public private(set) var path: String
     private let listenFD: Int32
     private let wake: WakePipe
     private let logger: Logger
     private let queue = NSCondition()
-    private var pending: [Int32] = []
+    private var pending: [(fd: Int32, pid: pid_t)] = []
     private var stopping = false
     private var threads: [Thread] = []
     private let finished = DispatchGroup()
@@ -91,8 +101,17 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
         }
     }
 
-    /// Stops every thread (if started), closes the socket and removes its name. Safe to call more than once.
-    public func stop() {
+    /// Renames the bound socket to `newPath` (rename(2): atomic, replacing whatever socket is there, in the same
+    /// directory): a replacing daemon's endpoint takes the place of the old one's without a moment in which the
+    /// name is missing.
+    public func move(to newPath: String) throws(SystemError) {
+        try syscall("rename control socket \(path) to", newPath) { rename(path, newPath) }
+        path = newPath
+    }
+
+    /// Stops every thread (if started), closes the socket and removes its name (unless `removingName` is false:
+    /// a daemon that handed over leaves the name, which is its successor's now). Safe to call more than once.
+    public func stop(removingName: Bool = true) {
         wake.wake()
         queue.lock()
         stopping = true
@@ -103,12 +122,16 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             threads = []
         }
         queue.lock()
-        for fd in pending { _ = close(fd) }
+        for client in pending { _ = close(client.fd) }
         pending = []
         let first = !closed
         closed = true
         queue.unlock()
         guard first else { return }
+        if !removingName {
+            _ = close(listenFD)
+            return
+        }
         // Unlink before closing: a client that connects in between gets ECONNREFUSED from the closed socket
         // or ENOENT, both "not running".
         if unlink(path) != 0 && errno != ENOENT {
@@ -173,7 +196,7 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             _ = close(fd)
             return
         }
-        pending.append(fd)
+        pending.append((fd, peer.pid))
         queue.signal()
         queue.unlock()
     }
@@ -191,14 +214,14 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
                 queue.unlock()
                 return
             }
-            let fd = pending.removeFirst()
+            let client = pending.removeFirst()
             queue.unlock()
-            serveClient(fd, handler: handler)
-            _ = close(fd)
+            serveClient(client.fd, pid: client.pid, handler: handler)
+            _ = close(client.fd)
         }
     }
 
-    private func serveClient(_ fd: Int32, handler: ControlHandler) {
+    private func serveClient(_ fd: Int32, pid: pid_t, handler: ControlHandler) {
         let what = "control client"
         let response: ControlResponse
         do {
@@ -211,7 +234,7 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
                 return
             case .line(let bytes), .eof(let bytes):
                 if let request = try? ControlProtocol.decode(ControlRequest.self, from: bytes) {
-                    response = handlerTurn.withLock { _ in handler.handle(request) }
+                    response = handlerTurn.withLock { _ in handler.handle(request, from: pid) }
                 } else {
                     response = .error("malformed request (expected one JSON object per line)")
                 }
@@ -221,7 +244,8 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             return
         }
         do {
-            try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what)
+            try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what,
+                                    descriptors: handler.descriptors(for: response))
         } catch {
             logger.debug("control: \(error)")
         }

@@ -45,9 +45,21 @@ enum UnixSocket {
         try syscall("set SO_SNDTIMEO on", what) { setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size)) }
     }
 
-    /// Writes all of `bytes`, retrying short writes and EINTR.
-    static func writeAll(_ fd: Int32, _ bytes: [UInt8], what: String) throws(SystemError) {
+    /// Writes all of `bytes`, retrying short writes and EINTR; `descriptors` go along with the first byte
+    /// (SCM_RIGHTS).
+    static func writeAll(_ fd: Int32, _ bytes: [UInt8], what: String, descriptors: [Int32] = []) throws(SystemError) {
         var off = 0
+        if !descriptors.isEmpty {
+            while true {
+                let n = bytes.withUnsafeBytes { fu_send_with_fds(fd, $0.baseAddress!, UInt($0.count), descriptors, Int32(descriptors.count)) }
+                if n < 0 {
+                    if errno == EINTR { continue }
+                    throw SystemError.current("pass descriptors to", what)
+                }
+                off = n
+                break
+            }
+        }
         while off < bytes.count {
             let n = bytes.withUnsafeBytes { buf in
                 send(fd, buf.baseAddress! + off, buf.count - off, Int32(MSG_NOSIGNAL))
@@ -71,8 +83,11 @@ enum UnixSocket {
     /// With `timeoutSeconds` the whole line must arrive within that time (ETIMEDOUT otherwise). SO_RCVTIMEO alone
     /// bounds each recv, not the request: a client trickling one byte per second would hold the (single) control
     /// thread for as long as it likes, and every other client with it.
-    static func readLine(_ fd: Int32, limit: Int, what: String, timeoutSeconds: Int? = nil) throws(SystemError)
-        -> ReadOutcome {
+    ///
+    /// With `descriptors`, descriptors passed along (SCM_RIGHTS) are received too and handed to it, each once (the
+    /// caller owns and must close them); without, the kernel discards any.
+    static func readLine(_ fd: Int32, limit: Int, what: String, timeoutSeconds: Int? = nil,
+                         descriptors: ((Int32) -> Void)? = nil) throws(SystemError) -> ReadOutcome {
         var data: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 4096)
         let deadline = timeoutSeconds.map { MonotonicClock.milliseconds() + Int64($0) * 1000 }
@@ -88,7 +103,13 @@ enum UnixSocket {
                 }
                 if r == 0 { throw SystemError("read from", what, errno: ETIMEDOUT) }
             }
-            let n = chunk.withUnsafeMutableBytes { recv(fd, $0.baseAddress!, $0.count, 0) }
+            var passed = [Int32](repeating: -1, count: Int(FU_MAX_PASSED_FDS))
+            var count: Int32 = 0
+            let n = chunk.withUnsafeMutableBytes { buffer in
+                descriptors == nil ? recv(fd, buffer.baseAddress!, buffer.count, 0)
+                    : fu_recv_with_fds(fd, buffer.baseAddress!, UInt(buffer.count), &passed, &count)
+            }
+            for k in 0..<Int(count) { descriptors?(passed[k]) }
             if n < 0 {
                 if errno == EINTR { continue }
                 throw SystemError.current("read from", what)

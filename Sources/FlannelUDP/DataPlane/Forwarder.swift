@@ -175,6 +175,9 @@ public final class Forwarder: @unchecked Sendable {
         try syscall("install the wake signal of", "the forwarding threads") { fu_install_wake_signal() }
         for fd in tunFDs { try Forwarder.clearNonBlocking(fd, tunName) }
         for socket in sockets { try Forwarder.clearNonBlocking(socket.fd, "UDP socket \(socket.localEndpoint)") }
+        // Sized before any thread exists: a worker that fails at once marks itself exited (runWorker) before this
+        // loop has recorded its thread.
+        state.withLock { $0.exited = Array(repeating: false, count: workers.count) }
         for (index, worker) in workers.enumerated() {
             let context = ThreadContext(worker: worker, index: index, forwarder: self)
             var tid = pthread_t()
@@ -189,10 +192,7 @@ public final class Forwarder: @unchecked Sendable {
                 stop()
                 throw SystemError("start forwarding thread", worker.threadName, errno: rc)
             }
-            state.withLock {
-                $0.threads.append(tid)
-                $0.exited.append(false)
-            }
+            state.withLock { $0.threads.append(tid) }
         }
         logger.info("forwarding between \(tunName) and \(sockets[0].localEndpoint)",
                     metadata: ["batch": "\(options.batchSize)", "workers": "\(pairs.count)",

@@ -57,15 +57,7 @@ public final class UDPSocket: @unchecked Sendable {
                     }
                 }
             }
-            var bound = sockaddr_in()
-            var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-            try syscall("getsockname", "\(endpoint)") {
-                withUnsafeMutablePointer(to: &bound) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
-                }
-            }
-            localEndpoint = Endpoint(address: IPv4Address(networkOrder: bound.sin_addr.s_addr),
-                                     port: UInt16(bigEndian: bound.sin_port))
+            localEndpoint = try UDPSocket.boundEndpoint(fd, what: "\(endpoint)")
             receiveBufferSize = UDPSocket.getInt(fd, SO_RCVBUF)
             sendBufferSize = UDPSocket.getInt(fd, SO_SNDBUF)
         } catch {
@@ -92,26 +84,75 @@ public final class UDPSocket: @unchecked Sendable {
         let probe = try UDPSocket(bind: endpoint, bufferSize: 0)
         let free = probe.localEndpoint
         probe.close()
+        return try join(free, count: count, bufferSize: bufferSize, steering: count > 1)
+    }
+
+    /// Opens `count` sockets on `endpoint` with SO_REUSEPORT, joining whatever reuseport group is bound there
+    /// (no check that the port is free: `up --replace` with more workers adds sockets to the group it took
+    /// over), and with `steering` attaches `FlowSteering`'s program for them (see `steer`).
+    public static func join(_ endpoint: Endpoint, count: Int, bufferSize: Int = UDPSocket.defaultBufferSize,
+                            steering: Bool) throws(SystemError) -> [UDPSocket] {
         var sockets: [UDPSocket] = []
         do throws(SystemError) {
-            sockets.append(try UDPSocket(bind: free, bufferSize: bufferSize, reusePort: true))
+            sockets.append(try UDPSocket(bind: endpoint, bufferSize: bufferSize, reusePort: true))
             let bound = sockets[0].localEndpoint
             while sockets.count < count {
                 sockets.append(try UDPSocket(bind: bound, bufferSize: bufferSize, reusePort: true))
             }
-            if count > 1 {
-                let program = FlowSteering.program(workers: count)
-                try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(bound)") {
-                    program.withUnsafeBufferPointer {
-                        fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
-                    }
-                }
-            }
+            if steering { try steer(sockets) }
         } catch {
             for s in sockets { s.close() }
             throw error
         }
         return sockets
+    }
+
+    /// Attaches `FlowSteering`'s program for `sockets.count` sockets to the reuseport group of `sockets` (the
+    /// program is the group's, whichever member it is attached through, and atomically replaces the one before):
+    /// the flows spread over the group's first `sockets.count` indices, which must be these sockets. Sockets
+    /// joined later get nothing until the program is attached again for them (`up --replace` with more workers);
+    /// an index past the group (sockets closed) falls back to the kernel's hash.
+    public static func steer(_ sockets: [UDPSocket]) throws(SystemError) {
+        let program = FlowSteering.program(workers: sockets.count)
+        try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(sockets[0].localEndpoint)") {
+            program.withUnsafeBufferPointer {
+                fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))
+            }
+        }
+    }
+
+    /// Takes over a bound IPv4 UDP socket (a running daemon's, passed to a replacing one): checked to be one,
+    /// bound to `endpoint`; this object owns and closes it from now on (also when the check fails).
+    public init(adopting fd: Int32, expecting endpoint: Endpoint) throws(SystemError) {
+        do throws(SystemError) {
+            var type: Int32 = 0
+            var len = socklen_t(MemoryLayout<Int32>.size)
+            try syscall("inspect passed socket for", "\(endpoint)") { getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) }
+            guard type == Int32(SOCK_DGRAM.rawValue) else { throw SystemError("use passed socket for", "\(endpoint) (not UDP)", errno: EINVAL) }
+            let bound = try UDPSocket.boundEndpoint(fd, what: "passed socket")
+            guard bound == endpoint else {
+                throw SystemError("use passed socket for", "\(endpoint) (it is bound to \(bound))", errno: EINVAL)
+            }
+            localEndpoint = bound
+        } catch {
+            _ = Glibc.close(fd)
+            throw error
+        }
+        self.fd = fd
+        receiveBufferSize = UDPSocket.getInt(fd, SO_RCVBUF)
+        sendBufferSize = UDPSocket.getInt(fd, SO_SNDBUF)
+    }
+
+    private static func boundEndpoint(_ fd: Int32, what: String) throws(SystemError) -> Endpoint {
+        var bound = sockaddr_in()
+        var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+        try syscall("getsockname", what) {
+            withUnsafeMutablePointer(to: &bound) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &len) }
+            }
+        }
+        guard bound.sin_family == sa_family_t(AF_INET) else { throw SystemError("use socket", "\(what) (not IPv4)", errno: EAFNOSUPPORT) }
+        return Endpoint(address: IPv4Address(networkOrder: bound.sin_addr.s_addr), port: UInt16(bigEndian: bound.sin_port))
     }
 
     private static func setBuffer(_ fd: Int32, force: Int32, plain: Int32, size: Int) {

@@ -73,6 +73,29 @@ public final class TunDevice: @unchecked Sendable {
         self.vnetHeader = vnetHeader
     }
 
+    /// Takes over queue descriptors of the device `name` (a running daemon's, passed to a replacing one; or
+    /// queues attached by `attachQueues`): this object owns and closes them from now on. `vnetHeader` must be the
+    /// device's flag.
+    public init(adopting fds: [Int32], name: String, vnetHeader: Bool) {
+        precondition(!fds.isEmpty)
+        queueFDs = fds
+        self.name = name
+        self.vnetHeader = vnetHeader
+    }
+
+    /// Attaches `count` more queues to the existing multi-queue device `name` (TUNSETIFF with the same name and
+    /// flags: `vnetHeader` must be the device's); the caller owns the descriptors.
+    public static func attachQueues(name: String, vnetHeader: Bool, count: Int) throws(SystemError) -> [Int32] {
+        if count == 0 { return [] }
+        return try TunDevice(name: name, vnetHeader: vnetHeader, queues: count).release()
+    }
+
+    /// Gives up the descriptors without closing them.
+    private func release() -> [Int32] {
+        closed = true
+        return queueFDs
+    }
+
     /// Switches every queue's descriptor between blocking and non-blocking mode.
     public func setNonBlocking(_ on: Bool) throws(SystemError) {
         for fd in queueFDs {

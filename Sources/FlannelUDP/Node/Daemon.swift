@@ -40,20 +40,20 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     public static let version = "0.1.0"
 
-    private let config: NodeConfig
+    let config: NodeConfig
     /// Where the network, our subnet and the peers come from (the command line or etcd); internal: the service
     /// hooks read its health (Service/DaemonService.swift).
     let source: any PeerSource
     /// The network, our subnet and the port: from the command line at once, from a registry once it answers.
-    private var membership: Membership?
-    private let keepLease = Mutex(false)
-    private let logger: Logger
-    private let paths: RuntimePaths
+    var membership: Membership?
+    let keepLease = Mutex(false)
+    let logger: Logger
+    let paths: RuntimePaths
     private let startedAt = Date()
-    private var plan: NodeSetup.Plan?
+    var plan: NodeSetup.Plan?
     private let table = RouteTable()
     /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
-    private lazy var store: RouteStore = {
+    lazy var store: RouteStore = {
         guard let plan else { preconditionFailure("the peer table's rules need the plan") }
         return RouteStore(publisher: table, rules: PeerRouteRules(
             network: plan.membership.network, ownSubnet: plan.membership.subnet, publicIP: plan.publicIP,
@@ -61,14 +61,21 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }()
     private let counters = DataPlaneCounters()
     var forwarder: Forwarder?
-    private var masquerade: MasqueradeResync?
-    private var nodeGuard: NodeGuard?
+    var masquerade: MasqueradeResync?
+    var nodeGuard: NodeGuard?
     let fatalError = Mutex<String?>(nil)
     /// sd_notify, watchdog and the health/metrics endpoint (Service/); set before `run`.
     public var observer: DaemonObserver?
     /// False until start-up is complete: control requests other than status and shutdown are refused till then,
     /// and status reads nothing that start-up is still writing.
     private let running = Mutex(false)
+    /// `up --replace`: take over from a daemon running for the device (Handover.swift), else start as `up` does.
+    public var replace = false
+    /// The tun queues and sockets the forwarder runs on, and the device as installed (a handover needs them).
+    var dataPlane: (tun: TunDevice, sockets: [UDPSocket])?
+    var overlay: OverlayDevice?
+    /// Where a handover to a replacing daemon stands.
+    let outgoing = OutgoingHandover()
 
     /// The peer source is the one `config.source` names (`NodeConfig.peerSource`).
     public convenience init(config: NodeConfig, logger: Logger) {
@@ -129,12 +136,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let instance: DaemonInstance
         do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
             switch error {
+            case .alreadyRunning where replace:
+                try runReplacing(readiness: readiness, fileRoutes: fileRoutes)
+                return
             case .alreadyRunning(let pid):
                 throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
             case .system(let e): throw .system(e)
             }
         }
-        defer { instance.release() }
+        defer { instance.release(handingOver: outgoing.handedOver) }
         // Where we will write, checked while nothing has changed yet.
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         instance.control.start(handler: self)
@@ -142,8 +152,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let setup = try Failure.system(try NodeSetup(logger: logger))
         defer {
             // Reached on every way out, a failed start included: give the lease back (unless
-            // `down --keep-lease`) and close the registry's client (which must always be shut down).
-            source.leave(keep: keepLease.withLock { $0 })
+            // `down --keep-lease`, or handed over) and close the registry's client (which must always be shut down).
+            source.leave(keep: keepLease.withLock { $0 } || outgoing.handedOver)
         }
         let underlay = try setup.resolveUnderlay(config.underlay)
         let joined = try source.join(underlay: underlay.address, publicIP: config.publicIP ?? underlay.address,
@@ -166,6 +176,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let tun: TunDevice
         tun = try setup.bringUp(plan)
         masquerade = setup.masquerade
+        overlay = setup.installed
+        dataPlane = (tun, sockets)
         // Recorded as soon as the subnet file is written, so that `down` after a SIGKILL from here on knows
         // what this daemon wrote and may remove.
         instance.record(state(plan: plan))
@@ -174,22 +186,37 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             // First, so that teardown's own changes are not taken for damage and put back.
             nodeGuard?.stop()
             if forwarderStarted { forwarder?.stop() }
-            setup.tearDown()
+            // Handed over: everything stays, the successor's now.
+            if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
 
         do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
+        try startGuard(setup)
+        forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
+        try start(forwarder)
+        forwarderStarted = true
+        nodeGuard?.start()
+
+        watchPeers()
+        serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
+        try throwIfFailed()
+    }
+
+    /// Creates (does not start) the self-healing guard of the device `setup` installed or adopted.
+    func startGuard(_ setup: NodeSetup) throws(Failure) {
         if let installed = setup.installed {
             do {
                 nodeGuard = try NodeGuard(device: installed, logger: logger,
                                           onDeviceGone: { [weak self] reason in self?.fail(reason) })
             } catch { throw .failed("start self-healing: \(error)") }
         }
+    }
 
-        let fwd: Forwarder
+    func makeForwarder(tun: TunDevice, sockets: [UDPSocket], membership joined: Membership) throws(Failure) -> Forwarder {
         do {
-            fwd = try Forwarder(tun: tun, sockets: sockets, table: table,
+            return try Forwarder(tun: tun, sockets: sockets, table: table,
                                 config: ForwardingConfig(network: joined.network, subnet: joined.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
@@ -199,23 +226,29 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                     // A deleted device fails the tun reads too; say so rather than only the errno.
                                     self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")
                                 })
-            try fwd.start()
         } catch {
             throw .failed("start forwarder: \(error)")
         }
-        forwarder = fwd
-        forwarderStarted = true
-        nodeGuard?.start()
+    }
 
-        watchPeers()
+    func start(_ forwarder: Forwarder?) throws(Failure) {
+        do { try forwarder?.start() } catch { throw .failed("start forwarder: \(error)") }
+    }
+
+    /// Up: reports readiness, then runs until a signal.
+    func serve(readiness: Readiness, setup: NodeSetup, plan: NodeSetup.Plan, fileRoutes: Int) {
         running.withLock { $0 = true }
-        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(joined.subnet) in \(joined.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes.count) peer route(s) from file")
+        logger.info("flannel-udp \(Daemon.version) up: \(config.device) \(plan.membership.subnet) in \(plan.membership.network), listening on \(plan.listen), mtu \(plan.mtu), \(fileRoutes) peer route(s) from file")
         reportReadiness(readiness.ready())
         setup.started()
         observer?.daemonReady(self)
 
         waitForSignals()
         observer?.daemonStopping(self)
+    }
+
+    /// After a run: the fatal error that ended it, if one did.
+    func throwIfFailed() throws(Failure) {
         if let message = fatalError.withLock({ $0 }) {
             throw .failed(message)
         }
@@ -225,7 +258,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Applies every change of the source's peer set to the peer table until the daemon stops; stops the daemon
     /// if the source says our subnet is lost (as flanneld does). A peer the rules refuse is logged once.
-    private func watchPeers() {
+    func watchPeers() {
         let store = self.store
         let logger = self.logger
         let filter = RegistryRouteFilter()
@@ -239,6 +272,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
     private func fail(_ message: String) {
+        // Handing over: our queues and sockets go away on purpose.
+        if outgoing.leaving { return }
         let repeated = fatalError.withLock { fatalError -> Bool in
             if fatalError == nil { fatalError = message; return false }
             return fatalError == message
@@ -270,7 +305,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     /// What the state file records: pid and start time first (clients verify who answers with them); network,
     /// subnet and the subnet file's contents once the plan is made (from etcd they are not known at first).
-    private func state(plan: NodeSetup.Plan?) -> DaemonState {
+    func state(plan: NodeSetup.Plan?) -> DaemonState {
         return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
                            device: config.device, network: membership?.network.description ?? "",
                            subnet: membership?.subnet.description ?? "", subnetFile: config.subnetFile,
@@ -280,9 +315,21 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     // MARK: - control requests
 
+    public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
+        switch request {
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            if !running.withLock({ $0 }) { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+            return handleHandover(request, from: pid)
+        default:
+            return handle(request)
+        }
+    }
+
     public func handle(_ request: ControlRequest) -> ControlResponse {
         let isRunning = running.withLock { $0 }
         switch request {
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            return .error("a handover request needs its client's pid")
         case .status:
             return .status(isRunning ? status() : startingStatus())
         case .shutdown:
@@ -316,6 +363,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             }
         case .reloadPeers:
             return reloadPeers()
+        case .handoverBegin, .handoverCommit, .handoverAbort:
+            return .error("a handover request needs its client's pid")
         case .shutdown(let keep):
             keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
@@ -349,7 +398,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
-    private func routeInfos() -> [RouteInfo] {
+    func routeInfos() -> [RouteInfo] {
         let snapshot = table.snapshot()
         return store.entries().map { entry in
             var info = RouteInfo(subnet: entry.route.subnet.description, endpoint: entry.route.endpoint.description,

@@ -19,7 +19,8 @@ final class DaemonInstance {
 
     let paths: RuntimePaths
     let control: ControlServer
-    private let lock: DaemonLock
+    /// Nil while a replacing daemon waits for the one it replaces (`init(replacing:)`, `takeOver`).
+    private var lock: DaemonLock?
     private let logger: Logger
     private var released = false
 
@@ -41,19 +42,70 @@ final class DaemonInstance {
         }
     }
 
+    /// A replacing daemon's instance (`up --replace`): the old daemon holds the lock, the state file and the
+    /// control socket's name, so this binds its endpoint under a temporary name in the same directory and takes
+    /// everything over in `takeOver` once the old one has let go.
+    init(replacing paths: RuntimePaths, logger: Logger) throws(Failure) {
+        self.paths = paths
+        self.logger = logger
+        do {
+            try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700)
+            DaemonInstance.removeDeadReplacementSockets(paths)
+            control = try ControlServer(path: paths.controlSocket + ".\(getpid())", logger: logger)
+        } catch { throw .system(error) }
+        lock = nil
+    }
+
+    /// Temporary endpoints (`<device>.sock.<pid>`) of replacing daemons that were killed before they took over.
+    static func removeDeadReplacementSockets(_ paths: RuntimePaths) {
+        let prefix = "\(paths.device).sock."
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: paths.stateDirectory)) ?? []
+        where name.hasPrefix(prefix) {
+            guard let pid = Int32(name.dropFirst(prefix.count)), pid > 0, kill(pid, 0) != 0, errno == ESRCH else { continue }
+            _ = unlink("\(paths.stateDirectory)/\(name)")
+        }
+    }
+
+    /// After the old daemon committed the handover: records our state, renames our endpoint over the old one's
+    /// (clients verify the pid against the state file, so the state comes first), then takes the lock once the
+    /// old daemon has exited (it releases it last), waiting up to `timeoutMilliseconds`.
+    func takeOver(_ state: DaemonState, timeoutMilliseconds: Int64 = 30_000) throws(SystemError) {
+        try state.write(to: paths.stateFile)
+        try control.move(to: paths.controlSocket)
+        let deadline = MonotonicClock.milliseconds() + timeoutMilliseconds
+        while true {
+            if let taken = try DaemonLock.acquire(paths.lockFile) {
+                lock = taken
+                return
+            }
+            guard MonotonicClock.milliseconds() < deadline else {
+                throw SystemError("take over the lock (the old daemon did not exit)", paths.lockFile, errno: ETIMEDOUT)
+            }
+            usleep(10_000)
+        }
+    }
+
     /// Rewrites the state file (the daemon knows its network, subnet and listening address once it is up).
     func record(_ state: DaemonState) {
         do { try state.write(to: paths.stateFile) } catch { logger.warning("cannot write state file: \(error)") }
     }
 
-    func release() {
+    /// With `handingOver`, only the lock is dropped: the socket's name, the state file and the lock file are the
+    /// successor's now. Without the lock (a replacement that failed before `takeOver`) only the endpoint goes.
+    func release(handingOver: Bool = false) {
         guard !released else { return }
         released = true
+        guard let lock, !handingOver else {
+            control.stop(removingName: !handingOver)
+            lock?.release(removingFile: false)
+            return
+        }
         control.stop()
         if unlink(paths.stateFile) != 0 && errno != ENOENT {
             logger.warning("\(SystemError.current("remove state file", paths.stateFile))")
         }
         if let e = lock.release(removingFile: true) { logger.warning("\(e)") }
+        DaemonInstance.removeDeadReplacementSockets(paths)
         _ = rmdir(paths.stateDirectory)  // fails harmlessly while another device's files (or a log) are in it
     }
 

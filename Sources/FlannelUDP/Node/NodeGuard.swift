@@ -258,8 +258,10 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state in `guarde
 
     // MARK: - Thread
 
-    /// Checks once (so anything lost before the start is repaired), then watches until `stop()`.
+    /// Checks once (so anything lost before the start is repaired), then watches until `stop()`. May be started
+    /// again after `stop()` (a handover that did not happen resumes the guard).
     public func start() {
+        wake.drain()
         let t = Thread { [self] in
             run()
             finished.signal()

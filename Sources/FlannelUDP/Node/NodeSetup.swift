@@ -69,7 +69,9 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     }
 
     /// Resolves the underlay, MTU and addresses for `membership`. Changes nothing.
-    public func plan(_ config: NodeConfig, membership: Membership) throws(Failure) -> Plan {
+    /// - Parameter adopting: `up --replace`: the device (with this index) and its route are the running daemon's,
+    ///   and are to be taken over rather than refused.
+    public func plan(_ config: NodeConfig, membership: Membership, adopting: Int32? = nil) throws(Failure) -> Plan {
         if let problem = config.validate() ?? membership.validate() { throw .usage(problem) }
         let (link, underlayAddress) = try resolveUnderlay(config.underlay)
         if let problem = PeerRouteRules.checkNetwork(membership.network, underlay: underlayAddress,
@@ -79,7 +81,11 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         if link.name == config.device {
             throw .usage("iface \(link.name) is the overlay device itself; give the underlay interface")
         }
-        if try Failure.system(try netlink.link(named: config.device)) != nil {
+        let existingDevice = try Failure.system(try netlink.link(named: config.device))
+        if let adopting, existingDevice?.index != adopting {
+            throw .failed("device \(config.device) is not the one the running daemon reported (index \(adopting)); not replacing")
+        }
+        if adopting == nil, existingDevice != nil {
             throw .usage("device \(config.device) already exists; run 'flannel-udp down --device \(config.device)' or 'flannel-udp cleanup'")
         }
         let mtu = config.mtu ?? (link.mtu - NodeConfig.encapsulationOverhead)
@@ -87,7 +93,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
             throw .usage("iface \(link.name) has MTU \(link.mtu), which leaves \(mtu) for the overlay (needs \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)); give --mtu")
         }
         if let existing = try Failure.system(try netlink.routes()).first(where: { $0.destination == membership.network && $0.gateway == nil && $0.outputInterface != nil }),
-           let idx = existing.outputInterface, let other = try Failure.system(try netlink.link(index: idx)) {
+           let idx = existing.outputInterface, idx != adopting, let other = try Failure.system(try netlink.link(index: idx)) {
             throw .usage("network \(membership.network) is already routed to \(other.name); is another overlay running? ('flannel-udp cleanup --network \(membership.network)')")
         }
         return Plan(config: config, membership: membership, underlay: link, underlayAddress: underlayAddress,
@@ -120,59 +126,93 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// On any failure everything done so far is undone before the error is thrown.
     public func bringUp(_ plan: Plan) throws(Failure) -> TunDevice {
         let config = plan.config
-        do throws(Failure) {
-            let tun = try Failure.system(try createDevice(plan))
+        do {
+            step("create tun device \(config.device)")
+            // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
+            let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
+            self.tun = tun
+            undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
+            guard let link = try netlink.link(named: tun.name) else {
+                throw SystemError("look up link", tun.name, errno: ENODEV)
+            }
+            step("set mtu \(plan.mtu) dev \(tun.name)")
+            try netlink.setMTU(plan.mtu, index: link.index)
+            step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
+            try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
+            let address = InterfaceAddress(index: link.index, address: plan.membership.tunAddress, prefixLength: 32)
+            step("add address \(plan.membership.tunAddress)/32 dev \(tun.name)")
+            try netlink.addAddress(address)
+            step("set \(tun.name) up")
+            try netlink.setUp(true, index: link.index)
+            let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: link.index,
+                              scope: Route.scopeLink)
+            step("add route \(route.description(device: tun.name))")
+            try addOverlayRoute(route)
+            routeInstalled = route
+            installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
             if config.ipMasq {
-                do { try installMasquerade(plan) } catch { throw .failed("\(error)") }
+                try installMasquerade(plan)
             }
             if let path = config.subnetFile {
-                try Failure.system(try writeSubnetFile(path, plan))
+                let previous = try AtomicFile.read(path)
+                let ours = plan.subnetFileContents
+                step("write \(path)")
+                try AtomicFile.write(ours, to: path, mode: 0o644)
+                undo.append(("undo write \(path)", { [self] in
+                    NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
+                }))
             }
             return tun
-        } catch {
+        } catch let e as SystemError {
             rollback()
-            throw error
+            throw .system(e)
+        } catch {
+            rollback()  // the masquerade rules (NetfilterError)
+            throw .failed("\(error)")
         }
     }
 
-    /// The tun device, up, with its address and the overlay route.
-    private func createDevice(_ plan: Plan) throws(SystemError) -> TunDevice {
-        let config = plan.config
-        step("create tun device \(config.device)")
-        // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
-        let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
-        self.tun = tun
-        undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
-        guard let link = try netlink.link(named: tun.name) else {
-            throw SystemError("look up link", tun.name, errno: ENODEV)
+    /// `up --replace`: takes the running daemon's tun queues (`fds`, passed over the control socket; the old
+    /// daemon keeps its own descriptors of the same queues, so closing ours changes nothing while it lives) and
+    /// checks that the device is still the one with `index`. Changes nothing else.
+    public func adopt(_ plan: Plan, index: Int32, fds: [Int32], vnetHeader: Bool) throws(Failure) -> TunDevice {
+        let name = plan.config.device
+        step("take over \(fds.count) queue(s) of tun device \(name)")
+        let tun = TunDevice(adopting: fds, name: name, vnetHeader: vnetHeader)
+        guard let link = try? netlink.link(named: tun.name), link.index == index else {
+            tun.close()
+            throw .failed("tun device \(name) (index \(index)) disappeared during the replacement")
         }
-        step("set mtu \(plan.mtu) dev \(tun.name)")
-        try netlink.setMTU(plan.mtu, index: link.index)
-        step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
-        try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
-        let address = InterfaceAddress(index: link.index, address: plan.membership.tunAddress, prefixLength: 32)
-        step("add address \(plan.membership.tunAddress)/32 dev \(tun.name)")
-        try netlink.addAddress(address)
-        step("set \(tun.name) up")
-        try netlink.setUp(true, index: link.index)
-        let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: link.index,
-                          scope: Route.scopeLink)
-        step("add route \(route.description(device: tun.name))")
-        try addOverlayRoute(route)
-        routeInstalled = route
-        installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
+        self.tun = tun
+        undo.append(("close our descriptors of tun device \(name)", { tun.close(); self.tun = nil }))
         return tun
     }
 
-    /// The subnet file, the previous one kept for the undo.
-    private func writeSubnetFile(_ path: String, _ plan: Plan) throws(SystemError) {
-        let previous = try AtomicFile.read(path)
-        let ours = plan.subnetFileContents
-        step("write \(path)")
-        try AtomicFile.write(ours, to: path, mode: 0o644)
-        undo.append(("undo write \(path)", { [self] in
-            NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
-        }))
+    /// `up --replace`, once the old daemon has let go: the device, its address and route, the masquerade rules and
+    /// the subnet file are ours from now on, removed by `tearDown` as if `bringUp` had made them.
+    public func adopted(_ plan: Plan, index: Int32) throws(Failure) {
+        let config = plan.config
+        let address = InterfaceAddress(index: index, address: plan.membership.tunAddress, prefixLength: 32)
+        let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: index,
+                          scope: Route.scopeLink)
+        routeInstalled = route
+        installed = OverlayDevice(name: config.device, index: index, address: address, mtu: plan.mtu, route: route)
+        if config.ipMasq {
+            do {
+                let rules = try makeMasqueradeRules(config.masqBackend, spec: MasqueradeSpec(
+                    network: plan.membership.network, subnet: plan.membership.subnet))
+                keepMasquerade(rules, config).checkOnce()  // in place, as the old daemon left them
+            } catch {
+                throw .failed("\(error)")
+            }
+        }
+        if let path = config.subnetFile {
+            let ours = plan.subnetFileContents
+            undo.append(("undo write \(path)", { [logger] in
+                NodeSetup.undoSubnetFile(path: path, ours: ours, previous: nil, logger: logger)
+            }))
+        }
+        running = true
     }
 
     /// Installs the masquerade and forward rules (one transaction, so a failure changes nothing) and starts keeping
@@ -184,6 +224,13 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         let objects = rules.objects.joined(separator: ", ")
         step("install masquerade rules: \(rules.backend.rawValue) \(objects)")
         try rules.install()
+        keepMasquerade(rules, config)
+    }
+
+    /// Registers the rules' removal and starts the thread that keeps them in place.
+    @discardableResult
+    private func keepMasquerade(_ rules: MasqueradeRules, _ config: NodeConfig) -> MasqueradeResync {
+        let objects = rules.objects.joined(separator: ", ")
         undo.append(("remove masquerade rules: \(rules.backend.rawValue) \(objects)", { [logger] in
             do { try rules.remove() } catch { logger.warning("\(error)") }
         }))
@@ -191,6 +238,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         resync.start()
         masquerade = resync
         undo.append(("stop masquerade resync", { resync.stop(); self.masquerade = nil }))
+        return resync
     }
 
     /// Adds the overlay route. An identical route already there is fine (the contract says so); EEXIST for

@@ -56,6 +56,25 @@ public protocol PeerSource: AnyObject, Sendable {
     var lease: LeaseInfo? { get }
     /// Why the node is not healthy as far as the source goes (no lease, or one past its expiry); nil if it is.
     var unhealthyReason: String? { get }
+
+    // `up --replace` (Node/Handover.swift); a source without leases has nothing to hand over.
+
+    /// What a replacing daemon needs to keep this node's lease; nil without one.
+    var handoverLease: HandoverLease? { get }
+    /// Stops watching, keeping the lease (a handover began); `watch` may be called again if it does not happen.
+    func pauseWatch()
+    /// `join` for a replacing daemon: the membership of the node `lease` (the running daemon's) belongs to,
+    /// keeping that lease rather than taking one. `.usage` when the sources do not match (one has a lease).
+    func adopt(_ lease: HandoverLease?, underlay: IPv4Address, publicIP: IPv4Address) throws(FlannelError) -> Membership
+}
+
+extension PeerSource {
+    public var handoverLease: HandoverLease? { nil }
+    public func pauseWatch() {}
+    public func adopt(_ lease: HandoverLease?, underlay: IPv4Address, publicIP: IPv4Address) throws(FlannelError) -> Membership {
+        if lease != nil { throw .usage("the running daemon takes its subnet from etcd and this one would not") }
+        return try join(underlay: underlay, publicIP: publicIP, previous: nil)
+    }
 }
 
 /// The command line's `--network` and `--subnet` (and `--port`): membership without a registry. The peer set

@@ -93,6 +93,41 @@ public final class EtcdPeerSource: PeerSource {
         if release { logger.info("etcd: lease released") }
     }
 
+    public var handoverLease: HandoverLease? {
+        registry?.currentLease.map { HandoverLease(subnet: $0.subnet.description, etcdLeaseID: $0.etcdLeaseID) }
+    }
+
+    public func pauseWatch() {
+        let task = state.withLock { s in
+            defer { s.watch = nil }
+            return s.watch
+        }
+        task?.cancel()
+        _ = try? Blocking.run { await task?.value }
+    }
+
+    /// The network config from etcd, and the running daemon's lease checked there (our key, our public IP, that
+    /// etcd lease) and kept: renewed by us from `watch` on. Nothing is written.
+    public func adopt(_ held: HandoverLease?, underlay: IPv4Address, publicIP: IPv4Address) throws(FlannelError) -> Membership {
+        guard let held else { throw .usage("the running daemon does not use etcd and this one would") }
+        let registry: EtcdRegistry
+        do { registry = try EtcdRegistry(options: options, publicIP: publicIP, logger: logger) } catch {
+            throw .usage("etcd: \(error)")
+        }
+        state.withLock { $0.registry = registry }
+        do {
+            let subnet = try IPv4Network(parsing: held.subnet)
+            let network = try Blocking.run { try await registry.loadConfig(maxAttempts: 3) }
+            let lease = try Blocking.run {
+                try await registry.adoptLease(config: network, subnet: subnet, etcdLeaseID: held.etcdLeaseID)
+            }
+            return Membership(network: network.network, subnet: lease.subnet, port: network.port,
+                              leaseLength: network.subnetLength)
+        } catch {
+            throw .failed("etcd: \(error)")
+        }
+    }
+
     public var lease: LeaseInfo? {
         registry?.currentLease.map {
             LeaseInfo(subnet: $0.subnet.description, expires: $0.expiration, endpoints: options.endpoints)

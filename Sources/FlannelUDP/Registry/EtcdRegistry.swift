@@ -8,12 +8,15 @@ public enum EtcdRegistryError: Error, CustomStringConvertible, Sendable, Equatab
     case noLease
     /// Other nodes took every subnet we tried to create, this many times in a row.
     case contention(attempts: Int)
+    /// A lease another daemon said was ours is not (`adoptLease`).
+    case notOurs(String)
 
     public var description: String {
         switch self {
         case .noLease: return "no subnet lease has been acquired from etcd"
         case .contention(let n):
             return "gave up acquiring a subnet lease after \(n) attempts: other nodes took each chosen subnet first"
+        case .notOurs(let why): return "not taking over the lease: \(why)"
         }
     }
 }
@@ -174,6 +177,32 @@ public final class EtcdRegistry: Sendable {
     /// Records `lease` and `config` as this node's.
     private func hold(_ lease: SubnetLease, config: NetworkConfig) -> SubnetLease {
         state.withLock { $0.lease = lease; $0.config = config }
+        return lease
+    }
+
+    /// Takes over the lease another daemon of this node holds (`up --replace`): `subnet`'s key must be in the
+    /// registry, with our public IP, on the etcd lease `etcdLeaseID` (what the old daemon said is checked, not
+    /// believed). `run` then keeps that etcd lease alive; nothing is written.
+    public func adoptLease(config: NetworkConfig, subnet: IPv4Network, etcdLeaseID: Int64) async throws -> SubnetLease {
+        let (leases, raw, _) = try await listLeases()
+        guard let attributes = leases[subnet], attributes.publicIP == publicIP else {
+            throw EtcdRegistryError.notOurs("no lease of \(subnet) for \(publicIP) in the registry")
+        }
+        guard (raw[subnet]?.lease?.value ?? 0) == etcdLeaseID else {
+            throw EtcdRegistryError.notOurs("the key of \(subnet) is not on etcd lease \(String(etcdLeaseID, radix: 16))")
+        }
+        guard subnet.prefixLength == config.subnetLength, config.network.contains(subnet) else {
+            throw EtcdRegistryError.notOurs("\(subnet) does not fit the config (\(config))")
+        }
+        let ttl = etcdLeaseID == 0 ? 0 : try await client.keepAlive(etcdLeaseID)
+        if etcdLeaseID != 0 && ttl <= 0 {
+            throw EtcdRegistryError.notOurs("etcd lease \(String(etcdLeaseID, radix: 16)) expired or was revoked")
+        }
+        let lease = SubnetLease(subnet: subnet, attributes: attributes,
+                                expiration: etcdLeaseID == 0 ? .distantFuture : Date().addingTimeInterval(TimeInterval(ttl)),
+                                etcdLeaseID: etcdLeaseID)
+        state.withLock { $0.lease = lease; $0.config = config }
+        logger.info("etcd: took over lease \(subnet) (etcd lease \(String(etcdLeaseID, radix: 16))) until \(lease.expiration)")
         return lease
     }
 

@@ -25,6 +25,12 @@ public final class WakePipe: @unchecked Sendable {  // both fds are immutable; w
         _ = write(writeFD, &b, 1)
     }
 
+    /// Empties the pipe, so that a thread started again after a `wake()` does not see it at once.
+    public func drain() {
+        var buffer = [UInt8](repeating: 0, count: 64)
+        while read(readFD, &buffer, buffer.count) > 0 {}
+    }
+
     deinit {
         _ = close(readFD)
         _ = close(writeFD)

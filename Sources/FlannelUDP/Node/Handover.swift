@@ -1,0 +1,404 @@
+import Foundation
+import Synchronization
+import Logging
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `up --replace`: a new daemon takes a running node over without a packet lost (DESIGN: "Upgrading without loss").
+///
+///     new daemon                                    old daemon
+///     checks options, peers file, paths
+///     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade,
+///                                                   and passes its tun queues and sockets along (SCM_RIGHTS)
+///     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
+///     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
+///     joined to the port for more --workers), not started
+///     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
+///                                                   sockets stay open in the new daemon: nothing is detached,
+///                                                   nothing torn down), answers, exits 0, releasing the lock last
+///     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
+///     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
+///
+/// No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
+/// more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
+/// when one in the middle goes, and drops what it had already picked a vanished queue for. Taking the same
+/// descriptors over avoids all three, so no packet is lost. With fewer --workers, the surplus (the last queues
+/// and sockets, so nothing is renumbered) is closed after the switch, losing what was queued on it then.
+public struct HandoverState: Codable, Equatable, Sendable {
+    /// The protocol spoken; a daemon refuses another version.
+    public static let version = 1
+
+    public var token: String
+    public var daemonVersion: String
+    public var device: String
+    public var deviceIndex: Int32
+    public var network: String
+    public var subnet: String
+    public var publicIP: String
+    public var port: UInt16
+    public var mtu: Int
+    public var vnetHeader: Bool
+    /// The old daemon's sockets in the reuseport group (its `--workers`): the new ones join after them.
+    public var sockets: Int
+    public var subnetFile: String?
+    public var subnetFileContents: String?
+    public var routes: [RouteInfo]
+    /// The masquerade backend with --ip-masq, nil without.
+    public var masquerade: MasqueradeBackend?
+    /// The registry lease with --etcd-endpoints: the new daemon keeps that etcd lease alive instead of taking one.
+    public var lease: HandoverLease?
+}
+
+public struct HandoverLease: Codable, Equatable, Sendable {
+    public var subnet: String
+    public var etcdLeaseID: Int64
+}
+
+/// The old daemon's side: where a handover stands.
+final class OutgoingHandover: Sendable {
+    enum Phase: Equatable {
+        case idle
+        /// Begun by the process `pid` (started at `startTicks`); abandoned when it dies or at `deadline`.
+        case begun(token: String, pid: pid_t, startTicks: UInt64, deadline: Int64)
+        case committing
+        case handedOver
+    }
+    static let timeoutMilliseconds: Int64 = 20_000
+
+    let phase = Mutex(Phase.idle)
+
+    /// True from the commit on: the data plane's failures (its queues and sockets going away) are expected.
+    var leaving: Bool { phase.withLock { $0 == .committing || $0 == .handedOver } }
+    var handedOver: Bool { phase.withLock { $0 == .handedOver } }
+}
+
+extension Daemon {
+    // MARK: - Old daemon
+
+    func handleHandover(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
+        switch request {
+        case .handoverBegin(let version):
+            guard version == HandoverState.version else {
+                return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
+            }
+            guard let plan, let overlay, let dataPlane else { return .error("the daemon for \(paths.device) is not forwarding") }
+            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return .error("the requesting process is gone") }
+            let token = UUID().uuidString
+            let begun = outgoing.phase.withLock { phase -> Bool in
+                guard phase == .idle else { return false }
+                phase = .begun(token: token, pid: pid, startTicks: ticks,
+                               deadline: MonotonicClock.milliseconds() + OutgoingHandover.timeoutMilliseconds)
+                return true
+            }
+            guard begun else { return .error("a handover of \(paths.device) is already in progress") }
+            // Nothing may be "repaired" while two daemons share the device, nor the peer table changed.
+            nodeGuard?.stop()
+            source.pauseWatch()
+            logger.info("handover to pid \(pid) begun; self-healing paused")
+            watchHandover(token: token)
+            return .handover(HandoverState(
+                token: token, daemonVersion: Daemon.version, device: config.device, deviceIndex: overlay.index,
+                network: plan.membership.network.description, subnet: plan.membership.subnet.description,
+                publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
+                vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
+                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
+                masquerade: config.ipMasq ? config.masqBackend : nil,
+                lease: source.handoverLease))
+        case .handoverAbort(let token):
+            guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
+            return .ok
+        case .handoverCommit(let token):
+            let committing = outgoing.phase.withLock { phase -> Bool in
+                guard case .begun(token, _, _, _) = phase else { return false }
+                phase = .committing
+                return true
+            }
+            guard committing else { return .error("no such handover in progress (it was abandoned)") }
+            letGo()
+            return .ok
+        default:
+            return .error("not a handover request")
+        }
+    }
+
+    /// Resumes a begun handover's abandonment when the new daemon dies or the time is up.
+    private func watchHandover(token: String) {
+        let t = Thread { [self] in
+            while true {
+                usleep(50_000)
+                let verdict = outgoing.phase.withLock { phase -> String?? in
+                    guard case .begun(token, let pid, let ticks, let deadline) = phase else { return .some(nil) }
+                    if DaemonState.startTicks(of: pid) != ticks { return "the replacing daemon (pid \(pid)) died" }
+                    if MonotonicClock.milliseconds() > deadline { return "the replacing daemon (pid \(pid)) did not commit in time" }
+                    return nil
+                }
+                switch verdict {
+                case .some(nil): return
+                case .some(let reason?): _ = resume(token: token, because: reason); return
+                case nil: continue
+                }
+            }
+        }
+        t.name = "handover watch"
+        t.start()
+    }
+
+    /// Back to normal after a handover that did not happen: self-healing again. (The data plane never stopped,
+    /// and the new daemon changes the steering only after the commit.)
+    private func resume(token: String, because reason: String) -> Bool {
+        let resumed = outgoing.phase.withLock { phase -> Bool in
+            guard case .begun(token, _, _, _) = phase else { return false }
+            phase = .idle
+            return true
+        }
+        guard resumed else { return false }
+        nodeGuard?.start()
+        watchPeers()
+        logger.warning("handover abandoned: \(reason); forwarding on, self-healing resumed")
+        return true
+    }
+
+    /// After the commit: stops our workers (what arrives from now on waits in the queues and socket buffers for
+    /// the new daemon's), closes our descriptors (the new daemon holds the same queues and sockets, so nothing
+    /// leaves the device or the port) and has the main thread exit without tearing down.
+    private func letGo() {
+        forwarder?.stop()
+        if let dataPlane {
+            dataPlane.tun.close()
+            for s in dataPlane.sockets { s.close() }
+        }
+        outgoing.phase.withLock { $0 = .handedOver }
+        logger.info("handed over; exiting without tearing anything down")
+        kill(getpid(), SIGTERM)
+    }
+
+    /// The answer to `handoverBegin` carries our tun queues, then our sockets (SCM_RIGHTS).
+    public func descriptors(for response: ControlResponse) -> [Int32] {
+        guard case .handover = response, let dataPlane else { return [] }
+        return dataPlane.tun.queueFDs + dataPlane.sockets.map(\.fd)
+    }
+
+    // MARK: - New daemon
+
+    /// `up --replace` when a daemon runs for the device: everything checked, the handover as drawn above. The
+    /// caller has loaded the peers file (`fileRoutes`).
+    func runReplacing(readiness: Readiness, fileRoutes: [PeerRoute]) throws(Failure) {
+        let instance: DaemonInstance
+        do { instance = try DaemonInstance(replacing: paths, logger: logger) } catch {
+            switch error {
+            case .alreadyRunning: throw .failed("flannel-udp is already running for \(config.device)")
+            case .system(let e): throw .system(e)
+            }
+        }
+        defer { instance.release(handingOver: outgoing.handedOver) }
+        // The lease is the old daemon's until the commit, ours (released by `down`) after it.
+        var leaseHeld = false
+        defer { source.leave(keep: !leaseHeld || keepLease.withLock { $0 } || outgoing.handedOver) }
+        try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
+        let setup = try Failure.system(try NodeSetup(logger: logger))
+
+        let (old, passed) = try HandoverClient.begin(paths: paths)
+        // Ours to close until wrapped: the old daemon's queues (first `old.sockets`), then its sockets.
+        var loose = passed
+        defer { loose.forEach { _ = close($0) } }
+        let plan: NodeSetup.Plan
+        var sockets: [UDPSocket] = []
+        var surplus: (queues: [Int32], sockets: [UDPSocket]) = ([], [])
+        var started = false
+        var switchStarted: Int64 = 0
+        defer {
+            if !started {
+                setup.rollback()
+                for s in sockets + surplus.sockets { s.close() }
+                surplus.queues.forEach { _ = close($0) }
+            }
+        }
+        do throws(Failure) {
+            let underlay = try setup.resolveUnderlay(config.underlay)
+            let joined: Membership
+            do { joined = try source.adopt(old.lease, underlay: underlay.address, publicIP: config.publicIP ?? underlay.address) } catch {
+                if case .usage(let why) = error { throw .usage("refusing to replace the daemon for \(config.device): \(why)") }
+                throw error
+            }
+            membership = joined
+            plan = try setup.plan(config, membership: joined, adopting: old.deviceIndex)
+            if let reason = HandoverClient.identityChange(old, plan: plan) {
+                throw Failure.usage("refusing to replace the daemon for \(config.device): \(reason); that changes the node's identity (use 'down' and 'up')")
+            }
+            self.plan = plan
+            try adoptPeers(old.routes, fileRoutes: fileRoutes, port: joined.port)
+            let n = old.sockets
+            let wanted = config.workers
+            let socketFDs = Array(loose[n...])
+            loose = Array(loose[..<n])  // the queues, until the tun takes them
+            for (i, fd) in socketFDs.enumerated() {
+                do { sockets.append(try UDPSocket(adopting: fd, expecting: plan.listen)) } catch {
+                    socketFDs[(i + 1)...].forEach { _ = close($0) }
+                    throw .system(error)
+                }
+            }
+            if wanted > n {
+                // More workers: queues attached to the device and sockets joined to the group, after the old ones.
+                loose += try Failure.system(try TunDevice.attachQueues(name: config.device, vnetHeader: old.vnetHeader,
+                                                                        count: wanted - n))
+                sockets += try Failure.system(try UDPSocket.join(plan.listen, count: wanted - n, steering: false))
+            } else if wanted < n {
+                surplus = (Array(loose[wanted...]), Array(sockets[wanted...]))
+                loose = Array(loose[..<wanted])
+                sockets = Array(sockets[..<wanted])
+            }
+            let queues = loose
+            loose = []  // the tun's from here on, closed by it also when `adopt` fails
+            let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
+            dataPlane = (tun, sockets)
+            forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
+            switchStarted = MonotonicClock.milliseconds()
+            try HandoverClient.commit(old, paths: paths)
+        } catch {
+            HandoverClient.abort(old, paths: paths, logger: logger)
+            throw error
+        }
+        // Ours now: from here on a failure tears down as any daemon's does.
+        started = true
+        leaseHeld = true
+        try setup.adopted(plan, index: old.deviceIndex)
+        masquerade = setup.masquerade
+        overlay = setup.installed
+        defer {
+            nodeGuard?.stop()
+            forwarder?.stop()
+            if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
+        }
+        try start(forwarder)
+        let switched = MonotonicClock.milliseconds() - switchStarted
+        // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
+        // first, so that nothing is renumbered.
+        do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        for fd in surplus.queues.reversed() { _ = close(fd) }
+        for s in surplus.sockets.reversed() { s.close() }
+        surplus = ([], [])
+        try Failure.system(try instance.takeOver(state(plan: plan)))
+        try startGuard(setup)
+        nodeGuard?.start()
+        watchPeers()
+        instance.control.start(handler: self)
+        logger.info("took over \(config.device) from the daemon before (flannel-udp \(old.daemonVersion)): no worker forwarded for \(switched) ms, what arrived meanwhile was queued")
+        serve(readiness: readiness, setup: setup, plan: plan, fileRoutes: fileRoutes.count)
+        try throwIfFailed()
+    }
+
+    /// The old daemon's peer table, origins kept (manual `route add` entries survive), with our peers file's
+    /// routes in place of its file routes when we have one.
+    private func adoptPeers(_ routes: [RouteInfo], fileRoutes: [PeerRoute], port: UInt16) throws(Failure) {
+        var byOrigin: [RouteOrigin: [PeerRoute]] = [:]
+        for info in routes {
+            guard let origin = RouteOrigin(rawValue: info.origin) else {
+                throw .failed("the running daemon reported a route of unknown origin '\(info.origin)'")
+            }
+            do {
+                let route = PeerRoute(subnet: try IPv4Network(parsing: info.subnet),
+                                      endpoint: try Endpoint(parsing: info.endpoint, defaultPort: port))
+                byOrigin[origin, default: []].append(route)
+            } catch {
+                throw .failed("the running daemon reported a bad route \(info.subnet) via \(info.endpoint): \(error)")
+            }
+        }
+        if config.peersFile != nil { byOrigin[.file] = fileRoutes }
+        for (origin, list) in byOrigin {
+            do { try store.replace(list, origin: origin) } catch {
+                throw .failed("taking over the running daemon's \(origin.rawValue) routes: \(error)")
+            }
+        }
+    }
+}
+
+/// The new daemon's requests to the old one, over the verified control socket (`ControlClient`).
+enum HandoverClient {
+    typealias Failure = FlannelError
+
+    /// The old daemon's state and descriptors (its tun queues, then its sockets), which the caller must close.
+    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, [Int32]) {
+        let answer: ControlClient.Answer
+        do {
+            answer = try ControlClient.exchange(.handoverBegin(version: HandoverState.version), paths: paths,
+                                                timeoutSeconds: 10, acceptingDescriptors: true)
+        } catch { throw .failed("replace: \(error)") }
+        var problem: String?
+        switch answer.response {
+        case .handover(let state):
+            problem = validate(state, device: paths.device)
+            if problem == nil && answer.descriptors.count != 2 * state.sockets {
+                problem = "\(answer.descriptors.count) descriptors passed for \(state.sockets) queue(s) and socket(s)"
+            }
+            if problem == nil { return (state, answer.descriptors) }
+            // It did begin: tell it we are not going on.
+            if let problem { Self.abandon(state, paths: paths, because: problem) }
+        case .error(let message):
+            answer.descriptors.forEach { _ = close($0) }
+            throw .failed("replace: the running daemon refused the handover: \(message)")
+        default: problem = "not a handover answer"
+        }
+        answer.descriptors.forEach { _ = close($0) }
+        throw .failed("replace: the running daemon's handover answer is unusable: \(problem ?? "")")
+    }
+
+    private static func abandon(_ state: HandoverState, paths: RuntimePaths, because problem: String) {
+        _ = try? exchange(.handoverAbort(token: state.token), paths: paths)
+    }
+
+    static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {
+        switch try exchange(.handoverCommit(token: old.token), paths: paths) {
+        case .ok: return
+        case .error(let message): throw .failed("the running daemon did not let go: \(message); it keeps forwarding")
+        default: throw .failed("the running daemon answered the commit with something else; it keeps forwarding")
+        }
+    }
+
+    /// Best effort: the old daemon also resumes by itself when we die or time out.
+    static func abort(_ old: HandoverState, paths: RuntimePaths, logger: Logger) {
+        do { _ = try exchange(.handoverAbort(token: old.token), paths: paths) } catch {
+            logger.warning("telling the running daemon that the replacement failed: \(error)")
+        }
+    }
+
+    private static func exchange(_ request: ControlRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
+        do { return try ControlClient.send(request, paths: paths, timeoutSeconds: 10) } catch {
+            throw .failed("replace: \(error)")
+        }
+    }
+
+    /// What in an answer would make no sense (it comes from another process: checked, never trusted blindly).
+    static func validate(_ s: HandoverState, device: String) -> String? {
+        if s.device != device { return "it is for device '\(s.device)', not \(device)" }
+        if s.token.isEmpty || s.token.utf8.count > 128 { return "bad token" }
+        if s.deviceIndex <= 0 { return "device index \(s.deviceIndex)" }
+        if !(1...Workers.maximum).contains(s.sockets) { return "\(s.sockets) sockets" }
+        if !NodeConfig.mtuRange.contains(s.mtu) { return "MTU \(s.mtu)" }
+        if s.routes.count > 100_000 { return "\(s.routes.count) routes" }
+        for (what, text) in [("network", s.network), ("subnet", s.subnet)] {
+            do { _ = try IPv4Network(parsing: text) } catch { return "\(what) '\(text)': \(error)" }
+        }
+        if IPv4Address(s.publicIP) == nil { return "public IP '\(s.publicIP)'" }
+        return nil
+    }
+
+    /// Why the old daemon's node is not the one `plan` describes, if it is not.
+    static func identityChange(_ old: HandoverState, plan: NodeSetup.Plan) -> String? {
+        let config = plan.config
+        var changes: [String] = []
+        func compare(_ what: String, _ was: String, _ asked: String) {
+            if was != asked { changes.append("\(what) \(was) would become \(asked)") }
+        }
+        compare("network", old.network, plan.membership.network.description)
+        compare("subnet", old.subnet, plan.membership.subnet.description)
+        compare("public IP", old.publicIP, plan.publicIP.description)
+        compare("port", "\(old.port)", "\(plan.listen.port)")
+        compare("MTU", "\(old.mtu)", "\(plan.mtu)")
+        compare("subnet file", old.subnetFile ?? "none", config.subnetFile ?? "none")
+        compare("masquerade", old.masquerade?.rawValue ?? "off", config.ipMasq ? config.masqBackend.rawValue : "off")
+        // The device's IFF_VNET_HDR is the device's, for every queue: offloads cannot change under it.
+        compare("offloads", old.vnetHeader ? "on" : "off", config.offloads ? "on" : "off")
+        return changes.isEmpty ? nil : changes.joined(separator: ", ")
+    }
+}
