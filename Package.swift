@@ -5,11 +5,11 @@
 //   CNetlink     libmnl (Debian: libmnl-dev) as a system library
 //   CNFTables    libnftables (Debian: libnftables-dev) as a system library, for the masquerade rules
 //   CShims       the few C helpers Swift cannot import (macros, mmsghdr, ifreq/TUNSETIFF, virtio-net header)
-//   FlannelCore  the pure code, no NIO: IPv4 types, packet/checksum/offload code, the per-packet decisions, the
-//                route table, the counters, the parsers (peers file, subnet file, etcd JSON, control protocol,
-//                netlink replies), SystemError. scripts/fuzz.sh compiles this whole directory, never a list of files.
-//   FlannelUDP   the library: netlink, tun device, data plane I/O, control socket, peer sources; re-exports
-//                FlannelCore
+//   FlannelCore  no NIO: the data plane (tun device, forwarder and its workers, offloads, per-packet decisions,
+//                route table, counters) and the parsers (peers file, subnet file, etcd JSON, control protocol,
+//                netlink replies), SystemError. The hot path stays inside one module, so the optimiser sees all of
+//                it; scripts/fuzz.sh compiles this whole directory, never a list of files.
+//   FlannelUDP   the library: netlink, control socket, peer sources, the daemon; re-exports FlannelCore
 //   flannel-udp  the command-line tool, one file per subcommand
 //   tun-bound    bench/run's ceiling: the cheapest tun/UDP forwarder (bench/tun-bound), not part of the product
 import PackageDescription
@@ -48,6 +48,7 @@ let package = Package(
                 "CNetlink",
                 "CShims",
                 .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .target(

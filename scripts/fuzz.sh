@@ -20,8 +20,8 @@
 # reproduce it with: FLANNEL_FUZZ_TARGET=<target> .build-fuzz/flannel-udp-fuzz <file>
 #
 # Sources/FlannelCore (every file) and fuzz/FuzzTargets.swift are compiled with swiftc into one instrumented binary;
-# the one package the core needs (swift-atomics) is taken from the debug build, so this runs `swift build` first
-# when that is missing.
+# the two packages the core needs (swift-atomics, swift-log) are taken from the debug build, so this runs
+# `swift build` first when that is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -43,8 +43,8 @@ while [ $# -gt 0 ]; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 
-# The fuzz entry and the whole FlannelCore target (the pure code: packets, decisions, route table, counters,
-# parsers), compiled as one instrumented module: every file of that directory, so there is no list to keep.
+# The fuzz entry and the whole FlannelCore target (the data plane, the packet code, the route table, the counters,
+# the parsers), compiled as one instrumented module: every file of that directory, so there is no list to keep.
 mapfile -t CORE < <(find Sources/FlannelCore -name '*.swift' | sort)
 [ ${#CORE[@]} -gt 0 ] || die "no sources under Sources/FlannelCore"
 
@@ -52,9 +52,11 @@ out=.build-fuzz
 bin="$out/flannel-udp-fuzz"
 modules=.build/debug/Modules
 if [ ! -f "$modules/Atomics.swiftmodule" ] || ! ls .build/debug/Atomics.build/*.o >/dev/null 2>&1 \
+    || [ ! -f "$modules/Logging.swiftmodule" ] || ! ls .build/debug/Logging.build/*.o >/dev/null 2>&1 \
     || ! ls .build/debug/CShims.build/*.o >/dev/null 2>&1; then
-    step "swift build --target Atomics --target CShims (the fuzz build links the debug build's objects)"
+    step "swift build --target Atomics --target Logging --target CShims (the fuzz build links the debug build's objects)"
     swift build --target Atomics >/dev/null
+    swift build --target Logging >/dev/null
     swift build --target CShims >/dev/null
 fi
 shims="$(find .build/checkouts -path '*/_AtomicsShims/include/module.modulemap' | head -1)"
@@ -72,7 +74,7 @@ if [ ! -x "$bin" ] || [ "$newest" -nt "$bin" ] || [ "$(cat "$bin.sources" 2>/dev
         -I "$modules" -Xcc -fmodule-map-file="$shims" -Xcc -fmodule-map-file="$out/CShims.modulemap" \
         -Xcc -fmodule-map-file=Sources/CNetlink/module.modulemap -lmnl \
         "${inputs[@]}" .build/debug/Atomics.build/*.o .build/debug/_AtomicsShims.build/*/*.o \
-        .build/debug/CShims.build/*.o -o "$bin" 2>&1 | grep -v "^\s*$" || true
+        .build/debug/Logging.build/*.o .build/debug/CShims.build/*.o -o "$bin" 2>&1 | grep -v "^\s*$" || true
     [ -x "$bin" ] || die "fuzz build failed"
     printf '%s' "${inputs[*]}" >"$bin.sources"
 fi
