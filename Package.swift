@@ -5,7 +5,11 @@
 //   CNetlink     libmnl (Debian: libmnl-dev) as a system library
 //   CNFTables    libnftables (Debian: libnftables-dev) as a system library, for the masquerade rules
 //   CShims       the few C helpers Swift cannot import (macros, mmsghdr, ifreq/TUNSETIFF, virtio-net header)
-//   FlannelUDP   the library: netlink, tun device, data plane, control socket, peer sources
+//   FlannelCore  no NIO: the data plane (tun device, forwarder and its workers, offloads, per-packet decisions,
+//                route table, counters) and the parsers (peers file, subnet file, etcd JSON, control protocol,
+//                netlink replies), SystemError. The hot path stays inside one module, so the optimiser sees all of
+//                it; scripts/fuzz.sh compiles this whole directory, never a list of files.
+//   FlannelUDP   the library: netlink, control socket, peer sources, the daemon; re-exports FlannelCore
 //   flannel-udp  the command-line tool, one file per subcommand
 //   tun-bound    bench/run's ceiling: the cheapest tun/UDP forwarder (bench/tun-bound), not part of the product
 import PackageDescription
@@ -39,8 +43,18 @@ let package = Package(
         ),
         .target(name: "CShims"),
         .target(
+            name: "FlannelCore",
+            dependencies: [
+                "CNetlink",
+                "CShims",
+                .product(name: "Atomics", package: "swift-atomics"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(
             name: "FlannelUDP",
             dependencies: [
+                "FlannelCore",
                 "CNetlink",
                 "CNFTables",
                 "CShims",
@@ -67,11 +81,11 @@ let package = Package(
         .target(name: "CAllocCounter", path: "Tests/CAllocCounter"),
         .testTarget(
             name: "FlannelUDPTests",
-            dependencies: ["FlannelUDP", "CShims", "CAllocCounter"]
+            dependencies: ["FlannelCore", "FlannelUDP", "CShims", "CAllocCounter"]
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["FlannelUDP", "flannel-udp", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["FlannelCore", "FlannelUDP", "flannel-udp", .product(name: "Logging", package: "swift-log")]
         ),
     ]
 )

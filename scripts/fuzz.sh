@@ -19,8 +19,9 @@
 # A crash or a violated invariant leaves the input in .build-fuzz/crashes/<target>/ and fails the script;
 # reproduce it with: FLANNEL_FUZZ_TARGET=<target> .build-fuzz/flannel-udp-fuzz <file>
 #
-# The library sources are compiled directly with swiftc into one instrumented binary; the one package they
-# need (swift-atomics) is taken from the debug build, so this runs `swift build` first when that is missing.
+# Sources/FlannelCore (every file) and fuzz/FuzzTargets.swift are compiled with swiftc into one instrumented binary;
+# the two packages the core needs (swift-atomics, swift-log) are taken from the debug build, so this runs
+# `swift build` first when that is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
@@ -42,26 +43,20 @@ while [ $# -gt 0 ]; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 
-# What the fuzz entry exercises, and what those files need to compile.
-SOURCES=(
-    Support/IPv4.swift Support/SystemError.swift Support/Defaults.swift Support/JSONFormat.swift Support/AtomicFile.swift Support/SecureDirectory.swift
-    DataPlane/Packet.swift DataPlane/Checksum.swift DataPlane/ICMP.swift DataPlane/Forwarding.swift
-    DataPlane/RouteTable.swift DataPlane/Counters.swift DataPlane/OffloadStatistics.swift
-    Registry/PeerRoute.swift Registry/PeersFile.swift Registry/NetworkConfig.swift Registry/SubnetLease.swift
-    Registry/JSONValue.swift
-    Control/ControlProtocol.swift Control/SubnetFile.swift
-    DataPlane/VirtioNet.swift DataPlane/Segmentation.swift DataPlane/SendQueue.swift DataPlane/Coalescing.swift
-    DataPlane/GROSplit.swift Support/Allocation.swift
-    Netlink/NetlinkReply.swift Netlink/NetlinkMessages.swift Netlink/NetlinkAttributes.swift Netlink/NetlinkTypes.swift
-)
+# The fuzz entry and the whole FlannelCore target (the data plane, the packet code, the route table, the counters,
+# the parsers), compiled as one instrumented module: every file of that directory, so there is no list to keep.
+mapfile -t CORE < <(find Sources/FlannelCore -name '*.swift' | sort)
+[ ${#CORE[@]} -gt 0 ] || die "no sources under Sources/FlannelCore"
 
 out=.build-fuzz
 bin="$out/flannel-udp-fuzz"
 modules=.build/debug/Modules
 if [ ! -f "$modules/Atomics.swiftmodule" ] || ! ls .build/debug/Atomics.build/*.o >/dev/null 2>&1 \
+    || [ ! -f "$modules/Logging.swiftmodule" ] || ! ls .build/debug/Logging.build/*.o >/dev/null 2>&1 \
     || ! ls .build/debug/CShims.build/*.o >/dev/null 2>&1; then
-    step "swift build --target Atomics --target CShims (the fuzz build links the debug build's objects)"
+    step "swift build --target Atomics --target Logging --target CShims (the fuzz build links the debug build's objects)"
     swift build --target Atomics >/dev/null
+    swift build --target Logging >/dev/null
     swift build --target CShims >/dev/null
 fi
 shims="$(find .build/checkouts -path '*/_AtomicsShims/include/module.modulemap' | head -1)"
@@ -70,17 +65,18 @@ shims="$(find .build/checkouts -path '*/_AtomicsShims/include/module.modulemap' 
 mkdir -p "$out"
 # The C modules the offload and netlink code imports: CShims (its object from the debug build) and CNetlink (libmnl).
 printf 'module CShims {\n    header "%s"\n    export *\n}\n' "$PWD/Sources/CShims/include/CShims.h" >"$out/CShims.modulemap"
-inputs=(fuzz/FuzzTargets.swift)
-for s in "${SOURCES[@]}"; do inputs+=("Sources/FlannelUDP/$s"); done
+inputs=(fuzz/FuzzTargets.swift "${CORE[@]}")
 newest="$(ls -t "${inputs[@]}" "$0" | head -1)"
-if [ ! -x "$bin" ] || [ "$newest" -nt "$bin" ]; then
+# A file removed from the core makes the binary stale too: the list it was built from is kept next to it.
+if [ ! -x "$bin" ] || [ "$newest" -nt "$bin" ] || [ "$(cat "$bin.sources" 2>/dev/null)" != "${inputs[*]}" ]; then
     step "swiftc -sanitize=fuzzer,address -> $bin"
-    swiftc -sanitize=fuzzer,address -Onone -parse-as-library -module-name FlannelUDPFuzz -use-ld=lld -suppress-warnings \
+    swiftc -sanitize=fuzzer,address -Onone -parse-as-library -module-name FlannelUDPFuzz -package-name flannel_udp -use-ld=lld -suppress-warnings \
         -I "$modules" -Xcc -fmodule-map-file="$shims" -Xcc -fmodule-map-file="$out/CShims.modulemap" \
         -Xcc -fmodule-map-file=Sources/CNetlink/module.modulemap -lmnl \
         "${inputs[@]}" .build/debug/Atomics.build/*.o .build/debug/_AtomicsShims.build/*/*.o \
-        .build/debug/CShims.build/*.o -o "$bin" 2>&1 | grep -v "^\s*$" || true
+        .build/debug/Logging.build/*.o .build/debug/CShims.build/*.o -o "$bin" 2>&1 | grep -v "^\s*$" || true
     [ -x "$bin" ] || die "fuzz build failed"
+    printf '%s' "${inputs[*]}" >"$bin.sources"
 fi
 
 failed=()

@@ -4,6 +4,7 @@ import CAllocCounter
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Allocations made by the calling thread while `body` runs (counted by the CAllocCounter test allocator).

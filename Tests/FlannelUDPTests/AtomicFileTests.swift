@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
@@ -8,21 +9,17 @@ import Glibc
 /// AtomicFile against a local user who plants files and symlinks where root is about to write: the temporary name
 /// cannot be guessed, a name that exists is never reused, no symlink is followed, and a directory another user can
 /// write is refused. Runs unprivileged: the test's uid stands in for root as the trusted owner.
-final class AtomicFileTests: XCTestCase {
-    private var dir = ""
+final class AtomicFileTests: TemporaryDirectoryTestCase {
+    override class var directoryPrefix: String { "fu-atomic" }
+    override class var directoryMode: mode_t { 0o755 }
     private var decoy = ""
     private let decoyText = "decoy: must never change\n"
 
     override func setUpWithError() throws {
-        dir = NSTemporaryDirectory() + "fu-atomic-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        XCTAssertEqual(mkdir(dir, 0o755), 0)
+        try super.setUpWithError()
         XCTAssertEqual(mkdir(dir + "/elsewhere", 0o755), 0)
         decoy = dir + "/elsewhere/decoy"
         try decoyText.write(toFile: decoy, atomically: false, encoding: .utf8)
-    }
-
-    override func tearDown() {
-        _ = try? FileManager.default.removeItem(atPath: dir)
     }
 
     private func assertDecoyUnchanged(file: StaticString = #filePath, line: UInt = #line) throws {

@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// `cleanup` after a switch from any flannel backend. Device kinds this kernel cannot create (ipip, wireguard) are

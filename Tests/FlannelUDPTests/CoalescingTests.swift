@@ -1,5 +1,6 @@
 import XCTest
 import CShims
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
@@ -8,17 +9,8 @@ import Glibc
 /// The "already running" lock: held until released (or the holder dies), never through a symlink, and safe
 /// against the lock file being removed under a waiting opener. flock() locks belong to open file descriptions,
 /// so two acquisitions in one process contend like two processes would.
-final class DaemonLockTests: XCTestCase {
-    private var dir = ""
-
-    override func setUpWithError() throws {
-        dir = NSTemporaryDirectory() + "daemon-lock-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        XCTAssertEqual(mkdir(dir, 0o700), 0)
-    }
-
-    override func tearDown() {
-        _ = try? FileManager.default.removeItem(atPath: dir)
-    }
+final class DaemonLockTests: TemporaryDirectoryTestCase {
+    override class var directoryPrefix: String { "daemon-lock" }
 
     func testSecondHolderIsRefusedUntilTheFirstReleases() throws {
         let path = dir + "/flannel0.lock"

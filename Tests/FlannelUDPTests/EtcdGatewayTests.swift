@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The JSON gateway's request and response bodies. Responses are verbatim captures from etcd 3.4.

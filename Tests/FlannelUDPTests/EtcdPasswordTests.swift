@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
@@ -7,17 +8,8 @@ import Glibc
 
 /// The etcd password's ways in (file, environment) and the daemon's argv without it. Unprivileged: the test's uid
 /// stands in for root as the file's owner.
-final class EtcdPasswordTests: XCTestCase {
-    private var dir = ""
-
-    override func setUpWithError() throws {
-        dir = NSTemporaryDirectory() + "fu-secret-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        XCTAssertEqual(mkdir(dir, 0o700), 0)
-    }
-
-    override func tearDown() {
-        _ = try? FileManager.default.removeItem(atPath: dir)
-    }
+final class EtcdPasswordTests: TemporaryDirectoryTestCase {
+    override class var directoryPrefix: String { "fu-secret" }
 
     private func file(_ name: String, _ text: String, mode: mode_t = 0o600) throws -> String {
         let path = dir + "/" + name

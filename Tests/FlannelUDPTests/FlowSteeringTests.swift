@@ -1,5 +1,6 @@
 import CShims
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The reuseport steering program, without privileges: an interpreter of the classic BPF it is made of (with the

@@ -3,6 +3,7 @@ import Foundation
 import Atomics
 import Logging
 import CShims
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

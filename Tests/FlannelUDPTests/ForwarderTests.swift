@@ -2,6 +2,7 @@ import XCTest
 import Atomics
 import Logging
 import CAllocCounter
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

@@ -1,5 +1,6 @@
 import XCTest
 import Foundation
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Node 10.244.1.0/24 in overlay 10.244.0.0/16; peers 10.244.2.0/24 at 192.168.1.2 and 10.244.3.0/24 at

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Regressions for bugs found by scripts/fuzz.sh and the fault/hostile integration tests.

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The watchdog's evidence: each forwarding worker's heartbeat moves while it idles in its blocking receive (woken by its timer), and stops moving

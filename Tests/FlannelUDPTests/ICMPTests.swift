@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Reference packets below were built by hand from RFC 791/792 (header fields written out, checksums computed

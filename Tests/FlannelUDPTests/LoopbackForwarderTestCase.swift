@@ -1,5 +1,6 @@
 import XCTest
 import Logging
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

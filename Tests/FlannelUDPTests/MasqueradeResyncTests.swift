@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The resync loop against a fake backend: no root, no netfilter.

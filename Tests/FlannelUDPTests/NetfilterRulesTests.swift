@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The masquerade rules as text: the nftables batch and the iptables-restore inputs, compared line for line with

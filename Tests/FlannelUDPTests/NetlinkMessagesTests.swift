@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 // Requests are compared byte for byte with reference bytes written out by hand from the kernel's struct layouts

@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The reply side of one exchange, fed hand-built datagrams as the kernel would send them to port id 4242 for a

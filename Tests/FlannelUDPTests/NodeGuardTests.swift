@@ -2,6 +2,7 @@ import Foundation
 import Logging
 import Synchronization
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 // Self-healing without root: the notification parser on kernel-shaped bytes (numbers are literals from

@@ -2,6 +2,7 @@ import XCTest
 import Logging
 import CShims
 import CAllocCounter
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

@@ -1,6 +1,7 @@
 import XCTest
 import Foundation
 import Logging
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

@@ -1,4 +1,5 @@
 import CShims
+@testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc

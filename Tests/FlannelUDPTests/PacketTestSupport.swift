@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Helpers shared by the data plane's unit tests: packet construction, hex, a seeded random generator.

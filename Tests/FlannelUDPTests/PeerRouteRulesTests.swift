@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The one validation of peer routes (issue 12), played from the attacker's side: every route below is one that

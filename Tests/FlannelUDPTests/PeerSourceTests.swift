@@ -1,5 +1,6 @@
 import XCTest
 import Logging
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The peer-source seam: a config says where its network comes from, and only a fixed one is checked before

@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 final class PeersFileTests: XCTestCase {

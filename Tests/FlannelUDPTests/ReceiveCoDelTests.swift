@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The receive side's CoDel on a hand-driven clock: which packets of which flow it passes, drops or marks.

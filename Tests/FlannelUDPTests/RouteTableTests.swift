@@ -1,6 +1,7 @@
 import XCTest
 import Foundation
 import Atomics
+@testable import FlannelCore
 @testable import FlannelUDP
 
 func route(_ subnet: String, _ endpoint: String) -> PeerRoute {

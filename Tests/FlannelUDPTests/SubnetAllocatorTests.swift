@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The subnet choice: own lease, previous subnet, random free subnet within SubnetMin..SubnetMax.

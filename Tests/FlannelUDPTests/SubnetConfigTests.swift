@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// flannel's config rules (pkg/subnet/config.go): defaults, validation, and Go-style JSON reading.

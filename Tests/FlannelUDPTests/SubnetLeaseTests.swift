@@ -1,4 +1,5 @@
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Lease values and keys exactly as flannel writes and reads them.

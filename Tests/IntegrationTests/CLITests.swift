@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The command line end to end, as an operator uses it: every subcommand in fresh network namespaces.

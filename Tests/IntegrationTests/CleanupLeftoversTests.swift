@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// `cleanup` on a node switched away from flanneld's vxlan backend with --ip-masq, in a fresh namespace:

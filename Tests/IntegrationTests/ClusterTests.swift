@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Cluster mode end to end: a real etcd (Debian's etcd-server) on the underlay, nodes that take their subnet
@@ -34,14 +35,8 @@ final class ClusterTests: XCTestCase {
     }
 
     func startEtcd() throws {
-        let peer = "http://192.168.77.250:2380"
-        etcd = try startBackground(["ip", "netns", "exec", wire.name, "etcd", "--name", "fu",
-                                    "--data-dir", tmp + "/etcd", "--listen-client-urls", etcdURL,
-                                    "--advertise-client-urls", etcdURL, "--listen-peer-urls", peer,
-                                    "--initial-advertise-peer-urls", peer, "--initial-cluster", "fu=\(peer)"])
-        try waitFor("etcd is healthy", timeout: 20) {
-            (try? wire.run(["etcdctl", "--endpoints", etcdURL, "--command-timeout=1s", "endpoint", "health"])) != nil
-        }
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
     }
 
     func stopEtcd() {

@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The etcd registry against a real etcd (Debian's etcd-server) on loopback. Root only; each test gets its own
@@ -35,6 +36,30 @@ final class EtcdRegistryTests: XCTestCase {
     }
 
     // MARK: Helpers
+
+    /// Authentication on: users root (password rootpw) and flannel (secret), flannel with read and write access
+    /// to flannel's prefix only.
+    private func enableAuthentication() async throws {
+        try await server.etcdctl("user", "add", "root:rootpw")
+        try await server.etcdctl("user", "add", "flannel:secret")
+        try await server.etcdctl("role", "add", "flannel")
+        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
+        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
+        try await server.etcdctl("auth", "enable")
+    }
+
+    /// The EtcdError `registry.loadConfig(maxAttempts:)` fails with; nil (and `failure` reported) when it
+    /// succeeds. Any other error is thrown on.
+    private func loadConfigError(_ registry: EtcdRegistry, maxAttempts: Int, _ failure: String,
+                                 file: StaticString = #filePath, line: UInt = #line) async throws -> EtcdError? {
+        do {
+            _ = try await registry.loadConfig(maxAttempts: maxAttempts)
+            XCTFail(failure, file: file, line: line)
+            return nil
+        } catch let error as EtcdError {
+            return error
+        }
+    }
 
     private func makeRegistry(_ ip: String, endpoints: [String]? = nil, tweak: (inout EtcdOptions) -> Void = { _ in })
         throws -> EtcdRegistry {
@@ -89,10 +114,7 @@ final class EtcdRegistryTests: XCTestCase {
 
     func testConfigErrors() async throws {
         let registry = try makeRegistry("192.168.10.1")
-        do {
-            _ = try await registry.loadConfig(maxAttempts: 2)
-            XCTFail("no config yet")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(registry, maxAttempts: 2, "no config yet") {
             XCTAssertEqual(error, .configNotFound(key: configKey))
         }
         _ = try await server.etcdctl("put", configKey, #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#)
@@ -105,10 +127,7 @@ final class EtcdRegistryTests: XCTestCase {
         }
         // Nothing listens: every attempt fails, each is logged, and the last error names the endpoint.
         let nowhere = try makeRegistry("192.168.10.1", endpoints: ["http://127.0.0.1:\(try EtcdTestServer.freePort())"])
-        do {
-            _ = try await nowhere.loadConfig(maxAttempts: 2)
-            XCTFail("unreachable etcd answered")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(nowhere, maxAttempts: 2, "unreachable etcd answered") {
             guard case .unreachable = error else { return XCTFail("\(error)") }
         }
     }
@@ -332,25 +351,14 @@ final class EtcdRegistryTests: XCTestCase {
 
     func testPasswordAuthentication() async throws {
         _ = try await putConfig()
-        try await server.etcdctl("user", "add", "root:rootpw")
-        try await server.etcdctl("user", "add", "flannel:secret")
-        try await server.etcdctl("role", "add", "flannel")
-        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
-        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
-        try await server.etcdctl("auth", "enable")
+        try await enableAuthentication()
 
         let anonymous = try makeRegistry("192.168.9.1")
-        do {
-            _ = try await anonymous.loadConfig(maxAttempts: 1)
-            XCTFail("read without credentials")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(anonymous, maxAttempts: 1, "read without credentials") {
             XCTAssertTrue("\(error)".contains("user name is empty") || "\(error)".contains("permission denied"), "\(error)")
         }
         let wrong = try makeRegistry("192.168.9.1") { $0.username = "flannel"; $0.password = "nope" }
-        do {
-            _ = try await wrong.loadConfig(maxAttempts: 1)
-            XCTFail("wrong password accepted")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(wrong, maxAttempts: 1, "wrong password accepted") {
             XCTAssertTrue("\(error)".contains("authentication failed"), "\(error)")
         }
         let registry = try makeRegistry("192.168.9.1") { $0.username = "flannel"; $0.password = "secret" }
@@ -370,12 +378,7 @@ final class EtcdRegistryTests: XCTestCase {
         server.extraArguments = ["--auth-token-ttl=1"]
         try await server.start()
         _ = try await putConfig()
-        try await server.etcdctl("user", "add", "root:rootpw")
-        try await server.etcdctl("user", "add", "flannel:secret")
-        try await server.etcdctl("role", "add", "flannel")
-        try await server.etcdctl("role", "grant-permission", "flannel", "--prefix=true", "readwrite", "/coreos.com/network/")
-        try await server.etcdctl("user", "grant-role", "flannel", "flannel")
-        try await server.etcdctl("auth", "enable")
+        try await enableAuthentication()
 
         let registry = try makeRegistry("192.168.9.2") { $0.username = "flannel"; $0.password = "secret" }
         let config = try await registry.loadConfig(maxAttempts: 1)
@@ -416,10 +419,8 @@ final class EtcdRegistryTests: XCTestCase {
 
         // Without a client certificate the server refuses the handshake.
         let anonymous = try makeRegistry("192.168.11.2") { $0.caFile = tls.caCert }
-        do {
-            _ = try await anonymous.loadConfig(maxAttempts: 1)
-            XCTFail("etcd accepted a client without a certificate")
-        } catch let error as EtcdError {
+        if let error = try await loadConfigError(anonymous, maxAttempts: 1,
+                                                 "etcd accepted a client without a certificate") {
             guard case .unreachable = error else { return XCTFail("\(error)") }
         }
     }

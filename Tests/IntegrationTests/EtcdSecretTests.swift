@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The etcd password against a local unprivileged user who reads every process's argv (issue 12): whichever way
@@ -32,14 +33,8 @@ final class EtcdSecretTests: XCTestCase {
             }
             self?.underlay.destroy()
         }
-        let peer = "http://192.168.77.250:2380"
-        etcd = try startBackground(["ip", "netns", "exec", underlay.ns.name, "etcd", "--name", "fu",
-                                    "--data-dir", tmp + "/etcd", "--listen-client-urls", etcdURL,
-                                    "--advertise-client-urls", etcdURL, "--listen-peer-urls", peer,
-                                    "--initial-advertise-peer-urls", peer, "--initial-cluster", "fu=\(peer)"])
-        try waitFor("etcd is healthy", timeout: 20) {
-            (try? etcdctl(["--command-timeout=1s", "endpoint", "health"])) != nil
-        }
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
         try etcdctl(["user", "add", "root:rootpw"])
         try etcdctl(["user", "add", "flannel:\(secret)"])

@@ -3,6 +3,7 @@ import Foundation
 import Logging
 import Synchronization
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 #if canImport(Glibc)

@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// A TCP transfer pod A -> pod B across a lossy, reordering underlay, checked end to end by SHA-256, while the

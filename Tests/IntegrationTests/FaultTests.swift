@@ -1,6 +1,7 @@
 import Foundation
 import Synchronization
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Faults a node must survive (topology in HostileTopology.swift): the underlay link going down and up, the

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The files root writes, against a local user who owns or can write the directories they go in, plants symlinks

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 extension CommandResult: CustomStringConvertible {
@@ -41,16 +42,38 @@ struct TimedOut: Error, CustomStringConvertible {
 
 /// Starts a long-running command (a server) without waiting for it; the caller terminates it. Used instead of a
 /// tool's own daemon mode (`iperf3 -D`), whose forked child would inherit the descriptors Foundation watches to
-/// notice that the started process exited, and so keep `Command.run` waiting forever.
-func startBackground(_ args: [String]) throws -> Process {
+/// notice that the started process exited, and so keep `Command.run` waiting forever. Its stdout goes to
+/// `output` and its stderr to `errors` (both discarded by default; `errors` follows `output` when only that is
+/// given). `Command.run` starts its commands here too, then waits.
+func startBackground(_ args: [String], output: FileHandle = .nullDevice, errors: FileHandle? = nil) throws -> Process {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = args
     p.standardInput = FileHandle.nullDevice
-    p.standardOutput = FileHandle.nullDevice
-    p.standardError = FileHandle.nullDevice
+    p.standardOutput = output
+    p.standardError = errors ?? output
     try p.run()
     return p
+}
+
+extension TestWire {
+    /// Starts a one-member etcd in the wire's namespace, listening for clients on `clientURL` and for peers on
+    /// `peerURL` (addresses of the bridge), its data in `dataDirectory`. Returns at once: the caller keeps the
+    /// process to stop it in teardown, then calls `waitForEtcd`.
+    func startEtcd(clientURL: String, peerURL: String = "http://192.168.77.250:2380", dataDirectory: String)
+        throws -> Process {
+        try startBackground(["ip", "netns", "exec", ns.name, "etcd", "--name", "fu",
+                             "--data-dir", dataDirectory, "--listen-client-urls", clientURL,
+                             "--advertise-client-urls", clientURL, "--listen-peer-urls", peerURL,
+                             "--initial-advertise-peer-urls", peerURL, "--initial-cluster", "fu=\(peerURL)"])
+    }
+
+    /// Waits until the etcd at `clientURL` reports itself healthy.
+    func waitForEtcd(clientURL: String) throws {
+        try waitFor("etcd is healthy", timeout: 20) {
+            (try? ns.run(["etcdctl", "--endpoints", clientURL, "--command-timeout=1s", "endpoint", "health"])) != nil
+        }
+    }
 }
 
 /// An underlay "switch": a namespace holding a bridge that node namespaces plug into with a veth as their eth0.

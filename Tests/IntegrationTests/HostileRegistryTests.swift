@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Issue 12, "unchecked routes", from a writer to the registry: leases and configs written with etcdctl that

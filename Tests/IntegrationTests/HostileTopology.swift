@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The topology shared by the hostile-traffic and fault tests: nodes with a pod each on one underlay switch, and

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Node A under attack while pods A and B talk (topology in HostileTopology.swift): a stranger on the underlay

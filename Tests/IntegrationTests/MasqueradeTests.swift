@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// `up --ip-masq` end to end, once per backend: what pods' traffic looks like on the far side, the forward rules

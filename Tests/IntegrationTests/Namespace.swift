@@ -74,13 +74,7 @@ enum Command {
             try? err.close()
         }
 
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        process.arguments = arguments
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = out
-        process.standardError = err
-        try process.run()
+        let process = try startBackground(arguments, output: out, errors: err)
         process.waitUntilExit()
 
         let status = process.terminationReason == .uncaughtSignal

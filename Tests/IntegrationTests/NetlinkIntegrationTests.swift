@@ -1,3 +1,4 @@
+@testable import FlannelCore
 @testable import FlannelUDP
 import XCTest
 #if canImport(Glibc)

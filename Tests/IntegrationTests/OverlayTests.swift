@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// The data plane end to end through the command line: nodes and pods in namespaces, as in scripts/demo.sh,

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Issue 12, "unchecked routes", through the peers file (at start and on SIGHUP) and `route add`: each kind of bad

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Issue 12, "relay into the host": a peer (or, in relaxed mode, anyone who puts a peer's pod address in the

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Self-healing (issue 13), on the topology in HostileTopology.swift: while pod 1 pings pod 2 every 10 ms, the
@@ -56,20 +57,8 @@ final class SelfHealingTests: HostileTopologyTestCase {
 
         // Pod 1 pings pod 2 every 10 ms for the whole test; its output is read at the end.
         let log = tmp + "/ping.log"
-        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
-        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        let pinger = Process()
-        pinger.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        pinger.arguments = ["ip", "netns", "exec", a.pod.name, "ping", "-n", "-i", "0.01", "-W", "1", b.podAddress]
-        pinger.standardInput = FileHandle.nullDevice
-        pinger.standardOutput = out
-        pinger.standardError = out
-        try pinger.run()
-        addTeardownBlock {
-            if pinger.isRunning { pinger.terminate() }
-            pinger.waitUntilExit()
-            try? out.close()
-        }
+        let pinger = try startInBackground(
+            ["ip", "netns", "exec", a.pod.name, "ping", "-n", "-i", "0.01", "-W", "1", b.podAddress], log: log)
         func replies() -> Int {
             ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").components(separatedBy: "bytes from").count - 1
         }
@@ -138,22 +127,10 @@ final class SelfHealingTests: HostileTopologyTestCase {
     func testDeletedDeviceStopsTheDaemonWithAReason() throws {
         let a = try makeNode(1, start: false)
         let log = tmp + "/daemon.log"
-        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
-        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        let daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        daemon.arguments = ["FLANNEL_UDP_RUN_DIR=\(tmp)/run", "ip", "netns", "exec", a.ns.name, flannelUDPBinary(),
-                            "up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
-                            "--subnet-file", "\(tmp)/subnet-1.env"]
-        daemon.standardInput = FileHandle.nullDevice
-        daemon.standardOutput = out
-        daemon.standardError = out
-        try daemon.run()
-        addTeardownBlock {
-            if daemon.isRunning { daemon.terminate() }
-            daemon.waitUntilExit()
-            try? out.close()
-        }
+        let daemon = try startInBackground(
+            ["FLANNEL_UDP_RUN_DIR=\(tmp)/run", "ip", "netns", "exec", a.ns.name, flannelUDPBinary(),
+             "up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
+             "--subnet-file", "\(tmp)/subnet-1.env"], log: log)
         try waitFor("the foreground daemon is running", timeout: 10) { fu(a, ["status"]).status == 0 }
 
         try a.ns.run(["ip", "link", "del", "flannel0"])
@@ -171,5 +148,19 @@ final class SelfHealingTests: HostileTopologyTestCase {
         // Nothing left: no device, no route, no daemon.
         XCTAssertEqual(fu(a, ["status"]).status, 3)
         XCTAssertFalse(overlayRouteInPlace(a))
+    }
+
+    /// Starts `/usr/bin/env arguments` in the background, its output going to a new file `log`; stopped (and the
+    /// file closed) when the test ends.
+    private func startInBackground(_ arguments: [String], log: String) throws -> Process {
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
+        let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        let process = try startBackground(arguments, output: out)
+        addTeardownBlock {
+            if process.isRunning { process.terminate() }
+            process.waitUntilExit()
+            try? out.close()
+        }
+        return process
     }
 }

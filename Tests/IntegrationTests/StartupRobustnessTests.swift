@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 /// Start-up against an etcd that is not there yet: the process that ran `up --detach` killed before the daemon
@@ -47,26 +48,13 @@ final class StartupRobustnessTests: XCTestCase {
 
     /// `up --detach` started without waiting for it; `ip netns exec` execs, so the Process is the CLI itself.
     func startUp() throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        p.arguments = ["FLANNEL_UDP_RUN_DIR=\(runDir)", "ip", "netns", "exec", node.name, flannelUDPBinary(), "up",
-                       "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", subnetFile, "--detach"]
-        p.standardInput = FileHandle.nullDevice
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        return p
+        try startBackground(["FLANNEL_UDP_RUN_DIR=\(runDir)", "ip", "netns", "exec", node.name, flannelUDPBinary(), "up",
+                             "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", subnetFile, "--detach"])
     }
 
     func startEtcd() throws {
-        let peer = "http://192.168.77.250:2380"
-        etcd = try startBackground(["ip", "netns", "exec", underlay.ns.name, "etcd", "--name", "fu",
-                                    "--data-dir", tmp + "/etcd", "--listen-client-urls", etcdURL,
-                                    "--advertise-client-urls", etcdURL, "--listen-peer-urls", peer,
-                                    "--initial-advertise-peer-urls", peer, "--initial-cluster", "fu=\(peer)"])
-        try waitFor("etcd is healthy", timeout: 20) {
-            (try? underlay.ns.run(["etcdctl", "--endpoints", etcdURL, "--command-timeout=1s", "endpoint", "health"])) != nil
-        }
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
     }
 

@@ -1,5 +1,6 @@
 import Foundation
 import XCTest
+@testable import FlannelCore
 @testable import FlannelUDP
 
 // The overlay and hostile-traffic tests again, unchanged, with 2 and 4 worker pairs (on these 2 CPUs: as many

@@ -1,11 +1,5 @@
 import Foundation
 
-/// Where the masquerade and forward rules live: nftables (flanneld's default) or iptables.
-public enum MasqueradeBackend: String, Sendable, Codable, CaseIterable {
-    case nftables
-    case iptables
-}
-
 /// What the rules say, the same for both backends (flanneld's pkg/trafficmngr, the iptables variant's semantics):
 ///
 /// postrouting (nftables chain `postrtg`, iptables nat chain `FLANNEL-POSTRTG` jumped to from POSTROUTING):

@@ -5,55 +5,26 @@ import Logging
 import Glibc
 #endif
 
-/// `up --replace`: a new daemon takes a running node over without a packet lost (DESIGN: "Upgrading without loss").
-///
-///     new daemon                                    old daemon
-///     checks options, peers file, paths
-///     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade,
-///                                                   and passes its tun queues and sockets along (SCM_RIGHTS)
-///     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
-///     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
-///     joined to the port for more --workers), not started
-///     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
-///                                                   sockets stay open in the new daemon: nothing is detached,
-///                                                   nothing torn down), answers, exits 0, releasing the lock last
-///     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
-///     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
-///
-/// No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
-/// more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
-/// when one in the middle goes, and drops what it had already picked a vanished queue for. Taking the same
-/// descriptors over avoids all three, so no packet is lost. With fewer --workers, the surplus (the last queues
-/// and sockets, so nothing is renumbered) is closed after the switch, losing what was queued on it then.
-public struct HandoverState: Codable, Equatable, Sendable {
-    /// The protocol spoken; a daemon refuses another version.
-    public static let version = 1
-
-    public var token: String
-    public var daemonVersion: String
-    public var device: String
-    public var deviceIndex: Int32
-    public var network: String
-    public var subnet: String
-    public var publicIP: String
-    public var port: UInt16
-    public var mtu: Int
-    public var vnetHeader: Bool
-    /// The old daemon's sockets in the reuseport group (its `--workers`): the new ones join after them.
-    public var sockets: Int
-    public var subnetFile: String?
-    public var subnetFileContents: String?
-    public var routes: [RouteInfo]
-    /// The masquerade backend with --ip-masq, nil without.
-    public var masquerade: MasqueradeBackend?
-    /// The registry lease with --etcd-endpoints: the new daemon keeps that etcd lease alive instead of taking one.
-    public var lease: HandoverLease?
-}
-
-public struct HandoverLease: Codable, Equatable, Sendable {
-    public var subnet: String
-    public var etcdLeaseID: Int64
-}
+// `up --replace`: a new daemon takes a running node over without a packet lost (DESIGN: "Upgrading without loss").
+//
+//     new daemon                                    old daemon
+//     checks options, peers file, paths
+//     handoverBegin ─────────────────────────────>  stops self-healing; answers identity, peers, masquerade,
+//                                                   and passes its tun queues and sockets along (SCM_RIGHTS)
+//     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
+//     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
+//     joined to the port for more --workers), not started
+//     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
+//                                                   sockets stay open in the new daemon: nothing is detached,
+//                                                   nothing torn down), answers, exits 0, releasing the lock last
+//     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
+//     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
+//
+// No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
+// more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
+// when one in the middle goes, and drops what it had already picked a vanished queue for. Taking the same
+// descriptors over avoids all three, so no packet is lost. With fewer --workers, the surplus (the last queues
+// and sockets, so nothing is renumbered) is closed after the switch, losing what was queued on it then.
 
 /// The old daemon's side: where a handover stands.
 final class OutgoingHandover: Sendable {

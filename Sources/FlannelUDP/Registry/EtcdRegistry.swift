@@ -123,11 +123,9 @@ public final class EtcdRegistry: Sendable {
                 if oldLease == 0 {
                     // A reservation: an operator's key without an etcd lease. flannel keeps it permanent.
                     try await client.put(key, value: attributes.json)
-                    let lease = SubnetLease(subnet: subnet, attributes: attributes, expiration: .distantFuture,
-                                            etcdLeaseID: 0)
                     logger.info("etcd: found reservation \(subnet) for \(publicIP), using it")
-                    state.withLock { $0.lease = lease; $0.config = config }
-                    return lease
+                    return hold(SubnetLease(subnet: subnet, attributes: attributes, expiration: .distantFuture,
+                                            etcdLeaseID: 0), config: config)
                 }
                 let grant = try await client.grant(ttl: ttl)
                 do {
@@ -140,12 +138,8 @@ public final class EtcdRegistry: Sendable {
                 if oldLease != grant.id {
                     try? await client.revoke(oldLease)
                 }
-                let lease = SubnetLease(subnet: subnet, attributes: attributes,
-                                        expiration: Date().addingTimeInterval(TimeInterval(grant.ttl)),
-                                        etcdLeaseID: grant.id)
                 logger.info("etcd: found our lease \(subnet) for \(publicIP), reusing it")
-                state.withLock { $0.lease = lease; $0.config = config }
-                return lease
+                return hold(subnet, attributes: attributes, grant: grant, config: config)
             }
             guard let subnet = plan.create else { continue }
             if subnet == previousSubnet {
@@ -165,14 +159,25 @@ public final class EtcdRegistry: Sendable {
                 logger.info("etcd: \(subnet) was taken by another node first (attempt \(attempt)); choosing again")
                 continue
             }
-            let lease = SubnetLease(subnet: subnet, attributes: attributes,
-                                    expiration: Date().addingTimeInterval(TimeInterval(grant.ttl)),
-                                    etcdLeaseID: grant.id)
+            let lease = hold(subnet, attributes: attributes, grant: grant, config: config)
             logger.info("etcd: leased \(subnet) to \(publicIP) until \(lease.expiration)")
-            state.withLock { $0.lease = lease; $0.config = config }
             return lease
         }
         throw EtcdRegistryError.contention(attempts: Self.raceRetries)
+    }
+
+    /// `subnet` on the etcd lease `grant`, from now for the grant's TTL, as this node's lease under `config`.
+    private func hold(_ subnet: IPv4Network, attributes: LeaseAttributes, grant: (id: Int64, ttl: Int64),
+                      config: NetworkConfig) -> SubnetLease {
+        hold(SubnetLease(subnet: subnet, attributes: attributes,
+                         expiration: Date().addingTimeInterval(TimeInterval(grant.ttl)), etcdLeaseID: grant.id),
+             config: config)
+    }
+
+    /// Records `lease` and `config` as this node's.
+    private func hold(_ lease: SubnetLease, config: NetworkConfig) -> SubnetLease {
+        state.withLock { $0.lease = lease; $0.config = config }
+        return lease
     }
 
     /// Takes over the lease another daemon of this node holds (`up --replace`): `subnet`'s key must be in the

@@ -57,7 +57,7 @@ public final class PeerEntry: Sendable {
     /// `route.endpoint` in network byte order, for the kernel.
     public let sockaddr: sockaddr_in
 
-    init(route: PeerRoute, counters: PeerCounters) {
+    package init(route: PeerRoute, counters: PeerCounters) {
         self.route = route
         self.counters = counters
         var sa = sockaddr_in()
@@ -79,10 +79,10 @@ public final class RouteSnapshot: Sendable, AtomicReference {
     public let peers: [PeerEntry]
     /// Distinct prefix lengths in the table, longest first.
     public let prefixLengths: [Int]
-    let networks: FlatIndex
-    let peerAddresses: FlatIndex
+    package let networks: FlatIndex
+    package let peerAddresses: FlatIndex
 
-    init(routes: [PeerRoute], previous: RouteSnapshot?) {
+    package init(routes: [PeerRoute], previous: RouteSnapshot?) {
         // Counters survive for every subnet the previous table had.
         var oldCounters: [IPv4Network: PeerCounters] = [:]
         for p in previous?.peers ?? [] { oldCounters[p.route.subnet] = p.counters }
@@ -110,12 +110,12 @@ public final class RouteSnapshot: Sendable, AtomicReference {
         })
     }
 
-    static func networkKey(_ network: UInt32, length: Int) -> UInt64 {
+    package static func networkKey(_ network: UInt32, length: Int) -> UInt64 {
         // Length + 1 in the high word keeps every key non-zero (0 marks an empty slot), /0 included.
         UInt64(length &+ 1) << 32 | UInt64(network)
     }
 
-    static func addressKey(_ address: UInt32) -> UInt64 { 1 << 32 | UInt64(address) }
+    package static func addressKey(_ address: UInt32) -> UInt64 { 1 << 32 | UInt64(address) }
 
     /// The index in `peers` of the route with the longest prefix containing `destination`, or nil.
     public func lookup(_ destination: IPv4Address) -> Int? {
@@ -147,14 +147,14 @@ public final class RouteSnapshot: Sendable, AtomicReference {
 
 /// A fixed-size open-addressing hash map from non-zero UInt64 keys to Int32 values (linear probing, load factor
 /// at most 1/2), built once from all its entries and then only read; `find` does not allocate.
-struct FlatIndex: Sendable {
-    let keys: [UInt64]
-    let values: [Int32]
-    let shift: UInt64
-    let mask: Int
+package struct FlatIndex: Sendable {
+    package let keys: [UInt64]
+    package let values: [Int32]
+    package let shift: UInt64
+    package let mask: Int
 
     /// Builds the index; for a key given more than once the first value is kept.
-    init(_ entries: [(key: UInt64, value: Int32)]) {
+    package init(_ entries: [(key: UInt64, value: Int32)]) {
         var size = 8
         while size < entries.count * 2 { size <<= 1 }
         let mask = size - 1
@@ -177,12 +177,12 @@ struct FlatIndex: Sendable {
     }
 
     /// Fibonacci hashing: the top bits of key * 2^64/phi.
-    static func hash(_ key: UInt64, shift: UInt64) -> Int {
+    package static func hash(_ key: UInt64, shift: UInt64) -> Int {
         Int(truncatingIfNeeded: (key &* 0x9E37_79B9_7F4A_7C15) >> shift)
     }
 
     /// The value for `key`, or -1.
-    func find(_ key: UInt64) -> Int32 {
+    package func find(_ key: UInt64) -> Int32 {
         var i = FlatIndex.hash(key, shift: shift)
         while true {
             let k = keys[i]

@@ -19,39 +19,39 @@ import Glibc
 /// shorter segment. Without GSO, every segment is its own message.
 ///
 /// Everything is allocated once; nothing here allocates per packet. Used by one thread.
-final class SendQueue {
+package final class SendQueue {
     /// Bytes per header slot: the longest IPv4 header (60) plus the longest TCP header (60), rounded up.
-    static let headerStride = 128
-    static let maxSegmentsPerSend = 64
-    static let maxBytesPerSend = 65507
+    package static let headerStride = 128
+    package static let maxSegmentsPerSend = 64
+    package static let maxBytesPerSend = 65507
 
     /// Segments the queue holds before it has to be sent.
-    let capacity: Int
-    var gso: Bool
+    package let capacity: Int
+    package var gso: Bool
 
     // Segments.
-    private(set) var segmentCount = 0
-    let headers: UnsafeMutableRawPointer
-    let iovs: UnsafeMutablePointer<iovec>
+    package private(set) var segmentCount = 0
+    package let headers: UnsafeMutableRawPointer
+    package let iovs: UnsafeMutablePointer<iovec>
     private var iovCount = 0
-    let segmentIov: UnsafeMutablePointer<Int>
-    let segmentParts: UnsafeMutablePointer<Int>
-    let segmentLength: UnsafeMutablePointer<Int>
+    package let segmentIov: UnsafeMutablePointer<Int>
+    package let segmentParts: UnsafeMutablePointer<Int>
+    package let segmentLength: UnsafeMutablePointer<Int>
 
     // Messages.
-    private(set) var messageCount = 0
-    let msgs: UnsafeMutablePointer<fu_mmsghdr>
-    let names: UnsafeMutablePointer<sockaddr_in>
-    let messagePeer: UnsafeMutablePointer<Int>
-    let messageFlow: UnsafeMutablePointer<UInt32>
-    let messageFirst: UnsafeMutablePointer<Int>
-    let messageSegments: UnsafeMutablePointer<Int>
-    let messageSegmentSize: UnsafeMutablePointer<Int>
-    let messageBytes: UnsafeMutablePointer<Int>
-    let controls: UnsafeMutableRawPointer
-    let controlStride: Int
+    package private(set) var messageCount = 0
+    package let msgs: UnsafeMutablePointer<fu_mmsghdr>
+    package let names: UnsafeMutablePointer<sockaddr_in>
+    package let messagePeer: UnsafeMutablePointer<Int>
+    package let messageFlow: UnsafeMutablePointer<UInt32>
+    package let messageFirst: UnsafeMutablePointer<Int>
+    package let messageSegments: UnsafeMutablePointer<Int>
+    package let messageSegmentSize: UnsafeMutablePointer<Int>
+    package let messageBytes: UnsafeMutablePointer<Int>
+    package let controls: UnsafeMutableRawPointer
+    package let controlStride: Int
 
-    init(capacity: Int, gso: Bool) {
+    package init(capacity: Int, gso: Bool) {
         precondition(capacity >= 1)
         self.capacity = capacity
         self.gso = gso
@@ -90,16 +90,16 @@ final class SendQueue {
         controls.deallocate()
     }
 
-    var free: Int { capacity &- segmentCount }
-    var isEmpty: Bool { segmentCount == 0 }
+    package var free: Int { capacity &- segmentCount }
+    package var isEmpty: Bool { segmentCount == 0 }
 
     /// The header slot for the next segment but `ahead` (segmentation writes headers there before appending).
     @inline(__always)
-    func headerSlot(ahead: Int) -> UnsafeMutableRawPointer {
+    package func headerSlot(ahead: Int) -> UnsafeMutableRawPointer {
         headers + (segmentCount &+ ahead) &* SendQueue.headerStride
     }
 
-    func reset() {
+    package func reset() {
         segmentCount = 0
         iovCount = 0
         messageCount = 0
@@ -107,7 +107,7 @@ final class SendQueue {
 
     /// Appends one segment (one IPv4 packet of `firstLength + secondLength` bytes of flow key `flow`) for `peer`.
     /// - Precondition: `free > 0`.
-    func append(peer: Int, name: sockaddr_in, first: UnsafeMutableRawPointer, firstLength: Int,
+    package func append(peer: Int, name: sockaddr_in, first: UnsafeMutableRawPointer, firstLength: Int,
                 second: UnsafeMutableRawPointer? = nil, secondLength: Int = 0, flow: UInt32 = 0) {
         precondition(segmentCount < capacity)
         let k = segmentCount
@@ -151,7 +151,7 @@ final class SendQueue {
     /// Fills the mmsghdrs of messages `from...` (after the kernel changed nothing but msg_len, or after
     /// `splitMessages`): iovecs of their segments, and a UDP_SEGMENT control message when a message holds more
     /// than one segment.
-    func prepareMessages(from start: Int = 0) {
+    package func prepareMessages(from start: Int = 0) {
         var m = start
         while m < messageCount {
             let first = messageFirst[m]
@@ -184,7 +184,7 @@ final class SendQueue {
     /// Turns GSO off and rewrites messages `from...` as one message per segment (the kernel refused a GSO send).
     /// - Returns: the number of messages from `from` on after the split.
     @discardableResult
-    func splitMessages(from start: Int) -> Int {
+    package func splitMessages(from start: Int) -> Int {
         gso = false
         guard start < messageCount else { return 0 }
         let firstSegment = messageFirst[start]

@@ -80,7 +80,7 @@ public final class DataPlaneCounters: Sendable {
         dropCounter(reason).wrappingIncrement(by: n, ordering: .relaxed)
     }
 
-    func dropCounter(_ reason: DropReason) -> ManagedAtomic<UInt64> { drops[reason.index] }
+    package func dropCounter(_ reason: DropReason) -> ManagedAtomic<UInt64> { drops[reason.index] }
 
     public func drops(_ reason: DropReason) -> UInt64 { drops[reason.index].load(ordering: .relaxed) }
 

@@ -178,16 +178,16 @@ extension NetworkConfig {
 
 /// A JSON object looked up the way Go's encoding/json fills a struct: an exact key first, then any key that
 /// matches case-insensitively; null reads as absent. Type mismatches are errors that name the key.
-struct GoJSONObject {
-    let fields: [String: JSONValue]
-    let path: String
+package struct GoJSONObject {
+    package let fields: [String: JSONValue]
+    package let path: String
 
-    init(_ fields: [String: JSONValue], path: String = "") {
+    package init(_ fields: [String: JSONValue], path: String = "") {
         self.fields = fields
         self.path = path
     }
 
-    func value(_ key: String) -> JSONValue? {
+    package func value(_ key: String) -> JSONValue? {
         if let v = fields[key] { return v == .null ? nil : v }
         let lower = key.lowercased()
         for (k, v) in fields where k.lowercased() == lower { return v == .null ? nil : v }
@@ -196,7 +196,7 @@ struct GoJSONObject {
 
     private func name(_ key: String) -> String { path.isEmpty ? key : "\(path).\(key)" }
 
-    func string(_ key: String) throws(NetworkConfigError) -> String? {
+    package func string(_ key: String) throws(NetworkConfigError) -> String? {
         guard let v = value(key) else { return nil }
         guard case .string(let s) = v else {
             throw NetworkConfigError("flannel config \(name(key)) must be a string, not \(v)")
@@ -204,7 +204,7 @@ struct GoJSONObject {
         return s
     }
 
-    func bool(_ key: String) throws(NetworkConfigError) -> Bool? {
+    package func bool(_ key: String) throws(NetworkConfigError) -> Bool? {
         guard let v = value(key) else { return nil }
         guard case .bool(let b) = v else {
             throw NetworkConfigError("flannel config \(name(key)) must be true or false, not \(v)")
@@ -212,7 +212,7 @@ struct GoJSONObject {
         return b
     }
 
-    func integer(_ key: String) throws(NetworkConfigError) -> Int? {
+    package func integer(_ key: String) throws(NetworkConfigError) -> Int? {
         guard let v = value(key) else { return nil }
         guard case .number(let d) = v, let i = Int(exactly: d) else {
             throw NetworkConfigError("flannel config \(name(key)) must be an integer, not \(v)")
@@ -220,7 +220,7 @@ struct GoJSONObject {
         return i
     }
 
-    func unsigned(_ key: String) throws(NetworkConfigError) -> UInt? {
+    package func unsigned(_ key: String) throws(NetworkConfigError) -> UInt? {
         guard let i = try integer(key) else { return nil }
         guard i >= 0 else {
             throw NetworkConfigError("flannel config \(name(key)) must not be negative, not \(i)")
@@ -228,7 +228,7 @@ struct GoJSONObject {
         return UInt(i)
     }
 
-    func object(_ key: String) throws(NetworkConfigError) -> GoJSONObject? {
+    package func object(_ key: String) throws(NetworkConfigError) -> GoJSONObject? {
         guard let v = value(key) else { return nil }
         guard case .object(let o) = v else {
             throw NetworkConfigError("flannel config \(name(key)) must be an object, not \(v)")

@@ -10,18 +10,16 @@ import Glibc
 /// layer assigns; every request carries NLM_F_REQUEST | NLM_F_ACK so the kernel always ends the exchange with an
 /// NLMSG_ERROR (an ack or an error) or, for dumps, NLMSG_DONE. Parsers return nil for anything that is not a whole,
 /// well-formed message of the expected type and family; they never read past the bytes they are given.
-enum NetlinkMessages {
+package enum NetlinkMessages {
     // MARK: - Links
 
     /// RTM_GETLINK for one interface by index.
-    static func getLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: index))
-        return m.bytes
+    package static func getLink(index: Int32, sequence: UInt32) -> [UInt8] {
+        headerOnly(UInt16(RTM_GETLINK), 0, linkHeader(index: index), sequence)
     }
 
     /// RTM_GETLINK for one interface by name (IFLA_IFNAME). The caller checks the name's length.
-    static func getLink(name: String, sequence: UInt32) -> [UInt8] {
+    package static func getLink(name: String, sequence: UInt32) -> [UInt8] {
         let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence)
         m.putFixedHeader(linkHeader(index: 0))
         m.putString(UInt16(IFLA_IFNAME), name)
@@ -29,19 +27,17 @@ enum NetlinkMessages {
     }
 
     /// RTM_GETLINK dump of every interface.
-    static func dumpLinks(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: UInt16(NLM_F_DUMP), sequence: sequence)
-        m.putFixedHeader(linkHeader(index: 0))
-        return m.bytes
+    package static func dumpLinks(sequence: UInt32) -> [UInt8] {
+        headerOnly(UInt16(RTM_GETLINK), UInt16(NLM_F_DUMP), linkHeader(index: 0), sequence)
     }
 
     /// RTM_NEWLINK on an existing interface (no NLM_F_CREATE) that changes only IFLA_MTU.
-    static func setMTU(_ mtu: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
+    package static func setMTU(_ mtu: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
         setLinkU32(UInt16(IFLA_MTU), mtu, index: index, sequence: sequence)
     }
 
     /// RTM_NEWLINK on an existing interface that changes only IFLA_TXQLEN (`ip link set DEV txqueuelen N`).
-    static func setTxQueueLength(_ length: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
+    package static func setTxQueueLength(_ length: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
         setLinkU32(UInt16(IFLA_TXQLEN), length, index: index, sequence: sequence)
     }
 
@@ -53,7 +49,7 @@ enum NetlinkMessages {
     }
 
     /// RTM_NEWLINK on an existing interface that changes only IFF_UP (ifi_change = IFF_UP masks the rest).
-    static func setUp(_ up: Bool, index: Int32, sequence: UInt32) -> [UInt8] {
+    package static func setUp(_ up: Bool, index: Int32, sequence: UInt32) -> [UInt8] {
         let m = MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence)
         var header = linkHeader(index: index)
         header.ifi_change = UInt32(IFF_UP.rawValue)
@@ -63,9 +59,15 @@ enum NetlinkMessages {
     }
 
     /// RTM_DELLINK by index.
-    static func deleteLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_DELLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: index))
+    package static func deleteLink(index: Int32, sequence: UInt32) -> [UInt8] {
+        headerOnly(UInt16(RTM_DELLINK), 0, linkHeader(index: index), sequence)
+    }
+
+    /// A request that is its fixed header alone: the dumps, and the link requests by index.
+    private static func headerOnly<Fixed: BitwiseCopyable>(_ type: UInt16, _ flags: UInt16, _ header: Fixed, _ sequence: UInt32)
+        -> [UInt8] {
+        let m = MessageBuilder(type: type, flags: flags, sequence: sequence)
+        m.putFixedHeader(header)
         return m.bytes
     }
 
@@ -79,22 +81,20 @@ enum NetlinkMessages {
     // MARK: - Addresses
 
     /// RTM_GETADDR dump of the IPv4 addresses of every interface (the kernel filters by family).
-    static func dumpAddresses(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETADDR), flags: UInt16(NLM_F_DUMP), sequence: sequence)
+    package static func dumpAddresses(sequence: UInt32) -> [UInt8] {
         var header = ifaddrmsg()
         header.ifa_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETADDR), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_NEWADDR with NLM_F_CREATE | NLM_F_EXCL, as `ip addr add A/N dev D` sends it: IFA_LOCAL and IFA_ADDRESS
     /// both the address (no peer), scope universe, no broadcast.
-    static func newAddress(_ address: InterfaceAddress, sequence: UInt32) -> [UInt8] {
+    package static func newAddress(_ address: InterfaceAddress, sequence: UInt32) -> [UInt8] {
         addressMessage(UInt16(RTM_NEWADDR), UInt16(NLM_F_CREATE | NLM_F_EXCL), address, sequence)
     }
 
     /// RTM_DELADDR for one address; the kernel matches index, IFA_LOCAL, prefix length and IFA_ADDRESS.
-    static func deleteAddress(_ address: InterfaceAddress, sequence: UInt32) -> [UInt8] {
+    package static func deleteAddress(_ address: InterfaceAddress, sequence: UInt32) -> [UInt8] {
         addressMessage(UInt16(RTM_DELADDR), 0, address, sequence)
     }
 
@@ -116,16 +116,14 @@ enum NetlinkMessages {
     // MARK: - Neighbours
 
     /// RTM_GETNEIGH dump of the IPv4 neighbour (ARP) tables of every interface.
-    static func dumpNeighbours(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETNEIGH), flags: UInt16(NLM_F_DUMP), sequence: sequence)
+    package static func dumpNeighbours(sequence: UInt32) -> [UInt8] {
         var header = ndmsg()
         header.ndm_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETNEIGH), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_DELNEIGH for one IPv4 entry, as `ip neigh del ADDRESS dev DEV` sends it: interface and NDA_DST.
-    static func deleteNeighbour(_ neighbour: Neighbour, sequence: UInt32) -> [UInt8] {
+    package static func deleteNeighbour(_ neighbour: Neighbour, sequence: UInt32) -> [UInt8] {
         let m = MessageBuilder(type: UInt16(RTM_DELNEIGH), flags: 0, sequence: sequence)
         var header = ndmsg()
         header.ndm_family = UInt8(AF_INET)
@@ -138,23 +136,21 @@ enum NetlinkMessages {
     // MARK: - Routes
 
     /// RTM_GETROUTE dump of the IPv4 routing tables (all tables; `Netlink.routes` filters by table).
-    static func dumpRoutes(sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETROUTE), flags: UInt16(NLM_F_DUMP), sequence: sequence)
+    package static func dumpRoutes(sequence: UInt32) -> [UInt8] {
         var header = rtmsg()
         header.rtm_family = UInt8(AF_INET)
-        m.putFixedHeader(header)
-        return m.bytes
+        return headerOnly(UInt16(RTM_GETROUTE), UInt16(NLM_F_DUMP), header, sequence)
     }
 
     /// RTM_NEWROUTE with NLM_F_CREATE | NLM_F_EXCL (so an existing identical route is EEXIST, as with
     /// `ip route add`).
-    static func newRoute(_ route: Route, sequence: UInt32) -> [UInt8] {
+    package static func newRoute(_ route: Route, sequence: UInt32) -> [UInt8] {
         routeMessage(UInt16(RTM_NEWROUTE), UInt16(NLM_F_CREATE | NLM_F_EXCL), route, forDelete: false, sequence)
     }
 
     /// RTM_DELROUTE. Protocol and scope are sent as wildcards (RTPROT_UNSPEC, RT_SCOPE_NOWHERE) as
     /// `ip route del` does, so a route is found by destination, table, type, gateway, device and metric alone.
-    static func deleteRoute(_ route: Route, sequence: UInt32) -> [UInt8] {
+    package static func deleteRoute(_ route: Route, sequence: UInt32) -> [UInt8] {
         routeMessage(UInt16(RTM_DELROUTE), 0, route, forDelete: true, sequence)
     }
 
@@ -181,7 +177,7 @@ enum NetlinkMessages {
     }
 
     /// RTM_GETROUTE for one destination (`ip route get A`): the kernel answers with the route it would use.
-    static func getRoute(to destination: IPv4Address, sequence: UInt32) -> [UInt8] {
+    package static func getRoute(to destination: IPv4Address, sequence: UInt32) -> [UInt8] {
         let m = MessageBuilder(type: UInt16(RTM_GETROUTE), flags: 0, sequence: sequence)
         var header = rtmsg()
         header.rtm_family = UInt8(AF_INET)
@@ -194,24 +190,24 @@ enum NetlinkMessages {
     // MARK: - Parsing
 
     /// A parsed RTM_NEWROUTE: the route plus what `Route` does not carry.
-    struct RouteMessage: Equatable {
-        var route: Route
+    package struct RouteMessage: Equatable {
+        package var route: Route
         /// RTA_PREFSRC: the source address the kernel would pick.
-        var preferredSource: IPv4Address?
+        package var preferredSource: IPv4Address?
         /// rtm_flags (RTM_F_CLONED marks a cached clone, not a table entry).
-        var flags: UInt32
+        package var flags: UInt32
     }
 
     /// The outcome an NLMSG_ERROR or NLMSG_DONE reports.
-    struct Status: Equatable {
+    package struct Status: Equatable {
         /// The positive errno, or 0 for an ack / a clean end of dump.
-        var errno: Int32
+        package var errno: Int32
         /// The kernel's extended-ack text (NLMSGERR_ATTR_MSG), when it sent one.
-        var message: String?
+        package var message: String?
     }
 
     /// Parses an RTM_NEWLINK reply. Nil when malformed: no name or MTU, or an attribute of the wrong length.
-    static func parseLink(_ message: UnsafeRawBufferPointer) -> Link? {
+    package static func parseLink(_ message: UnsafeRawBufferPointer) -> Link? {
         guard let (header, attrs) = open(message, type: UInt16(RTM_NEWLINK), fixed: ifinfomsg.self),
               let name = attrs.string(UInt16(IFLA_IFNAME)), let mtu = attrs.u32(UInt16(IFLA_MTU))
         else { return nil }
@@ -227,7 +223,7 @@ enum NetlinkMessages {
     }
 
     /// Parses an RTM_NEWADDR reply for an IPv4 address. Nil for another family or a malformed message.
-    static func parseAddress(_ message: UnsafeRawBufferPointer) -> InterfaceAddress? {
+    package static func parseAddress(_ message: UnsafeRawBufferPointer) -> InterfaceAddress? {
         guard let (header, attrs) = open(message, type: UInt16(RTM_NEWADDR), fixed: ifaddrmsg.self),
               header.ifa_family == UInt8(AF_INET), header.ifa_prefixlen <= 32
         else { return nil }
@@ -249,7 +245,7 @@ enum NetlinkMessages {
     /// Parses an RTM_NEWROUTE reply (a dump entry or an RTM_GETROUTE answer) for IPv4. Nil for another family or a
     /// malformed message. For a multipath route the first next hop supplies gateway and device: that is also the
     /// one the kernel matches when such a route is deleted by gateway and device.
-    static func parseRoute(_ message: UnsafeRawBufferPointer) -> RouteMessage? {
+    package static func parseRoute(_ message: UnsafeRawBufferPointer) -> RouteMessage? {
         guard let (header, attrs) = open(message, type: UInt16(RTM_NEWROUTE), fixed: rtmsg.self),
               header.rtm_family == UInt8(AF_INET), header.rtm_dst_len <= 32
         else { return nil }
@@ -300,7 +296,7 @@ enum NetlinkMessages {
     /// Parses NLMSG_ERROR (an ack when errno is 0) or NLMSG_DONE (which carries an error when a dump failed).
     /// The extended ack (NLMSGERR_ATTR_MSG) is read when NLM_F_ACK_TLVS says it is there; a malformed extended ack
     /// is dropped, the errno is kept. Nil when the message is too short to hold the error code.
-    static func parseStatus(_ message: UnsafeRawBufferPointer) -> Status? {
+    package static func parseStatus(_ message: UnsafeRawBufferPointer) -> Status? {
         let headerSize = MemoryLayout<nlmsghdr>.size
         guard message.count >= headerSize else { return nil }
         let header = message.loadUnaligned(as: nlmsghdr.self)
@@ -339,7 +335,7 @@ enum NetlinkMessages {
 
     /// Parses an RTM_NEWNEIGH reply for IPv4. Nil for another family or a malformed message (no NDA_DST, or one
     /// that is not 4 bytes).
-    static func parseNeighbour(_ message: UnsafeRawBufferPointer) -> Neighbour? {
+    package static func parseNeighbour(_ message: UnsafeRawBufferPointer) -> Neighbour? {
         guard let (header, attrs) = open(message, type: UInt16(RTM_NEWNEIGH), fixed: ndmsg.self),
               header.ndm_family == UInt8(AF_INET), let address = attrs.ipv4(UInt16(NDA_DST))
         else { return nil }
@@ -350,7 +346,7 @@ enum NetlinkMessages {
     /// The fixed header and attributes of a whole message of `type`, or nil: shorter than its header, claiming
     /// more bytes than there are, another type, or attributes that are not whole. Also used by the notification
     /// parser (NetlinkEvents.swift), whose messages share the replies' layout.
-    static func open<Fixed>(_ message: UnsafeRawBufferPointer, type: UInt16, fixed: Fixed.Type)
+    package static func open<Fixed>(_ message: UnsafeRawBufferPointer, type: UInt16, fixed: Fixed.Type)
         -> (Fixed, NetlinkAttributes)? {
         let headerSize = MemoryLayout<nlmsghdr>.size
         guard message.count >= headerSize else { return nil }
@@ -369,11 +365,11 @@ enum NetlinkMessages {
 
 // Convenience for tests and callers holding bytes in an array.
 extension NetlinkMessages {
-    static func parseLink(_ bytes: [UInt8]) -> Link? { bytes.withUnsafeBytes { parseLink($0) } }
-    static func parseAddress(_ bytes: [UInt8]) -> InterfaceAddress? { bytes.withUnsafeBytes { parseAddress($0) } }
-    static func parseRoute(_ bytes: [UInt8]) -> RouteMessage? { bytes.withUnsafeBytes { parseRoute($0) } }
-    static func parseStatus(_ bytes: [UInt8]) -> Status? { bytes.withUnsafeBytes { parseStatus($0) } }
-    static func parseNeighbour(_ bytes: [UInt8]) -> Neighbour? { bytes.withUnsafeBytes { parseNeighbour($0) } }
+    package static func parseLink(_ bytes: [UInt8]) -> Link? { bytes.withUnsafeBytes { parseLink($0) } }
+    package static func parseAddress(_ bytes: [UInt8]) -> InterfaceAddress? { bytes.withUnsafeBytes { parseAddress($0) } }
+    package static func parseRoute(_ bytes: [UInt8]) -> RouteMessage? { bytes.withUnsafeBytes { parseRoute($0) } }
+    package static func parseStatus(_ bytes: [UInt8]) -> Status? { bytes.withUnsafeBytes { parseStatus($0) } }
+    package static func parseNeighbour(_ bytes: [UInt8]) -> Neighbour? { bytes.withUnsafeBytes { parseNeighbour($0) } }
 }
 
 /// One request under construction, in a zeroed, aligned buffer, written with libmnl's put functions (which keep
@@ -381,13 +377,13 @@ extension NetlinkMessages {
 ///
 /// The requests here are a fixed header and a few small attributes, far below the capacity; running out of room is
 /// a programming error and traps.
-final class MessageBuilder {
+package final class MessageBuilder {
     private static let capacity = 512
     private let buffer: UnsafeMutableRawPointer
     private let header: UnsafeMutablePointer<nlmsghdr>
 
     /// Starts a message of `type`; NLM_F_REQUEST | NLM_F_ACK are always set, `flags` adds to them.
-    init(type: UInt16, flags: UInt16, sequence: UInt32) {
+    package init(type: UInt16, flags: UInt16, sequence: UInt32) {
         buffer = UnsafeMutableRawPointer.allocate(byteCount: MessageBuilder.capacity, alignment: 16)
         buffer.initializeMemory(as: UInt8.self, repeating: 0, count: MessageBuilder.capacity)
         header = mnl_nlmsg_put_header(buffer)
@@ -400,26 +396,26 @@ final class MessageBuilder {
     deinit { buffer.deallocate() }
 
     /// Appends the family header (ifinfomsg, ifaddrmsg, rtmsg) right after nlmsghdr.
-    func putFixedHeader<Fixed: BitwiseCopyable>(_ value: Fixed) {
+    package func putFixedHeader<Fixed: BitwiseCopyable>(_ value: Fixed) {
         let room = MessageBuilder.capacity - Int(header.pointee.nlmsg_len)
         precondition(netlinkAlign(MemoryLayout<Fixed>.size) <= room, "netlink request buffer too small")
         mnl_nlmsg_put_extra_header(header, MemoryLayout<Fixed>.size).storeBytes(of: value, as: Fixed.self)
     }
 
-    func putU32(_ type: UInt16, _ value: UInt32) {
+    package func putU32(_ type: UInt16, _ value: UInt32) {
         precondition(mnl_attr_put_u32_check(header, MessageBuilder.capacity, type, value),
                      "netlink request buffer too small")
     }
 
     /// An IPv4 address attribute: 4 bytes in network byte order.
-    func putIPv4(_ type: UInt16, _ address: IPv4Address) { putU32(type, address.networkOrder) }
+    package func putIPv4(_ type: UInt16, _ address: IPv4Address) { putU32(type, address.networkOrder) }
 
     /// A NUL-terminated string attribute.
-    func putString(_ type: UInt16, _ value: String) {
+    package func putString(_ type: UInt16, _ value: String) {
         precondition(mnl_attr_put_strz_check(header, MessageBuilder.capacity, type, value),
                      "netlink request buffer too small")
     }
 
     /// The finished message, nlmsg_len bytes.
-    var bytes: [UInt8] { Array(UnsafeRawBufferPointer(start: buffer, count: Int(header.pointee.nlmsg_len))) }
+    package var bytes: [UInt8] { Array(UnsafeRawBufferPointer(start: buffer, count: Int(header.pointee.nlmsg_len))) }
 }

@@ -63,14 +63,14 @@ enum PacketIO {
 
 /// At most one log line per second (or per `intervalNanoseconds`) for per-packet errors, with the number
 /// suppressed since. One per worker stage; the control endpoint uses one for refused clients.
-struct LogLimiter {
+package struct LogLimiter {
     private var last: UInt64 = 0
     private var suppressed: UInt64 = 0
     private let interval: UInt64
 
-    init(intervalNanoseconds: UInt64 = 1_000_000_000) { interval = intervalNanoseconds }
+    package init(intervalNanoseconds: UInt64 = 1_000_000_000) { interval = intervalNanoseconds }
 
-    mutating func allow() -> (Bool, UInt64) {
+    package mutating func allow() -> (Bool, UInt64) {
         let now = ICMPRateLimiter.monotonicNanoseconds()
         if last != 0 && now &- last < interval {
             suppressed &+= 1

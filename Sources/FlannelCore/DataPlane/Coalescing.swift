@@ -28,9 +28,11 @@ import Glibc
 /// header, the first packet's IPv4 + TCP headers (copied into the coalescer's own buffer when a second packet
 /// joins, then patched), and every packet's payload where it was received. Packets passed in must stay valid
 /// until `finish`'s iovecs have been written. No allocation after init.
-final class TCPCoalescer {
-    static let maxSegments = 64
-    static let maxLength = 65535
+package final class TCPCoalescer {
+    package static let maxSegments = 64
+    /// Where the TCP header starts: only packets whose IPv4 header has no options are coalesced.
+    private static let ip = IPv4Header.minimumLength
+    package static let maxLength = 65535
 
     /// The super-packet's IPv4 + TCP headers (at most 20 + 60 bytes), once the group has two packets.
     private let headerBuffer: UnsafeMutableRawPointer
@@ -40,16 +42,16 @@ final class TCPCoalescer {
     /// The first packet, where it was received.
     private var head: UnsafeMutableRawPointer?
     private var length = 0
-    private(set) var count = 0
+    package private(set) var count = 0
     private var tcpHeaderLength = 0
     private var gsoSize = 0
     private var nextSequence: UInt32 = 0
     private var closed = false
     private var push = false
 
-    var isOpen: Bool { count > 0 }
+    package var isOpen: Bool { count > 0 }
 
-    init() {
+    package init() {
         headerBuffer = .allocate(byteCount: 128, alignment: 64)
         iovecs = .allocate(count: TCPCoalescer.maxSegments &+ 2, initializedTo: iovec())
     }
@@ -62,75 +64,77 @@ final class TCPCoalescer {
     /// The packet's flags when it may start or join a group: TCP/IPv4, 20-byte IP header, not a fragment, some
     /// payload, none of SYN, RST, URG, FIN. `packet.count` must be the packet's total length.
     @inline(__always)
-    static func candidateFlags(_ packet: UnsafeRawBufferPointer) -> UInt8? {
-        guard packet.count >= 40, packet[0] == 0x45, packet[IPv4Header.proto] == TCPHeader.protocolNumber else {
+    package static func candidateFlags(_ packet: UnsafeRawBufferPointer) -> UInt8? {
+        guard packet.count >= ip &+ TCPHeader.minimumLength else { return nil }
+        let h = IPv4TCPHeaders(packet)
+        guard h.versionIHL == IPv4Header.versionIHLWithoutOptions, h.proto == TCPHeader.protocolNumber else {
             return nil
         }
-        let frag = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.flagsFragment, as: UInt16.self))
-        guard frag & 0x3FFF == 0 else { return nil }
-        let thl = Int(packet[20 &+ TCPHeader.dataOffset] >> 4) &* 4
-        guard thl >= TCPHeader.minimumLength, 20 &+ thl < packet.count else { return nil }
-        let flags = packet[20 &+ TCPHeader.flags]
+        guard !h.isFragment else { return nil }
+        let thl = h.tcpHeaderLength(at: ip)
+        guard thl >= TCPHeader.minimumLength, ip &+ thl < packet.count else { return nil }
+        let flags = h.tcpFlags(at: ip)
         guard flags & (TCPHeader.syn | TCPHeader.rst | TCPHeader.urg | TCPHeader.fin) == 0 else { return nil }
         return flags
     }
 
-    static func isCandidate(_ packet: UnsafeRawBufferPointer) -> Bool { candidateFlags(packet) != nil }
+    package static func isCandidate(_ packet: UnsafeRawBufferPointer) -> Bool { candidateFlags(packet) != nil }
 
     /// Opens a group with `packet`. - Precondition: no group is open and `isCandidate(packet)`.
-    func begin(_ packet: UnsafeMutableRawBufferPointer) {
+    package func begin(_ packet: UnsafeMutableRawBufferPointer) {
         precondition(count == 0)
-        let p = UnsafeRawBufferPointer(packet)
+        let ip = TCPCoalescer.ip
+        let h = IPv4TCPHeaders(UnsafeRawBufferPointer(packet))
         head = packet.baseAddress
         length = packet.count
         count = 1
-        tcpHeaderLength = Int(p[20 &+ TCPHeader.dataOffset] >> 4) &* 4
-        gsoSize = packet.count &- 20 &- tcpHeaderLength
-        let seq = UInt32(bigEndian: p.loadUnaligned(fromByteOffset: 20 &+ TCPHeader.sequence, as: UInt32.self))
-        nextSequence = seq &+ UInt32(truncatingIfNeeded: gsoSize)
-        push = p[20 &+ TCPHeader.flags] & TCPHeader.psh != 0
+        tcpHeaderLength = h.tcpHeaderLength(at: ip)
+        gsoSize = packet.count &- ip &- tcpHeaderLength
+        nextSequence = h.tcpSequence(at: ip) &+ UInt32(truncatingIfNeeded: gsoSize)
+        push = h.tcpFlags(at: ip) & TCPHeader.psh != 0
         closed = push
     }
 
     /// Merges `packet` into the open group if the rules allow; false leaves everything as it was.
-    func append(_ packet: UnsafeRawBufferPointer) -> Bool {
+    package func append(_ packet: UnsafeRawBufferPointer) -> Bool {
         guard count > 0, !closed, count < TCPCoalescer.maxSegments, let flags = TCPCoalescer.candidateFlags(packet)
         else { return false }
+        let ip = TCPCoalescer.ip
         let first = UnsafeRawPointer(head!)
         let p = packet.baseAddress!
+        let h = IPv4TCPHeaders(p), h0 = IPv4TCPHeaders(first)
         let thl = tcpHeaderLength
-        let payload = packet.count &- 20 &- thl
+        let payload = packet.count &- ip &- thl
         // The whole byte: the header length and the reserved bits (AccECN's AE among them), which the kernel
         // compares as part of its flag word; they would be lost in the merge.
-        guard packet[20 &+ TCPHeader.dataOffset] == first.load(fromByteOffset: 20 &+ TCPHeader.dataOffset, as: UInt8.self),
+        let dataOffset = ip &+ TCPHeader.dataOffset
+        guard packet[dataOffset] == first.load(fromByteOffset: dataOffset, as: UInt8.self),
               payload <= gsoSize,
               length &+ payload <= TCPCoalescer.maxLength else { return false }
         // IPv4: TOS, TTL, DF, addresses equal; identification = first + count.
         guard packet[IPv4Header.tos] == first.load(fromByteOffset: IPv4Header.tos, as: UInt8.self),
-              packet[IPv4Header.ttl] == first.load(fromByteOffset: IPv4Header.ttl, as: UInt8.self),
+              h.ttl == h0.ttl,
               packet[IPv4Header.flagsFragment] == first.load(fromByteOffset: IPv4Header.flagsFragment, as: UInt8.self),
               memcmp(p + IPv4Header.source, first + IPv4Header.source, 8) == 0 else { return false }
-        let id0 = UInt16(bigEndian: first.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
-        let id = UInt16(bigEndian: p.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
-        guard id == id0 &+ UInt16(truncatingIfNeeded: count) else { return false }
+        guard h.identification == h0.identification &+ UInt16(truncatingIfNeeded: count) else { return false }
         // TCP: ports, acknowledgment; flags equal but for PSH (and CWR on the first); window; options.
-        let t = p + 20, t0 = first + 20
-        let firstFlags = t0.load(fromByteOffset: TCPHeader.flags, as: UInt8.self)
+        let t = p + ip, t0 = first + ip
+        let firstFlags = h0.tcpFlags(at: ip)
         guard flags & TCPHeader.cwr == 0,
               (flags ^ firstFlags) & ~(TCPHeader.psh | TCPHeader.cwr) == 0,
               memcmp(t, t0, 4) == 0,
               memcmp(t + TCPHeader.acknowledgment, t0 + TCPHeader.acknowledgment, 4) == 0,
               memcmp(t + TCPHeader.window, t0 + TCPHeader.window, 2) == 0,
-              thl == TCPHeader.minimumLength || memcmp(t + 20, t0 + 20, thl &- 20) == 0 else { return false }
-        let seq = UInt32(bigEndian: t.loadUnaligned(fromByteOffset: TCPHeader.sequence, as: UInt32.self))
-        guard seq == nextSequence else { return false }
+              thl == TCPHeader.minimumLength || memcmp(t + TCPHeader.minimumLength, t0 + TCPHeader.minimumLength,
+                                                       thl &- TCPHeader.minimumLength) == 0 else { return false }
+        guard h.tcpSequence(at: ip) == nextSequence else { return false }
 
         if count == 1 {
-            headerBuffer.copyMemory(from: head!, byteCount: 20 &+ thl)
-            iovecs[1] = iovec(iov_base: headerBuffer, iov_len: 20 &+ thl)
-            iovecs[2] = iovec(iov_base: head! + (20 &+ thl), iov_len: gsoSize)
+            headerBuffer.copyMemory(from: head!, byteCount: ip &+ thl)
+            iovecs[1] = iovec(iov_base: headerBuffer, iov_len: ip &+ thl)
+            iovecs[2] = iovec(iov_base: head! + (ip &+ thl), iov_len: gsoSize)
         }
-        iovecs[count &+ 2] = iovec(iov_base: UnsafeMutableRawPointer(mutating: p + (20 &+ thl)), iov_len: payload)
+        iovecs[count &+ 2] = iovec(iov_base: UnsafeMutableRawPointer(mutating: p + (ip &+ thl)), iov_len: payload)
         length &+= payload
         count &+= 1
         nextSequence &+= UInt32(truncatingIfNeeded: payload)
@@ -142,7 +146,7 @@ final class TCPCoalescer {
     /// Closes the open group: writes its virtio header to `header` (`VirtioNetHeader.length` bytes) and returns
     /// the gather list to write: `header` first, then the packet's pieces (valid until the next `begin`, and only
     /// while the packets passed in stay where they are).
-    func finish(header: UnsafeMutableRawPointer) -> UnsafeBufferPointer<iovec> {
+    package func finish(header: UnsafeMutableRawPointer) -> UnsafeBufferPointer<iovec> {
         precondition(count > 0)
         let pieces = count == 1 ? 2 : count &+ 2
         defer {
@@ -155,22 +159,23 @@ final class TCPCoalescer {
             iovecs[1] = iovec(iov_base: head!, iov_len: length)
             return UnsafeBufferPointer(start: iovecs, count: pieces)
         }
+        let ip = TCPCoalescer.ip
         let b = headerBuffer
         b.storeBytes(of: UInt16(truncatingIfNeeded: length).bigEndian, toByteOffset: IPv4Header.totalLength,
                      as: UInt16.self)
         b.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.checksum, as: UInt16.self)
-        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(start: b, count: 20))
+        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(start: b, count: ip))
         b.storeBytes(of: ipSum.bigEndian, toByteOffset: IPv4Header.checksum, as: UInt16.self)
         if push {
-            let f = b.load(fromByteOffset: 20 &+ TCPHeader.flags, as: UInt8.self)
-            b.storeBytes(of: f | TCPHeader.psh, toByteOffset: 20 &+ TCPHeader.flags, as: UInt8.self)
+            let f = IPv4TCPHeaders(b).tcpFlags(at: ip)
+            b.storeBytes(of: f | TCPHeader.psh, toByteOffset: ip &+ TCPHeader.flags, as: UInt8.self)
         }
         // NEEDS_CSUM: the field holds the pseudo-header sum; the kernel (or whoever delivers it) completes it.
-        let pseudo = InternetChecksum.pseudoHeaderSum(b, proto: TCPHeader.protocolNumber, length: length &- 20)
-        b.storeBytes(of: pseudo.bigEndian, toByteOffset: 20 &+ TCPHeader.checksum, as: UInt16.self)
+        let pseudo = InternetChecksum.pseudoHeaderSum(b, proto: TCPHeader.protocolNumber, length: length &- ip)
+        b.storeBytes(of: pseudo.bigEndian, toByteOffset: ip &+ TCPHeader.checksum, as: UInt16.self)
         VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum, gsoType: VirtioNetHeader.gsoTCPv4,
-                        headerLength: UInt16(truncatingIfNeeded: 20 &+ tcpHeaderLength),
-                        gsoSize: UInt16(truncatingIfNeeded: gsoSize), checksumStart: 20,
+                        headerLength: UInt16(truncatingIfNeeded: ip &+ tcpHeaderLength),
+                        gsoSize: UInt16(truncatingIfNeeded: gsoSize), checksumStart: UInt16(ip),
                         checksumOffset: UInt16(TCPHeader.checksum)).store(to: header)
         return UnsafeBufferPointer(start: iovecs, count: pieces)
     }

@@ -29,25 +29,21 @@ public struct IPv4Packet: Equatable, Sendable {
     /// bad checksum bad (RFC 1624 section 2).
     public static func parse(_ bytes: UnsafeRawBufferPointer) -> Parse {
         guard bytes.count >= 1 else { return .invalid(.malformed) }
-        let vihl = bytes[IPv4Header.versionIHL]
-        guard vihl >> 4 == 4 else { return .invalid(.notIPv4) }
-        let headerLength = Int(vihl & 0x0F) &* 4
+        let h = IPv4TCPHeaders(bytes)
+        guard h.version == 4 else { return .invalid(.notIPv4) }
+        let headerLength = h.headerLength
         guard headerLength >= IPv4Header.minimumLength, bytes.count >= headerLength else {
             return .invalid(.malformed)
         }
-        let total = Int(UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.totalLength,
-                                                              as: UInt16.self)))
+        let total = h.totalLength
         guard total >= headerLength, total <= bytes.count else { return .invalid(.malformed) }
         return .valid(IPv4Packet(
             headerLength: headerLength,
             totalLength: total,
-            ttl: bytes[IPv4Header.ttl],
-            proto: bytes[IPv4Header.proto],
-            flagsFragment: UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.flagsFragment,
-                                                                 as: UInt16.self)),
-            source: IPv4Address(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.source,
-                                                                      as: UInt32.self))),
-            destination: IPv4Address(UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.destination,
-                                                                           as: UInt32.self)))))
+            ttl: h.ttl,
+            proto: h.proto,
+            flagsFragment: h.flagsFragment,
+            source: IPv4Address(h.source),
+            destination: IPv4Address(h.destination)))
     }
 }

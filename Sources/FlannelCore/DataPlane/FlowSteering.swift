@@ -23,14 +23,14 @@ public enum FlowSteering {
     /// The flow key of an inner IPv4 packet (what the program computes before the multiplication), or nil when
     /// the program would stop on a load beyond the packet.
     public static func key(_ packet: UnsafeRawBufferPointer) -> UInt32? {
-        guard packet.count >= 20 else { return nil }
-        var key = load32(packet, 12) ^ load32(packet, 16)
-        let proto = packet[9]
-        let fragment = UInt16(packet[6]) << 8 | UInt16(packet[7])
-        if (proto == 6 || proto == 17) && fragment & 0x3FFF == 0 {
-            let x = Int(packet[0] & 0x0F) &* 4
+        guard packet.count >= IPv4Header.minimumLength else { return nil }
+        let h = IPv4TCPHeaders(packet)
+        var key = h.source ^ h.destination
+        let proto = h.proto
+        if (proto == IPv4Header.protocolTCP || proto == IPv4Header.protocolUDP) && !h.isFragment {
+            let x = h.headerLength
             guard x &+ 4 <= packet.count else { return nil }
-            key ^= load32(packet, x)
+            key ^= h.portWord(at: x)
         }
         return key
     }
@@ -41,9 +41,12 @@ public enum FlowSteering {
         return worker(key: key, workers: workers)
     }
 
+    /// The multiplicative hash's factor (2^32 / the golden ratio, odd), in the program and in `worker(key:)`.
+    static let multiplier: UInt32 = 0x9E37_79B1
+
     @inline(__always)
     public static func worker(key: UInt32, workers: Int) -> Int {
-        Int(((key &* 0x9E37_79B1) >> 16) % UInt32(workers))
+        Int(((key &* multiplier) >> 16) % UInt32(workers))
     }
 
     /// The classic BPF program for `workers` sockets (see above; `workers` >= 1).
@@ -52,33 +55,30 @@ public enum FlowSteering {
         func op(_ code: UInt16, _ k: UInt32 = 0, jt: UInt8 = 0, jf: UInt8 = 0) -> fu_sock_filter {
             fu_sock_filter(code: code, jt: jt, jf: jf, k: k)
         }
+        // Operands that are header offsets and values, named as the Swift side above reads them.
+        func at(_ offset: Int) -> UInt32 { UInt32(offset) }
         return [
-            op(BPF.ldAbsW, 16),                     //  0  A = inner destination
-            op(BPF.tax),                            //  1  X = A
-            op(BPF.ldAbsW, 12),                     //  2  A = inner source
-            op(BPF.xorX),                           //  3  A ^= X
-            op(BPF.st, 0),                          //  4  M[0] = A
-            op(BPF.ldAbsB, 9),                      //  5  A = protocol
-            op(BPF.jeqK, 6, jt: 1, jf: 0),          //  6  TCP: ports (8)
-            op(BPF.jeqK, 17, jt: 0, jf: 7),         //  7  UDP: ports (8), else the hash (15)
-            op(BPF.ldAbsH, 6),                      //  8  A = flags and fragment offset
-            op(BPF.jsetK, 0x3FFF, jt: 5, jf: 0),    //  9  a fragment: no ports, the hash (15)
-            op(BPF.ldxMSH, 0),                      // 10  X = 4 * IHL
+            op(BPF.ldAbsW, at(IPv4Header.destination)),                  //  0  A = inner destination
+            op(BPF.tax),                                                 //  1  X = A
+            op(BPF.ldAbsW, at(IPv4Header.source)),                       //  2  A = inner source
+            op(BPF.xorX),                                                //  3  A ^= X
+            op(BPF.st, 0),                                               //  4  M[0] = A
+            op(BPF.ldAbsB, at(IPv4Header.proto)),                        //  5  A = protocol
+            op(BPF.jeqK, UInt32(IPv4Header.protocolTCP), jt: 1, jf: 0),  //  6  TCP: ports (8)
+            op(BPF.jeqK, UInt32(IPv4Header.protocolUDP), jt: 0, jf: 7),  //  7  UDP: ports (8), else the hash (15)
+            op(BPF.ldAbsH, at(IPv4Header.flagsFragment)),                //  8  A = flags and fragment offset
+            op(BPF.jsetK, UInt32(IPv4Header.fragmentBits), jt: 5, jf: 0), //  9  a fragment: no ports, the hash (15)
+            op(BPF.ldxMSH, at(IPv4Header.versionIHL)),                   // 10  X = 4 * IHL
             op(BPF.ldIndW, 0),                      // 11  A = the port word after the IPv4 header
             op(BPF.ldxMem, 0),                      // 12  X = M[0]
             op(BPF.xorX),                           // 13  A ^= X
             op(BPF.st, 0),                          // 14  M[0] = A
             op(BPF.ldMem, 0),                       // 15  A = M[0], the key
-            op(BPF.mulK, 0x9E37_79B1),              // 16
+            op(BPF.mulK, multiplier),               // 16
             op(BPF.rshK, 16),                       // 17
             op(BPF.modK, UInt32(workers)),          // 18
             op(BPF.retA),                           // 19  the socket's index
         ]
-    }
-
-    @inline(__always)
-    private static func load32(_ p: UnsafeRawBufferPointer, _ offset: Int) -> UInt32 {
-        UInt32(bigEndian: p.loadUnaligned(fromByteOffset: offset, as: UInt32.self))
     }
 }
 

@@ -16,8 +16,10 @@ public enum ICMPError {
     /// RFC 1812 4.3.2.3: an ICMP error holds the original IP header and data such that the whole message is no
     /// longer than 576 bytes.
     public static let maximumLength = 576
-    /// Our IP header (20, no options) + ICMP header (8).
-    public static let headersLength = 28
+    /// Our IP header (no options) + ICMP header (8).
+    public static let headersLength = IPv4Header.minimumLength + ICMPError.icmpHeaderLength
+    /// Type, code, checksum and 4 unused bytes.
+    static let icmpHeaderLength = 8
 
     /// ICMP types that are themselves error messages: destination unreachable, source quench, redirect, time
     /// exceeded, parameter problem. No error is ever sent about one of these (RFC 1122 3.2.2); queries such as
@@ -66,27 +68,28 @@ public enum ICMPError {
         let length = ICMPError.headersLength + quoted
         guard buffer.count >= length else { return 0 }
         // IP header.
-        buffer[0] = 0x45
-        buffer[1] = 0xC0
-        buffer.storeBytes(of: UInt16(length).bigEndian, toByteOffset: 2, as: UInt16.self)
-        buffer.storeBytes(of: identification.bigEndian, toByteOffset: 4, as: UInt16.self)
-        buffer.storeBytes(of: UInt16(0), toByteOffset: 6, as: UInt16.self)
-        buffer[8] = 64
-        buffer[9] = IPv4Header.protocolICMP
-        buffer.storeBytes(of: UInt16(0), toByteOffset: 10, as: UInt16.self)
-        buffer.storeBytes(of: source.value.bigEndian, toByteOffset: 12, as: UInt32.self)
-        buffer.storeBytes(of: packet.source.value.bigEndian, toByteOffset: 16, as: UInt32.self)
-        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(rebasing: buffer[0..<20]))
-        buffer.storeBytes(of: ipSum.bigEndian, toByteOffset: 10, as: UInt16.self)
+        let ip = IPv4Header.minimumLength
+        buffer[IPv4Header.versionIHL] = IPv4Header.versionIHLWithoutOptions
+        buffer[IPv4Header.tos] = 0xC0
+        buffer.storeBytes(of: UInt16(length).bigEndian, toByteOffset: IPv4Header.totalLength, as: UInt16.self)
+        buffer.storeBytes(of: identification.bigEndian, toByteOffset: IPv4Header.identification, as: UInt16.self)
+        buffer.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.flagsFragment, as: UInt16.self)
+        buffer[IPv4Header.ttl] = 64
+        buffer[IPv4Header.proto] = IPv4Header.protocolICMP
+        buffer.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.checksum, as: UInt16.self)
+        buffer.storeBytes(of: source.value.bigEndian, toByteOffset: IPv4Header.source, as: UInt32.self)
+        buffer.storeBytes(of: packet.source.value.bigEndian, toByteOffset: IPv4Header.destination, as: UInt32.self)
+        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(rebasing: buffer[0..<ip]))
+        buffer.storeBytes(of: ipSum.bigEndian, toByteOffset: IPv4Header.checksum, as: UInt16.self)
         // ICMP header: type, code, checksum, 4 unused bytes (zero for both types we send).
-        buffer[20] = type
-        buffer[21] = code
-        buffer.storeBytes(of: UInt16(0), toByteOffset: 22, as: UInt16.self)
-        buffer.storeBytes(of: UInt32(0), toByteOffset: 24, as: UInt32.self)
-        UnsafeMutableRawBufferPointer(rebasing: buffer[28..<length])
+        buffer[ip] = type
+        buffer[ip &+ 1] = code
+        buffer.storeBytes(of: UInt16(0), toByteOffset: ip &+ 2, as: UInt16.self)
+        buffer.storeBytes(of: UInt32(0), toByteOffset: ip &+ 4, as: UInt32.self)
+        UnsafeMutableRawBufferPointer(rebasing: buffer[ICMPError.headersLength..<length])
             .copyMemory(from: UnsafeRawBufferPointer(rebasing: original[0..<quoted]))
-        let icmpSum = InternetChecksum.compute(UnsafeRawBufferPointer(rebasing: buffer[20..<length]))
-        buffer.storeBytes(of: icmpSum.bigEndian, toByteOffset: 22, as: UInt16.self)
+        let icmpSum = InternetChecksum.compute(UnsafeRawBufferPointer(rebasing: buffer[ip..<length]))
+        buffer.storeBytes(of: icmpSum.bigEndian, toByteOffset: ip &+ 2, as: UInt16.self)
         return length
     }
 }

@@ -3,21 +3,21 @@
 /// missing: one datagram). Each range is one datagram, so one IPv4 packet on flannel's wire. Both numbers come
 /// from outside (the kernel, from what the peers sent): any values give ranges that tile `0..<total` exactly and
 /// are never empty. Pure, no allocation.
-struct GROSplit: IteratorProtocol {
-    let total: Int
+package struct GROSplit: IteratorProtocol {
+    package let total: Int
     /// Bytes per datagram: the segment size, or the whole buffer when that is 0, negative or larger.
-    let step: Int
+    package let step: Int
     private var offset = 0
 
-    init(total: Int, segmentSize: Int) {
+    package init(total: Int, segmentSize: Int) {
         self.total = Swift.max(total, 0)
         step = segmentSize > 0 && segmentSize < total ? segmentSize : Swift.max(total, 1)
     }
 
     /// More than one datagram in the buffer (GRO at work).
-    var isCoalesced: Bool { step < total }
+    package var isCoalesced: Bool { step < total }
 
-    mutating func next() -> Range<Int>? {
+    package mutating func next() -> Range<Int>? {
         guard offset < total else { return nil }
         let end = offset &+ Swift.min(step, total &- offset)
         defer { offset = end }

@@ -10,11 +10,11 @@ import CNetlink
 /// and returns nil when it is wrong, so reading never goes past an attribute's end.
 ///
 /// The pointers refer into the caller's buffer: use a value only while that buffer is alive (within the parse).
-struct NetlinkAttributes {
+package struct NetlinkAttributes {
     private var table: [UInt16: UnsafePointer<nlattr>] = [:]
 
     /// Walks the attributes in `region`. Fails when the region does not consist of whole attributes.
-    init?(_ region: UnsafeRawBufferPointer) {
+    package init?(_ region: UnsafeRawBufferPointer) {
         guard let base = region.baseAddress, region.count > 0 else { return }
         var attr = base.assumingMemoryBound(to: nlattr.self)
         var remaining = region.count
@@ -30,7 +30,7 @@ struct NetlinkAttributes {
     }
 
     /// Whether an attribute of this type is present (whatever its length).
-    func has(_ type: UInt16) -> Bool { table[type] != nil }
+    package func has(_ type: UInt16) -> Bool { table[type] != nil }
 
     private func validated(_ type: UInt16, _ dataType: mnl_attr_data_type) -> UnsafePointer<nlattr>? {
         guard let attr = table[type], mnl_attr_validate(attr, dataType) == 0 else { return nil }
@@ -38,31 +38,31 @@ struct NetlinkAttributes {
     }
 
     /// A u8 attribute (payload exactly 1 byte), or nil when absent or of another length.
-    func u8(_ type: UInt16) -> UInt8? { validated(type, MNL_TYPE_U8).map { mnl_attr_get_u8($0) } }
+    package func u8(_ type: UInt16) -> UInt8? { validated(type, MNL_TYPE_U8).map { mnl_attr_get_u8($0) } }
 
     /// A u32 attribute in host byte order (payload exactly 4 bytes).
-    func u32(_ type: UInt16) -> UInt32? { validated(type, MNL_TYPE_U32).map { mnl_attr_get_u32($0) } }
+    package func u32(_ type: UInt16) -> UInt32? { validated(type, MNL_TYPE_U32).map { mnl_attr_get_u32($0) } }
 
     /// A 4-byte IPv4 address in network byte order (RTA_DST, RTA_GATEWAY, IFA_LOCAL, ...).
-    func ipv4(_ type: UInt16) -> IPv4Address? {
+    package func ipv4(_ type: UInt16) -> IPv4Address? {
         validated(type, MNL_TYPE_U32).map { IPv4Address(networkOrder: mnl_attr_get_u32($0)) }
     }
 
     /// A NUL-terminated string attribute (IFLA_IFNAME, IFLA_INFO_KIND, NLMSGERR_ATTR_MSG). Nil when the payload
     /// is empty or its last byte is not NUL, so the read always stops inside the attribute.
-    func string(_ type: UInt16) -> String? {
+    package func string(_ type: UInt16) -> String? {
         guard let attr = validated(type, MNL_TYPE_NUL_STRING), let cstr = mnl_attr_get_str(attr) else { return nil }
         return String(cString: cstr)
     }
 
     /// The raw payload of an attribute (for RTA_MULTIPATH, whose payload is not a list of attributes).
-    func payload(_ type: UInt16) -> UnsafeRawBufferPointer? {
+    package func payload(_ type: UInt16) -> UnsafeRawBufferPointer? {
         guard let attr = table[type], let data = mnl_attr_get_payload(attr) else { return nil }
         return UnsafeRawBufferPointer(start: data, count: Int(mnl_attr_get_payload_len(attr)))
     }
 
     /// The attributes nested inside an attribute (IFLA_LINKINFO). Nil when absent or malformed.
-    func nested(_ type: UInt16) -> NetlinkAttributes? {
+    package func nested(_ type: UInt16) -> NetlinkAttributes? {
         guard validated(type, MNL_TYPE_NESTED) != nil, let region = payload(type) else { return nil }
         return NetlinkAttributes(region)
     }
@@ -70,4 +70,4 @@ struct NetlinkAttributes {
 
 /// Rounds up to netlink's 4-byte alignment (NLMSG_ALIGN / NLA_ALIGN).
 @inline(__always)
-func netlinkAlign(_ length: Int) -> Int { (length + 3) & ~3 }
+package func netlinkAlign(_ length: Int) -> Int { (length + 3) & ~3 }

@@ -8,29 +8,29 @@ import CShims
 /// `gsoSize`-byte segments (TSO); `needsChecksum` marks a packet whose transport checksum holds only the
 /// pseudo-header sum and is to be completed over the bytes from `checksumStart` and stored at
 /// `checksumStart + checksumOffset`. Written to the tun: the same, describing a super-packet we coalesced.
-struct VirtioNetHeader: Equatable {
-    static let length = Int(FU_VIRTIO_NET_HDR_LEN)
-    static let flagNeedsChecksum = UInt8(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM)
-    static let gsoNone = UInt8(FU_VIRTIO_NET_HDR_GSO_NONE)
-    static let gsoTCPv4 = UInt8(FU_VIRTIO_NET_HDR_GSO_TCPV4)
-    static let gsoECN = UInt8(FU_VIRTIO_NET_HDR_GSO_ECN)
+package struct VirtioNetHeader: Equatable {
+    package static let length = Int(FU_VIRTIO_NET_HDR_LEN)
+    package static let flagNeedsChecksum = UInt8(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM)
+    package static let gsoNone = UInt8(FU_VIRTIO_NET_HDR_GSO_NONE)
+    package static let gsoTCPv4 = UInt8(FU_VIRTIO_NET_HDR_GSO_TCPV4)
+    package static let gsoECN = UInt8(FU_VIRTIO_NET_HDR_GSO_ECN)
 
-    var flags: UInt8 = 0
-    var gsoType: UInt8 = 0
+    package var flags: UInt8 = 0
+    package var gsoType: UInt8 = 0
     /// Length of the headers (IP + TCP) of a GSO packet; a hint only, never trusted for segmenting.
-    var headerLength: UInt16 = 0
-    var gsoSize: UInt16 = 0
-    var checksumStart: UInt16 = 0
-    var checksumOffset: UInt16 = 0
+    package var headerLength: UInt16 = 0
+    package var gsoSize: UInt16 = 0
+    package var checksumStart: UInt16 = 0
+    package var checksumOffset: UInt16 = 0
 
     /// The all-zero header: no offload, checksums complete.
-    static let none = VirtioNetHeader()
+    package static let none = VirtioNetHeader()
 
-    var needsChecksum: Bool { flags & VirtioNetHeader.flagNeedsChecksum != 0 }
+    package var needsChecksum: Bool { flags & VirtioNetHeader.flagNeedsChecksum != 0 }
 
-    init() {}
+    package init() {}
 
-    init(flags: UInt8, gsoType: UInt8, headerLength: UInt16, gsoSize: UInt16, checksumStart: UInt16,
+    package init(flags: UInt8, gsoType: UInt8, headerLength: UInt16, gsoSize: UInt16, checksumStart: UInt16,
          checksumOffset: UInt16) {
         self.flags = flags
         self.gsoType = gsoType
@@ -41,7 +41,7 @@ struct VirtioNetHeader: Equatable {
     }
 
     /// Reads the header at `p` (at least `length` bytes).
-    init(from p: UnsafeRawPointer) {
+    package init(from p: UnsafeRawPointer) {
         flags = p.load(fromByteOffset: 0, as: UInt8.self)
         gsoType = p.load(fromByteOffset: 1, as: UInt8.self)
         headerLength = UInt16(littleEndian: p.loadUnaligned(fromByteOffset: 2, as: UInt16.self))
@@ -51,7 +51,7 @@ struct VirtioNetHeader: Equatable {
     }
 
     /// Writes the header to `p` (at least `length` bytes).
-    func store(to p: UnsafeMutableRawPointer) {
+    package func store(to p: UnsafeMutableRawPointer) {
         p.storeBytes(of: flags, toByteOffset: 0, as: UInt8.self)
         p.storeBytes(of: gsoType, toByteOffset: 1, as: UInt8.self)
         p.storeBytes(of: headerLength.littleEndian, toByteOffset: 2, as: UInt16.self)
@@ -61,32 +61,11 @@ struct VirtioNetHeader: Equatable {
     }
 }
 
-/// Offsets and flags of the TCP header (RFC 9293) that segmentation and coalescing touch.
-enum TCPHeader {
-    static let minimumLength = 20
-    static let sequence = 4
-    static let acknowledgment = 8
-    static let dataOffset = 12
-    static let flags = 13
-    static let window = 14
-    static let checksum = 16
-    static let protocolNumber: UInt8 = 6
-
-    static let fin: UInt8 = 0x01
-    static let syn: UInt8 = 0x02
-    static let rst: UInt8 = 0x04
-    static let psh: UInt8 = 0x08
-    static let ack: UInt8 = 0x10
-    static let urg: UInt8 = 0x20
-    static let ece: UInt8 = 0x40
-    static let cwr: UInt8 = 0x80
-}
-
 extension InternetChecksum {
     /// The pseudo-header sum (RFC 9293 3.1) of an IPv4 packet's transport segment of `length` bytes, folded to 16
     /// bits and not complemented: what a NEEDS_CSUM packet carries in its checksum field. `ipHeader` points at
     /// the IPv4 header (source and destination are read from it).
-    static func pseudoHeaderSum(_ ipHeader: UnsafeRawPointer, proto: UInt8, length: Int) -> UInt16 {
+    package static func pseudoHeaderSum(_ ipHeader: UnsafeRawPointer, proto: UInt8, length: Int) -> UInt16 {
         let addresses = UnsafeRawBufferPointer(start: ipHeader + IPv4Header.source, count: 8)
         return fold(sum(addresses, initial: UInt32(proto) &+ UInt32(length)))
     }
@@ -95,7 +74,7 @@ extension InternetChecksum {
     /// pseudo-header sum), stored complemented at `start + offset`. A result of 0 is sent as 0xFFFF, as the
     /// kernel's skb_checksum_help does (UDP reserves 0 for "no checksum"; TCP accepts either).
     /// - Returns: false, leaving the packet alone, when the offsets do not lie inside it.
-    static func complete(_ packet: UnsafeMutableRawBufferPointer, start: Int, offset: Int) -> Bool {
+    package static func complete(_ packet: UnsafeMutableRawBufferPointer, start: Int, offset: Int) -> Bool {
         guard start >= IPv4Header.minimumLength, start &+ offset &+ 2 <= packet.count else { return false }
         let covered = UnsafeRawBufferPointer(rebasing: UnsafeRawBufferPointer(packet)[start...])
         var c = ~fold(sum(covered))

@@ -11,8 +11,8 @@ import Glibc
 ///     NEEDS_CSUM it is only the pseudo-header sum).
 /// The payload stays where the tun read put it; only headers are written (into the send queue's header slots).
 /// The caller has already routed the super-packet and decremented its TTL, once for all segments.
-enum TCPSegmenter {
-    enum Outcome: Equatable {
+package enum TCPSegmenter {
+    package enum Outcome: Equatable {
         /// `n` segments were appended to the queue.
         case segmented(Int)
         /// Not a TCP/IPv4 packet that can be segmented (fragment, short headers, gso size 0, ...).
@@ -22,7 +22,7 @@ enum TCPSegmenter {
     }
 
     /// Segments needed for `packet` at `gsoSize` bytes of payload each (0 when it cannot be segmented).
-    static func segmentCount(_ packet: UnsafeRawBufferPointer, gsoSize: Int) -> Int {
+    package static func segmentCount(_ packet: UnsafeRawBufferPointer, gsoSize: Int) -> Int {
         guard let (headerLength, total) = headers(packet), gsoSize > 0 else { return 0 }
         let payload = total &- headerLength
         return payload == 0 ? 1 : (payload &+ gsoSize &- 1) / gsoSize
@@ -31,17 +31,14 @@ enum TCPSegmenter {
     /// The length of the IPv4 + TCP headers and the packet's total length, when `packet` is an unfragmented
     /// TCP/IPv4 packet whose headers fit.
     @inline(__always)
-    static func headers(_ packet: UnsafeRawBufferPointer) -> (Int, Int)? {
+    package static func headers(_ packet: UnsafeRawBufferPointer) -> (Int, Int)? {
         guard packet.count >= IPv4Header.minimumLength &+ TCPHeader.minimumLength else { return nil }
-        let vihl = packet[IPv4Header.versionIHL]
-        let ihl = Int(vihl & 0x0F) &* 4
-        guard vihl >> 4 == 4, ihl >= IPv4Header.minimumLength, packet[IPv4Header.proto] == TCPHeader.protocolNumber
-        else { return nil }
-        let total = Int(UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.totalLength,
-                                                                as: UInt16.self)))
-        let frag = UInt16(bigEndian: packet.loadUnaligned(fromByteOffset: IPv4Header.flagsFragment, as: UInt16.self))
-        guard total <= packet.count, frag & 0x3FFF == 0, ihl &+ TCPHeader.minimumLength <= total else { return nil }
-        let thl = Int(packet[ihl &+ TCPHeader.dataOffset] >> 4) &* 4
+        let h = IPv4TCPHeaders(packet)
+        let ihl = h.headerLength
+        guard h.version == 4, ihl >= IPv4Header.minimumLength, h.proto == TCPHeader.protocolNumber else { return nil }
+        let total = h.totalLength
+        guard total <= packet.count, !h.isFragment, ihl &+ TCPHeader.minimumLength <= total else { return nil }
+        let thl = h.tcpHeaderLength(at: ihl)
         guard thl >= TCPHeader.minimumLength, ihl &+ thl <= total else { return nil }
         return (ihl &+ thl, total)
     }
@@ -49,11 +46,12 @@ enum TCPSegmenter {
     /// Cuts `packet` into segments of at most `gsoSize` payload bytes and appends them to `queue` for `peer`
     /// (all of one flow key, `flow`).
     /// - Precondition: the queue has room for `segmentCount(packet, gsoSize:)` segments, or is empty.
-    static func segment(_ packet: UnsafeMutableRawBufferPointer, gsoSize: Int, peer: Int, name: sockaddr_in,
-                        into queue: SendQueue, flow: UInt32 = 0) -> Outcome {
+    package static func segment(_ packet: UnsafeMutableRawBufferPointer, gsoSize: Int, peer: Int, name: sockaddr_in,
+                                into queue: SendQueue, flow: UInt32 = 0) -> Outcome {
         let bytes = UnsafeRawBufferPointer(packet)
         guard gsoSize > 0, let (headerLength, total) = headers(bytes) else { return .invalid }
-        let ihl = Int(bytes[IPv4Header.versionIHL] & 0x0F) &* 4
+        let h = IPv4TCPHeaders(bytes)
+        let ihl = h.headerLength
         let thl = headerLength &- ihl
         let payloadLength = total &- headerLength
         let count = payloadLength == 0 ? 1 : (payloadLength &+ gsoSize &- 1) / gsoSize
@@ -61,9 +59,9 @@ enum TCPSegmenter {
         precondition(count <= queue.free)
 
         let base = packet.baseAddress!
-        let id0 = UInt16(bigEndian: bytes.loadUnaligned(fromByteOffset: IPv4Header.identification, as: UInt16.self))
-        let seq0 = UInt32(bigEndian: bytes.loadUnaligned(fromByteOffset: ihl &+ TCPHeader.sequence, as: UInt32.self))
-        let flags = bytes[ihl &+ TCPHeader.flags]
+        let id0 = h.identification
+        let seq0 = h.tcpSequence(at: ihl)
+        let flags = h.tcpFlags(at: ihl)
         // The pseudo-header without its length (source, destination, protocol), once; each segment adds its own.
         let pseudo = InternetChecksum.pseudoHeaderSum(base, proto: TCPHeader.protocolNumber, length: 0)
         var k = 0

@@ -105,6 +105,71 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     }
 }
 
+/// Where the masquerade and forward rules live: nftables (flanneld's default) or iptables.
+public enum MasqueradeBackend: String, Sendable, Codable, CaseIterable {
+    case nftables
+    case iptables
+}
+
+/// What the old daemon hands a replacing one (`up --replace`, Handover.swift in FlannelUDP): its identity, the
+/// peer table with origins, the masquerade backend and the registry lease.
+public struct HandoverState: Codable, Equatable, Sendable {
+    /// The protocol spoken; a daemon refuses another version.
+    public static let version = 1
+
+    public var token: String
+    public var daemonVersion: String
+    public var device: String
+    public var deviceIndex: Int32
+    public var network: String
+    public var subnet: String
+    public var publicIP: String
+    public var port: UInt16
+    public var mtu: Int
+    public var vnetHeader: Bool
+    /// The old daemon's sockets in the reuseport group (its `--workers`): the new ones join after them.
+    public var sockets: Int
+    public var subnetFile: String?
+    public var subnetFileContents: String?
+    public var routes: [RouteInfo]
+    /// The masquerade backend with --ip-masq, nil without.
+    public var masquerade: MasqueradeBackend?
+    /// The registry lease with --etcd-endpoints: the new daemon keeps that etcd lease alive instead of taking one.
+    public var lease: HandoverLease?
+
+    package init(token: String, daemonVersion: String, device: String, deviceIndex: Int32, network: String,
+                 subnet: String, publicIP: String, port: UInt16, mtu: Int, vnetHeader: Bool, sockets: Int,
+                 subnetFile: String?, subnetFileContents: String?, routes: [RouteInfo],
+                 masquerade: MasqueradeBackend?, lease: HandoverLease?) {
+        self.token = token
+        self.daemonVersion = daemonVersion
+        self.device = device
+        self.deviceIndex = deviceIndex
+        self.network = network
+        self.subnet = subnet
+        self.publicIP = publicIP
+        self.port = port
+        self.mtu = mtu
+        self.vnetHeader = vnetHeader
+        self.sockets = sockets
+        self.subnetFile = subnetFile
+        self.subnetFileContents = subnetFileContents
+        self.routes = routes
+        self.masquerade = masquerade
+        self.lease = lease
+    }
+}
+
+public struct HandoverLease: Codable, Equatable, Sendable {
+    public var subnet: String
+    public var etcdLeaseID: Int64
+
+    package init(subnet: String, etcdLeaseID: Int64) {
+        self.subnet = subnet
+        self.etcdLeaseID = etcdLeaseID
+    }
+}
+
 /// What `status` shows about the masquerade rules.
 public struct MasqueradeStatus: Codable, Equatable, Sendable {
     /// "nftables" or "iptables".
@@ -120,6 +185,17 @@ public struct MasqueradeStatus: Codable, Equatable, Sendable {
     public var lastRestored: Date?
     /// The last failed check or reinstall, cleared by the next success.
     public var lastError: String?
+
+    package init(backend: String, objects: [String], inPlace: Bool, resyncSeconds: Double, restored: Int,
+                 lastRestored: Date?, lastError: String?) {
+        self.backend = backend
+        self.objects = objects
+        self.inPlace = inPlace
+        self.resyncSeconds = resyncSeconds
+        self.restored = restored
+        self.lastRestored = lastRestored
+        self.lastError = lastError
+    }
 }
 
 /// What `status` shows about self-healing: how often each piece was put back.

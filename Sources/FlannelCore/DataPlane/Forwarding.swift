@@ -86,11 +86,10 @@ public struct PacketDecider: Sendable {
                                  scratch: UnsafeMutableRawBufferPointer) -> TunVerdict {
         let bytes = UnsafeRawBufferPointer(packet)
         let ip: IPv4Packet
-        switch IPv4Packet.parse(bytes) {
+        switch admit(bytes) {
         case .valid(let p): ip = p
         case .invalid(let reason): return .drop(reason)
         }
-        if ip.totalLength > config.maxPacketLength { return .drop(.oversize) }
         guard let peer = snapshot.lookup(ip.destination) else {
             return icmpToTun(.netUnreachable, ip, bytes, scratch: scratch, reason: .noRoute)
         }
@@ -106,11 +105,10 @@ public struct PacketDecider: Sendable {
                                  snapshot: RouteSnapshot, scratch: UnsafeMutableRawBufferPointer) -> UDPVerdict {
         let bytes = UnsafeRawBufferPointer(packet)
         let ip: IPv4Packet
-        switch IPv4Packet.parse(bytes) {
+        switch admit(bytes) {
         case .valid(let p): ip = p
         case .invalid(let reason): return .drop(reason)
         }
-        if ip.totalLength > config.maxPacketLength { return .drop(.oversize) }
         // Peers reach pods, nothing else: a packet for the node's underlay, a host beyond it or the internet would
         // be accepted or forwarded by this node's kernel as if one of our pods had sent it. Checked before the
         // sender, so every such packet is counted here whoever sent it. (The tun's own address lies inside the
@@ -145,6 +143,14 @@ public struct PacketDecider: Sendable {
             return n > 0 ? .icmpToPeer(length: n, peer: peer, reason: .ttlExpired) : .drop(.ttlExpired)
         }
         return .deliver(peer: peer, length: ip.totalLength)
+    }
+
+    /// What both directions accept: a valid IPv4 packet no longer than `maxPacketLength`.
+    @inline(__always)
+    private func admit(_ bytes: UnsafeRawBufferPointer) -> IPv4Packet.Parse {
+        let parse = IPv4Packet.parse(bytes)
+        if case .valid(let ip) = parse, ip.totalLength > config.maxPacketLength { return .invalid(.oversize) }
+        return parse
     }
 
     private mutating func icmpToTun(_ error: ICMPError, _ ip: IPv4Packet, _ bytes: UnsafeRawBufferPointer,

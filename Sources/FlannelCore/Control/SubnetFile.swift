@@ -56,16 +56,14 @@ public struct SubnetFile: Equatable, Sendable {
             guard let v = values[key] else { throw ParseError(message: "\(path): \(key) is missing") }
             return v
         }
-        let network: IPv4Network
-        let subnet: IPv4Network
-        do {
-            network = try IPv4Network(parsing: try need("FLANNEL_NETWORK"))
-            subnet = try IPv4Network(parsing: try need("FLANNEL_SUBNET"), strict: false)
-        } catch let e as ParseError {
-            throw e
-        } catch {
-            throw ParseError(message: "\(path): \(error)")
+        func parseNetwork(_ key: String, strict: Bool = true) throws(ParseError) -> IPv4Network {
+            let text = try need(key)
+            do { return try IPv4Network(parsing: text, strict: strict) } catch {
+                throw ParseError(message: "\(path): \(error)")
+            }
         }
+        let network = try parseNetwork("FLANNEL_NETWORK")
+        let subnet = try parseNetwork("FLANNEL_SUBNET", strict: false)
         let mtuText = try need("FLANNEL_MTU")
         guard let mtu = Int(mtuText), mtu > 0 else { throw ParseError(message: "\(path): FLANNEL_MTU '\(mtuText)' is not a number") }
         let masq = values["FLANNEL_IPMASQ"] == "true"

@@ -13,9 +13,9 @@ import Glibc
 /// kernel for the next request.
 ///
 /// No socket here: the unit tests feed hand-built datagrams.
-final class ReplyCollector {
+package final class ReplyCollector {
     /// What a fed datagram meant.
-    enum Progress: Equatable {
+    package enum Progress: Equatable {
         /// The exchange is not over: receive again.
         case more
         /// The kernel's last message for this request has arrived (see `status`, `malformed`, `interrupted`).
@@ -25,23 +25,24 @@ final class ReplyCollector {
         case outOfStep(Int32)
     }
 
-    let sequence: UInt32
-    let portID: UInt32
+    package let sequence: UInt32
+    package let portID: UInt32
     private let replyType: UInt16
     private let handle: (UnsafeRawBufferPointer) -> Bool
 
     /// The errno and extended-ack text of the terminating NLMSG_ERROR / NLMSG_DONE (errno 0: success).
-    private(set) var status = NetlinkMessages.Status(errno: 0, message: nil)
+    package private(set) var status = NetlinkMessages.Status(errno: 0, message: nil)
     /// Whether some message of `replyType` could not be parsed.
-    private(set) var malformed = false
+    package private(set) var malformed = false
     /// Whether the kernel flagged the dump NLM_F_DUMP_INTR (the table changed while it was being dumped): what was
     /// collected is not a consistent snapshot and the dump should be run again.
-    private(set) var interrupted = false
+    package private(set) var interrupted = false
 
     /// - Parameters:
     ///   - replyType: the data message expected (RTM_NEWLINK, ...); other data messages are ignored.
     ///   - handle: parses one message; returns false when it is malformed.
-    init(sequence: UInt32, portID: UInt32, replyType: UInt16, handle: @escaping (UnsafeRawBufferPointer) -> Bool) {
+    package init(sequence: UInt32, portID: UInt32, replyType: UInt16,
+                 handle: @escaping (UnsafeRawBufferPointer) -> Bool) {
         self.sequence = sequence
         self.portID = portID
         self.replyType = replyType
@@ -49,7 +50,7 @@ final class ReplyCollector {
     }
 
     /// Processes one received datagram (which may hold several messages).
-    func feed(_ datagram: UnsafeRawBufferPointer) -> Progress {
+    package func feed(_ datagram: UnsafeRawBufferPointer) -> Progress {
         guard let base = datagram.baseAddress, datagram.count > 0 else { return .outOfStep(EBADMSG) }
         if ReplyCollector.hasOversizedMessage(datagram) { return .outOfStep(EBADMSG) }
         // Once a dump is known to be inconsistent, only its end matters; mnl_cb_run2 would stop at every
@@ -88,7 +89,7 @@ final class ReplyCollector {
     /// `(int)nlmsg_len <= len`: such a length turns negative and passes, and mnl_cb_run2 (or `scanForEnd`) then
     /// reads the message and jumps gigabytes past the datagram. No kernel sends one; a datagram with it is refused
     /// before libmnl sees it. (Found by the `netlink` fuzz target.)
-    static func hasOversizedMessage(_ datagram: UnsafeRawBufferPointer) -> Bool {
+    package static func hasOversizedMessage(_ datagram: UnsafeRawBufferPointer) -> Bool {
         let header = MemoryLayout<nlmsghdr>.size
         var offset = 0
         while datagram.count &- offset >= header {

@@ -16,7 +16,7 @@ import Glibc
 /// - reads open with O_NOFOLLOW and accept only a regular file.
 public enum AtomicFile {
     /// How many temporary names are tried before giving up (each collision means someone is squatting on names).
-    static let attempts = 16
+    package static let attempts = 16
     /// Reads stop here: the files this tool reads back are a few hundred bytes.
     public static let readLimit = 64 * 1024
 
@@ -31,7 +31,7 @@ public enum AtomicFile {
 
     /// `write` with the temporary name's suffix supplied by the caller: tests use it to put a file at the exact
     /// name that will be tried.
-    static func write(_ text: String, to path: String, mode: mode_t, owner: uid_t,
+    package static func write(_ text: String, to path: String, mode: mode_t, owner: uid_t,
                       suffix: () -> String) throws(SystemError) {
         let (dir, name) = split(path)
         try SecureDirectory.ensure(dir, mode: 0o755, owner: owner)
@@ -90,12 +90,12 @@ public enum AtomicFile {
     }
 
     /// 64 random bits in hex, from the system's CSPRNG (getrandom).
-    static func randomSuffix() -> String {
+    package static func randomSuffix() -> String {
         let hex = String(UInt64.random(in: .min ... .max), radix: 16)
         return String(repeating: "0", count: 16 - hex.count) + hex
     }
 
-    static func split(_ path: String) -> (directory: String, name: String) {
+    package static func split(_ path: String) -> (directory: String, name: String) {
         guard let slash = path.lastIndex(of: "/") else { return (".", path) }
         let dir = String(path[..<slash])
         return (dir.isEmpty ? "/" : dir, String(path[path.index(after: slash)...]))
