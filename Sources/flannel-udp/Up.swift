@@ -76,6 +76,9 @@ struct Up: ParsableCommand {
     @Flag(name: .customLong("no-offload"), help: "Force the plain data path: no TUN TSO, UDP GSO/GRO or TCP coalescing (each is otherwise probed and used when the kernel allows).")
     var noOffload = false
 
+    @Option(name: .customLong("codel-target"), help: ArgumentHelp("Receive-side CoDel: how long, in milliseconds, a bulk flow's datagrams may keep waiting in the UDP socket queue before it loses one (or has it ECN-marked); sparse flows are never dropped. Shortens the queue small flows wait behind when the senders back off on loss (cubic, reno), costs bulk throughput; 0 turns it off.", valueName: "ms"))
+    var codelTarget: Double = 0.5
+
     @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
     var workers: Int?
 
@@ -101,6 +104,9 @@ struct Up: ParsableCommand {
     func validate() throws {
         if !(1...65535).contains(port) { throw ValidationError("--port \(port) is outside 1-65535") }
         if let workers, let problem = Workers.validate(workers) { throw ValidationError(problem) }
+        if !(codelTarget >= 0 && codelTarget <= 1000) {
+            throw ValidationError("--codel-target \(codelTarget) is outside 0-1000 milliseconds (0 turns CoDel off)")
+        }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
         }
@@ -158,6 +164,7 @@ struct Up: ParsableCommand {
         config.masqResyncSeconds = masqResync
         config.peerCheck = peerCheck
         config.offloads = !noOffload
+        config.codel = CoDelParameters(targetNanoseconds: UInt64((codelTarget * 1_000_000).rounded()))
         config.workers = workers ?? Workers.defaultCount()
         return config
     }

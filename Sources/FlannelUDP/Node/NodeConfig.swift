@@ -32,6 +32,8 @@ public struct NodeConfig: Sendable {
     /// Kernel offloads (TUN TSO with segmentation here, UDP GSO/GRO, TCP coalescing into the tun), each probed
     /// and left off when the kernel refuses it. false is the plain path, one packet per syscall entry.
     public var offloads = true
+    /// The receive side's CoDel (`ReceiveCoDel`); `CoDelParameters.off` turns it off.
+    public var codel = CoDelParameters()
     /// Worker pairs: tun queues, UDP sockets on the port (SO_REUSEPORT) and two threads per pair (`Workers`).
     public var workers = 1
 
