@@ -28,11 +28,7 @@ public final class EtcdPeerSource: PeerSource {
     /// while waiting is `.stopped`. A registry created here is closed by `leave`, which the caller owes on every
     /// way out, a failed `join` included.
     public func join(underlay: IPv4Address, publicIP: IPv4Address, previous: SubnetFile?) throws(FlannelError) -> Membership {
-        let registry: EtcdRegistry
-        do { registry = try EtcdRegistry(options: options, publicIP: publicIP, logger: logger) } catch {
-            throw .usage("etcd: \(error)")
-        }
-        state.withLock { $0.registry = registry }
+        let registry = try open(publicIP: publicIP)
         do {
             let network = try Blocking.run { try await registry.loadConfig() }
             // Before the lease: a registry whose Network would swallow the underlay changes nothing here.
@@ -57,6 +53,16 @@ public final class EtcdPeerSource: PeerSource {
         }
     }
 
+    /// The client for `publicIP`'s lease, kept for `watch` and `leave` (which closes it).
+    private func open(publicIP: IPv4Address) throws(FlannelError) -> EtcdRegistry {
+        let registry: EtcdRegistry
+        do { registry = try EtcdRegistry(options: options, publicIP: publicIP, logger: logger) } catch {
+            throw .usage("etcd: \(error)")
+        }
+        state.withLock { $0.registry = registry }
+        return registry
+    }
+
     /// Applies every change of the other nodes' leases until `leave`; `onLost` if our own lease disappears (the
     /// daemon then stops, as flanneld does) or the watch fails for good.
     public func watch(onPeers: @escaping @Sendable ([PeerRoute]) -> Void, onLost: @escaping @Sendable (String) -> Void) {
@@ -76,15 +82,14 @@ public final class EtcdPeerSource: PeerSource {
 
     /// Stops the watch, gives the lease back unless `keep`, and closes the client (which must always be shut down).
     public func leave(keep: Bool) {
-        let (registry, task) = state.withLock { s in
-            defer { s.registry = nil; s.watch = nil }
-            return (s.registry, s.watch)
+        pauseWatch()
+        let registry = state.withLock { s in
+            defer { s.registry = nil }
+            return s.registry
         }
         guard let registry else { return }
-        task?.cancel()
         let release = !keep && registry.currentLease != nil
         _ = try? Blocking.run { [logger] in
-            await task?.value
             if release {
                 do { try await registry.releaseLease() } catch { logger.warning("etcd: releasing the lease failed: \(error)") }
             }
@@ -97,6 +102,7 @@ public final class EtcdPeerSource: PeerSource {
         registry?.currentLease.map { HandoverLease(subnet: $0.subnet.description, etcdLeaseID: $0.etcdLeaseID) }
     }
 
+    /// Stops the watch and waits for it, keeping the lease and the client (a handover, and `leave` first).
     public func pauseWatch() {
         let task = state.withLock { s in
             defer { s.watch = nil }
@@ -110,11 +116,7 @@ public final class EtcdPeerSource: PeerSource {
     /// etcd lease) and kept: renewed by us from `watch` on. Nothing is written.
     public func adopt(_ held: HandoverLease?, underlay: IPv4Address, publicIP: IPv4Address) throws(FlannelError) -> Membership {
         guard let held else { throw .usage("the running daemon does not use etcd and this one would") }
-        let registry: EtcdRegistry
-        do { registry = try EtcdRegistry(options: options, publicIP: publicIP, logger: logger) } catch {
-            throw .usage("etcd: \(error)")
-        }
-        state.withLock { $0.registry = registry }
+        let registry = try open(publicIP: publicIP)
         do {
             let subnet = try IPv4Network(parsing: held.subnet)
             let network = try Blocking.run { try await registry.loadConfig(maxAttempts: 3) }

@@ -198,10 +198,10 @@ public final class EtcdRegistry: Sendable {
         if etcdLeaseID != 0 && ttl <= 0 {
             throw EtcdRegistryError.notOurs("etcd lease \(String(etcdLeaseID, radix: 16)) expired or was revoked")
         }
-        let lease = SubnetLease(subnet: subnet, attributes: attributes,
-                                expiration: etcdLeaseID == 0 ? .distantFuture : Date().addingTimeInterval(TimeInterval(ttl)),
-                                etcdLeaseID: etcdLeaseID)
-        state.withLock { $0.lease = lease; $0.config = config }
+        let lease = hold(SubnetLease(subnet: subnet, attributes: attributes,
+                                     expiration: etcdLeaseID == 0 ? .distantFuture : Date().addingTimeInterval(TimeInterval(ttl)),
+                                     etcdLeaseID: etcdLeaseID),
+                         config: config)
         logger.info("etcd: took over lease \(subnet) (etcd lease \(String(etcdLeaseID, radix: 16))) until \(lease.expiration)")
         return lease
     }
