@@ -316,10 +316,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     // MARK: - control requests
 
+    /// The answer to what only a running daemon can do (route changes, a handover) while start-up goes on.
+    private var stillStarting: ControlResponse {
+        .error("the daemon for \(paths.device) is still starting; try again when it is up")
+    }
+
     public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
         switch request {
         case .handoverBegin, .handoverCommit, .handoverAbort:
-            if !running.withLock({ $0 }) { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+            if !running.withLock({ $0 }) { return stillStarting }
             return handleHandover(request, from: pid)
         default:
             return handle(request)
@@ -336,7 +341,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         case .shutdown:
             break
         case .routeList, .routeAdd, .routeDel, .reloadPeers:
-            if !isRunning { return .error("the daemon for \(paths.device) is still starting; try again when it is up") }
+            if !isRunning { return stillStarting }
         }
         switch request {
         case .status:
