@@ -1,8 +1,12 @@
+import CShims
 import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The HTTP endpoint of `--metrics-addr`: `GET /healthz` (200 "ok", or 503 with the reason) and `GET /metrics`
 /// (Prometheus text). One event-loop thread, swift-nio's HTTP/1 server pipeline, one response per request.
@@ -37,7 +41,14 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
     }
 
     /// Binds the listening socket; requests wait for `start`.
-    public init(address: MetricsAddress, logger: Logger) throws(BindFailed) {
+    ///
+    /// The listener is bound with SO_REUSEPORT, so that `up --replace` can bind the same address while the daemon
+    /// it replaces still answers there (no scrape finds the port closed during an upgrade). The kernel lets only
+    /// sockets of the same effective user into that group, so no unprivileged user can join it. `takeOver` false
+    /// (every start but a replacement) first claims the address with a plain bind, so that a second daemon (or
+    /// any other program) on the address is refused with "Address already in use" as without SO_REUSEPORT.
+    public init(address: MetricsAddress, takeOver: Bool = false, logger: Logger) throws(BindFailed) {
+        if !takeOver { try Self.claim(address) }
         self.address = address
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -45,6 +56,7 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.socketOption(NIOBSDSocket.Option(rawValue: Int32(FU_SO_REUSEPORT))), value: 1)
             .childChannelInitializer { channel in
                 channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMap {
                     channel.pipeline.addHandler(MetricsHandler(providers: providers))
@@ -57,6 +69,34 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
             throw BindFailed(address: address, reason: Self.describe(error))
         }
         logger.info("metrics and health endpoint on http://\(localAddress ?? address.description)/metrics, /healthz")
+    }
+
+    /// Binds a plain TCP socket (SO_REUSEADDR as the listener has it, no SO_REUSEPORT) to `address` and closes
+    /// it: EADDRINUSE when anything listens or is bound there, including a daemon's SO_REUSEPORT listener.
+    static func claim(_ address: MetricsAddress) throws(BindFailed) {
+        func failed(_ what: String) -> BindFailed {
+            BindFailed(address: address, reason: "\(what): \(SystemError.describe(errno))")
+        }
+        guard let host = IPv4Address(address.host) else {
+            throw BindFailed(address: address, reason: "not an IPv4 address")
+        }
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw failed("socket") }
+        defer { _ = Glibc.close(fd) }
+        var one: Int32 = 1
+        guard setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
+            throw failed("setsockopt SO_REUSEADDR")
+        }
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = UInt16(address.port).bigEndian
+        sa.sin_addr = in_addr(s_addr: host.networkOrder)
+        let rc = withUnsafePointer(to: &sa) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+            }
+        }
+        guard rc == 0 else { throw BindFailed(address: address, reason: SystemError.describe(errno)) }
     }
 
     func start(health: @escaping @Sendable () -> DaemonHealth, metrics: @escaping @Sendable () -> String) {
