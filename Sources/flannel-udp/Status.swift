@@ -94,7 +94,8 @@ struct Status: ParsableCommand {
             print("daemon:    pid \(s.pid), starting for \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
             return
         }
-        print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
+        let handover = s.phase == "handing over" || s.phase == "handed over" ? ", \(s.phase ?? "")" : ""
+        print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)\(handover)")
         print("network:   \(s.network)  subnet \(s.subnet)  mtu \(s.mtu)")
         print("listening: \(s.listen) on \(s.underlay) (public ip \(s.publicIP)), peer check \(s.peerCheck)")
         if let f = s.subnetFile { print("subnet file: \(f)") }

@@ -291,6 +291,27 @@ final class ReplaceTests: HostileTopologyTestCase {
                 """
             return try a.ns.run(["python3", "-c", script, socket] + lines)
         }
+        let log = "\(tmp)/run/ns-\(try nsID(a))/flannel0.log"
+        func abandoned() -> Int {
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").components(separatedBy: "handover abandoned: the replacing daemon").count - 1
+        }
+        // While a client that began a handover lives, status says the node is being handed over; once it is
+        // gone, the old daemon resumes and says "running" again.
+        let holder = try startBackground(["ip", "netns", "exec", a.ns.name, "python3", "-c", """
+            import socket, sys, time
+            s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'{"handoverBegin":{"version":1}}\\n')
+            s.makefile().readline(); time.sleep(3)
+            """, socket])
+        addTeardownBlock { if holder.isRunning { holder.terminate() }; holder.waitUntilExit() }
+        try waitFor("status says the node is being handed over") {
+            (try? daemonStatus(a)["phase"] as? String) == "handing over"
+        }
+        let shown = fu(a, ["status"])
+        XCTAssertTrue(shown.stdout.contains("flannel-udp \(Daemon.version), handing over"), shown.description)
+        holder.waitUntilExit()
+        try waitFor("the old daemon resumes after the first client") { abandoned() == 1 }
+        XCTAssertEqual(try daemonStatus(a)["phase"] as? String, "running")
+
         let answers = try send([#"{"handoverBegin":{"version":1}}"#, #"{"handoverCommit":{"token":"not-the-token"}}"#,
                                 #"{"handoverCommit":{"token":7}}"#])
         let lines = answers.split(separator: "\n")
@@ -299,10 +320,7 @@ final class ReplaceTests: HostileTopologyTestCase {
         XCTAssertTrue(lines[1].contains("no such handover in progress"), answers)
         XCTAssertTrue(lines[2].contains("malformed request"), answers)
         // The client that began it has exited: the old daemon resumes by itself.
-        let log = "\(tmp)/run/ns-\(try nsID(a))/flannel0.log"
-        try waitFor("the old daemon resumes") {
-            (try? String(contentsOfFile: log, encoding: .utf8))?.contains("handover abandoned: the replacing daemon") == true
-        }
+        try waitFor("the old daemon resumes") { abandoned() == 2 }
         XCTAssertEqual(try pid(a), old)
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0, "the old daemon forwards on")
         try a.ns.run(["ip", "link", "set", "flannel0", "mtu", "1300"])

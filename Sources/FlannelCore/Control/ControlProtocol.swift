@@ -78,7 +78,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     /// Self-healing: how often the overlay route, the address, the link's up state and the MTU were put back.
     public var repairs: RepairStatus?
     /// "starting" while start-up runs (etcd may still be unreachable; only pid, device and uptime are filled in),
-    /// then "running". Absent from daemons that predate it.
+    /// then "running"; "handing over" while an `up --replace` takes the node over (self-healing and the peer watch
+    /// paused, still forwarding), "handed over" in the moment before it exits. Absent from daemons that predate it.
     public var phase: String?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,

@@ -434,7 +434,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         status.workers = forwarder?.workerCounts
         status.masquerade = masquerade?.status
         status.repairs = nodeGuard?.status
-        status.phase = "running"
+        status.phase = outgoing.phaseName
         return status
     }
 }

@@ -42,6 +42,16 @@ final class OutgoingHandover: Sendable {
     /// True from the commit on: the data plane's failures (its queues and sockets going away) are expected.
     var leaving: Bool { phase.withLock { $0 == .committing || $0 == .handedOver } }
     var handedOver: Bool { phase.withLock { $0 == .handedOver } }
+
+    /// What `status` says of a running daemon: "running", or "handing over" from the moment a replacing daemon
+    /// began until it committed (then "handed over") or the handover was abandoned (then "running" again).
+    var phaseName: String {
+        switch phase.withLock({ $0 }) {
+        case .idle: "running"
+        case .begun, .committing: "handing over"
+        case .handedOver: "handed over"
+        }
+    }
 }
 
 extension Daemon {
