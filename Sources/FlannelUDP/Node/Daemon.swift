@@ -133,16 +133,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
         // The lock against a second daemon on this device in this namespace, and the control endpoint, served from
         // here on so that `status` and `down` work during a slow start (DaemonInstance).
-        let instance: DaemonInstance
-        do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
-            switch error {
-            case .alreadyRunning where replace:
-                try runReplacing(readiness: readiness, fileRoutes: fileRoutes)
-                return
-            case .alreadyRunning(let pid):
-                throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
-            case .system(let e): throw .system(e)
-            }
+        guard let instance = try Failure.system(try DaemonInstance(paths: paths, initialState: state(plan: nil),
+                                                                   logger: logger)) else {
+            if replace { return try runReplacing(readiness: readiness, fileRoutes: fileRoutes) }
+            let pid = DaemonState.load(path: paths.stateFile)?.pid
+            throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
         }
         defer { instance.release(handingOver: outgoing.handedOver) }
         // Where we will write, checked while nothing has changed yet.

@@ -155,13 +155,7 @@ extension Daemon {
     /// `up --replace` when a daemon runs for the device: everything checked, the handover as drawn above. The
     /// caller has loaded the peers file (`fileRoutes`).
     func runReplacing(readiness: Readiness, fileRoutes: [PeerRoute]) throws(Failure) {
-        let instance: DaemonInstance
-        do { instance = try DaemonInstance(replacing: paths, logger: logger) } catch {
-            switch error {
-            case .alreadyRunning: throw .failed("flannel-udp is already running for \(config.device)")
-            case .system(let e): throw .system(e)
-            }
-        }
+        let instance = try Failure.system(try DaemonInstance(replacing: paths, logger: logger))
         defer { instance.release(handingOver: outgoing.handedOver) }
         // The lease is the old daemon's until the commit, ours (released by `down`) after it.
         var leaseHeld = false
