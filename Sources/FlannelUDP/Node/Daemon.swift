@@ -185,7 +185,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
 
-        do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
+        try store.replace(fileRoutes, origin: .file)
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
         try startGuard(setup)
