@@ -76,6 +76,76 @@ extension TestWire {
     }
 }
 
+/// The etcd tests' topology: an underlay switch (`underlay`, a bridge at 192.168.77.250/24) with a one-member etcd
+/// on it at `etcdURL`, and nodes plugged in at 192.168.77.<index> (`plugNode`). etcd is stopped and the switch
+/// removed when the test ends; every daemon uses `tmp/run` as its run directory.
+///
+///                   wire (bridge br0, etcd on 192.168.77.250:2379)
+///        +----------------+----------------+
+///     node (.1)        node (.2)   ...
+class EtcdWireTestCase: XCTestCase {
+    var tmp = ""
+    var underlay: TestWire!
+    var wire: TestNamespace { underlay.ns }
+    var etcd: Process?
+    let etcdURL = "http://192.168.77.250:2379"
+
+    /// Skips the test unless etcd and etcdctl are installed, and each of `more` (path: the Debian package).
+    func requireEtcd(also more: [String: String] = [:]) throws {
+        let tools = ["/usr/bin/etcd": "etcd-server", "/usr/bin/etcdctl": "etcd-client"].merging(more) { a, _ in a }
+        for tool in tools.keys.sorted() where !FileManager.default.isExecutableFile(atPath: tool) {
+            let packages = Set(tools.values).sorted().joined(separator: " ")
+            throw XCTSkip("\(name) needs \(tool): apt-get install -y \(packages) (scripts/test.sh does)")
+        }
+    }
+
+    /// The test directory `/tmp/<prefix>-…` and the switch (`<prefix>w-…`); call from `setUpWithError`.
+    func setUpWire(_ prefix: String) throws {
+        tmp = try makeTestDirectory(prefix, for: self)
+        underlay = try TestWire(prefix: prefix + "w", address: "192.168.77.250/24")
+        addTeardownBlock { [weak self] in
+            self?.stopEtcd()
+            self?.underlay.destroy()
+        }
+    }
+
+    /// Starts etcd (its data in `tmp/etcd`, kept across a restart) and waits until it is healthy.
+    func startEtcd() throws {
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
+    }
+
+    func stopEtcd() {
+        guard let etcd else { return }
+        kill(etcd.processIdentifier, SIGKILL)
+        // `ip netns exec` execs etcd, so the process we started is etcd itself.
+        etcd.waitUntilExit()
+        self.etcd = nil
+    }
+
+    /// flannel's network config, 10.244.0.0/16 unless told otherwise, at `/coreos.com/network/config`.
+    func putNetworkConfig(_ json: String = #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#) throws {
+        try etcdctl(["put", "/coreos.com/network/config", json])
+    }
+
+    @discardableResult
+    func etcdctl(_ args: [String]) throws -> String {
+        try wire.run(["etcdctl", "--endpoints", etcdURL] + args)
+    }
+
+    /// A node namespace `<prefix>-…` on the switch at 192.168.77.<index>/24; when the test ends its daemon is
+    /// stopped (`down`) and the namespace removed.
+    func plugNode(prefix: String, index: Int) throws -> TestNamespace {
+        let ns = try TestNamespace(prefix: prefix)
+        addTeardownBlock { [tmp] in
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
+            ns.destroy()
+        }
+        try underlay.plug(ns, address: "192.168.77.\(index)/24")
+        return ns
+    }
+}
+
 /// An underlay "switch": a namespace holding a bridge that node namespaces plug into with a veth as their eth0.
 final class TestWire {
     let ns: TestNamespace
@@ -97,6 +167,29 @@ final class TestWire {
         try ns.run(["ip", "link", "set", port, "master", "br0", "up"])
         try node.run(["ip", "addr", "add", address, "dev", "eth0"])
         try node.run(["ip", "link", "set", "eth0", "up"])
+    }
+
+    /// A node namespace `<prefix>n-…` plugged in at 192.168.77.<index> with a pod `<prefix>p-…` behind it in
+    /// 10.244.<index>.0/24 (`attachPod`), not started: the `OverlayNode` layout. When `test` ends the node's
+    /// daemon for `device` (run directory `runDirectory`) is stopped and both namespaces are removed.
+    /// `disableIPv6`: before any device exists, so the kernel's router solicitations cannot reach a tun that
+    /// counts what it drops.
+    func overlayNode(_ index: Int, prefix: String, runDirectory: String, for test: XCTestCase,
+                     device: String = "flannel0", disableIPv6: Bool = false) throws -> OverlayNode {
+        let ns = try TestNamespace(prefix: prefix + "n")
+        let pod = try TestNamespace(prefix: prefix + "p")
+        test.addTeardownBlock {
+            _ = runFlannelUDP(in: ns, ["down", "--device", device], runDirectory: runDirectory)
+            pod.destroy()
+            ns.destroy()
+        }
+        if disableIPv6 {
+            try ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            try ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        }
+        try plug(ns, address: "192.168.77.\(index)/24")
+        try attachPod(pod, to: ns, subnet: IPv4Network(address: IPv4Address(10, 244, UInt8(index), 0), prefixLength: 24))
+        return OverlayNode(index: index, ns: ns, pod: pod)
     }
 
     func destroy() { ns.destroy() }

@@ -18,55 +18,27 @@ import XCTest
 /// as `notIPv4` drops in the exact counts the tests assert.
 class HostileTopologyTestCase: XCTestCase {
     var tmp = ""
-    var wire: TestNamespace!
-    var portCounter = 0
+    var wire: TestWire!
 
     typealias Node = OverlayNode
 
     override func setUpWithError() throws {
         try requireRoot()
         tmp = try makeTestDirectory("fu-hst", for: self)
-        wire = try TestNamespace(prefix: "fu-hw")
+        wire = try TestWire(prefix: "fu-hw")
         addTeardownBlock { [wire] in wire?.destroy() }
-        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
-        try wire.run(["ip", "link", "set", "br0", "up"])
     }
 
     var environment: [String: String] { ["FLANNEL_UDP_RUN_DIR": tmp + "/run"] }
 
-    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24; returns the switch port.
-    @discardableResult
-    func plug(_ ns: TestNamespace, index: Int) throws -> String {
-        portCounter += 1
-        let port = "p\(portCounter)"
-        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
-        return port
+    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
+    func plug(_ ns: TestNamespace, index: Int) throws {
+        try wire.plug(ns, address: "192.168.77.\(index)/24")
     }
 
     /// A node and its pod; with `start` the node runs `flannel-udp up --detach`.
     func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> Node {
-        let ns = try TestNamespace(prefix: "fu-hn")
-        let pod = try TestNamespace(prefix: "fu-hp")
-        addTeardownBlock { [environment] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: environment)
-            pod.destroy()
-            ns.destroy()
-        }
-        try ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
-        try ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
-        try plug(ns, index: index)
-        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472",
-                    "netns", pod.name])
-        try ns.run(["ip", "addr", "add", "10.244.\(index).1/24", "dev", "cni0"])
-        try ns.run(["ip", "link", "set", "cni0", "up"])
-        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        try pod.run(["ip", "addr", "add", "10.244.\(index).2/24", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try pod.run(["ip", "route", "add", "default", "via", "10.244.\(index).1"])
-        let node = Node(index: index, ns: ns, pod: pod)
+        let node = try wire.overlayNode(index, prefix: "fu-h", runDirectory: tmp + "/run", for: self, disableIPv6: true)
         if start {
             let up = self.up(node, extra)
             XCTAssertEqual(up.status, 0, up.description)

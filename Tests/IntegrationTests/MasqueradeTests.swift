@@ -25,9 +25,7 @@ final class MasqueradeTests: XCTestCase {
         for tool in ["nft", "iptables", "iptables-save"] where ExternalTool.locate(tool) == nil {
             throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
         }
-        tmp = NSTemporaryDirectory() + "fu-masq-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        tmp = try makeTestDirectory("fu-masq", for: self)
         wire = try TestWire(prefix: "fu-mqw")
         addTeardownBlock { [wire] in wire?.destroy() }
     }
@@ -159,16 +157,7 @@ final class MasqueradeTests: XCTestCase {
 
     /// A node with a pod behind it (not started yet).
     private func makeNode(_ index: Int) throws -> OverlayNode {
-        let ns = try TestNamespace(prefix: "fu-mqn")
-        let pod = try TestNamespace(prefix: "fu-mqp")
-        addTeardownBlock {
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        return OverlayNode(index: index, ns: ns, pod: pod)
+        try wire.overlayNode(index, prefix: "fu-mq", runDirectory: tmp + "/run", for: self)
     }
 
     private func start(_ node: OverlayNode, _ extra: [String]) {

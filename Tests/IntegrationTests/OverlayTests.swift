@@ -36,16 +36,7 @@ class OverlayTests: XCTestCase {
 
     /// A node with a pod behind it, running `flannel-udp up --detach`.
     func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
-        let ns = try TestNamespace(prefix: "fu-ovn")
-        let pod = try TestNamespace(prefix: "fu-ovp")
-        addTeardownBlock {
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try plug(ns, index: index)
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        let node = Node(index: index, ns: ns, pod: pod)
+        let node = try wire.overlayNode(index, prefix: "fu-ov", runDirectory: tmp + "/run", for: self)
         let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
                            "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + upOptions + extra)
         XCTAssertEqual(up.status, 0, up.description)

@@ -20,26 +20,14 @@ final class ServiceTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-svc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        tmp = try makeTestDirectory("fu-svc", for: self)
         wire = try TestWire(prefix: "fu-svw")
         addTeardownBlock { [wire] in wire?.destroy() }
     }
 
     /// A node namespace on the wire with a pod behind it; `down` and both namespaces go in teardown.
     func makeNamespaces(_ index: Int, device: String = "flannel0") throws -> OverlayNode {
-        let ns = try TestNamespace(prefix: "fu-svn")
-        let pod = try TestNamespace(prefix: "fu-svp")
-        addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down", "--device", device],
-                           environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
-            pod.destroy()
-            ns.destroy()
-        }
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        return OverlayNode(index: index, ns: ns, pod: pod)
+        try wire.overlayNode(index, prefix: "fu-sv", runDirectory: tmp + "/run", for: self, device: device)
     }
 
     func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
