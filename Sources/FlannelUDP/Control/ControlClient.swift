@@ -43,13 +43,13 @@ public enum ControlClient {
     /// Sends one request to the daemon of `paths.device` and returns its response.
     public static func send(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5)
         throws(FlannelError) -> ControlResponse {
-        try exchange(request, paths: paths, timeoutSeconds: timeoutSeconds).response
+        try exchange(.request(request), paths: paths, timeoutSeconds: timeoutSeconds).response
     }
 
     /// Sends one request to the verified daemon of `paths.device`; the answer says who answered.
     ///
     /// `acceptingDescriptors`: keep descriptors the daemon passes along (a handover's); otherwise any are closed.
-    public static func exchange(_ request: ControlRequest, paths: RuntimePaths, timeoutSeconds: Int = 5,
+    public static func exchange(_ request: ControlMessage, paths: RuntimePaths, timeoutSeconds: Int = 5,
                                 acceptingDescriptors: Bool = false) throws(FlannelError) -> Answer {
         let asRoot = geteuid() == 0
         do { try SecureDirectory.check(paths.stateDirectory) } catch {

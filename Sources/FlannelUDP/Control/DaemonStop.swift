@@ -22,7 +22,7 @@ public enum DaemonStop {
                             progress: (String) -> Void) throws(FlannelError) -> Outcome {
         let state = DaemonState.load(path: paths.stateFile)
         let first: ControlClient.Answer
-        do { first = try ControlClient.exchange(.status, paths: paths) } catch {
+        do { first = try ControlClient.exchange(.request(.status), paths: paths) } catch {
             if case .notRunning = error { return .notRunning(removed: DaemonLeftovers.remove(paths: paths, state: state)) }
             throw error
         }
@@ -31,7 +31,7 @@ public enum DaemonStop {
         let process = try DaemonProcess(identity)
         if process != nil {
             let answer: ControlClient.Answer
-            do { answer = try ControlClient.exchange(.shutdown(keepLease: keepLease), paths: paths) } catch {
+            do { answer = try ControlClient.exchange(.request(.shutdown(keepLease: keepLease)), paths: paths) } catch {
                 guard case .notRunning = error else { throw error }
                 // It may have exited between the two requests: that is what we wanted. If it has not, the daemon
                 // we hold no longer answers, and it is still there: a failure to stop it.
