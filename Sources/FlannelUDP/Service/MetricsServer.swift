@@ -30,14 +30,9 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         return "\(a.ipAddress ?? address.host):\(port)"
     }
 
-    public struct BindFailed: Error, CustomStringConvertible {
-        public var address: MetricsAddress
-        public var reason: String
-        public var description: String { "bind metrics endpoint \(address): \(reason)" }
-    }
-
-    /// Binds the listening socket; requests wait for `start`.
-    public init(address: MetricsAddress, logger: Logger) throws(BindFailed) {
+    /// Binds the listening socket; requests wait for `start`. The kernel's refusal (a port in use) is `.system`,
+    /// anything else NIO reports `.failed`.
+    public init(address: MetricsAddress, logger: Logger) throws(FlannelError) {
         self.address = address
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -54,7 +49,10 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
             channel = try bootstrap.bind(host: address.host, port: address.port).wait()
         } catch {
             try? group.syncShutdownGracefully()
-            throw BindFailed(address: address, reason: Self.describe(error))
+            if let e = error as? IOError {
+                throw .system(SystemError("bind metrics endpoint", "\(address)", errno: e.errnoCode))
+            }
+            throw .failed("bind metrics endpoint \(address): \(error)")
         }
         logger.info("metrics and health endpoint on http://\(localAddress ?? address.description)/metrics, /healthz")
     }
@@ -69,12 +67,6 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         self.channel = nil
         _ = try? channel.close().wait()
         do { try group.syncShutdownGracefully() } catch { logger.warning("metrics endpoint: shutdown: \(error)") }
-    }
-
-    /// "Address already in use" rather than NIO's type dump.
-    static func describe(_ error: Error) -> String {
-        if let e = error as? IOError { return SystemError.describe(e.errnoCode) }
-        return "\(error)"
     }
 }
 
