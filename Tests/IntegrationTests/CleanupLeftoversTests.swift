@@ -19,9 +19,7 @@ final class CleanupLeftoversTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        for tool in ["nft", "iptables", "iptables-save", "ip6tables"] where ExternalTool.locate(tool) == nil {
-            throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
-        }
+        try requireTools(["nft", "iptables", "iptables-save", "ip6tables"], packages: "nftables iptables")
         tmp = try makeTestDirectory("fu-clb", for: self)
     }
 

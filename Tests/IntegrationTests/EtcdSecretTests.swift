@@ -17,7 +17,8 @@ final class EtcdSecretTests: EtcdWireTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        try requireEtcd(also: ["/usr/bin/setpriv": "util-linux"])
+        try requireEtcd()
+        try requireTools(["setpriv"], packages: "util-linux")
         try setUpWire("fu-sec")
         try startEtcd()
         try putNetworkConfig()

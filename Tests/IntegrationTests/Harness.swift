@@ -27,6 +27,14 @@ func flannelUDPBinary() -> String {
 /// Skips the test when not root; integration tests create network namespaces.
 func requireRoot() throws { try TestNamespace.requireRoot() }
 
+/// Skips the test unless each of `tools` is installed (found as the daemon finds a tool, `ExternalTool.locate`);
+/// `packages` are the Debian packages that bring them.
+func requireTools(_ tools: [String], packages: String) throws {
+    for tool in tools where ExternalTool.locate(tool) == nil {
+        throw XCTSkip("\(tool) is not installed (apt-get install -y \(packages); scripts/test.sh does); skipping")
+    }
+}
+
 /// Polls `condition` until it holds; throws `TimedOut` naming `what` when `timeout` passes first.
 func waitFor(_ what: String, timeout: TimeInterval = 10, _ condition: () throws -> Bool) throws {
     if try !waitUntil(timeout: timeout, interval: 0.02, condition) {
@@ -90,13 +98,9 @@ class EtcdWireTestCase: XCTestCase {
     var etcd: Process?
     let etcdURL = "http://192.168.77.250:2379"
 
-    /// Skips the test unless etcd and etcdctl are installed, and each of `more` (path: the Debian package).
-    func requireEtcd(also more: [String: String] = [:]) throws {
-        let tools = ["/usr/bin/etcd": "etcd-server", "/usr/bin/etcdctl": "etcd-client"].merging(more) { a, _ in a }
-        for tool in tools.keys.sorted() where !FileManager.default.isExecutableFile(atPath: tool) {
-            let packages = Set(tools.values).sorted().joined(separator: " ")
-            throw XCTSkip("\(name) needs \(tool): apt-get install -y \(packages) (scripts/test.sh does)")
-        }
+    /// Skips the test unless etcd and etcdctl are installed.
+    func requireEtcd() throws {
+        try requireTools(["etcd", "etcdctl"], packages: "etcd-server etcd-client")
     }
 
     /// The test directory `/tmp/<prefix>-…` and the switch (`<prefix>w-…`); call from `setUpWithError`.

@@ -22,9 +22,7 @@ final class MasqueradeTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        for tool in ["nft", "iptables", "iptables-save"] where ExternalTool.locate(tool) == nil {
-            throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
-        }
+        try requireTools(["nft", "iptables", "iptables-save"], packages: "nftables iptables")
         tmp = try makeTestDirectory("fu-masq", for: self)
         wire = try TestWire(prefix: "fu-mqw")
         addTeardownBlock { [wire] in wire?.destroy() }
