@@ -175,9 +175,9 @@ final class TestWire {
 
     /// A node namespace `<prefix>n-…` plugged in at 192.168.77.<index> with a pod `<prefix>p-…` behind it in
     /// 10.244.<index>.0/24 (`attachPod`), not started: the `OverlayNode` layout. When `test` ends the node's
-    /// daemon for `device` (run directory `runDirectory`) is stopped and both namespaces are removed.
-    /// `disableIPv6`: before any device exists, so the kernel's router solicitations cannot reach a tun that
-    /// counts what it drops.
+    /// daemon for `device` (run directory `runDirectory`) is stopped and both namespaces are removed. With
+    /// `disableIPv6`, IPv6 is off in the node before any device exists, so that no router solicitation reaches a
+    /// tun whose drops a test counts.
     func overlayNode(_ index: Int, prefix: String, runDirectory: String, for test: XCTestCase,
                      device: String = "flannel0", disableIPv6: Bool = false) throws -> OverlayNode {
         let ns = try TestNamespace(prefix: prefix + "n")
