@@ -175,15 +175,15 @@ final class TestWire {
 
     /// A node namespace `<prefix>n-…` plugged in at 192.168.77.<index> with a pod `<prefix>p-…` behind it in
     /// 10.244.<index>.0/24 (`attachPod`), not started: the `OverlayNode` layout. When `test` ends the node's
-    /// daemon for `device` (run directory `runDirectory`) is stopped and both namespaces are removed. With
-    /// `disableIPv6`, IPv6 is off in the node before any device exists, so that no router solicitation reaches a
-    /// tun whose drops a test counts.
+    /// daemon (run directory `runDirectory`) is stopped and both namespaces are removed. With `disableIPv6`,
+    /// IPv6 is off in the node before any device exists, so that no router solicitation reaches a tun whose drops
+    /// a test counts.
     func overlayNode(_ index: Int, prefix: String, runDirectory: String, for test: XCTestCase,
-                     device: String = "flannel0", disableIPv6: Bool = false) throws -> OverlayNode {
+                     disableIPv6: Bool = false) throws -> OverlayNode {
         let ns = try TestNamespace(prefix: prefix + "n")
         let pod = try TestNamespace(prefix: prefix + "p")
         test.addTeardownBlock {
-            _ = runFlannelUDP(in: ns, ["down", "--device", device], runDirectory: runDirectory)
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: runDirectory)
             pod.destroy()
             ns.destroy()
         }
@@ -197,6 +197,55 @@ final class TestWire {
     }
 
     func destroy() { ns.destroy() }
+}
+
+/// Nodes with a pod each (`OverlayNode`) on one underlay switch (`wire`), every daemon's files under the test's
+/// own directory (`tmp/run`): the topology of the overlay, hostile-traffic, masquerade and service tests.
+class WireTestCase: XCTestCase {
+    /// The start of the test's names: its directory `/tmp/<prefix>-…`, the switch `<prefix>w-…`, and each node
+    /// and pod `<prefix>n-…`, `<prefix>p-…`.
+    class var prefix: String { "fu-w" }
+    /// Options added to every `up` (the worker variants in WorkersTests.swift run the same tests with more pairs).
+    var upOptions: [String] { [] }
+    /// IPv6 off in every node from the start, for the tests that count the tun's drops exactly.
+    var nodesWithoutIPv6: Bool { false }
+    var tmp = ""
+    var wire: TestWire!
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        tmp = try makeTestDirectory(Self.prefix, for: self)
+        wire = try TestWire(prefix: Self.prefix + "w")
+        addTeardownBlock { [wire] in wire?.destroy() }
+    }
+
+    /// Joins a namespace to the switch as eth0 with 192.168.77.<index>/24.
+    func plug(_ ns: TestNamespace, index: Int) throws {
+        try wire.plug(ns, address: "192.168.77.\(index)/24")
+    }
+
+    /// A node and its pod (`TestWire.overlayNode`); with `start` the node runs `flannel-udp up --detach` (`up`).
+    func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> OverlayNode {
+        let node = try wire.overlayNode(index, prefix: Self.prefix, runDirectory: tmp + "/run", for: self,
+                                        disableIPv6: nodesWithoutIPv6)
+        if start {
+            let up = self.up(node, extra)
+            XCTAssertEqual(up.status, 0, up.description)
+        }
+        return node
+    }
+
+    /// `up --detach` for the node's subnet in 10.244.0.0/16, its subnet file `tmp/subnet-<index>.env`.
+    func up(_ node: OverlayNode, _ extra: [String] = []) -> CommandResult {
+        fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
+                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + upOptions + extra)
+    }
+
+    /// flannel-udp in the node's namespace, with the test's run directory.
+    @discardableResult
+    func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
+        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run", environment: environment)
+    }
 }
 
 /// Puts `pod` behind `node` the way the flannel CNI plugin would: `cni0` on the node with the subnet's first

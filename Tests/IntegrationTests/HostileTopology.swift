@@ -16,43 +16,13 @@ import XCTest
 ///
 /// IPv6 is disabled inside the node namespaces so the kernel's router solicitations on a new tun do not show up
 /// as `notIPv4` drops in the exact counts the tests assert.
-class HostileTopologyTestCase: XCTestCase {
-    var tmp = ""
-    var wire: TestWire!
+class HostileTopologyTestCase: WireTestCase {
+    override class var prefix: String { "fu-h" }
+    override var nodesWithoutIPv6: Bool { true }
 
     typealias Node = OverlayNode
 
-    override func setUpWithError() throws {
-        try requireRoot()
-        tmp = try makeTestDirectory("fu-hst", for: self)
-        wire = try TestWire(prefix: "fu-hw")
-        addTeardownBlock { [wire] in wire?.destroy() }
-    }
-
     var environment: [String: String] { ["FLANNEL_UDP_RUN_DIR": tmp + "/run"] }
-
-    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
-    func plug(_ ns: TestNamespace, index: Int) throws {
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-    }
-
-    /// A node and its pod; with `start` the node runs `flannel-udp up --detach`.
-    func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> Node {
-        let node = try wire.overlayNode(index, prefix: "fu-h", runDirectory: tmp + "/run", for: self, disableIPv6: true)
-        if start {
-            let up = self.up(node, extra)
-            XCTAssertEqual(up.status, 0, up.description)
-        }
-        return node
-    }
-
-    /// Options added to every `up` (the worker variants in WorkersTests.swift run the same tests with more pairs).
-    var upOptions: [String] { [] }
-
-    func up(_ node: Node, _ extra: [String] = []) -> CommandResult {
-        fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + upOptions + extra)
-    }
 
     /// Two running nodes that know each other.
     func makePair() throws -> (Node, Node) {
@@ -61,11 +31,6 @@ class HostileTopologyTestCase: XCTestCase {
         XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
         XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
         return (a, b)
-    }
-
-    @discardableResult
-    func fu(_ node: Node, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: environment)
     }
 
     func daemonStatus(_ node: Node) throws -> [String: Any] {

@@ -13,40 +13,10 @@ import XCTest
 ///     flannel0 10.244.1.0 flannel0 10.244.2.0 flannel0 10.244.3.0
 ///     cni0 10.244.1.1       cni0 10.244.2.1     cni0 10.244.3.1
 ///       pod 1 10.244.1.2    pod 2 10.244.2.2    pod 3 10.244.3.2
-class OverlayTests: XCTestCase {
-    /// Options added to every `up`: none here; `OverlayTestsWorkers2`/`4` (WorkersTests.swift) run every test again
-    /// with more worker pairs.
-    var upOptions: [String] { [] }
-    var tmp = ""
-    var wire: TestWire!
-
-    override func setUpWithError() throws {
-        try requireRoot()
-        tmp = try makeTestDirectory("fu-ovl", for: self)
-        wire = try TestWire(prefix: "fu-ovw")
-        addTeardownBlock { [wire] in wire?.destroy() }
-    }
+class OverlayTests: WireTestCase {
+    override class var prefix: String { "fu-ov" }
 
     typealias Node = OverlayNode
-
-    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
-    func plug(_ ns: TestNamespace, index: Int) throws {
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-    }
-
-    /// A node with a pod behind it, running `flannel-udp up --detach`.
-    func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
-        let node = try wire.overlayNode(index, prefix: "fu-ov", runDirectory: tmp + "/run", for: self)
-        let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                           "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + upOptions + extra)
-        XCTAssertEqual(up.status, 0, up.description)
-        return node
-    }
-
-    @discardableResult
-    func fu(_ node: Node, _ args: [String]) -> CommandResult {
-        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run")
-    }
 
     func routeAdd(_ node: Node, _ subnet: String, via other: Node) {
         let r = fu(node, ["route", "add", subnet, "via", other.underlay])
