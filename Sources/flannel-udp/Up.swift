@@ -20,7 +20,7 @@ struct Up: ParsableCommand {
             and route, the subnet file, the masquerade rules and the lease stay. \
             Options that would change the node's identity (network, subnet, public IP, port, MTU, subnet file, \
             --ip-masq, offloads) are refused with the reason, and a failed replacement leaves the old daemon \
-            forwarding. \
+            forwarding. --metrics-addr may stay the same: the new daemon joins the old one's listener. \
             --ip-masq adds flanneld's masquerade and forward rules (pods' traffic out of the network leaves with \
             the node's address; inside it, and kube-proxy's marked packets, untouched), in one transaction, kept \
             in place every --masq-resync seconds.

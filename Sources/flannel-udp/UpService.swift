@@ -19,7 +19,8 @@ extension Up {
     /// a usage error naming the variable; a metrics port that cannot be bound is a system error.
     func startService(logger: Logger) throws -> NodeService {
         do throws(FlannelError) {
-            return try NodeService.start(foreground: readyFD == nil, metricsAddress: metricsAddr, logger: logger)
+            return try NodeService.start(foreground: readyFD == nil, metricsAddress: metricsAddr,
+                                             takeOver: replace, logger: logger)
         } catch {
             // A daemon started by --detach tells its parent why, as for any other failed start.
             Readiness(fd: readyFD).failed("\(error)")

@@ -172,6 +172,67 @@ final class ReplaceTests: HostileTopologyTestCase {
         XCTAssertEqual(leftovers, [], "nothing of the daemons is left in \(dir)")
     }
 
+    /// `--metrics-addr` goes over with the node: the new daemon joins the old one's listener on the same address
+    /// (one SO_REUSEPORT group during the switch; before, the replacement failed with "Address already in use"),
+    /// and once the old daemon is gone every scrape is answered by the new one. Nobody else gets into that group:
+    /// not a plain `up` for another device, not a root program binding as usual, not an unprivileged user's
+    /// SO_REUSEPORT listener (the kernel admits only the same user).
+    func testTheMetricsEndpointGoesOverWithTheNode() throws {
+        let address = "127.0.0.1:9464"
+        let a = try makeNode(1, extra: ["--metrics-addr", address])
+        let b = try makeNode(2)
+        XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
+        XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
+        /// flannel_udp_start_time_seconds of whichever daemon answers, or what went wrong.
+        func startTime() -> String {
+            let script = """
+                import sys, urllib.request
+                try:
+                    text = urllib.request.urlopen("http://\(address)/metrics", timeout=3).read().decode()
+                except Exception as e:
+                    print("no answer:", e); sys.exit(0)
+                print(" ".join(l.split()[-1] for l in text.splitlines() if l.startswith("flannel_udp_start_time_seconds")))
+                """
+            return (try? a.ns.run(["/usr/bin/python3", "-c", script]))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+        }
+        let before = startTime()
+        XCTAssertNotNil(Double(before), before)
+
+        // The attackers, while the daemon serves the address.
+        let second = fu(a, ["up", "--detach", "--device", "flannel9", "--port", "8299", "--network", "10.245.0.0/16",
+                            "--subnet", "10.245.1.0/24", "--iface", "eth0", "--subnet-file", "\(tmp)/second.env",
+                            "--metrics-addr", address])
+        XCTAssertNotEqual(second.status, 0, second.description)
+        XCTAssertTrue(second.stderr.contains("bind metrics endpoint \(address): Address already in use"), second.description)
+        XCTAssertFalse(try a.ns.run(["ip", "-o", "link"]).contains("flannel9"), "the refused daemon changed nothing")
+        let bind = """
+            import socket, sys
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if sys.argv[1] == "reuseport": s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                s.bind(("127.0.0.1", 9464)); s.listen(1); print("bound")
+            except OSError as e:
+                print("refused:", e.strerror)
+            """
+        for (who, mode) in [("root", "plain"), ("nobody", "reuseport")] {
+            let prefix = who == "root" ? [] : ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+            let r = runCommand(["ip", "netns", "exec", a.ns.name] + prefix + ["/usr/bin/python3", "-c", bind, mode])
+            XCTAssertEqual(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "refused: Address already in use",
+                           "\(who) binding the metrics address (\(mode)): \(r)")
+        }
+
+        let old = try pid(a)
+        let replaced = up(a, ["--metrics-addr", address, "--replace"])
+        XCTAssertEqual(replaced.status, 0, replaced.description)
+        try waitFor("the old daemon exited") { kill(Int32(old), 0) != 0 }
+        let after = (0..<5).map { _ in startTime() }
+        XCTAssertNotEqual(after[0], before, "the new daemon answers: \(after)")
+        XCTAssertNotNil(Double(after[0]), "\(after)")
+        XCTAssertEqual(Set(after).count, 1, "only the new daemon answers: \(after)")
+        XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
+    }
+
     func testAChangedIdentityIsRefusedAndTheOldDaemonForwardsOn() throws {
         let (a, b) = try makePair()
         let old = try pid(a)

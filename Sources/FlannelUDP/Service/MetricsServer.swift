@@ -1,8 +1,12 @@
+import CShims
 import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The HTTP endpoint of `--metrics-addr`: `GET /healthz` (200 "ok", or 503 with the reason) and `GET /metrics`
 /// (Prometheus text). One event-loop thread, swift-nio's HTTP/1 server pipeline, one response per request.
@@ -32,7 +36,14 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
 
     /// Binds the listening socket; requests wait for `start`. The kernel's refusal (a port in use) is `.system`,
     /// anything else NIO reports `.failed`.
-    public init(address: MetricsAddress, logger: Logger) throws(FlannelError) {
+    ///
+    /// The listener is bound with SO_REUSEPORT, so that `up --replace` can bind the same address while the daemon
+    /// it replaces still answers there (no scrape finds the port closed during an upgrade). The kernel lets only
+    /// sockets of the same effective user into that group, so no unprivileged user can join it. `takeOver` false
+    /// (every start but a replacement) first claims the address with a plain bind, so that a second daemon (or
+    /// any other program) on the address is refused with "Address already in use" as without SO_REUSEPORT.
+    public init(address: MetricsAddress, takeOver: Bool = false, logger: Logger) throws(FlannelError) {
+        if !takeOver { try Self.claim(address) }
         self.address = address
         self.logger = logger
         group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
@@ -40,6 +51,7 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         let bootstrap = ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.backlog, value: 64)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .serverChannelOption(ChannelOptions.socketOption(NIOBSDSocket.Option(rawValue: Int32(FU_SO_REUSEPORT))), value: 1)
             .childChannelInitializer { channel in
                 channel.pipeline.configureHTTPServerPipeline(withErrorHandling: true).flatMap {
                     channel.pipeline.addHandler(MetricsHandler(providers: providers))
@@ -55,6 +67,34 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
             throw .failed("bind metrics endpoint \(address): \(error)")
         }
         logger.info("metrics and health endpoint on http://\(localAddress ?? address.description)/metrics, /healthz")
+    }
+
+    /// Binds a plain TCP socket (SO_REUSEADDR as the listener has it, no SO_REUSEPORT) to `address` and closes
+    /// it: EADDRINUSE when anything listens or is bound there, including a daemon's SO_REUSEPORT listener.
+    static func claim(_ address: MetricsAddress) throws(FlannelError) {
+        let operation = "bind metrics endpoint"
+        guard let host = IPv4Address(address.host) else {
+            throw .failed("\(operation) \(address): not an IPv4 address")
+        }
+        let fd = try FlannelError.system(try syscall(operation, "\(address): socket") {
+            socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        })
+        defer { _ = Glibc.close(fd) }
+        var one: Int32 = 1
+        _ = try FlannelError.system(try syscall(operation, "\(address): setsockopt SO_REUSEADDR") {
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        })
+        var sa = sockaddr_in()
+        sa.sin_family = sa_family_t(AF_INET)
+        sa.sin_port = UInt16(address.port).bigEndian
+        sa.sin_addr = in_addr(s_addr: host.networkOrder)
+        _ = try FlannelError.system(try syscall(operation, "\(address)") {
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
+            }
+        })
     }
 
     func start(health: @escaping @Sendable () -> DaemonHealth, metrics: @escaping @Sendable () -> String) {

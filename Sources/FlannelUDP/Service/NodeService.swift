@@ -36,7 +36,10 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
     /// sd_notify and the watchdog as the environment asks for them (`foreground` only: a daemon started by
     /// --detach reports to its parent instead), and the metrics endpoint on `metricsAddress` ("HOST:PORT"). A bad
     /// NOTIFY_SOCKET, WATCHDOG_USEC or address is `.usage`, naming it; a socket or port that cannot be had is not.
-    public static func start(foreground: Bool, metricsAddress: String?, logger: Logger) throws(FlannelError) -> NodeService {
+    /// `takeOver`: this daemon replaces one running for the device (`up --replace`), whose metrics endpoint it
+    /// joins on the same address (see `MetricsServer.init`).
+    public static func start(foreground: Bool, metricsAddress: String?, takeOver: Bool = false,
+                             logger: Logger) throws(FlannelError) -> NodeService {
         var notifier: SystemdNotifier?
         var watchdog: WatchdogSettings?
         if foreground {
@@ -47,18 +50,19 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         if let metricsAddress {
             do { address = try MetricsAddress(parsing: metricsAddress) } catch { throw .usage(error.description) }
         }
-        return try NodeService(notifier: notifier, watchdog: watchdog, metricsAddress: address, logger: logger)
+        return try NodeService(notifier: notifier, watchdog: watchdog, metricsAddress: address, takeOver: takeOver,
+                               logger: logger)
     }
 
     /// Binds the metrics endpoint (before anything else changes, so a taken port changes nothing).
     public init(notifier: SystemdNotifier?, watchdog: WatchdogSettings?, metricsAddress: MetricsAddress?,
-                logger: Logger) throws(FlannelError) {
+                takeOver: Bool = false, logger: Logger) throws(FlannelError) {
         self.notifier = notifier
         self.watchdog = notifier == nil ? nil : watchdog
         self.logger = logger
         wake = try FlannelError.system(try WakePipe())
         metricsServer = try metricsAddress.map { (address) throws(FlannelError) in
-            try MetricsServer(address: address, logger: logger)
+            try MetricsServer(address: address, takeOver: takeOver, logger: logger)
         }
         metricsServer?.start(health: { [weak self] in self?.answerHealth() ?? DaemonHealth(healthy: false, reason: "stopped") },
                              metrics: { [weak self] in self?.metrics() ?? "" })
