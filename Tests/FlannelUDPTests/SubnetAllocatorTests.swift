@@ -1,6 +1,7 @@
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// The subnet choice: own lease, previous subnet, random free subnet within SubnetMin..SubnetMax.
 final class SubnetAllocatorTests: XCTestCase {

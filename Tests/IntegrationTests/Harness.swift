@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 extension CommandResult: CustomStringConvertible {
     var description: String { "exit \(status)\nstdout: \(stdout)\nstderr: \(stderr)" }
@@ -245,6 +246,34 @@ class WireTestCase: XCTestCase {
     @discardableResult
     func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
         runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run", environment: environment)
+    }
+
+    /// Sends datagrams from one UDP socket opened inside `ns` (the socket belongs to the namespace of the thread
+    /// that creates it, so they leave from `ns`'s eth0) to `endpoint` (port 8285 unless given). Returns how many
+    /// the kernel took.
+    @discardableResult
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payloads: [[UInt8]]) throws -> Int {
+        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
+        return try ns.withEntered {
+            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
+            defer { close(fd) }
+            var big: Int32 = 1 << 20
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
+            var sent = 0
+            for payload in payloads {
+                guard sendDatagram(payload, from: fd, to: target) == payload.count else {
+                    throw SystemError.current("sendto", endpoint)
+                }
+                sent += 1
+            }
+            return sent
+        }
+    }
+
+    /// One datagram, as `sendUDP(from:to:_:)` sends them.
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payload: [UInt8]) throws {
+        try sendUDP(from: ns, to: endpoint, [payload])
     }
 }
 

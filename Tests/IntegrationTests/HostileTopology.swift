@@ -84,49 +84,6 @@ class HostileTopologyTestCase: WireTestCase {
         let pid = try XCTUnwrap(try daemonStatus(node)["pid"] as? Int)
         return pid_t(pid)
     }
-
-    /// Sends datagrams from one UDP socket opened inside `ns` (the socket belongs to the namespace of the thread
-    /// that creates it, so they leave from `ns`'s eth0). Returns how many the kernel took.
-    @discardableResult
-    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payloads: [[UInt8]]) throws -> Int {
-        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
-        return try ns.withEntered {
-            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
-            defer { close(fd) }
-            var big: Int32 = 1 << 20
-            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = target.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
-            var sent = 0
-            for payload in payloads {
-                let n = payload.withUnsafeBytes { buf in
-                    withUnsafePointer(to: &sa) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                            sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                        }
-                    }
-                }
-                guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
-                sent += 1
-            }
-            return sent
-        }
-    }
-}
-
-/// Deterministic random numbers (SplitMix64), so a failing flood can be replayed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
 }
 
 /// Builds IPv4 packets with correct checksums (unless told otherwise).

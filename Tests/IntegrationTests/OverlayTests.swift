@@ -162,29 +162,6 @@ class OverlayTests: WireTestCase {
         XCTAssertEqual(try counters(a).udpToTun, before.udpToTun, "a dropped datagram reached the tun")
     }
 
-    /// Sends one UDP datagram with `payload` from a socket opened inside `ns` (the socket belongs to the namespace
-    /// of the thread that creates it, so the datagram leaves from `ns`'s eth0).
-    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payload: [UInt8]) throws {
-        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
-        try ns.withEntered {
-            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
-            defer { close(fd) }
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = target.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
-            let n = payload.withUnsafeBytes { buf in
-                withUnsafePointer(to: &sa) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                    }
-                }
-            }
-            guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
-        }
-    }
-
     /// A minimal valid IPv4 ICMP echo request (header checksum and ICMP checksum correct).
     static func icmpEcho(source: IPv4Address, destination: IPv4Address) -> [UInt8] {
         var p: [UInt8] = [0x45, 0, 0, 28, 0x12, 0x34, 0, 0, 64, 1, 0, 0]
