@@ -79,13 +79,16 @@ let package = Package(
         .executableTarget(name: "tun-bound", dependencies: ["CShims"], path: "bench/tun-bound"),
         // Test-only counting allocator (interposes malloc & co.) for the data plane's zero-allocation tests.
         .target(name: "CAllocCounter", path: "Tests/CAllocCounter"),
+        // What both test targets use: a seeded generator, one datagram sent to an endpoint.
+        .target(name: "TestSupport", dependencies: ["FlannelCore"], path: "Tests/TestSupport"),
         .testTarget(
             name: "FlannelUDPTests",
-            dependencies: ["FlannelCore", "FlannelUDP", "CShims", "CAllocCounter"]
+            dependencies: ["FlannelCore", "FlannelUDP", "CShims", "CAllocCounter", "TestSupport"]
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["FlannelCore", "FlannelUDP", "flannel-udp", .product(name: "Logging", package: "swift-log")]
+            dependencies: ["FlannelCore", "FlannelUDP", "flannel-udp", "TestSupport",
+                           .product(name: "Logging", package: "swift-log")]
         ),
     ]
 )

@@ -155,11 +155,11 @@ func fuzzPacket(_ input: UnsafeRawBufferPointer) {
 func fuzzControl(_ input: UnsafeRawBufferPointer) {
     // The server decodes whatever a client sent before the newline, up to maxRequestBytes.
     let bytes = Array(input.prefix(ControlProtocol.maxRequestBytes))
-    guard let request = try? ControlProtocol.decode(ControlRequest.self, from: bytes) else { return }
+    guard let request = try? ControlProtocol.decode(ControlMessage.self, from: bytes) else { return }
     var line = ControlProtocol.encodeLine(request)
     require(line.last == UInt8(ascii: "\n") && !line.dropLast().contains(UInt8(ascii: "\n")), "one line")
     line.removeLast()
-    let again = try? ControlProtocol.decode(ControlRequest.self, from: line)
+    let again = try? ControlProtocol.decode(ControlMessage.self, from: line)
     require(again == request, "request does not round-trip: \(request)")
     // The responses the daemon builds from it must encode too.
     _ = ControlProtocol.encodeLine(ControlResponse.error("\(request)"))

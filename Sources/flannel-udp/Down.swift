@@ -32,7 +32,7 @@ struct Down: ParsableCommand {
                 Console.writeError("flannel-udp down: \($0)\n")
             }
         } catch {
-            throw fail("down", error.description)
+            throw fail("down", error)
         }
         switch outcome {
         case .notRunning(let removed):

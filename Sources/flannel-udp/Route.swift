@@ -71,7 +71,7 @@ struct RouteCommand: ParsableCommand {
             }
             let response: ControlResponse
             do { response = try ControlClient.send(.routeList, paths: deviceOptions.paths) } catch {
-                throw fail("route list", error.flannelError)
+                throw fail("route list", error)
             }
             guard case .routes(let peers) = response else {
                 if case .error(let m) = response { throw fail("route list", m) }
@@ -91,7 +91,7 @@ struct RouteCommand: ParsableCommand {
 private func send(_ request: ControlRequest, device: DeviceOptions, command: String) throws {
     let response: ControlResponse
     do { response = try ControlClient.send(request, paths: device.paths) } catch {
-        throw fail(command, error.flannelError)
+        throw fail(command, error)
     }
     switch response {
     case .ok: return

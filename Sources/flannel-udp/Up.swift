@@ -177,11 +177,11 @@ struct Up: ParsableCommand {
             warn("up", warning)
         }
         if detach {
-            do throws(DaemonSpawn.Failure) {
+            do throws(FlannelError) {
                 let daemon = try DaemonSpawn.start(device: config.device, logFile: logFile, etcdPassword: etcdPassword)
                 print("flannel-udp: \(config.device) is up (pid \(daemon.pid), log \(daemon.log))")
             } catch {
-                throw fail("up", error.description, ExitCode(error.exitCode))
+                throw fail("up", error)
             }
             return
         }

@@ -1,6 +1,7 @@
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 final class ChecksumTests: XCTestCase {
     /// RFC 1071 section 3's worked example: the folded sum of 00 01 f2 03 f4 f5 f6 f7 is 0xddf2.

@@ -6,6 +6,7 @@ import CAllocCounter
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// The forwarding loop without privileges, on the socketpair-and-loopback fixture of `LoopbackForwarderTestCase`.
@@ -42,18 +43,7 @@ final class ForwarderTests: LoopbackForwarderTestCase {
     }
 
     private func sendUDP(_ bytes: [UInt8], from sock: UDPSocket) {
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = socket.localEndpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: socket.localEndpoint.address.networkOrder)
-        let n = bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(sock.fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-        }
-        XCTAssertEqual(n, bytes.count)
+        XCTAssertEqual(sendDatagram(bytes, from: sock.fd, to: socket.localEndpoint), bytes.count)
     }
 
     private func writeTun(_ bytes: [UInt8]) {

@@ -1,6 +1,7 @@
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 // Requests are compared byte for byte with reference bytes written out by hand from the kernel's struct layouts
 // (<linux/netlink.h>, <linux/rtnetlink.h>, <linux/if_link.h>, <linux/if_addr.h>); numbers are literals, not the

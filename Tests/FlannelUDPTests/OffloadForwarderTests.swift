@@ -6,6 +6,7 @@ import CAllocCounter
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// The socket offloads in the forwarding loop, without privileges: the tun is one end of a SOCK_SEQPACKET
@@ -25,20 +26,6 @@ final class OffloadForwarderTests: LoopbackForwarderTestCase {
     private func setInt(_ fd: Int32, _ option: Int32, _ value: Int32) -> Int32 {
         var v = value
         return setsockopt(fd, Int32(FU_SOL_UDP), option, &v, socklen_t(MemoryLayout<Int32>.size))
-    }
-
-    private func send(_ bytes: [UInt8], from fd: Int32, to endpoint: Endpoint) -> Int {
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = endpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
-        return bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-        }
     }
 
     /// Everything waiting on `fd`, one element per datagram or packet.
@@ -77,11 +64,11 @@ final class OffloadForwarderTests: LoopbackForwarderTestCase {
         defer { probe.close() }
         XCTAssertEqual(setInt(probe.fd, Int32(FU_UDP_GRO), 1), 0)
         XCTAssertEqual(setInt(peer.fd, Int32(FU_UDP_SEGMENT), 1472), 0)
-        XCTAssertEqual(send(datagram, from: peer.fd, to: probe.localEndpoint), datagram.count)
+        XCTAssertEqual(sendDatagram(datagram, from: peer.fd, to: probe.localEndpoint), datagram.count)
         XCTAssertEqual(drainFD(probe.fd).map { $0.count }, [datagram.count])
 
         // ...and the forwarder cuts it back into the four packets, each written to the tun on its own.
-        XCTAssertEqual(send(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(sendDatagram(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
         XCTAssertEqual(try f.udpToTun.drain(), 1)
         let written = drainFD(pair[1])
         XCTAssertEqual(written.count, 4)
@@ -104,7 +91,7 @@ final class OffloadForwarderTests: LoopbackForwarderTestCase {
                        packet(3, to: "127.0.0.1")]
         let datagram = packets.reduce([], +)
         XCTAssertEqual(setInt(peer.fd, Int32(FU_UDP_SEGMENT), 1472), 0)
-        XCTAssertEqual(send(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(sendDatagram(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
         XCTAssertEqual(try f.udpToTun.drain(), 1)
         XCTAssertEqual(f.offloadStatistics.groBuffers, 1, "the four packets came as one GRO buffer")
         XCTAssertEqual(drainFD(pair[1]), [forwarded(packets[0]), forwarded(packets[2])])

@@ -3,21 +3,9 @@ import Glibc
 #endif
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
-/// Helpers shared by the data plane's unit tests: packet construction, hex, a seeded random generator.
-
-/// SplitMix64: small, fast, and seeded, so a failing property test can be rerun exactly.
-struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
+/// Helpers shared by the data plane's unit tests: packet construction, hex (the seeded generator is TestSupport's).
 
 func hexBytes(_ hex: String) -> [UInt8] {
     let chars = Array(hex.utf8)

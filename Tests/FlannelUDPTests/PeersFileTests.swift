@@ -121,6 +121,26 @@ final class ControlProtocolTests: XCTestCase {
             XCTAssertThrowsError(try ControlProtocol.decode(ControlRequest.self, from: Array(garbage.utf8)), garbage)
         }
     }
+
+    /// What the server reads: a handover request on the wire as before it had a type of its own, an ordinary
+    /// request as one, and a line that names one of each (or a handover with a bad value) as neither.
+    func testMessagesKeepTheWireFormatAndAreExactlyOneRequest() throws {
+        let handovers: [(HandoverRequest, String)] = [
+            (.begin(version: 1), #"{"handoverBegin":{"version":1}}"#),
+            (.commit(token: "t"), #"{"handoverCommit":{"token":"t"}}"#),
+            (.abort(token: "t"), #"{"handoverAbort":{"token":"t"}}"#),
+        ]
+        for (request, line) in handovers {
+            XCTAssertEqual(String(decoding: ControlProtocol.encodeLine(ControlMessage.handover(request)).dropLast(),
+                                  as: UTF8.self), line)
+            XCTAssertEqual(try ControlProtocol.decode(ControlMessage.self, from: Array(line.utf8)), .handover(request))
+        }
+        XCTAssertEqual(try ControlProtocol.decode(ControlMessage.self, from: Array(#"{"status":{}}"#.utf8)),
+                       .request(.status))
+        for bad in [#"{"status":{},"handoverBegin":{"version":1}}"#, #"{"handoverCommit":{"token":7}}"#, #"{"nope":{}}"#] {
+            XCTAssertThrowsError(try ControlProtocol.decode(ControlMessage.self, from: Array(bad.utf8)), bad)
+        }
+    }
 }
 
 final class CleanupPlanTests: XCTestCase {

@@ -4,6 +4,7 @@ import XCTest
 @testable import FlannelUDP
 #if canImport(Glibc)
 import Glibc
+import TestSupport
 #endif
 
 /// The kernel runs the steering program as `FlowSteering` says: on 127.0.0.1 (no privileges, no device), a group of
@@ -94,17 +95,7 @@ final class ReusePortSteeringTests: XCTestCase {
     }
 
     private func send(_ bytes: [UInt8], from sock: UDPSocket, to endpoint: Endpoint) {
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = endpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
-        let n = bytes.withUnsafeBytes { b in
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(sock.fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-        }
+        let n = sendDatagram(bytes, from: sock.fd, to: endpoint)
         XCTAssertEqual(n, bytes.count, "sendto: \(SystemError.describe(errno))")
     }
 

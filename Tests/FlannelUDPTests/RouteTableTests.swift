@@ -3,6 +3,7 @@ import Foundation
 import Atomics
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 func route(_ subnet: String, _ endpoint: String) -> PeerRoute {
     PeerRoute(subnet: net(subnet), endpoint: try! Endpoint(parsing: endpoint, defaultPort: 8285))

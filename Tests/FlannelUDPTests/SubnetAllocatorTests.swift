@@ -1,6 +1,7 @@
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// The subnet choice: own lease, previous subnet, random free subnet within SubnetMin..SubnetMax.
 final class SubnetAllocatorTests: XCTestCase {
@@ -64,7 +65,7 @@ final class SubnetAllocatorTests: XCTestCase {
             net("10.244.1.0/24"): .udp(publicIP: other), net("10.244.2.0/24"): .udp(publicIP: other),
         ]
         XCTAssertThrowsError(try SubnetAllocator(config: c).plan(leases: leases, publicIP: me, previous: nil)) {
-            XCTAssertEqual(($0 as? SubnetAllocator.Failure)?.description,
+            XCTAssertEqual(($0 as? FlannelError)?.description,
                            "no free subnet left between SubnetMin 10.244.1.0 and SubnetMax 10.244.2.0 in 10.244.0.0/16 (every /24 is leased)")
         }
     }

@@ -19,12 +19,8 @@ final class CleanupLeftoversTests: XCTestCase {
 
     override func setUpWithError() throws {
         try requireRoot()
-        for tool in ["nft", "iptables", "iptables-save", "ip6tables"] where ExternalTool.locate(tool) == nil {
-            throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
-        }
-        tmp = NSTemporaryDirectory() + "fu-clb-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
+        try requireTools(["nft", "iptables", "iptables-save", "ip6tables"], packages: "nftables iptables")
+        tmp = try makeTestDirectory("fu-clb", for: self)
     }
 
     /// What flanneld's nftables mode installs for network 10.244.0.0/16, lease 10.244.1.0/24 (its rules, written

@@ -135,12 +135,7 @@ extension ClusterTests {
         // What a flanneld environment file holds (flanneld's own flag names), and nothing on the command line but
         // --detach. --etcd-prefix must be honoured too: the registry lives under another prefix here.
         try etcdctl(["put", "/flannel-env/network/config", #"{"Network":"10.250.0.0/16","Backend":{"Type":"udp"}}"#])
-        let ns = try TestNamespace(prefix: "fu-cln")
-        addTeardownBlock { [tmp] in
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
-            ns.destroy()
-        }
-        try underlay.plug(ns, address: "192.168.77.7/24")
+        let ns = try plugNode(prefix: "fu-cln", index: 7)
         try ns.run(["ip", "addr", "add", "192.168.77.77/24", "dev", "eth0"])
         let up = fu(ns, ["up", "--detach"], environment: [
             "FLANNELD_ETCD_ENDPOINTS": etcdURL, "FLANNELD_ETCD_PREFIX": "/flannel-env/network",

@@ -10,46 +10,13 @@ import XCTest
 ///        +----------------+----------------+----------------+
 ///     node 1 (.1)      node 2 (.2)      node 3 (.3)      node 4 (.4, joins later)
 ///     pod: <leased subnet>.2 behind cni0 <leased subnet>.1
-final class ClusterTests: XCTestCase {
-    var tmp = ""
-    var wire: TestNamespace!
-    var underlay: TestWire!
-    var etcd: Process?
-    let etcdURL = "http://192.168.77.250:2379"
-
+final class ClusterTests: EtcdWireTestCase {
     override func setUpWithError() throws {
         try requireRoot()
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd"),
-              FileManager.default.isExecutableFile(atPath: "/usr/bin/etcdctl") else {
-            throw XCTSkip("cluster tests need etcd: apt-get install -y etcd-server etcd-client (scripts/test.sh does)")
-        }
-        tmp = try makeTestDirectory("fu-cl", for: self)
-        underlay = try TestWire(prefix: "fu-clw", address: "192.168.77.250/24")
-        wire = underlay.ns
-        addTeardownBlock { [weak self] in
-            self?.stopEtcd()
-            self?.underlay.destroy()
-        }
+        try requireEtcd()
+        try setUpWire("fu-cl")
         try startEtcd()
-        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
-    }
-
-    func startEtcd() throws {
-        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
-        try underlay.waitForEtcd(clientURL: etcdURL)
-    }
-
-    func stopEtcd() {
-        guard let etcd else { return }
-        kill(etcd.processIdentifier, SIGKILL)
-        // `ip netns exec` execs etcd, so the process we started is etcd itself.
-        etcd.waitUntilExit()
-        self.etcd = nil
-    }
-
-    @discardableResult
-    func etcdctl(_ args: [String]) throws -> String {
-        try wire.run(["etcdctl", "--endpoints", etcdURL] + args)
+        try putNetworkConfig()
     }
 
     struct Node {
@@ -67,14 +34,9 @@ final class ClusterTests: XCTestCase {
     /// A node joined to the wire and brought up from etcd, with a pod in the subnet it leased; `extra` options
     /// for its `up`.
     func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
-        let ns = try TestNamespace(prefix: "fu-cln")
         let pod = try TestNamespace(prefix: "fu-clp")
-        addTeardownBlock { [tmp] in
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try underlay.plug(ns, address: "192.168.77.\(index)/24")
+        addTeardownBlock { pod.destroy() }
+        let ns = try plugNode(prefix: "fu-cln", index: index)
         let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + extra)
         XCTAssertEqual(up.status, 0, up.description)
         let file = try SubnetFile.load(path: "\(tmp)/subnet-\(index).env")
@@ -176,15 +138,7 @@ final class ClusterTests: XCTestCase {
     func testTenNodesStartedAtOnceGetDistinctSubnets() throws {
         // A /20 of /24s leaves 15 free subnets (flannel's SubnetMin skips the first): the ten race for few.
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/20","SubnetLen":24,"Backend":{"Type":"udp"}}"#])
-        let namespaces = try (1...10).map { i -> TestNamespace in
-            let ns = try TestNamespace(prefix: "fu-cln")
-            addTeardownBlock { [tmp] in
-                _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
-                ns.destroy()
-            }
-            try underlay.plug(ns, address: "192.168.77.\(10 + i)/24")
-            return ns
-        }
+        let namespaces = try (1...10).map { try plugNode(prefix: "fu-cln", index: 10 + $0) }
         // All ten `up`s run at the same time, each on its own thread; each writes only its own slot.
         nonisolated(unsafe) let results = UnsafeMutableBufferPointer<CommandResult>.allocate(capacity: namespaces.count)
         defer { results.deallocate() }
@@ -209,9 +163,7 @@ final class ClusterTests: XCTestCase {
 
     func testBadRegistryConfigIsOneClearError() throws {
         try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#])
-        let ns = try TestNamespace(prefix: "fu-cln")
-        addTeardownBlock { ns.destroy() }
-        try underlay.plug(ns, address: "192.168.77.9/24")
+        let ns = try plugNode(prefix: "fu-cln", index: 9)
         let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/x.env", "--detach"])
         XCTAssertEqual(up.status, 64, up.description)
         XCTAssertTrue(up.stderr.contains("vxlan"), up.stderr)

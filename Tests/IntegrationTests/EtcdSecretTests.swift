@@ -11,31 +11,17 @@ import XCTest
 ///                   wire (bridge br0, etcd with auth on 192.168.77.250:2379)
 ///                       |
 ///     node (eth0 192.168.77.1): flannel-udp up --etcd-endpoints http://192.168.77.250:2379 --etcd-username flannel
-final class EtcdSecretTests: XCTestCase {
-    var tmp = ""
-    var underlay: TestWire!
-    var etcd: Process?
-    let etcdURL = "http://192.168.77.250:2379"
+final class EtcdSecretTests: EtcdWireTestCase {
     /// Unique to the run, so that finding it anywhere cannot be a coincidence.
     let secret = "pw-\(UInt64.random(in: 1 ... .max))"
 
     override func setUpWithError() throws {
         try requireRoot()
-        for tool in ["/usr/bin/etcd", "/usr/bin/etcdctl", "/usr/bin/setpriv"] where !FileManager.default.isExecutableFile(atPath: tool) {
-            throw XCTSkip("these tests need \(tool): apt-get install -y etcd-server etcd-client util-linux")
-        }
-        tmp = try makeTestDirectory("fu-sec", for: self)
-        underlay = try TestWire(prefix: "fu-secw", address: "192.168.77.250/24")
-        addTeardownBlock { [weak self] in
-            if let etcd = self?.etcd {
-                kill(etcd.processIdentifier, SIGKILL)
-                etcd.waitUntilExit()
-            }
-            self?.underlay.destroy()
-        }
-        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
-        try underlay.waitForEtcd(clientURL: etcdURL)
-        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
+        try requireEtcd()
+        try requireTools(["setpriv"], packages: "util-linux")
+        try setUpWire("fu-sec")
+        try startEtcd()
+        try putNetworkConfig()
         try etcdctl(["user", "add", "root:rootpw"])
         try etcdctl(["user", "add", "flannel:\(secret)"])
         try etcdctl(["role", "add", "flannel"])
@@ -44,20 +30,9 @@ final class EtcdSecretTests: XCTestCase {
         try etcdctl(["auth", "enable"])
     }
 
-    @discardableResult
-    func etcdctl(_ args: [String]) throws -> String {
-        try underlay.ns.run(["etcdctl", "--endpoints", etcdURL] + args)
-    }
-
     /// A node on the wire whose `down` runs in teardown.
     func makeNode() throws -> TestNamespace {
-        let ns = try TestNamespace(prefix: "fu-secn")
-        addTeardownBlock { [tmp] in
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
-            ns.destroy()
-        }
-        try underlay.plug(ns, address: "192.168.77.1/24")
-        return ns
+        try plugNode(prefix: "fu-secn", index: 1)
     }
 
     /// `up --detach` as user flannel with `extra` (the password given some way) and `environment`; then checks that

@@ -3,6 +3,7 @@ import Synchronization
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// A TCP transfer pod A -> pod B across a lossy, reordering underlay, checked end to end by SHA-256, while the
 /// daemons' RSS and open descriptors are sampled. This kernel has no netem (CONFIG_NET_SCH_NETEM is not set) and
@@ -178,7 +179,7 @@ final class LossyRelay: @unchecked Sendable {
     }
 
     private func run() {
-        var rng = SplitMix64(state: 42)
+        var rng = SeededRandom(seed: 42)
         var buffer = [UInt8](repeating: 0, count: 65536)
         var held: (bytes: [UInt8], to: Endpoint)?
         while running.load(ordering: .relaxed) {
@@ -214,16 +215,6 @@ final class LossyRelay: @unchecked Sendable {
     }
 
     private func send(_ bytes: [UInt8], to endpoint: Endpoint) {
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = endpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
-        _ = bytes.withUnsafeBytes { buf in
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
-        }
+        _ = sendDatagram(bytes, from: fd, to: endpoint)
     }
 }

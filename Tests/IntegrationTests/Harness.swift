@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 extension CommandResult: CustomStringConvertible {
     var description: String { "exit \(status)\nstdout: \(stdout)\nstderr: \(stderr)" }
@@ -26,6 +27,14 @@ func flannelUDPBinary() -> String {
 
 /// Skips the test when not root; integration tests create network namespaces.
 func requireRoot() throws { try TestNamespace.requireRoot() }
+
+/// Skips the test unless each of `tools` is installed (found as the daemon finds a tool, `ExternalTool.locate`);
+/// `packages` are the Debian packages that bring them.
+func requireTools(_ tools: [String], packages: String) throws {
+    for tool in tools where ExternalTool.locate(tool) == nil {
+        throw XCTSkip("\(tool) is not installed (apt-get install -y \(packages); scripts/test.sh does); skipping")
+    }
+}
 
 /// Polls `condition` until it holds; throws `TimedOut` naming `what` when `timeout` passes first.
 func waitFor(_ what: String, timeout: TimeInterval = 10, _ condition: () throws -> Bool) throws {
@@ -76,6 +85,72 @@ extension TestWire {
     }
 }
 
+/// The etcd tests' topology: an underlay switch (`underlay`, a bridge at 192.168.77.250/24) with a one-member etcd
+/// on it at `etcdURL`, and nodes plugged in at 192.168.77.<index> (`plugNode`). etcd is stopped and the switch
+/// removed when the test ends; every daemon uses `tmp/run` as its run directory.
+///
+///                   wire (bridge br0, etcd on 192.168.77.250:2379)
+///        +----------------+----------------+
+///     node (.1)        node (.2)   ...
+class EtcdWireTestCase: XCTestCase {
+    var tmp = ""
+    var underlay: TestWire!
+    var wire: TestNamespace { underlay.ns }
+    var etcd: Process?
+    let etcdURL = "http://192.168.77.250:2379"
+
+    /// Skips the test unless etcd and etcdctl are installed.
+    func requireEtcd() throws {
+        try requireTools(["etcd", "etcdctl"], packages: "etcd-server etcd-client")
+    }
+
+    /// The test directory `/tmp/<prefix>-…` and the switch (`<prefix>w-…`); call from `setUpWithError`.
+    func setUpWire(_ prefix: String) throws {
+        tmp = try makeTestDirectory(prefix, for: self)
+        underlay = try TestWire(prefix: prefix + "w", address: "192.168.77.250/24")
+        addTeardownBlock { [weak self] in
+            self?.stopEtcd()
+            self?.underlay.destroy()
+        }
+    }
+
+    /// Starts etcd (its data in `tmp/etcd`, kept across a restart) and waits until it is healthy.
+    func startEtcd() throws {
+        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
+        try underlay.waitForEtcd(clientURL: etcdURL)
+    }
+
+    func stopEtcd() {
+        guard let etcd else { return }
+        kill(etcd.processIdentifier, SIGKILL)
+        // `ip netns exec` execs etcd, so the process we started is etcd itself.
+        etcd.waitUntilExit()
+        self.etcd = nil
+    }
+
+    /// flannel's network config, 10.244.0.0/16 unless told otherwise, at `/coreos.com/network/config`.
+    func putNetworkConfig(_ json: String = #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#) throws {
+        try etcdctl(["put", "/coreos.com/network/config", json])
+    }
+
+    @discardableResult
+    func etcdctl(_ args: [String]) throws -> String {
+        try wire.run(["etcdctl", "--endpoints", etcdURL] + args)
+    }
+
+    /// A node namespace `<prefix>-…` on the switch at 192.168.77.<index>/24; when the test ends its daemon is
+    /// stopped (`down`) and the namespace removed.
+    func plugNode(prefix: String, index: Int) throws -> TestNamespace {
+        let ns = try TestNamespace(prefix: prefix)
+        addTeardownBlock { [tmp] in
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
+            ns.destroy()
+        }
+        try underlay.plug(ns, address: "192.168.77.\(index)/24")
+        return ns
+    }
+}
+
 /// An underlay "switch": a namespace holding a bridge that node namespaces plug into with a veth as their eth0.
 final class TestWire {
     let ns: TestNamespace
@@ -99,7 +174,107 @@ final class TestWire {
         try node.run(["ip", "link", "set", "eth0", "up"])
     }
 
+    /// A node namespace `<prefix>n-…` plugged in at 192.168.77.<index> with a pod `<prefix>p-…` behind it in
+    /// 10.244.<index>.0/24 (`attachPod`), not started: the `OverlayNode` layout. When `test` ends the node's
+    /// daemon (run directory `runDirectory`) is stopped and both namespaces are removed. With `disableIPv6`,
+    /// IPv6 is off in the node before any device exists, so that no router solicitation reaches a tun whose drops
+    /// a test counts.
+    func overlayNode(_ index: Int, prefix: String, runDirectory: String, for test: XCTestCase,
+                     disableIPv6: Bool = false) throws -> OverlayNode {
+        let ns = try TestNamespace(prefix: prefix + "n")
+        let pod = try TestNamespace(prefix: prefix + "p")
+        test.addTeardownBlock {
+            _ = runFlannelUDP(in: ns, ["down"], runDirectory: runDirectory)
+            pod.destroy()
+            ns.destroy()
+        }
+        if disableIPv6 {
+            try ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
+            try ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
+        }
+        try plug(ns, address: "192.168.77.\(index)/24")
+        try attachPod(pod, to: ns, subnet: IPv4Network(address: IPv4Address(10, 244, UInt8(index), 0), prefixLength: 24))
+        return OverlayNode(index: index, ns: ns, pod: pod)
+    }
+
     func destroy() { ns.destroy() }
+}
+
+/// Nodes with a pod each (`OverlayNode`) on one underlay switch (`wire`), every daemon's files under the test's
+/// own directory (`tmp/run`): the topology of the overlay, hostile-traffic, masquerade and service tests.
+class WireTestCase: XCTestCase {
+    /// The start of the test's names: its directory `/tmp/<prefix>-…`, the switch `<prefix>w-…`, and each node
+    /// and pod `<prefix>n-…`, `<prefix>p-…`.
+    class var prefix: String { "fu-w" }
+    /// Options added to every `up` (the worker variants in WorkersTests.swift run the same tests with more pairs).
+    var upOptions: [String] { [] }
+    /// IPv6 off in every node from the start, for the tests that count the tun's drops exactly.
+    var nodesWithoutIPv6: Bool { false }
+    var tmp = ""
+    var wire: TestWire!
+
+    override func setUpWithError() throws {
+        try requireRoot()
+        tmp = try makeTestDirectory(Self.prefix, for: self)
+        wire = try TestWire(prefix: Self.prefix + "w")
+        addTeardownBlock { [wire] in wire?.destroy() }
+    }
+
+    /// Joins a namespace to the switch as eth0 with 192.168.77.<index>/24.
+    func plug(_ ns: TestNamespace, index: Int) throws {
+        try wire.plug(ns, address: "192.168.77.\(index)/24")
+    }
+
+    /// A node and its pod (`TestWire.overlayNode`); with `start` the node runs `flannel-udp up --detach` (`up`).
+    func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> OverlayNode {
+        let node = try wire.overlayNode(index, prefix: Self.prefix, runDirectory: tmp + "/run", for: self,
+                                        disableIPv6: nodesWithoutIPv6)
+        if start {
+            let up = self.up(node, extra)
+            XCTAssertEqual(up.status, 0, up.description)
+        }
+        return node
+    }
+
+    /// `up --detach` for the node's subnet in 10.244.0.0/16, its subnet file `tmp/subnet-<index>.env`.
+    func up(_ node: OverlayNode, _ extra: [String] = []) -> CommandResult {
+        fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
+                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + upOptions + extra)
+    }
+
+    /// flannel-udp in the node's namespace, with the test's run directory.
+    @discardableResult
+    func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
+        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run", environment: environment)
+    }
+
+    /// Sends datagrams from one UDP socket opened inside `ns` (the socket belongs to the namespace of the thread
+    /// that creates it, so they leave from `ns`'s eth0) to `endpoint` (port 8285 unless given). Returns how many
+    /// the kernel took.
+    @discardableResult
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payloads: [[UInt8]]) throws -> Int {
+        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
+        return try ns.withEntered {
+            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
+            defer { close(fd) }
+            var big: Int32 = 1 << 20
+            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
+            var sent = 0
+            for payload in payloads {
+                guard sendDatagram(payload, from: fd, to: target) == payload.count else {
+                    throw SystemError.current("sendto", endpoint)
+                }
+                sent += 1
+            }
+            return sent
+        }
+    }
+
+    /// One datagram, as `sendUDP(from:to:_:)` sends them.
+    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payload: [UInt8]) throws {
+        try sendUDP(from: ns, to: endpoint, [payload])
+    }
 }
 
 /// Puts `pod` behind `node` the way the flannel CNI plugin would: `cni0` on the node with the subnet's first

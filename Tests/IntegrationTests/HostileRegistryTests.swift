@@ -10,22 +10,8 @@ import XCTest
 extension ClusterTests {
     /// Like `makeNode`, with the daemon's log in `tmp/node-<index>.log`.
     func makeLoggedNode(_ index: Int) throws -> (Node, log: String) {
-        let ns = try TestNamespace(prefix: "fu-cln")
-        let pod = try TestNamespace(prefix: "fu-clp")
-        addTeardownBlock { [tmp] in
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try underlay.plug(ns, address: "192.168.77.\(index)/24")
         let log = "\(tmp)/node-\(index).log"
-        let up = fu(ns, ["up", "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-\(index).env",
-                         "--log-file", log, "--detach"])
-        XCTAssertEqual(up.status, 0, up.description)
-        let file = try SubnetFile.load(path: "\(tmp)/subnet-\(index).env")
-        let subnet = IPv4Network(address: file.subnet.address, prefixLength: file.subnet.prefixLength)
-        try attachPod(pod, to: ns, subnet: subnet)
-        return (Node(ns: ns, pod: pod, underlay: "192.168.77.\(index)", subnet: subnet), log)
+        return (try makeNode(index, extra: ["--log-file", log]), log)
     }
 
     func peerRoutes(_ node: Node) throws -> [String: String] {
@@ -95,9 +81,7 @@ extension ClusterTests {
         for (network, why) in [("0.0.0.0/0", "is the whole IPv4 address space"),
                                ("192.168.0.0/16", "covers the underlay address 192.168.77.1")] {
             try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"\#(network)","Backend":{"Type":"udp"}}"#])
-            let ns = try TestNamespace(prefix: "fu-cln")
-            addTeardownBlock { ns.destroy() }
-            try underlay.plug(ns, address: "192.168.77.1/24")
+            let ns = try plugNode(prefix: "fu-cln", index: 1)
             let routesBefore = try ns.run(["ip", "route", "show", "table", "all"])
             let linksBefore = try ns.run(["ip", "-o", "link", "show"])
             let file = "\(tmp)/refused.env"

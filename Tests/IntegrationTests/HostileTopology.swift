@@ -16,71 +16,13 @@ import XCTest
 ///
 /// IPv6 is disabled inside the node namespaces so the kernel's router solicitations on a new tun do not show up
 /// as `notIPv4` drops in the exact counts the tests assert.
-class HostileTopologyTestCase: XCTestCase {
-    var tmp = ""
-    var wire: TestNamespace!
-    var portCounter = 0
+class HostileTopologyTestCase: WireTestCase {
+    override class var prefix: String { "fu-h" }
+    override var nodesWithoutIPv6: Bool { true }
 
     typealias Node = OverlayNode
 
-    override func setUpWithError() throws {
-        try requireRoot()
-        tmp = try makeTestDirectory("fu-hst", for: self)
-        wire = try TestNamespace(prefix: "fu-hw")
-        addTeardownBlock { [wire] in wire?.destroy() }
-        try wire.run(["ip", "link", "add", "br0", "type", "bridge"])
-        try wire.run(["ip", "link", "set", "br0", "up"])
-    }
-
     var environment: [String: String] { ["FLANNEL_UDP_RUN_DIR": tmp + "/run"] }
-
-    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24; returns the switch port.
-    @discardableResult
-    func plug(_ ns: TestNamespace, index: Int) throws -> String {
-        portCounter += 1
-        let port = "p\(portCounter)"
-        try wire.run(["ip", "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns.name])
-        try wire.run(["ip", "link", "set", port, "master", "br0", "up"])
-        try ns.run(["ip", "addr", "add", "192.168.77.\(index)/24", "dev", "eth0"])
-        try ns.run(["ip", "link", "set", "eth0", "up"])
-        return port
-    }
-
-    /// A node and its pod; with `start` the node runs `flannel-udp up --detach`.
-    func makeNode(_ index: Int, start: Bool = true, extra: [String] = []) throws -> Node {
-        let ns = try TestNamespace(prefix: "fu-hn")
-        let pod = try TestNamespace(prefix: "fu-hp")
-        addTeardownBlock { [environment] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down"], environment: environment)
-            pod.destroy()
-            ns.destroy()
-        }
-        try ns.run(["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"])
-        try ns.run(["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"])
-        try plug(ns, index: index)
-        try ns.run(["ip", "link", "add", "cni0", "mtu", "1472", "type", "veth", "peer", "name", "eth0", "mtu", "1472",
-                    "netns", pod.name])
-        try ns.run(["ip", "addr", "add", "10.244.\(index).1/24", "dev", "cni0"])
-        try ns.run(["ip", "link", "set", "cni0", "up"])
-        try ns.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-        try pod.run(["ip", "addr", "add", "10.244.\(index).2/24", "dev", "eth0"])
-        try pod.run(["ip", "link", "set", "eth0", "up"])
-        try pod.run(["ip", "route", "add", "default", "via", "10.244.\(index).1"])
-        let node = Node(index: index, ns: ns, pod: pod)
-        if start {
-            let up = self.up(node, extra)
-            XCTAssertEqual(up.status, 0, up.description)
-        }
-        return node
-    }
-
-    /// Options added to every `up` (the worker variants in WorkersTests.swift run the same tests with more pairs).
-    var upOptions: [String] { [] }
-
-    func up(_ node: Node, _ extra: [String] = []) -> CommandResult {
-        fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                  "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + upOptions + extra)
-    }
 
     /// Two running nodes that know each other.
     func makePair() throws -> (Node, Node) {
@@ -89,11 +31,6 @@ class HostileTopologyTestCase: XCTestCase {
         XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
         XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
         return (a, b)
-    }
-
-    @discardableResult
-    func fu(_ node: Node, _ args: [String]) -> CommandResult {
-        runCommand(["ip", "netns", "exec", node.ns.name, flannelUDPBinary()] + args, environment: environment)
     }
 
     func daemonStatus(_ node: Node) throws -> [String: Any] {
@@ -146,49 +83,6 @@ class HostileTopologyTestCase: XCTestCase {
     func daemonPID(_ node: Node) throws -> pid_t {
         let pid = try XCTUnwrap(try daemonStatus(node)["pid"] as? Int)
         return pid_t(pid)
-    }
-
-    /// Sends datagrams from one UDP socket opened inside `ns` (the socket belongs to the namespace of the thread
-    /// that creates it, so they leave from `ns`'s eth0). Returns how many the kernel took.
-    @discardableResult
-    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payloads: [[UInt8]]) throws -> Int {
-        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
-        return try ns.withEntered {
-            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
-            defer { close(fd) }
-            var big: Int32 = 1 << 20
-            setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &big, socklen_t(MemoryLayout<Int32>.size))
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = target.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
-            var sent = 0
-            for payload in payloads {
-                let n = payload.withUnsafeBytes { buf in
-                    withUnsafePointer(to: &sa) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                            sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                        }
-                    }
-                }
-                guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
-                sent += 1
-            }
-            return sent
-        }
-    }
-}
-
-/// Deterministic random numbers (SplitMix64), so a failing flood can be replayed.
-struct SplitMix64: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
     }
 }
 

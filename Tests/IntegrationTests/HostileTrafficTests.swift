@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// Node A under attack while pods A and B talk (topology in HostileTopology.swift): a stranger on the underlay
 /// floods A's port 8285 with random bytes, truncated and oversized datagrams, bad versions/IHL/lengths, forged
@@ -38,7 +39,7 @@ class HostileTrafficTests: HostileTopologyTestCase {
         DispatchQueue.global().async(group: legit) { pingResult = runCommand(pingCommand) }
         DispatchQueue.global().async(group: legit) { iperfResult = runCommand(iperfCommand) }
 
-        var rng = SplitMix64(state: 0x666c_616e_6e65_6c)
+        var rng = SeededRandom(seed: 0x666c_616e_6e65_6c)
         let rounds = Int(ProcessInfo.processInfo.environment["FLANNEL_UDP_HOSTILE_ROUNDS"] ?? "") ?? 4
         var expected: [String: Int] = [:]
         var sentByStranger = 0
@@ -111,7 +112,7 @@ class HostileTrafficTests: HostileTopologyTestCase {
     }
 
     /// ~300 hostile datagrams from a non-peer.
-    static func hostileBatch(_ rng: inout SplitMix64) -> [[UInt8]] {
+    static func hostileBatch(_ rng: inout SeededRandom) -> [[UInt8]] {
         let aPod = IPv4Address(10, 244, 1, 2)
         let bPod = IPv4Address(10, 244, 2, 2)
         var out: [[UInt8]] = []

@@ -16,20 +16,12 @@ import XCTest
 ///       pod A 10.244.1.2         pod B 10.244.2.2
 ///
 /// Every rule lives in node A's namespace; the listener reports the source address of each datagram it gets.
-final class MasqueradeTests: XCTestCase {
-    var tmp = ""
-    var wire: TestWire!
+final class MasqueradeTests: WireTestCase {
+    override class var prefix: String { "fu-mq" }
 
     override func setUpWithError() throws {
-        try requireRoot()
-        for tool in ["nft", "iptables", "iptables-save"] where ExternalTool.locate(tool) == nil {
-            throw XCTSkip("\(tool) is not installed (Debian packages nftables, iptables); skipping")
-        }
-        tmp = NSTemporaryDirectory() + "fu-masq-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
-        wire = try TestWire(prefix: "fu-mqw")
-        addTeardownBlock { [wire] in wire?.destroy() }
+        try requireTools(["nft", "iptables", "iptables-save"], packages: "nftables iptables")
+        try super.setUpWithError()
     }
 
     func testNFTablesMasqueradeForwardResyncAndDown() throws {
@@ -41,8 +33,8 @@ final class MasqueradeTests: XCTestCase {
     }
 
     private func masqueradeEndToEnd(backend: String) throws {
-        let a = try makeNode(1)
-        let b = try makeNode(2)
+        let a = try makeNode(1, start: false)
+        let b = try makeNode(2, start: false)
         let outside = try TestNamespace(prefix: "fu-mqo")
         addTeardownBlock { outside.destroy() }
         try wire.plug(outside, address: "192.168.77.99/24")
@@ -121,7 +113,7 @@ final class MasqueradeTests: XCTestCase {
     /// AtomicFile.readLimit, EFBIG), which only the step that writes it finds out, after the rules. The rules go
     /// with everything else, and the file is left as it was.
     func testFailedUpRemovesTheRulesItInstalled() throws {
-        let a = try makeNode(1)
+        let a = try makeNode(1, start: false)
         let subnetFile = tmp + "/subnet.env"
         let oversized = String(repeating: "# not flannel's\n", count: 5000)  // 80 KB
         try oversized.write(toFile: subnetFile, atomically: false, encoding: .utf8)
@@ -143,7 +135,7 @@ final class MasqueradeTests: XCTestCase {
     /// The install batch cannot go in (a chain of ours exists with another hook): up fails naming nft's error,
     /// and the batch changed nothing, not even the chains it would have flushed.
     func testRulesThatCannotBeInstalledStopUpAndChangeNothing() throws {
-        let a = try makeNode(1)
+        let a = try makeNode(1, start: false)
         try a.ns.run(["nft", "add table ip flannel-ipv4; add chain ip flannel-ipv4 postrtg { type filter hook input priority 0; }; add rule ip flannel-ipv4 postrtg accept"])
         let before = try a.ns.run(["nft", "-s", "list", "ruleset"])
         let up = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0", "--ip-masq",
@@ -157,29 +149,9 @@ final class MasqueradeTests: XCTestCase {
 
     // MARK: - helpers
 
-    /// A node with a pod behind it (not started yet).
-    private func makeNode(_ index: Int) throws -> OverlayNode {
-        let ns = try TestNamespace(prefix: "fu-mqn")
-        let pod = try TestNamespace(prefix: "fu-mqp")
-        addTeardownBlock {
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        return OverlayNode(index: index, ns: ns, pod: pod)
-    }
-
     private func start(_ node: OverlayNode, _ extra: [String]) {
-        let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                           "--subnet-file", "\(tmp)/subnet-\(node.index).env", "--detach"] + extra)
+        let up = self.up(node, extra)
         XCTAssertEqual(up.status, 0, up.description)
-    }
-
-    @discardableResult
-    private func fu(_ node: OverlayNode, _ args: [String]) -> CommandResult {
-        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run")
     }
 
     /// Sends one UDP datagram from a fresh socket in `source` (a new port, so a new conntrack entry and a fresh

@@ -13,49 +13,10 @@ import XCTest
 ///     flannel0 10.244.1.0 flannel0 10.244.2.0 flannel0 10.244.3.0
 ///     cni0 10.244.1.1       cni0 10.244.2.1     cni0 10.244.3.1
 ///       pod 1 10.244.1.2    pod 2 10.244.2.2    pod 3 10.244.3.2
-class OverlayTests: XCTestCase {
-    /// Options added to every `up`: none here; `OverlayTestsWorkers2`/`4` (WorkersTests.swift) run every test again
-    /// with more worker pairs.
-    var upOptions: [String] { [] }
-    var tmp = ""
-    var wire: TestWire!
-
-    override func setUpWithError() throws {
-        try requireRoot()
-        tmp = try makeTestDirectory("fu-ovl", for: self)
-        wire = try TestWire(prefix: "fu-ovw")
-        addTeardownBlock { [wire] in wire?.destroy() }
-    }
+class OverlayTests: WireTestCase {
+    override class var prefix: String { "fu-ov" }
 
     typealias Node = OverlayNode
-
-    /// Joins a namespace to the underlay switch as eth0 with 192.168.77.<index>/24.
-    func plug(_ ns: TestNamespace, index: Int) throws {
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-    }
-
-    /// A node with a pod behind it, running `flannel-udp up --detach`.
-    func makeNode(_ index: Int, extra: [String] = []) throws -> Node {
-        let ns = try TestNamespace(prefix: "fu-ovn")
-        let pod = try TestNamespace(prefix: "fu-ovp")
-        addTeardownBlock {
-            _ = runFlannelUDP(in: ns, ["down"], runDirectory: self.tmp + "/run")
-            pod.destroy()
-            ns.destroy()
-        }
-        try plug(ns, index: index)
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        let node = Node(index: index, ns: ns, pod: pod)
-        let up = fu(node, ["up", "--network", "10.244.0.0/16", "--subnet", node.subnet, "--iface", "eth0",
-                           "--subnet-file", "\(tmp)/subnet-\(index).env", "--detach"] + upOptions + extra)
-        XCTAssertEqual(up.status, 0, up.description)
-        return node
-    }
-
-    @discardableResult
-    func fu(_ node: Node, _ args: [String]) -> CommandResult {
-        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run")
-    }
 
     func routeAdd(_ node: Node, _ subnet: String, via other: Node) {
         let r = fu(node, ["route", "add", subnet, "via", other.underlay])
@@ -199,29 +160,6 @@ class OverlayTests: XCTestCase {
                 && (now.drops["spoofedSource"] ?? 0) - (before.drops["spoofedSource"] ?? 0) == 3
         }
         XCTAssertEqual(try counters(a).udpToTun, before.udpToTun, "a dropped datagram reached the tun")
-    }
-
-    /// Sends one UDP datagram with `payload` from a socket opened inside `ns` (the socket belongs to the namespace
-    /// of the thread that creates it, so the datagram leaves from `ns`'s eth0).
-    func sendUDP(from ns: TestNamespace, to endpoint: String, _ payload: [UInt8]) throws {
-        let target = try Endpoint(parsing: endpoint, defaultPort: 8285)
-        try ns.withEntered {
-            let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
-            guard fd >= 0 else { throw SystemError.current("socket", "udp") }
-            defer { close(fd) }
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = target.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
-            let n = payload.withUnsafeBytes { buf in
-                withUnsafePointer(to: &sa) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                    }
-                }
-            }
-            guard n == payload.count else { throw SystemError.current("sendto", endpoint) }
-        }
     }
 
     /// A minimal valid IPv4 ICMP echo request (header checksum and ICMP checksum correct).

@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// Issue 12, "relay into the host": a peer (or, in relaxed mode, anyone who puts a peer's pod address in the
 /// inner source) forges a datagram whose inner packet is addressed not to a pod but to node A's underlay address,
@@ -110,19 +111,8 @@ extension RelayIntoHostTests {
             guard setsockopt(fd, 17, 103, &size, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
                 throw SystemError.current("set UDP_SEGMENT on", "udp socket")
             }
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = target.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: target.address.networkOrder)
             let message = packets.reduce([], +)
-            let n = message.withUnsafeBytes { buf in
-                withUnsafePointer(to: &sa) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        sendto(fd, buf.baseAddress, buf.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                    }
-                }
-            }
-            guard n == message.count else { throw SystemError.current("sendto", endpoint) }
+            guard sendDatagram(message, from: fd, to: target) == message.count else { throw SystemError.current("sendto", endpoint) }
         }
     }
 }

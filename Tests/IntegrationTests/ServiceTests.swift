@@ -14,43 +14,14 @@ import Glibc
 ///     eth0 192.168.77.1   eth0 .2
 ///       node 1 (foreground, NOTIFY_SOCKET=@... owned by the test inside node 1's namespace)
 ///       pod 10.244.1.2      node 2 (--detach), pod 10.244.2.2
-final class ServiceTests: XCTestCase {
-    var tmp = ""
-    var wire: TestWire!
-
-    override func setUpWithError() throws {
-        try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-svc-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
-        wire = try TestWire(prefix: "fu-svw")
-        addTeardownBlock { [wire] in wire?.destroy() }
-    }
-
-    /// A node namespace on the wire with a pod behind it; `down` and both namespaces go in teardown.
-    func makeNamespaces(_ index: Int, device: String = "flannel0") throws -> OverlayNode {
-        let ns = try TestNamespace(prefix: "fu-svn")
-        let pod = try TestNamespace(prefix: "fu-svp")
-        addTeardownBlock { [tmp] in
-            _ = runCommand(["ip", "netns", "exec", ns.name, flannelUDPBinary(), "down", "--device", device],
-                           environment: ["FLANNEL_UDP_RUN_DIR": tmp + "/run"])
-            pod.destroy()
-            ns.destroy()
-        }
-        try wire.plug(ns, address: "192.168.77.\(index)/24")
-        try attachPod(pod, to: ns, subnet: try IPv4Network(parsing: "10.244.\(index).0/24"))
-        return OverlayNode(index: index, ns: ns, pod: pod)
-    }
-
-    func fu(_ node: OverlayNode, _ args: [String], environment: [String: String] = [:]) -> CommandResult {
-        runFlannelUDP(in: node.ns, args, runDirectory: tmp + "/run", environment: environment)
-    }
+final class ServiceTests: WireTestCase {
+    override class var prefix: String { "fu-sv" }
 
     // MARK: - sd_notify
 
     func testNotifyReadyReloadWatchdogStopping() throws {
-        let a = try makeNamespaces(1)
-        let b = try makeNamespaces(2)
+        let a = try makeNode(1, start: false)
+        let b = try makeNode(2, start: false)
         let upB = fu(b, ["up", "--network", "10.244.0.0/16", "--subnet", b.subnet, "--iface", "eth0",
                          "--subnet-file", "\(tmp)/b.env", "--detach"])
         XCTAssertEqual(upB.status, 0, upB.description)
@@ -113,7 +84,7 @@ final class ServiceTests: XCTestCase {
     }
 
     func testBadNotifySocketIsAUsageError() throws {
-        let a = try makeNamespaces(1)
+        let a = try makeNode(1, start: false)
         for (env, variable) in [(["NOTIFY_SOCKET": "relative"], "NOTIFY_SOCKET=relative"),
                                 (["NOTIFY_SOCKET": "@x", "WATCHDOG_USEC": "soon"], "WATCHDOG_USEC=soon")] {
             let r = fu(a, ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
@@ -140,8 +111,8 @@ final class ServiceTests: XCTestCase {
     }
 
     func testEnvironmentOnlyGivesTheSameNodeAsFlags() throws {
-        let flags = try makeNamespaces(1)
-        let env = try makeNamespaces(2)
+        let flags = try makeNode(1, start: false)
+        let env = try makeNode(2, start: false)
         // Node 1 by flags, node 2 by variables only, FLANNEL_UDP_* and flanneld's FLANNELD_* mixed; the same
         // settings apart from the node's own addresses.
         func flagArgs(_ n: OverlayNode) -> [String] {
@@ -182,7 +153,7 @@ final class ServiceTests: XCTestCase {
     }
 
     func testCommandLineWinsAndBadValuesNameTheVariable() throws {
-        let n = try makeNamespaces(1)
+        let n = try makeNode(1, start: false)
         let base = ["FLANNEL_UDP_NETWORK": "10.244.0.0/16", "FLANNEL_UDP_SUBNET": n.subnet, "FLANNELD_IFACE": "eth0",
                     "FLANNEL_UDP_SUBNET_FILE": "\(tmp)/n.env"]
         for (name, value) in [("FLANNEL_UDP_PORT", "99999"), ("FLANNELD_IP_MASQ", "maybe"),

@@ -9,37 +9,15 @@ import XCTest
 ///        wire (bridge br0, 192.168.77.250: etcd, started only when the test says so)
 ///             |
 ///        node (eth0 192.168.77.1): flannel-udp up --etcd-endpoints http://192.168.77.250:2379 --detach
-final class StartupRobustnessTests: XCTestCase {
-    var tmp = ""
-    var underlay: TestWire!
+final class StartupRobustnessTests: EtcdWireTestCase {
     var node: TestNamespace!
-    var etcd: Process?
-    let etcdURL = "http://192.168.77.250:2379"
     var runDir: String { tmp + "/run" }
     var subnetFile: String { tmp + "/subnet.env" }
 
     override func setUpWithError() throws {
         try requireRoot()
-        tmp = NSTemporaryDirectory() + "fu-st-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        try FileManager.default.createDirectory(atPath: tmp, withIntermediateDirectories: true)
-        addTeardownBlock { [tmp] in try? FileManager.default.removeItem(atPath: tmp) }
-        underlay = try TestWire(prefix: "fu-stw", address: "192.168.77.250/24")
-        node = try TestNamespace(prefix: "fu-stn")
-        addTeardownBlock { [weak self] in
-            guard let self else { return }
-            _ = self.fu(["down"])
-            self.stopEtcd()
-            self.node.destroy()
-            self.underlay.destroy()
-        }
-        try underlay.plug(node, address: "192.168.77.1/24")
-    }
-
-    func requireEtcd() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/etcd"),
-              FileManager.default.isExecutableFile(atPath: "/usr/bin/etcdctl") else {
-            throw XCTSkip("this start-up test needs etcd: apt-get install -y etcd-server etcd-client (scripts/test.sh does)")
-        }
+        try setUpWire("fu-st")
+        node = try plugNode(prefix: "fu-stn", index: 1)
     }
 
     func fu(_ args: [String]) -> CommandResult {
@@ -52,22 +30,10 @@ final class StartupRobustnessTests: XCTestCase {
                              "--etcd-endpoints", etcdURL, "--iface", "eth0", "--subnet-file", subnetFile, "--detach"])
     }
 
-    func startEtcd() throws {
-        etcd = try underlay.startEtcd(clientURL: etcdURL, dataDirectory: tmp + "/etcd")
-        try underlay.waitForEtcd(clientURL: etcdURL)
-        try etcdctl(["put", "/coreos.com/network/config", #"{"Network":"10.244.0.0/16","Backend":{"Type":"udp"}}"#])
-    }
-
-    func stopEtcd() {
-        guard let etcd else { return }
-        kill(etcd.processIdentifier, SIGKILL)
-        etcd.waitUntilExit()
-        self.etcd = nil
-    }
-
-    @discardableResult
-    func etcdctl(_ args: [String]) throws -> String {
-        try underlay.ns.run(["etcdctl", "--endpoints", etcdURL] + args)
+    /// etcd with the network config: the registry the waiting daemon finds.
+    override func startEtcd() throws {
+        try super.startEtcd()
+        try putNetworkConfig()
     }
 
     /// The daemon's status while it waits for etcd: "starting", with its pid.

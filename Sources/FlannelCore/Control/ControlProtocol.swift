@@ -16,12 +16,45 @@ public enum ControlRequest: Codable, Equatable, Sendable {
     case reloadPeers
     /// Stop the daemon; with `keepLease` an etcd lease is left in the registry (it expires by itself).
     case shutdown(keepLease: Bool)
-    /// `up --replace`, from the replacing daemon: pause self-healing and answer with what it needs (`.handover`).
-    case handoverBegin(version: Int)
+}
+
+/// `up --replace`: the replacing daemon's requests to the running one, which answers them knowing the client's
+/// pid (Node/Handover.swift). On the wire they are requests like the others: `{"handoverBegin":{"version":1}}`.
+public enum HandoverRequest: Codable, Equatable, Sendable {
+    /// Pause self-healing and answer with what the replacing daemon needs (`.handover`).
+    case begin(version: Int)
     /// The replacing daemon forwards: let go of the data plane and exit without tearing anything down.
-    case handoverCommit(token: String)
+    case commit(token: String)
     /// The replacing daemon gave up: carry on as before.
-    case handoverAbort(token: String)
+    case abort(token: String)
+
+    enum CodingKeys: String, CodingKey {
+        case begin = "handoverBegin", commit = "handoverCommit", abort = "handoverAbort"
+    }
+}
+
+/// One request line as the control endpoint reads it: an ordinary request, or a handover's. A line that reads as
+/// neither, or as both (a key of each), is malformed.
+public enum ControlMessage: Codable, Equatable, Sendable {
+    case request(ControlRequest)
+    case handover(HandoverRequest)
+
+    public init(from decoder: Decoder) throws {
+        switch (try? ControlRequest(from: decoder), try? HandoverRequest(from: decoder)) {
+        case (let request?, nil): self = .request(request)
+        case (nil, let handover?): self = .handover(handover)
+        default:
+            throw DecodingError.dataCorrupted(DecodingError.Context(
+                codingPath: decoder.codingPath, debugDescription: "not exactly one known request"))
+        }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        switch self {
+        case .request(let request): try request.encode(to: encoder)
+        case .handover(let handover): try handover.encode(to: encoder)
+        }
+    }
 }
 
 /// One route as the daemon reports it.
@@ -238,7 +271,7 @@ public enum ControlResponse: Codable, Equatable, Sendable {
     case status(DaemonStatus)
     case routes([RouteInfo])
     case error(String)
-    /// The answer to `handoverBegin` (Node/Handover.swift).
+    /// The answer to `HandoverRequest.begin` (Node/Handover.swift).
     case handover(HandoverState)
 }
 

@@ -9,14 +9,16 @@ import Glibc
 /// Answers control requests. Calls are serialized (one request at a time), from any of the serving threads.
 public protocol ControlHandler: AnyObject, Sendable {
     func handle(_ request: ControlRequest) -> ControlResponse
-    /// The same, knowing the client's pid (SO_PEERCRED, root's). By default the pid is not looked at.
-    func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse
+    /// A handover request, knowing the client's pid (SO_PEERCRED, root's). By default refused.
+    func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse
     /// Descriptors to pass along with `response` (SCM_RIGHTS; the handler keeps its own). By default none.
     func descriptors(for response: ControlResponse) -> [Int32]
 }
 
 extension ControlHandler {
-    public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse { handle(request) }
+    public func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
+        .error("this daemon does not hand over")
+    }
     public func descriptors(for response: ControlResponse) -> [Int32] { [] }
 }
 
@@ -233,8 +235,13 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             case .eof(let bytes) where bytes.isEmpty:
                 return
             case .line(let bytes), .eof(let bytes):
-                if let request = try? ControlProtocol.decode(ControlRequest.self, from: bytes) {
-                    response = handlerTurn.withLock { _ in handler.handle(request, from: pid) }
+                if let message = try? ControlProtocol.decode(ControlMessage.self, from: bytes) {
+                    response = handlerTurn.withLock { _ in
+                        switch message {
+                        case .request(let request): return handler.handle(request)
+                        case .handover(let request): return handler.handle(request, from: pid)
+                        }
+                    }
                 } else {
                     response = .error("malformed request (expected one JSON object per line)")
                 }

@@ -16,33 +16,20 @@ public final class DaemonProcess {
     public let identity: DaemonIdentity
     private let pidfd: Int32
 
-    public enum Failure: Error, CustomStringConvertible {
-        /// The process is gone (or is no longer the one that was verified): there is nothing to signal.
-        case gone(pid_t)
-        case refused(String)
-        case system(SystemError)
-        public var description: String {
-            switch self {
-            case .gone(let pid): return "process \(pid) is no longer the daemon that was verified"
-            case .refused(let why): return why
-            case .system(let e): return e.description
-            }
-        }
-    }
-
     /// Opens a pidfd for `identity.pid`, then checks that the process it names still started at
     /// `identity.startTicks` (checked after opening: from then on the pidfd cannot drift to another process).
+    /// Nil when the process is gone (or is no longer the one that was verified): there is nothing to signal.
     /// pid 0, 1 and negative pids are refused outright.
-    public init(_ identity: DaemonIdentity) throws(Failure) {
-        guard identity.pid > 1 else { throw .refused("refusing to signal pid \(identity.pid)") }
+    public init?(_ identity: DaemonIdentity) throws(FlannelError) {
+        guard identity.pid > 1 else { throw .failed("refusing to signal pid \(identity.pid)") }
         let fd = fu_pidfd_open(identity.pid)
         if fd < 0 {
-            if errno == ESRCH { throw .gone(identity.pid) }
+            if errno == ESRCH { return nil }
             throw .system(SystemError.current("pidfd_open", "pid \(identity.pid)"))
         }
         guard DaemonState.startTicks(of: identity.pid) == identity.startTicks else {
             _ = close(fd)
-            throw .gone(identity.pid)
+            return nil
         }
         self.identity = identity
         pidfd = fd

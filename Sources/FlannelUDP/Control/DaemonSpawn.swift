@@ -10,41 +10,27 @@ import Glibc
 /// log file, in a new session so the daemon outlives the shell. The etcd password goes to the daemon in its
 /// environment, never in its argv (every local user can read argv; see `EtcdPassword`).
 public enum DaemonSpawn {
-    /// Why the daemon is not running.
-    public enum Failure: Error, CustomStringConvertible, Sendable {
-        /// The log file, the readiness pipe or the spawn itself failed: nothing was started.
-        case system(SystemError)
-        /// The daemon reported why it could not start (`ERROR <why>`) and exited with `exitStatus`.
-        case daemonFailed(String, exitStatus: Int32)
-        /// The daemon ended without a verdict; `status` is waitpid's.
-        case diedBeforeReady(status: Int32, log: String)
-
-        public var description: String {
-            switch self {
-            case .system(let error): return error.description
-            case .daemonFailed(let message, _): return message
-            case .diedBeforeReady(let status, let log):
-                return "the daemon exited before it was ready (status \(status)); see \(log)"
-            }
-        }
-
-        /// The exit code `up --detach` passes on: the daemon's own, or 1.
-        public var exitCode: Int32 {
-            if case .daemonFailed(_, let status) = self, status != 0 { return status }
-            return 1
+    /// The daemon's verdict `ERROR <message>` with its exit code, as the domain error it came from: the daemon is
+    /// this program, whose `fail` mapped that error to the code (64 `.usage`, 3 `.notRunning`, else 1), so `up
+    /// --detach` exits as the daemon did.
+    static func daemonFailed(_ message: String, exitStatus: Int32) -> FlannelError {
+        switch exitStatus {
+        case 64: return .usage(message)
+        case 3: return .notRunning(message)
+        default: return .failed(message)
         }
     }
 
     /// Starts the daemon for `device` with `arguments` (this process's argv, first the program) minus `--detach`
     /// and the etcd password, and waits until it is ready. Returns its pid and the log file it writes.
     public static func start(device: String, logFile: String?, etcdPassword: String?,
-                             arguments: [String] = CommandLine.arguments) throws(Failure) -> (pid: pid_t, log: String) {
+                             arguments: [String] = CommandLine.arguments) throws(FlannelError)
+        -> (pid: pid_t, log: String) {
         let paths = RuntimePaths(device: device)
         let log = logFile ?? paths.logFile
         // Opened here, checked (directory, no symlink, a regular file of root's), so a bad log path fails `up`
         // before the daemon has changed anything.
-        let logFD: Int32
-        do { logFD = try LogFile.open(log) } catch { throw .system(error) }
+        let logFD = try FlannelError.system(try LogFile.open(log))
         defer { _ = close(logFD) }
 
         var pipeFDs: [Int32] = [-1, -1]
@@ -102,7 +88,7 @@ public enum DaemonSpawn {
         var status: Int32 = 0
         let exited = waitpid(pid, &status, 0) == pid
         let code = exited && (status & 0x7f) == 0 ? (status >> 8) & 0xff : 1
-        if line.hasPrefix("ERROR ") { throw .daemonFailed(String(line.dropFirst(6)), exitStatus: code) }
-        throw .diedBeforeReady(status: status, log: log)
+        if line.hasPrefix("ERROR ") { throw daemonFailed(String(line.dropFirst(6)), exitStatus: code) }
+        throw .failed("the daemon exited before it was ready (status \(status)); see \(log)")
     }
 }

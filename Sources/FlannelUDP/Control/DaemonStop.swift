@@ -9,20 +9,6 @@ import Glibc
 /// from the moment it is verified, so the SIGKILL after a timeout can only reach that process. A pid reported in
 /// an answer is never used: a process that merely claims to be the daemon gets nothing signalled.
 public enum DaemonStop {
-    public enum Failure: Error, CustomStringConvertible {
-        case control(ControlClient.Failure)
-        case refused(String)
-        case didNotStop(String)
-        case system(String)
-        public var description: String {
-            switch self {
-            case .control(let e): return e.description
-            case .refused(let m): return "daemon refused: \(m)"
-            case .didNotStop(let m), .system(let m): return m
-            }
-        }
-    }
-
     public enum Outcome: Sendable {
         /// No daemon was running; `removed` lists the dead one's files that were removed.
         case notRunning(removed: [String])
@@ -30,40 +16,40 @@ public enum DaemonStop {
     }
 
     /// Stops the daemon of `paths.device`; waits up to `timeoutSeconds` for it to exit, then SIGKILLs it through
-    /// its pidfd. `progress` receives a line for anything the operator should hear about on the way.
+    /// its pidfd. `progress` receives a line for anything the operator should hear about on the way. No daemon
+    /// is an outcome, not an error: every error is a failure to stop one (`.failed` or `.system`).
     public static func stop(paths: RuntimePaths, keepLease: Bool, timeoutSeconds: Int,
-                            progress: (String) -> Void) throws(Failure) -> Outcome {
+                            progress: (String) -> Void) throws(FlannelError) -> Outcome {
         let state = DaemonState.load(path: paths.stateFile)
         let first: ControlClient.Answer
-        do { first = try ControlClient.exchange(.status, paths: paths) } catch {
+        do { first = try ControlClient.exchange(.request(.status), paths: paths) } catch {
             if case .notRunning = error { return .notRunning(removed: DaemonLeftovers.remove(paths: paths, state: state)) }
-            throw .control(error)
+            throw error
         }
-        guard let identity = first.daemon else { throw .control(.permissionDenied("the daemon's state is root's")) }
+        guard let identity = first.daemon else { throw ControlClient.permissionDenied("the daemon's state is root's") }
         // From here on the pidfd names this process and no other, whatever happens to the pid.
-        var process: DaemonProcess?
-        do { process = try DaemonProcess(identity) } catch {
-            guard case .gone = error else { throw .system(error.description) }
-        }
+        let process = try DaemonProcess(identity)
         if process != nil {
             let answer: ControlClient.Answer
-            do { answer = try ControlClient.exchange(.shutdown(keepLease: keepLease), paths: paths) } catch {
-                // It may have exited between the two requests: that is what we wanted.
-                if case .notRunning = error, process?.waitForExit(milliseconds: 1000) == true {
+            do { answer = try ControlClient.exchange(.request(.shutdown(keepLease: keepLease)), paths: paths) } catch {
+                guard case .notRunning = error else { throw error }
+                // It may have exited between the two requests: that is what we wanted. If it has not, the daemon
+                // we hold no longer answers, and it is still there: a failure to stop it.
+                if process?.waitForExit(milliseconds: 1000) == true {
                     return .stopped(removed: finish(paths: paths, state: state))
                 }
-                throw .control(error)
+                throw .failed(error.description)
             }
             guard answer.daemon == identity else {
-                throw .control(.untrusted("the daemon changed between two requests (pid \(identity.pid), then \(answer.daemon.map { "\($0.pid)" } ?? "?"))"))
+                throw ControlClient.untrusted("the daemon changed between two requests (pid \(identity.pid), then \(answer.daemon.map { "\($0.pid)" } ?? "?"))")
             }
-            if case .error(let m) = answer.response { throw .refused(m) }
+            if case .error(let m) = answer.response { throw .failed("daemon refused: \(m)") }
         }
         if let process, !process.waitForExit(milliseconds: timeoutSeconds * 1000) {
             progress("daemon (pid \(identity.pid)) did not stop within \(timeoutSeconds) s; killing it")
-            do { try process.send(SIGKILL) } catch { throw .system(error.description) }
+            try FlannelError.system(try process.send(SIGKILL))
             guard process.waitForExit(milliseconds: 5000) else {
-                throw .didNotStop("the daemon for \(paths.device) (pid \(identity.pid)) did not stop")
+                throw .failed("the daemon for \(paths.device) (pid \(identity.pid)) did not stop")
             }
         }
         return .stopped(removed: finish(paths: paths, state: state))

@@ -133,16 +133,11 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
         // The lock against a second daemon on this device in this namespace, and the control endpoint, served from
         // here on so that `status` and `down` work during a slow start (DaemonInstance).
-        let instance: DaemonInstance
-        do { instance = try DaemonInstance(paths: paths, initialState: state(plan: nil), logger: logger) } catch {
-            switch error {
-            case .alreadyRunning where replace:
-                try runReplacing(readiness: readiness, fileRoutes: fileRoutes)
-                return
-            case .alreadyRunning(let pid):
-                throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
-            case .system(let e): throw .system(e)
-            }
+        guard let instance = try Failure.system(try DaemonInstance(paths: paths, initialState: state(plan: nil),
+                                                                   logger: logger)) else {
+            if replace { return try runReplacing(readiness: readiness, fileRoutes: fileRoutes) }
+            let pid = DaemonState.load(path: paths.stateFile)?.pid
+            throw .failed("flannel-udp is already running for \(config.device) in this network namespace\(pid.map { " (pid \($0))" } ?? "")")
         }
         defer { instance.release(handingOver: outgoing.handedOver) }
         // Where we will write, checked while nothing has changed yet.
@@ -190,7 +185,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
 
-        do { try store.replace(fileRoutes, origin: .file) } catch { throw .usage(error.description) }
+        try store.replace(fileRoutes, origin: .file)
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
         try startGuard(setup)
@@ -321,34 +316,23 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         .error("the daemon for \(paths.device) is still starting; try again when it is up")
     }
 
-    public func handle(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
-        switch request {
-        case .handoverBegin, .handoverCommit, .handoverAbort:
-            if !running.withLock({ $0 }) { return stillStarting }
-            return handleHandover(request, from: pid)
-        default:
-            return handle(request)
-        }
+    /// A handover (Handover.swift), once start-up is complete.
+    public func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
+        if !running.withLock({ $0 }) { return stillStarting }
+        return handleHandover(request, from: pid)
     }
 
+    /// Status and shutdown at any time; the peer table's requests once start-up is complete.
     public func handle(_ request: ControlRequest) -> ControlResponse {
         let isRunning = running.withLock { $0 }
         switch request {
-        case .handoverBegin, .handoverCommit, .handoverAbort:
-            return .error("a handover request needs its client's pid")
         case .status:
             return .status(isRunning ? status() : startingStatus())
-        case .shutdown:
-            break
-        case .routeList, .routeAdd, .routeDel, .reloadPeers:
-            if !isRunning { return stillStarting }
-        }
-        switch request {
-        case .status:
-            return .status(status())
         case .routeList:
+            guard isRunning else { return stillStarting }
             return .routes(routeInfos())
         case .routeAdd(let subnetText, let endpointText):
+            guard isRunning else { return stillStarting }
             do {
                 let subnet = try IPv4Network(parsing: subnetText)
                 let endpoint = try Endpoint(parsing: endpointText, defaultPort: membership?.port ?? config.port)
@@ -359,6 +343,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 return .error("\(error)")
             }
         case .routeDel(let subnetText):
+            guard isRunning else { return stillStarting }
             do {
                 let subnet = try IPv4Network(parsing: subnetText)
                 try store.removeAny(subnet)
@@ -368,9 +353,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                 return .error("\(error)")
             }
         case .reloadPeers:
+            guard isRunning else { return stillStarting }
             return reloadPeers()
-        case .handoverBegin, .handoverCommit, .handoverAbort:
-            return .error("a handover request needs its client's pid")
         case .shutdown(let keep):
             keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")

@@ -12,11 +12,6 @@ import Glibc
 /// first (no client can reach a daemon without state), state removed, lock file removed while still held, lock
 /// dropped, directory removed if empty.
 final class DaemonInstance {
-    enum Failure: Error {
-        case alreadyRunning(pid: Int32?)
-        case system(SystemError)
-    }
-
     let paths: RuntimePaths
     let control: ControlServer
     /// Nil while a replacing daemon waits for the one it replaces (`init(replacing:)`, `takeOver`).
@@ -24,13 +19,12 @@ final class DaemonInstance {
     private let logger: Logger
     private var released = false
 
-    init(paths: RuntimePaths, initialState: DaemonState, logger: Logger) throws(Failure) {
+    /// Claims the device; nil when another daemon holds its lock (already running: nothing was changed).
+    init?(paths: RuntimePaths, initialState: DaemonState, logger: Logger) throws(SystemError) {
         self.paths = paths
         self.logger = logger
-        do { try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700) } catch { throw .system(error) }
-        let taken: DaemonLock?
-        do { taken = try DaemonLock.acquire(paths.lockFile) } catch { throw .system(error) }
-        guard let taken else { throw .alreadyRunning(pid: DaemonState.load(path: paths.stateFile)?.pid) }
+        try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700)
+        guard let taken = try DaemonLock.acquire(paths.lockFile) else { return nil }
         lock = taken
         do {
             try initialState.write(to: paths.stateFile)
@@ -38,21 +32,19 @@ final class DaemonInstance {
         } catch {
             _ = unlink(paths.stateFile)
             taken.release(removingFile: true)
-            throw .system(error)
+            throw error
         }
     }
 
     /// A replacing daemon's instance (`up --replace`): the old daemon holds the lock, the state file and the
     /// control socket's name, so this binds its endpoint under a temporary name in the same directory and takes
     /// everything over in `takeOver` once the old one has let go.
-    init(replacing paths: RuntimePaths, logger: Logger) throws(Failure) {
+    init(replacing paths: RuntimePaths, logger: Logger) throws(SystemError) {
         self.paths = paths
         self.logger = logger
-        do {
-            try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700)
-            DaemonInstance.removeDeadReplacementSockets(paths)
-            control = try ControlServer(path: paths.controlSocket + ".\(getpid())", logger: logger)
-        } catch { throw .system(error) }
+        try SecureDirectory.ensure(paths.stateDirectory, mode: 0o700)
+        DaemonInstance.removeDeadReplacementSockets(paths)
+        control = try ControlServer(path: paths.controlSocket + ".\(getpid())", logger: logger)
         lock = nil
     }
 

@@ -57,9 +57,9 @@ final class OutgoingHandover: Sendable {
 extension Daemon {
     // MARK: - Old daemon
 
-    func handleHandover(_ request: ControlRequest, from pid: pid_t) -> ControlResponse {
+    func handleHandover(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
         switch request {
-        case .handoverBegin(let version):
+        case .begin(let version):
             guard version == HandoverState.version else {
                 return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
             }
@@ -86,10 +86,10 @@ extension Daemon {
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
                 lease: source.handoverLease))
-        case .handoverAbort(let token):
+        case .abort(let token):
             guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
             return .ok
-        case .handoverCommit(let token):
+        case .commit(let token):
             let committing = outgoing.phase.withLock { phase -> Bool in
                 guard case .begun(token, _, _, _) = phase else { return false }
                 phase = .committing
@@ -98,8 +98,6 @@ extension Daemon {
             guard committing else { return .error("no such handover in progress (it was abandoned)") }
             letGo()
             return .ok
-        default:
-            return .error("not a handover request")
         }
     }
 
@@ -165,13 +163,7 @@ extension Daemon {
     /// `up --replace` when a daemon runs for the device: everything checked, the handover as drawn above. The
     /// caller has loaded the peers file (`fileRoutes`).
     func runReplacing(readiness: Readiness, fileRoutes: [PeerRoute]) throws(Failure) {
-        let instance: DaemonInstance
-        do { instance = try DaemonInstance(replacing: paths, logger: logger) } catch {
-            switch error {
-            case .alreadyRunning: throw .failed("flannel-udp is already running for \(config.device)")
-            case .system(let e): throw .system(e)
-            }
-        }
+        let instance = try Failure.system(try DaemonInstance(replacing: paths, logger: logger))
         defer { instance.release(handingOver: outgoing.handedOver) }
         // The lease is the old daemon's until the commit, ours (released by `down`) after it.
         var leaseHeld = false
@@ -302,7 +294,7 @@ enum HandoverClient {
     static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, [Int32]) {
         let answer: ControlClient.Answer
         do {
-            answer = try ControlClient.exchange(.handoverBegin(version: HandoverState.version), paths: paths,
+            answer = try ControlClient.exchange(.handover(.begin(version: HandoverState.version)), paths: paths,
                                                 timeoutSeconds: 10, acceptingDescriptors: true)
         } catch { throw .failed("replace: \(error)") }
         var problem: String?
@@ -325,11 +317,11 @@ enum HandoverClient {
     }
 
     private static func abandon(_ state: HandoverState, paths: RuntimePaths, because problem: String) {
-        _ = try? exchange(.handoverAbort(token: state.token), paths: paths)
+        _ = try? exchange(.abort(token: state.token), paths: paths)
     }
 
     static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {
-        switch try exchange(.handoverCommit(token: old.token), paths: paths) {
+        switch try exchange(.commit(token: old.token), paths: paths) {
         case .ok: return
         case .error(let message): throw .failed("the running daemon did not let go: \(message); it keeps forwarding")
         default: throw .failed("the running daemon answered the commit with something else; it keeps forwarding")
@@ -338,13 +330,13 @@ enum HandoverClient {
 
     /// Best effort: the old daemon also resumes by itself when we die or time out.
     static func abort(_ old: HandoverState, paths: RuntimePaths, logger: Logger) {
-        do { _ = try exchange(.handoverAbort(token: old.token), paths: paths) } catch {
+        do { _ = try exchange(.abort(token: old.token), paths: paths) } catch {
             logger.warning("telling the running daemon that the replacement failed: \(error)")
         }
     }
 
-    private static func exchange(_ request: ControlRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
-        do { return try ControlClient.send(request, paths: paths, timeoutSeconds: 10) } catch {
+    private static func exchange(_ request: HandoverRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
+        do { return try ControlClient.exchange(.handover(request), paths: paths, timeoutSeconds: 10).response } catch {
             throw .failed("replace: \(error)")
         }
     }

@@ -125,51 +125,57 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
     /// Creates and configures the tun device, installs the overlay route and writes the subnet file.
     /// On any failure everything done so far is undone before the error is thrown.
     public func bringUp(_ plan: Plan) throws(Failure) -> TunDevice {
-        let config = plan.config
-        do {
-            step("create tun device \(config.device)")
-            // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
-            let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
-            self.tun = tun
-            undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
-            guard let link = try netlink.link(named: tun.name) else {
-                throw SystemError("look up link", tun.name, errno: ENODEV)
+        do throws(Failure) {
+            let tun = try Failure.system(try createDevice(plan))
+            if plan.config.ipMasq {
+                do { try installMasquerade(plan) } catch { throw .failed(error.description) }
             }
-            step("set mtu \(plan.mtu) dev \(tun.name)")
-            try netlink.setMTU(plan.mtu, index: link.index)
-            step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
-            try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
-            let address = InterfaceAddress(index: link.index, address: plan.membership.tunAddress, prefixLength: 32)
-            step("add address \(plan.membership.tunAddress)/32 dev \(tun.name)")
-            try netlink.addAddress(address)
-            step("set \(tun.name) up")
-            try netlink.setUp(true, index: link.index)
-            let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: link.index,
-                              scope: Route.scopeLink)
-            step("add route \(route.description(device: tun.name))")
-            try addOverlayRoute(route)
-            routeInstalled = route
-            installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
-            if config.ipMasq {
-                try installMasquerade(plan)
-            }
-            if let path = config.subnetFile {
-                let previous = try AtomicFile.read(path)
-                let ours = plan.subnetFileContents
-                step("write \(path)")
-                try AtomicFile.write(ours, to: path, mode: 0o644)
-                undo.append(("undo write \(path)", { [self] in
-                    NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
-                }))
-            }
+            if let path = plan.config.subnetFile { try Failure.system(try writeSubnetFile(path, plan)) }
             return tun
-        } catch let e as SystemError {
-            rollback()
-            throw .system(e)
         } catch {
-            rollback()  // the masquerade rules (NetfilterError)
-            throw .failed("\(error)")
+            rollback()
+            throw error
         }
+    }
+
+    /// The tun device with its MTU, queue length, address and up state, and the overlay route.
+    private func createDevice(_ plan: Plan) throws(SystemError) -> TunDevice {
+        let config = plan.config
+        step("create tun device \(config.device)")
+        // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
+        let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
+        self.tun = tun
+        undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
+        guard let link = try netlink.link(named: tun.name) else {
+            throw SystemError("look up link", tun.name, errno: ENODEV)
+        }
+        step("set mtu \(plan.mtu) dev \(tun.name)")
+        try netlink.setMTU(plan.mtu, index: link.index)
+        step("set txqueuelen \(NodeConfig.tunTxQueueLength) dev \(tun.name)")
+        try netlink.setTxQueueLength(NodeConfig.tunTxQueueLength, index: link.index)
+        let address = InterfaceAddress(index: link.index, address: plan.membership.tunAddress, prefixLength: 32)
+        step("add address \(plan.membership.tunAddress)/32 dev \(tun.name)")
+        try netlink.addAddress(address)
+        step("set \(tun.name) up")
+        try netlink.setUp(true, index: link.index)
+        let route = Route(destination: plan.membership.network, gateway: nil, outputInterface: link.index,
+                          scope: Route.scopeLink)
+        step("add route \(route.description(device: tun.name))")
+        try addOverlayRoute(route)
+        routeInstalled = route
+        installed = OverlayDevice(name: tun.name, index: link.index, address: address, mtu: plan.mtu, route: route)
+        return tun
+    }
+
+    /// flannel's subnet file at `path`; undone by putting back what was there (`undoSubnetFile`).
+    private func writeSubnetFile(_ path: String, _ plan: Plan) throws(SystemError) {
+        let previous = try AtomicFile.read(path)
+        let ours = plan.subnetFileContents
+        step("write \(path)")
+        try AtomicFile.write(ours, to: path, mode: 0o644)
+        undo.append(("undo write \(path)", { [self] in
+            NodeSetup.undoSubnetFile(path: path, ours: ours, previous: running ? nil : previous, logger: logger)
+        }))
     }
 
     /// `up --replace`: takes the running daemon's tun queues (`fds`, passed over the control socket; the old

@@ -81,7 +81,8 @@ public struct EtcdOptions: Sendable, Equatable {
     }
 }
 
-/// What went wrong talking to etcd.
+/// What went wrong talking to etcd, or with the lease this node holds there (the config's own errors are
+/// `NetworkConfigError`).
 public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
     /// An option cannot be used (bad URL, unreadable TLS file...).
     case invalidOption(String)
@@ -93,6 +94,12 @@ public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
     case badResponse(endpoint: String, operation: String, reason: String)
     /// The flannel config key does not exist.
     case configNotFound(key: String)
+    /// `run` or `releaseLease` was called before `acquireLease` succeeded.
+    case noLease
+    /// Other nodes took every subnet we tried to create, this many times in a row.
+    case contention(attempts: Int)
+    /// A lease another daemon said was ours is not (`adoptLease`).
+    case notOurs(String)
 
     public var description: String {
         switch self {
@@ -106,6 +113,10 @@ public enum EtcdError: Error, CustomStringConvertible, Sendable, Equatable {
         case .configNotFound(let key):
             return "no flannel config at \(key) in etcd (create it with: etcdctl put \(key) "
                 + "'{\"Network\": \"10.244.0.0/16\", \"Backend\": {\"Type\": \"udp\"}}')"
+        case .noLease: return "no subnet lease has been acquired from etcd"
+        case .contention(let n):
+            return "gave up acquiring a subnet lease after \(n) attempts: other nodes took each chosen subnet first"
+        case .notOurs(let why): return "not taking over the lease: \(why)"
         }
     }
 

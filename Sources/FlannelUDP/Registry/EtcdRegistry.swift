@@ -2,25 +2,6 @@ import Foundation
 import Logging
 import Synchronization
 
-/// Errors of the registry itself (etcd's own are `EtcdError`, the config's `NetworkConfigError`).
-public enum EtcdRegistryError: Error, CustomStringConvertible, Sendable, Equatable {
-    /// `run` or `releaseLease` was called before `acquireLease` succeeded.
-    case noLease
-    /// Other nodes took every subnet we tried to create, this many times in a row.
-    case contention(attempts: Int)
-    /// A lease another daemon said was ours is not (`adoptLease`).
-    case notOurs(String)
-
-    public var description: String {
-        switch self {
-        case .noLease: return "no subnet lease has been acquired from etcd"
-        case .contention(let n):
-            return "gave up acquiring a subnet lease after \(n) attempts: other nodes took each chosen subnet first"
-        case .notOurs(let why): return "not taking over the lease: \(why)"
-        }
-    }
-}
-
 /// flannel's etcd subnet registry, for one node: reads the network config, leases this node a subnet under
 /// `<prefix>/subnets/`, keeps the lease alive, and turns every other node's lease into a peer route. Keys and
 /// values are flannel's, so flannel nodes and flannel-udp nodes can share one registry.
@@ -163,7 +144,7 @@ public final class EtcdRegistry: Sendable {
             logger.info("etcd: leased \(subnet) to \(publicIP) until \(lease.expiration)")
             return lease
         }
-        throw EtcdRegistryError.contention(attempts: Self.raceRetries)
+        throw EtcdError.contention(attempts: Self.raceRetries)
     }
 
     /// `subnet` on the etcd lease `grant`, from now for the grant's TTL, as this node's lease under `config`.
@@ -186,17 +167,17 @@ public final class EtcdRegistry: Sendable {
     public func adoptLease(config: NetworkConfig, subnet: IPv4Network, etcdLeaseID: Int64) async throws -> SubnetLease {
         let (leases, raw, _) = try await listLeases()
         guard let attributes = leases[subnet], attributes.publicIP == publicIP else {
-            throw EtcdRegistryError.notOurs("no lease of \(subnet) for \(publicIP) in the registry")
+            throw EtcdError.notOurs("no lease of \(subnet) for \(publicIP) in the registry")
         }
         guard (raw[subnet]?.lease?.value ?? 0) == etcdLeaseID else {
-            throw EtcdRegistryError.notOurs("the key of \(subnet) is not on etcd lease \(String(etcdLeaseID, radix: 16))")
+            throw EtcdError.notOurs("the key of \(subnet) is not on etcd lease \(String(etcdLeaseID, radix: 16))")
         }
         guard subnet.prefixLength == config.subnetLength, config.network.contains(subnet) else {
-            throw EtcdRegistryError.notOurs("\(subnet) does not fit the config (\(config))")
+            throw EtcdError.notOurs("\(subnet) does not fit the config (\(config))")
         }
         let ttl = etcdLeaseID == 0 ? 0 : try await client.keepAlive(etcdLeaseID)
         if etcdLeaseID != 0 && ttl <= 0 {
-            throw EtcdRegistryError.notOurs("etcd lease \(String(etcdLeaseID, radix: 16)) expired or was revoked")
+            throw EtcdError.notOurs("etcd lease \(String(etcdLeaseID, radix: 16)) expired or was revoked")
         }
         let lease = hold(SubnetLease(subnet: subnet, attributes: attributes,
                                      expiration: etcdLeaseID == 0 ? .distantFuture : Date().addingTimeInterval(TimeInterval(ttl)),
@@ -209,7 +190,7 @@ public final class EtcdRegistry: Sendable {
     /// Deletes our subnet key and revokes its etcd lease, so the subnet is free at once. (flannel itself leaves
     /// the lease to expire, so that a restarted node gets the same subnet back; the caller chooses.)
     public func releaseLease() async throws {
-        guard let lease = state.withLock({ $0.lease }) else { throw EtcdRegistryError.noLease }
+        guard let lease = state.withLock({ $0.lease }) else { throw EtcdError.noLease }
         let key = SubnetKey.key(prefix: options.prefix, subnet: lease.subnet)
         try await client.delete(key)
         if lease.etcdLeaseID != 0 { try? await client.revoke(lease.etcdLeaseID) }
@@ -263,7 +244,7 @@ public final class EtcdRegistry: Sendable {
              onPeers: @escaping @Sendable ([PeerRoute]) -> Void,
              onLeaseLost: @escaping @Sendable () -> Void) async throws {
         guard let (lease, config) = state.withLock({ s in s.lease.flatMap { l in s.config.map { (l, $0) } } }) else {
-            throw EtcdRegistryError.noLease
+            throw EtcdError.noLease
         }
         let lost = Mutex(false)
         let reportLost: @Sendable (String) -> Void = { [logger] reason in

@@ -12,11 +12,11 @@ public final class RegistryRouteFilter: Sendable {
 
     /// Splits the registry's routes into those `store` accepts and the refusals not reported before.
     public func filter(_ routes: [PeerRoute], store: RouteStore)
-        -> (usable: [PeerRoute], newlyRefused: [RouteStore.Error]) {
+        -> (usable: [PeerRoute], newlyRefused: [FlannelError]) {
         var usable: [PeerRoute] = []
-        var refused: [(PeerRoute, RouteStore.Error)] = []
+        var refused: [(PeerRoute, FlannelError)] = []
         for route in routes {
-            do throws(RouteStore.Error) {
+            do throws(FlannelError) {
                 try store.check(route, origin: .registry)
                 usable.append(route)
             } catch {

@@ -11,7 +11,8 @@ public protocol RoutePublisher: AnyObject, Sendable {
 ///
 /// Each source owns its own set of routes and replaces it whole; for a subnet named by several sources the most
 /// specific origin wins (manual > file > registry). Every change recomputes the effective set and publishes it
-/// as one atomic update, so the data plane never sees a half-applied change. All methods are thread-safe.
+/// as one atomic update, so the data plane never sees a half-applied change. All methods are thread-safe. A route
+/// the rules refuse, or one that is not there to remove, is bad input: `.usage`, and nothing changes.
 public final class RouteStore: Sendable {
     /// Each origin's routes. Published while held, so two changes can never publish out of order.
     private let bySource = Mutex<[RouteOrigin: [IPv4Network: Endpoint]]>([:])
@@ -19,32 +20,19 @@ public final class RouteStore: Sendable {
     /// What every route is checked against (`PeerRouteRules`); nil accepts anything (tests of the merging only).
     public let rules: PeerRouteRules?
 
-    public enum Error: Swift.Error, CustomStringConvertible, Equatable {
-        /// The route broke one of the rules; nothing was changed.
-        case refused(PeerRoute, PeerRouteRules.Problem)
-        case notFound(IPv4Network)
-
-        public var description: String {
-            switch self {
-            case .refused(let r, let problem): return "route \(r.subnet) via \(r.endpoint) refused: \(problem)"
-            case .notFound(let s): return "no route for \(s)"
-            }
-        }
-    }
-
     public init(publisher: RoutePublisher, rules: PeerRouteRules?) {
         self.publisher = publisher
         self.rules = rules
     }
 
     /// Checks one route of `origin` against the rules without changing anything.
-    public func check(_ route: PeerRoute, origin: RouteOrigin) throws(Error) {
+    public func check(_ route: PeerRoute, origin: RouteOrigin) throws(FlannelError) {
         guard let rules else { return }
         do { try rules.check(route, origin: origin) } catch { throw .refused(route, error) }
     }
 
     /// Adds or replaces one route of `origin`.
-    public func add(_ route: PeerRoute, origin: RouteOrigin = .manual) throws(Error) {
+    public func add(_ route: PeerRoute, origin: RouteOrigin = .manual) throws(FlannelError) {
         try check(route, origin: origin)
         bySource.withLock { bySource in
             bySource[origin, default: [:]][route.subnet] = route.endpoint
@@ -53,26 +41,26 @@ public final class RouteStore: Sendable {
     }
 
     /// Removes the route for `subnet` that `origin` added.
-    public func remove(_ subnet: IPv4Network, origin: RouteOrigin = .manual) throws(Error) {
-        try bySource.withLock { (bySource) throws(Error) in
-            guard bySource[origin]?.removeValue(forKey: subnet) != nil else { throw .notFound(subnet) }
+    public func remove(_ subnet: IPv4Network, origin: RouteOrigin = .manual) throws(FlannelError) {
+        try bySource.withLock { (bySource) throws(FlannelError) in
+            guard bySource[origin]?.removeValue(forKey: subnet) != nil else { throw .usage("no route for \(subnet)") }
             publish(bySource)
         }
     }
 
     /// Removes the route for `subnet` from whichever source has it (what `route del` means to an operator).
-    public func removeAny(_ subnet: IPv4Network) throws(Error) {
-        try bySource.withLock { (bySource) throws(Error) in
+    public func removeAny(_ subnet: IPv4Network) throws(FlannelError) {
+        try bySource.withLock { (bySource) throws(FlannelError) in
             var found = false
             for origin in RouteOrigin.allCases where bySource[origin]?.removeValue(forKey: subnet) != nil { found = true }
-            guard found else { throw .notFound(subnet) }
+            guard found else { throw .usage("no route for \(subnet)") }
             publish(bySource)
         }
     }
 
     /// Replaces everything `origin` contributed with `routes`. All routes are checked first: on any error nothing
     /// changes.
-    public func replace(_ routes: [PeerRoute], origin: RouteOrigin) throws(Error) {
+    public func replace(_ routes: [PeerRoute], origin: RouteOrigin) throws(FlannelError) {
         for r in routes { try check(r, origin: origin) }
         var map: [IPv4Network: Endpoint] = [:]
         for r in routes { map[r.subnet] = r.endpoint }
@@ -103,3 +91,10 @@ public final class RouteStore: Sendable {
 }
 
 extension RouteTable: RoutePublisher {}
+
+extension FlannelError {
+    /// `route` broke one of the rules (`PeerRouteRules`): bad input, and nothing was changed.
+    public static func refused(_ route: PeerRoute, _ problem: PeerRouteRules.Problem) -> FlannelError {
+        .usage("route \(route.subnet) via \(route.endpoint) refused: \(problem)")
+    }
+}

@@ -24,21 +24,10 @@ public struct SubnetAllocator: Sendable {
         public var create: IPv4Network?
     }
 
-    public enum Failure: Error, Equatable, CustomStringConvertible, Sendable {
-        case exhausted(NetworkConfig)
-
-        public var description: String {
-            switch self {
-            case .exhausted(let c):
-                return "no free subnet left between SubnetMin \(c.subnetMin) and SubnetMax \(c.subnetMax) "
-                    + "in \(c.network) (every /\(c.subnetLength) is leased)"
-            }
-        }
-    }
-
     /// Decides, given every lease in the registry (subnet -> value), our public IP and the previous subnet.
     public func plan<R: RandomNumberGenerator>(leases: [IPv4Network: LeaseAttributes], publicIP: IPv4Address,
-                                                previous: IPv4Network?, using rng: inout R) throws(Failure) -> Plan {
+                                                previous: IPv4Network?, using rng: inout R)
+        throws(FlannelError) -> Plan {
         var plan = Plan()
         // Deterministic order: the lowest subnet carrying our IP wins, as a sorted etcd range would give it.
         let ours = leases.filter { $0.value.publicIP == publicIP }.keys.sorted { $0.address < $1.address }
@@ -59,13 +48,16 @@ public struct SubnetAllocator: Sendable {
         }
 
         let free = freeSubnets(taken: Array(remaining.keys))
-        guard !free.isEmpty else { throw .exhausted(config) }
+        guard !free.isEmpty else {
+            throw .failed("no free subnet left between SubnetMin \(config.subnetMin) and SubnetMax \(config.subnetMax) "
+                          + "in \(config.network) (every /\(config.subnetLength) is leased)")
+        }
         plan.create = free[Int.random(in: 0..<free.count, using: &rng)]
         return plan
     }
 
     public func plan(leases: [IPv4Network: LeaseAttributes], publicIP: IPv4Address,
-                     previous: IPv4Network?) throws(Failure) -> Plan {
+                     previous: IPv4Network?) throws(FlannelError) -> Plan {
         var rng = SystemRandomNumberGenerator()
         return try plan(leases: leases, publicIP: publicIP, previous: previous, using: &rng)
     }

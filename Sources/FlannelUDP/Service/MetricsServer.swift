@@ -34,20 +34,15 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         return "\(a.ipAddress ?? address.host):\(port)"
     }
 
-    public struct BindFailed: Error, CustomStringConvertible {
-        public var address: MetricsAddress
-        public var reason: String
-        public var description: String { "bind metrics endpoint \(address): \(reason)" }
-    }
-
-    /// Binds the listening socket; requests wait for `start`.
+    /// Binds the listening socket; requests wait for `start`. The kernel's refusal (a port in use) is `.system`,
+    /// anything else NIO reports `.failed`.
     ///
     /// The listener is bound with SO_REUSEPORT, so that `up --replace` can bind the same address while the daemon
     /// it replaces still answers there (no scrape finds the port closed during an upgrade). The kernel lets only
     /// sockets of the same effective user into that group, so no unprivileged user can join it. `takeOver` false
     /// (every start but a replacement) first claims the address with a plain bind, so that a second daemon (or
     /// any other program) on the address is refused with "Address already in use" as without SO_REUSEPORT.
-    public init(address: MetricsAddress, takeOver: Bool = false, logger: Logger) throws(BindFailed) {
+    public init(address: MetricsAddress, takeOver: Bool = false, logger: Logger) throws(FlannelError) {
         if !takeOver { try Self.claim(address) }
         self.address = address
         self.logger = logger
@@ -66,37 +61,40 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
             channel = try bootstrap.bind(host: address.host, port: address.port).wait()
         } catch {
             try? group.syncShutdownGracefully()
-            throw BindFailed(address: address, reason: Self.describe(error))
+            if let e = error as? IOError {
+                throw .system(SystemError("bind metrics endpoint", "\(address)", errno: e.errnoCode))
+            }
+            throw .failed("bind metrics endpoint \(address): \(error)")
         }
         logger.info("metrics and health endpoint on http://\(localAddress ?? address.description)/metrics, /healthz")
     }
 
     /// Binds a plain TCP socket (SO_REUSEADDR as the listener has it, no SO_REUSEPORT) to `address` and closes
     /// it: EADDRINUSE when anything listens or is bound there, including a daemon's SO_REUSEPORT listener.
-    static func claim(_ address: MetricsAddress) throws(BindFailed) {
-        func failed(_ what: String) -> BindFailed {
-            BindFailed(address: address, reason: "\(what): \(SystemError.describe(errno))")
-        }
+    static func claim(_ address: MetricsAddress) throws(FlannelError) {
+        let operation = "bind metrics endpoint"
         guard let host = IPv4Address(address.host) else {
-            throw BindFailed(address: address, reason: "not an IPv4 address")
+            throw .failed("\(operation) \(address): not an IPv4 address")
         }
-        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw failed("socket") }
+        let fd = try FlannelError.system(try syscall(operation, "\(address): socket") {
+            socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        })
         defer { _ = Glibc.close(fd) }
         var one: Int32 = 1
-        guard setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
-            throw failed("setsockopt SO_REUSEADDR")
-        }
+        _ = try FlannelError.system(try syscall(operation, "\(address): setsockopt SO_REUSEADDR") {
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+        })
         var sa = sockaddr_in()
         sa.sin_family = sa_family_t(AF_INET)
         sa.sin_port = UInt16(address.port).bigEndian
         sa.sin_addr = in_addr(s_addr: host.networkOrder)
-        let rc = withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+        _ = try FlannelError.system(try syscall(operation, "\(address)") {
+            withUnsafePointer(to: &sa) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                }
             }
-        }
-        guard rc == 0 else { throw BindFailed(address: address, reason: SystemError.describe(errno)) }
+        })
     }
 
     func start(health: @escaping @Sendable () -> DaemonHealth, metrics: @escaping @Sendable () -> String) {
@@ -109,12 +107,6 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         self.channel = nil
         _ = try? channel.close().wait()
         do { try group.syncShutdownGracefully() } catch { logger.warning("metrics endpoint: shutdown: \(error)") }
-    }
-
-    /// "Address already in use" rather than NIO's type dump.
-    static func describe(_ error: Error) -> String {
-        if let e = error as? IOError { return SystemError.describe(e.errnoCode) }
-        return "\(error)"
     }
 }
 

@@ -43,11 +43,7 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         var notifier: SystemdNotifier?
         var watchdog: WatchdogSettings?
         if foreground {
-            do { notifier = try SystemdNotifier.fromEnvironment() } catch let error as SystemdNotifier.BadSocket {
-                throw .usage(error.description)
-            } catch {
-                throw .failed("\(error)")
-            }
+            notifier = try SystemdNotifier.fromEnvironment()
             do { watchdog = try WatchdogSettings.fromEnvironment() } catch { throw .usage(error.description) }
         }
         var address: MetricsAddress?
@@ -65,12 +61,8 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         self.watchdog = notifier == nil ? nil : watchdog
         self.logger = logger
         wake = try FlannelError.system(try WakePipe())
-        if let metricsAddress {
-            do { metricsServer = try MetricsServer(address: metricsAddress, takeOver: takeOver, logger: logger) } catch {
-                throw .failed(error.description)
-            }
-        } else {
-            metricsServer = nil
+        metricsServer = try metricsAddress.map { (address) throws(FlannelError) in
+            try MetricsServer(address: address, takeOver: takeOver, logger: logger)
         }
         metricsServer?.start(health: { [weak self] in self?.answerHealth() ?? DaemonHealth(healthy: false, reason: "stopped") },
                              metrics: { [weak self] in self?.metrics() ?? "" })

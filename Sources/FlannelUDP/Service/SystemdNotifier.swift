@@ -19,45 +19,44 @@ public final class SystemdNotifier: @unchecked Sendable {  // immutable after in
     private var address = sockaddr_un()
     private let addressLength: socklen_t
 
-    public struct BadSocket: Error, CustomStringConvertible, Sendable {
-        public var value: String
-        public var problem: String
-        public var description: String { "NOTIFY_SOCKET=\(value): \(problem)" }
+    /// A `NOTIFY_SOCKET` value that names no AF_UNIX address: bad input, `.usage`.
+    static func badSocket(_ value: String, _ problem: String) -> FlannelError {
+        .usage("NOTIFY_SOCKET=\(value): \(problem)")
     }
 
     /// nil when `NOTIFY_SOCKET` is unset or empty (not started by a service manager that wants notifications).
-    /// - Throws: `BadSocket` for a value that is no AF_UNIX address; `SystemError` if no socket can be created.
+    /// - Throws: `.usage` for a value that is no AF_UNIX address; `.system` if no socket can be created.
     public static func fromEnvironment(_ environment: [String: String] = ProcessInfo.processInfo.environment)
-        throws -> SystemdNotifier? {
+        throws(FlannelError) -> SystemdNotifier? {
         guard let path = environment["NOTIFY_SOCKET"], !path.isEmpty else { return nil }
         return try SystemdNotifier(socketPath: path)
     }
 
-    public init(socketPath: String) throws {
+    public init(socketPath: String) throws(FlannelError) {
         self.socketPath = socketPath
         var bytes = Array(socketPath.utf8)
         let capacity = MemoryLayout.size(ofValue: address.sun_path)
         if bytes.first == UInt8(ascii: "@") {
             bytes[0] = 0  // abstract: a leading NUL, the name not NUL-terminated, the length says where it ends
             guard bytes.count > 1, bytes.count <= capacity else {
-                throw BadSocket(value: socketPath, problem: "an abstract socket name must have 1 to \(capacity - 1) characters")
+                throw Self.badSocket(socketPath, "an abstract socket name must have 1 to \(capacity - 1) characters")
             }
             addressLength = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
         } else if bytes.first == UInt8(ascii: "/") {
             guard bytes.count < capacity else {
-                throw BadSocket(value: socketPath, problem: "longer than a unix socket path can be (\(capacity - 1) bytes)")
+                throw Self.badSocket(socketPath, "longer than a unix socket path can be (\(capacity - 1) bytes)")
             }
             addressLength = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + 1)
         } else {
-            throw BadSocket(value: socketPath, problem: "not an absolute path or an @abstract name (only AF_UNIX is supported)")
+            throw Self.badSocket(socketPath, "not an absolute path or an @abstract name (only AF_UNIX is supported)")
         }
         address.sun_family = sa_family_t(AF_UNIX)
         withUnsafeMutableBytes(of: &address.sun_path) { raw in
             for (i, b) in bytes.enumerated() { raw[i] = b }
         }
-        fd = try syscall("create sd_notify socket for", socketPath) {
+        fd = try FlannelError.system(try syscall("create sd_notify socket for", socketPath) {
             socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        }
+        })
     }
 
     deinit { _ = close(fd) }

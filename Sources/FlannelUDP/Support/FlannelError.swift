@@ -1,7 +1,7 @@
 /// The one domain error: why a command or the daemon could not do what was asked, in one line, and which kind of
 /// failure it is. The CLI maps each kind to one of its documented exit codes in one place (`fail`); the OS's own
 /// failures stay `SystemError` underneath (`.system`).
-public enum FlannelError: Error, CustomStringConvertible, Sendable {
+public enum FlannelError: Error, CustomStringConvertible, Sendable, Equatable {
     /// The request does not fit this system or its input is bad (a missing interface, a bad peers file, a registry
     /// config that cannot work): nothing was changed. Exit 64.
     case usage(String)
