@@ -5,29 +5,6 @@ import Logging
 import Glibc
 #endif
 
-/// Tells the process that started a detached daemon whether start-up worked: one line on an inherited pipe,
-/// `READY` or `ERROR <message>`, then the pipe is closed.
-public struct Readiness: Sendable {
-    public let fd: Int32?
-    public init(fd: Int32?) { self.fd = fd }
-
-    /// Each returns the write's error, if any: a reader that is gone (EPIPE: the `up --detach` that started us was
-    /// killed or timed out) is no reason for the daemon to stop, so callers log it and carry on.
-    @discardableResult public func ready() -> SystemError? { send("READY") }
-    @discardableResult public func failed(_ message: String) -> SystemError? { send("ERROR \(message)") }
-
-    private func send(_ line: String) -> SystemError? {
-        guard let fd else { return nil }
-        defer { _ = close(fd) }
-        let bytes = Array((line.replacingOccurrences(of: "\n", with: " ") + "\n").utf8)
-        do {
-            // One short line into an empty pipe: written whole or not at all. SIGPIPE is ignored (Daemon.run).
-            try syscall("report readiness on", "fd \(fd)") { bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) } }
-        } catch { return error }
-        return nil
-    }
-}
-
 /// The running node: device and route (NodeSetup), control endpoint, peer table, data plane, signals.
 ///
 /// Threads: the caller's thread waits for signals (SIGINT/SIGTERM stop, SIGHUP re-reads the peers file); the
@@ -90,19 +67,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         if let fixed = source as? StaticPeerSource { membership = fixed.membership }
     }
 
-    /// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread; every thread started afterwards inherits the mask,
-    /// so the signals stay pending until `run` collects them with sigwait. Call before any thread exists.
-    public static func blockSignals() {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
-        pthread_sigmask(SIG_BLOCK, &set, nil)
-    }
-
     /// Runs the node until SIGINT/SIGTERM or `down`. Everything set up is torn down before this returns, also on
     /// failure. Start-up success or failure is reported on `readiness`.
     public func run(readiness: Readiness) throws(Failure) {
-        Daemon.blockSignals()
+        ProcessSignals.block()
         // A closed pipe (the readiness pipe, a control client that left) must be an error return, never death.
         signal(SIGPIPE, SIG_IGN)
         do {
@@ -280,23 +248,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         kill(getpid(), SIGTERM)
     }
 
+    /// Until SIGINT or SIGTERM (every way out ends there, see the type's comment); SIGHUP re-reads the peers file.
     private func waitForSignals() {
-        var set = sigset_t()
-        sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&set, s) }
-        while true {
-            var sig: Int32 = 0
-            guard sigwait(&set, &sig) == 0 else { continue }
-            if sig == SIGHUP {
-                logger.info("SIGHUP: re-reading peers file")
-                observer?.daemonReloading(self)
-                if case .error(let m) = reloadPeers() { logger.error("\(m)") }
-                observer?.daemonReloaded(self)
-                continue
-            }
-            logger.info("signal \(sig == SIGINT ? "SIGINT" : "SIGTERM"): shutting down")
-            return
+        let stop = ProcessSignals.wait { [self] in
+            logger.info("SIGHUP: re-reading peers file")
+            observer?.daemonReloading(self)
+            if case .error(let m) = reloadPeers() { logger.error("\(m)") }
+            observer?.daemonReloaded(self)
         }
+        logger.info("signal \(stop == SIGINT ? "SIGINT" : "SIGTERM"): shutting down")
     }
 
     /// What the state file records: pid and start time first (clients verify who answers with them); network,
