@@ -83,7 +83,7 @@ extension Daemon {
                 network: plan.membership.network.description, subnet: plan.membership.subnet.description,
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
-                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
+                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: peers.routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
                 lease: source.handoverLease))
         case .abort(let token):
@@ -279,7 +279,7 @@ extension Daemon {
         }
         if config.peersFile != nil { byOrigin[.file] = fileRoutes }
         for (origin, list) in byOrigin {
-            do { try store.replace(list, origin: origin) } catch {
+            do { try peers.store.replace(list, origin: origin) } catch {
                 throw .failed("taking over the running daemon's \(origin.rawValue) routes: \(error)")
             }
         }
