@@ -277,7 +277,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             guard isRunning else { return .status(report.starting()) }
             return .status(report.running(StatusReport.Parts(
                 membership: membership, plan: plan, routes: peers.routeInfos(), lease: source.lease,
-                forwarder: forwarder, masquerade: masquerade, nodeGuard: nodeGuard, phase: outgoing.phaseName)))
+                forwarder: forwarder, masquerade: masquerade, nodeGuard: nodeGuard, phase: outgoing.reportedPhase)))
         case .routeList:
             guard isRunning else { return stillStarting }
             return .routes(peers.routeInfos())

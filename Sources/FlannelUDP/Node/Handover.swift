@@ -43,13 +43,13 @@ final class OutgoingHandover: Sendable {
     var leaving: Bool { phase.withLock { $0 == .committing || $0 == .handedOver } }
     var handedOver: Bool { phase.withLock { $0 == .handedOver } }
 
-    /// What `status` says of a running daemon: "running", or "handing over" from the moment a replacing daemon
-    /// began until it committed (then "handed over") or the handover was abandoned (then "running" again).
-    var phaseName: String {
+    /// What `status` says of a running daemon: running, or handing over from the moment a replacing daemon
+    /// began until it committed (then handed over) or the handover was abandoned (then running again).
+    var reportedPhase: DaemonPhase {
         switch phase.withLock({ $0 }) {
-        case .idle: "running"
-        case .begun, .committing: "handing over"
-        case .handedOver: "handed over"
+        case .idle: .running
+        case .begun, .committing: .handingOver
+        case .handedOver: .handedOver
         }
     }
 }

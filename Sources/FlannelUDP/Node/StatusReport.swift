@@ -19,7 +19,7 @@ struct StatusReport: Sendable {
         var forwarder: Forwarder?
         var masquerade: MasqueradeResync?
         var nodeGuard: NodeGuard?
-        var phase: String
+        var phase: DaemonPhase
     }
 
     /// Status while starting: only what start-up does not change.
@@ -29,7 +29,7 @@ struct StatusReport: Sendable {
             uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device, network: "", subnet: "", mtu: 0,
             listen: "", publicIP: "", underlay: "", subnetFile: nil, peersFile: nil, peerCheck: "", routes: [],
             counters: counters.snapshot(), offloads: [], lease: nil)
-        status.phase = "starting"
+        status.phase = .starting
         return status
     }
 
