@@ -6,8 +6,11 @@ import Glibc
 /// What the daemon says about itself: the answer to `status` and the record in the state file. Each is built at
 /// the moment it is asked for, from the parts the daemon composes, so it holds nothing that could go stale.
 struct StatusReport: Sendable {
+    /// The options the daemon runs with (device, subnet and peers files, peer check).
     let config: NodeConfig
+    /// Uptime counts from here; the state file records it.
     let startedAt: Date
+    /// The data plane's, read anew for each status.
     let counters: DataPlaneCounters
 
     /// The running daemon's parts a status reads; nil where start-up has not made them.
