@@ -38,15 +38,6 @@ public final class RouteTable: Sendable {
 
     /// The routes of the current table, in the order they were published (duplicates removed).
     public var routes: [PeerRoute] { snapshot().peers.map(\.route) }
-
-    /// Every peer with its counters, for `status` (one consistent snapshot of the table; the counters are read
-    /// with relaxed loads while traffic may be flowing).
-    public func peerStatus() -> [PeerStatus] {
-        snapshot().peers.map {
-            PeerStatus(subnet: $0.route.subnet.description, endpoint: $0.route.endpoint.description,
-                       counters: $0.counters.snapshot)
-        }
-    }
 }
 
 /// One peer of a `RouteSnapshot`: its route, its counters (shared with later snapshots while the subnet stays),

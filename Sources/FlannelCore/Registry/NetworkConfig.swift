@@ -23,16 +23,6 @@ public struct NetworkConfig: Sendable, Equatable, CustomStringConvertible {
     /// `Backend.Port`: the UDP port every node of the network listens on (default 8285).
     public var port: UInt16
 
-    public init(network: IPv4Network, subnetLength: Int, subnetMin: IPv4Address, subnetMax: IPv4Address,
-                backendType: String = "udp", port: UInt16 = FlannelDefault.port) {
-        self.network = network
-        self.subnetLength = subnetLength
-        self.subnetMin = subnetMin
-        self.subnetMax = subnetMax
-        self.backendType = backendType
-        self.port = port
-    }
-
     public var description: String {
         "Network \(network), SubnetLen \(subnetLength), SubnetMin \(subnetMin), SubnetMax \(subnetMax), "
             + "Backend \(backendType) port \(port)"
