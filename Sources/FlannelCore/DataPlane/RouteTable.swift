@@ -51,11 +51,7 @@ public final class PeerEntry: Sendable {
     package init(route: PeerRoute, counters: PeerCounters) {
         self.route = route
         self.counters = counters
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = route.endpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: route.endpoint.address.networkOrder)
-        sockaddr = sa
+        sockaddr = route.endpoint.socketAddress
     }
 }
 
