@@ -277,8 +277,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     /// A handover (Handover.swift), once start-up is complete.
-    public func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
-        if !running.withLock({ $0 }) { return stillStarting }
+    public func handle(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply {
+        if !running.withLock({ $0 }) { return HandoverReply(stillStarting) }
         return handleHandover(request, from: pid)
     }
 

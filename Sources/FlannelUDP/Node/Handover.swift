@@ -14,9 +14,11 @@ import Glibc
 //     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
 //     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
 //     joined to the port for more --workers), not started
-//     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
-//                                                   sockets stay open in the new daemon: nothing is detached,
-//                                                   nothing torn down), answers, exits 0, releasing the lock last
+//     handoverCommit ────────────────────────────>  stops forwarding, answers; once the answer is out, closes
+//                                                   its descriptors (the queues and sockets stay open in the new
+//                                                   daemon: nothing is detached, nothing torn down), exits 0,
+//                                                   releasing the lock last
+//     (an answer lost on the way is settled by watching the old daemon: HandoverCommit.swift)
 //     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
 //     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
 //
@@ -57,14 +59,14 @@ final class OutgoingHandover: Sendable {
 extension Daemon {
     // MARK: - Old daemon
 
-    func handleHandover(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
+    func handleHandover(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply {
         switch request {
         case .begin(let version):
             guard version == HandoverState.version else {
-                return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
+                return HandoverReply(.error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead"))
             }
-            guard let plan, let overlay, let dataPlane else { return .error("the daemon for \(paths.device) is not forwarding") }
-            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return .error("the requesting process is gone") }
+            guard let plan, let overlay, let dataPlane else { return HandoverReply(.error("the daemon for \(paths.device) is not forwarding")) }
+            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return HandoverReply(.error("the requesting process is gone")) }
             let token = UUID().uuidString
             let begun = outgoing.phase.withLock { phase -> Bool in
                 guard phase == .idle else { return false }
@@ -72,32 +74,37 @@ extension Daemon {
                                deadline: MonotonicClock.milliseconds() + OutgoingHandover.timeoutMilliseconds)
                 return true
             }
-            guard begun else { return .error("a handover of \(paths.device) is already in progress") }
+            guard begun else { return HandoverReply(.error("a handover of \(paths.device) is already in progress")) }
             // Nothing may be "repaired" while two daemons share the device, nor the peer table changed.
             nodeGuard?.stop()
             source.pauseWatch()
             logger.info("handover to pid \(pid) begun; self-healing paused")
             watchHandover(token: token)
-            return .handover(HandoverState(
+            return HandoverReply(.handover(HandoverState(
                 token: token, daemonVersion: Daemon.version, device: config.device, deviceIndex: overlay.index,
                 network: plan.membership.network.description, subnet: plan.membership.subnet.description,
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
-                lease: source.handoverLease))
+                lease: source.handoverLease)))
         case .abort(let token):
-            guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
-            return .ok
+            guard resume(token: token, because: "the replacing daemon gave up") else {
+                return HandoverReply(.error(outgoing.leaving ? "too late to abort: the handover was committed and this daemon lets go"
+                                                             : "no such handover in progress"))
+            }
+            return HandoverReply(.ok)
         case .commit(let token):
             let committing = outgoing.phase.withLock { phase -> Bool in
                 guard case .begun(token, _, _, _) = phase else { return false }
                 phase = .committing
                 return true
             }
-            guard committing else { return .error("no such handover in progress (it was abandoned)") }
-            letGo()
-            return .ok
+            guard committing else { return HandoverReply(.error("no such handover in progress (it was abandoned)")) }
+            // Not forwarding from here on, so that two daemons never do; the queues and sockets stay open and
+            // ours until the answer is out (letting go first could swallow it: see `HandoverClient.commit`).
+            forwarder?.stop()
+            return HandoverReply(.ok, afterward: { [self] in letGo() })
         }
     }
 
@@ -138,11 +145,10 @@ extension Daemon {
         return true
     }
 
-    /// After the commit: stops our workers (what arrives from now on waits in the queues and socket buffers for
-    /// the new daemon's), closes our descriptors (the new daemon holds the same queues and sockets, so nothing
-    /// leaves the device or the port) and has the main thread exit without tearing down.
+    /// Once the commit's answer is out (our workers stopped before it: what arrives from now on waits in the queues
+    /// and socket buffers for the new daemon's): closes our descriptors (the new daemon holds the same queues and
+    /// sockets, so nothing leaves the device or the port) and has the main thread exit without tearing down.
     private func letGo() {
-        forwarder?.stop()
         if let dataPlane {
             dataPlane.tun.close()
             for s in dataPlane.sockets { s.close() }
@@ -171,7 +177,7 @@ extension Daemon {
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
-        let (old, passed) = try HandoverClient.begin(paths: paths)
+        let (old, oldDaemon, passed) = try HandoverClient.begin(paths: paths)
         // Ours to close until wrapped: the old daemon's queues (first `old.sockets`), then its sockets.
         var loose = passed
         defer { loose.forEach { _ = close($0) } }
@@ -226,12 +232,13 @@ extension Daemon {
             let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
             forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
-            switchStarted = MonotonicClock.milliseconds()
-            try HandoverClient.commit(old, paths: paths)
         } catch {
             HandoverClient.abort(old, paths: paths, logger: logger)
             throw error
         }
+        switchStarted = MonotonicClock.milliseconds()
+        // Aborts by itself when the old daemon did not let go.
+        try HandoverClient.commit(old, daemon: oldDaemon, paths: paths, logger: logger)
         // Ours now: from here on a failure tears down as any daemon's does.
         started = true
         leaseHeld = true
@@ -290,8 +297,9 @@ extension Daemon {
 enum HandoverClient {
     typealias Failure = FlannelError
 
-    /// The old daemon's state and descriptors (its tun queues, then its sockets), which the caller must close.
-    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, [Int32]) {
+    /// The old daemon's state, who it is (checked as `status` checks it) and its descriptors (its tun queues, then
+    /// its sockets), which the caller must close.
+    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, DaemonIdentity, [Int32]) {
         let answer: ControlClient.Answer
         do {
             answer = try ControlClient.exchange(.handover(.begin(version: HandoverState.version)), paths: paths,
@@ -304,7 +312,8 @@ enum HandoverClient {
             if problem == nil && answer.descriptors.count != 2 * state.sockets {
                 problem = "\(answer.descriptors.count) descriptors passed for \(state.sockets) queue(s) and socket(s)"
             }
-            if problem == nil { return (state, answer.descriptors) }
+            if problem == nil, answer.daemon == nil { problem = "it did not say who it is" }
+            if problem == nil, let daemon = answer.daemon { return (state, daemon, answer.descriptors) }
             // It did begin: tell it we are not going on.
             if let problem { Self.abandon(state, paths: paths, because: problem) }
         case .error(let message):
@@ -320,14 +329,6 @@ enum HandoverClient {
         _ = try? exchange(.abort(token: state.token), paths: paths)
     }
 
-    static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {
-        switch try exchange(.commit(token: old.token), paths: paths) {
-        case .ok: return
-        case .error(let message): throw .failed("the running daemon did not let go: \(message); it keeps forwarding")
-        default: throw .failed("the running daemon answered the commit with something else; it keeps forwarding")
-        }
-    }
-
     /// Best effort: the old daemon also resumes by itself when we die or time out.
     static func abort(_ old: HandoverState, paths: RuntimePaths, logger: Logger) {
         do { _ = try exchange(.abort(token: old.token), paths: paths) } catch {
@@ -335,7 +336,7 @@ enum HandoverClient {
         }
     }
 
-    private static func exchange(_ request: HandoverRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
+    static func exchange(_ request: HandoverRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
         do { return try ControlClient.exchange(.handover(request), paths: paths, timeoutSeconds: 10).response } catch {
             throw .failed("replace: \(error)")
         }
