@@ -14,13 +14,14 @@ import Glibc
 //     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
 //     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
 //     joined to the port for more --workers), not started
-//     handoverCommit ────────────────────────────>  stops forwarding, answers; once the answer is out, closes
-//                                                   its descriptors (the queues and sockets stay open in the new
-//                                                   daemon: nothing is detached, nothing torn down), exits 0,
-//                                                   releasing the lock last
+//     handoverCommit ────────────────────────────>  stops forwarding, answers ("handed over" from then on)
 //     (an answer lost on the way is settled by watching the old daemon: HandoverCommit.swift)
 //     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
-//     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
+//     sockets; state file ─────────────────────────>  (watched) closes its descriptors (the queues and sockets
+//                                                   stay open in the new daemon: nothing is detached, nothing
+//                                                   torn down), exits 0, releasing the lock last; had the new
+//                                                   daemon died before its state file, it forwards on instead
+//     control socket renamed over the old one, lock; self-healing, masquerade resync; READY
 //
 // No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
 // more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
@@ -34,10 +35,14 @@ final class OutgoingHandover: Sendable {
         case idle
         /// Begun by the process `pid` (started at `startTicks`); abandoned when it dies or at `deadline`.
         case begun(token: String, pid: pid_t, startTicks: UInt64, deadline: Int64)
+        /// Committed: not forwarding, the answer on its way.
         case committing
+        /// The answer is out: waiting for the successor to record itself (then we exit) or die (then we resume).
         case handedOver
     }
     static let timeoutMilliseconds: Int64 = 20_000
+    /// From the commit's answer until the successor records itself (it forwards by then); else we let go anyway.
+    static let successorMilliseconds: Int64 = 30_000
 
     let phase = Mutex(Phase.idle)
 
@@ -46,7 +51,8 @@ final class OutgoingHandover: Sendable {
     var handedOver: Bool { phase.withLock { $0 == .handedOver } }
 
     /// What `status` says of a running daemon: "running", or "handing over" from the moment a replacing daemon
-    /// began until it committed (then "handed over") or the handover was abandoned (then "running" again).
+    /// began until the answer to its commit is out (then "handed over") or the handover was abandoned (then
+    /// "running" again; also when the replacing daemon dies after its commit, before it took over).
     var phaseName: String {
         switch phase.withLock({ $0 }) {
         case .idle: "running"
@@ -95,16 +101,16 @@ extension Daemon {
             }
             return HandoverReply(.ok)
         case .commit(let token):
-            let committing = outgoing.phase.withLock { phase -> Bool in
-                guard case .begun(token, _, _, _) = phase else { return false }
+            let successor = outgoing.phase.withLock { phase -> DaemonIdentity? in
+                guard case .begun(token, let pid, let ticks, _) = phase else { return nil }
                 phase = .committing
-                return true
+                return DaemonIdentity(pid: pid, startTicks: ticks)
             }
-            guard committing else { return HandoverReply(.error("no such handover in progress (it was abandoned)")) }
+            guard let successor else { return HandoverReply(.error("no such handover in progress (it was abandoned)")) }
             // Not forwarding from here on, so that two daemons never do; the queues and sockets stay open and
             // ours until the answer is out (letting go first could swallow it: see `HandoverClient.commit`).
             forwarder?.stop()
-            return HandoverReply(.ok, afterward: { [self] in letGo() })
+            return HandoverReply(.ok, afterward: { [self] in awaitSuccessor(successor) })
         }
     }
 
@@ -145,15 +151,58 @@ extension Daemon {
         return true
     }
 
-    /// Once the commit's answer is out (our workers stopped before it: what arrives from now on waits in the queues
-    /// and socket buffers for the new daemon's): closes our descriptors (the new daemon holds the same queues and
-    /// sockets, so nothing leaves the device or the port) and has the main thread exit without tearing down.
+    /// Once the commit's answer is out ("handed over" from then on): our workers are stopped, the successor's
+    /// forward on the same queues and sockets, which we still hold open. We let go once the successor has recorded
+    /// itself as the device's daemon (it writes the state file after it started forwarding, before it waits for
+    /// our lock). Should it die before that, nobody would forward: we take the node back instead. A successor that
+    /// does neither within `OutgoingHandover.successorMilliseconds` is left to it.
+    private func awaitSuccessor(_ successor: DaemonIdentity) {
+        outgoing.phase.withLock { $0 = .handedOver }
+        let t = Thread { [self] in
+            let deadline = MonotonicClock.milliseconds() + OutgoingHandover.successorMilliseconds
+            while true {
+                if let state = DaemonState.load(path: paths.stateFile),
+                   state.pid == successor.pid, state.startTicks == successor.startTicks {
+                    return letGo()
+                }
+                if DaemonState.startTicks(of: successor.pid) != successor.startTicks { return takeBack(from: successor) }
+                if MonotonicClock.milliseconds() > deadline {
+                    logger.warning("the replacing daemon (pid \(successor.pid)) has not recorded itself within \(OutgoingHandover.successorMilliseconds) ms of the commit; letting go all the same")
+                    return letGo()
+                }
+                usleep(10_000)
+            }
+        }
+        t.name = "handover wait"
+        t.start()
+    }
+
+    /// The successor died after the commit, before it took over: forwarding again on our queues and sockets (they
+    /// never left the device or the port), self-healing and the peer source resumed.
+    private func takeBack(from successor: DaemonIdentity) {
+        guard let dataPlane, let membership else { preconditionFailure("a daemon that handed over was forwarding") }
+        let why = "the replacing daemon (pid \(successor.pid)) died after the commit, before it took over"
+        do throws(Failure) {
+            let restarted = try makeForwarder(tun: dataPlane.tun, sockets: dataPlane.sockets, membership: membership)
+            forwarder = restarted
+            try start(restarted)
+        } catch {
+            outgoing.phase.withLock { $0 = .idle }
+            return fail("\(why), and forwarding again failed: \(error)")
+        }
+        outgoing.phase.withLock { $0 = .idle }
+        nodeGuard?.start()
+        watchPeers()
+        logger.warning("handover undone: \(why); forwarding on, self-healing resumed")
+    }
+
+    /// Once the successor has taken over: closes our descriptors (it holds the same queues and sockets, so
+    /// nothing leaves the device or the port) and has the main thread exit without tearing down.
     private func letGo() {
         if let dataPlane {
             dataPlane.tun.close()
             for s in dataPlane.sockets { s.close() }
         }
-        outgoing.phase.withLock { $0 = .handedOver }
         logger.info("handed over; exiting without tearing anything down")
         kill(getpid(), SIGTERM)
     }

@@ -9,20 +9,22 @@ import Glibc
 // old daemon died). Guessing is wrong either way: "not taken" when it was leaves nobody forwarding and nobody
 // owning the device and the lease; "taken" when it was not leaves two daemons forwarding. So it is found out.
 //
-// The old daemon answers before it lets go (its workers stopped, its descriptors still open, its leaving run as
-// the reply's `afterward`), so the normal run cannot lose the answer to the old daemon's exit. If it is lost all the
-// same, the new daemon
+// The old daemon answers before it lets go (its workers stopped, its descriptors still open; the rest runs as the
+// reply's `afterward`, and it exits only once we have recorded ourselves), so the normal run cannot lose the answer
+// to the old daemon's exit. If it is lost all the same, the new daemon
 //   1. asks the old one to abort: taken (.ok) means it never took the commit and forwards on: not committed;
 //   2. otherwise watches the old daemon, the process verified at `begin` (pid and start time), until
-//        it is gone                      -> committed (it let go; had it died instead, nobody would forward either,
-//                                           and the queues, sockets and lease are ours already),
-//        its status says "handed over"   -> committed (it is on its way out),
-//        its status says "running"       -> not committed (it abandoned the handover; only a begun handover goes
-//                                           back to "running", never a committed one),
+//        it is gone                      -> committed (had it died rather than let go, nobody would forward
+//                                           either, and the queues, sockets and lease are ours already),
+//        its status says "handed over"   -> committed (it waits for us to record ourselves, then exits),
+//        its status says "running"       -> not committed (it abandoned the handover: a committed one goes back
+//                                           to "running" only when its successor, we, died),
 //        `boundMilliseconds` pass        -> not committed: it is there, neither leaving nor saying "running".
 //                                           A begun daemon says "running" 20 s after the begin at the latest
-//                                           (`OutgoingHandover.timeoutMilliseconds`), so this is one that does
-//                                           not answer; it resumes by itself when we exit.
+//                                           (`OutgoingHandover.timeoutMilliseconds`), so this is one whose status
+//                                           does not answer. Whatever it is at, it forwards on once we exit: a
+//                                           begun handover resumes when its replacing daemon dies, a committed one
+//                                           takes the node back when its successor dies before recording itself.
 
 /// Which way a commit went whose answer was lost, and why we believe so.
 enum CommitOutcome: Equatable, Sendable {
