@@ -14,6 +14,11 @@
 //   tun-bound    bench/run's ceiling: the cheapest tun/UDP forwarder (bench/tun-bound), not part of the product
 import PackageDescription
 
+// The library products the targets share, named once.
+let atomics: Target.Dependency = .product(name: "Atomics", package: "swift-atomics")
+let logging: Target.Dependency = .product(name: "Logging", package: "swift-log")
+let nio: [Target.Dependency] = ["NIOCore", "NIOHTTP1", "NIOPosix"].map { .product(name: $0, package: "swift-nio") }
+
 let package = Package(
     name: "flannel-udp",
     platforms: [.macOS(.v13)],
@@ -44,36 +49,17 @@ let package = Package(
         .target(name: "CShims"),
         .target(
             name: "FlannelCore",
-            dependencies: [
-                "CNetlink",
-                "CShims",
-                .product(name: "Atomics", package: "swift-atomics"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
+            dependencies: ["CNetlink", "CShims", atomics, logging]
         ),
         .target(
             name: "FlannelUDP",
-            dependencies: [
-                "FlannelCore",
-                "CNetlink",
-                "CNFTables",
-                "CShims",
-                .product(name: "Logging", package: "swift-log"),
-                .product(name: "Atomics", package: "swift-atomics"),
-                .product(name: "AsyncHTTPClient", package: "async-http-client"),
-                .product(name: "NIOCore", package: "swift-nio"),
-                .product(name: "NIOHTTP1", package: "swift-nio"),
-                .product(name: "NIOPosix", package: "swift-nio"),
-                .product(name: "NIOSSL", package: "swift-nio-ssl"),
-            ]
+            dependencies: ["FlannelCore", "CNetlink", "CNFTables", "CShims", logging, atomics,
+                           .product(name: "AsyncHTTPClient", package: "async-http-client"),
+                           .product(name: "NIOSSL", package: "swift-nio-ssl")] + nio
         ),
         .executableTarget(
             name: "flannel-udp",
-            dependencies: [
-                "FlannelUDP",
-                .product(name: "ArgumentParser", package: "swift-argument-parser"),
-                .product(name: "Logging", package: "swift-log"),
-            ]
+            dependencies: ["FlannelUDP", .product(name: "ArgumentParser", package: "swift-argument-parser"), logging]
         ),
         // bench/run's ceiling for any tun/UDP forwarder; not flannel's wire format (see its header).
         .executableTarget(name: "tun-bound", dependencies: ["CShims"], path: "bench/tun-bound"),
@@ -87,8 +73,7 @@ let package = Package(
         ),
         .testTarget(
             name: "IntegrationTests",
-            dependencies: ["FlannelCore", "FlannelUDP", "flannel-udp", "TestSupport",
-                           .product(name: "Logging", package: "swift-log")]
+            dependencies: ["FlannelCore", "FlannelUDP", "flannel-udp", "TestSupport", logging]
         ),
     ]
 )

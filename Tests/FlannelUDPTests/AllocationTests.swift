@@ -214,9 +214,9 @@ final class AllocationTests: XCTestCase {
         defer { socket.close() }
         let options = ForwarderOptions(batchSize: 16)
         let offloads = OffloadState(vnetHeader: false, tso: false, udpGSO: false, udpGRO: false, coalesce: false)
-        let receiver = try UDPReceiver(socket: socket.fd, name: "test", options: options,
-                                       counters: DataPlaneCounters(), offloads: offloads,
-                                       logger: Logger(label: "test"), timestamps: true)
+        let io = StageIO(fd: socket.fd, name: "test", counters: DataPlaneCounters(), worker: WorkerCounters(),
+                         offloads: offloads, logger: Logger(label: "test"))
+        let receiver = try UDPReceiver(io, options: options, timestamps: true)
         // A target of 1 ns: every bulk packet is above it, so the drop schedule runs too.
         let codel = ReceiveCoDel(CoDelParameters(targetNanoseconds: 1, intervalNanoseconds: 1_000,
                                                  bulkBytes: 1_000))

@@ -95,18 +95,6 @@ final class RouteTableTests: XCTestCase {
         XCTAssertEqual(IPv4Address(networkOrder: sa.sin_addr.s_addr), ip("192.168.1.2"))
     }
 
-    func testPeerStatusForStatusCommand() throws {
-        let table = RouteTable([route("10.244.2.0/24", "192.168.1.2"), route("10.244.3.0/24", "192.168.1.3:9000")])
-        table.snapshot().peers[1].counters.countRx(bytes: 84)
-        XCTAssertEqual(table.peerStatus(), [
-            PeerStatus(subnet: "10.244.2.0/24", endpoint: "192.168.1.2:8285", counters: PeerCountersSnapshot()),
-            PeerStatus(subnet: "10.244.3.0/24", endpoint: "192.168.1.3:9000",
-                       counters: PeerCountersSnapshot(rxPackets: 1, rxBytes: 84)),
-        ])
-        let json = try JSONEncoder().encode(table.peerStatus())
-        XCTAssertEqual(try JSONDecoder().decode([PeerStatus].self, from: json), table.peerStatus())
-    }
-
     func testDuplicateSubnetLaterWins() {
         let table = RouteTable([route("10.244.1.0/24", "192.168.1.1"), route("10.244.2.0/24", "192.168.1.2"),
                                 route("10.244.1.0/24", "192.168.1.9")])

@@ -18,6 +18,13 @@ final class SubnetLeaseTests: XCTestCase {
         XCTAssertEqual(try LeaseAttributes(json: a.json), a)
     }
 
+    func testStringsAreEscapedAsGoEscapesThem() throws {
+        // Go's encoding/json leaves "/" alone (Foundation's default would write "\/") and escapes quotes.
+        let a = LeaseAttributes(publicIP: IPv4Address(10, 0, 0, 1), publicIPv6: nil, backendType: #"a/b"c"#)
+        XCTAssertEqual(a.json, #"{"PublicIP":"10.0.0.1","PublicIPv6":null,"BackendType":"a/b\"c"}"#)
+        XCTAssertEqual(try LeaseAttributes(json: a.json), a)
+    }
+
     func testReadsFlannelValues() throws {
         // Current udp node.
         let udp = try LeaseAttributes(json: #"{"PublicIP":"192.168.1.2","PublicIPv6":null}"#)

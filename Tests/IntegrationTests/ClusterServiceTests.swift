@@ -117,14 +117,21 @@ extension ClusterTests {
         // The lease deleted by hand: /healthz answers 503 with the reason, then the node shuts down (as flanneld
         // does) and the endpoint, closed last (it lingers until its 503 has been seen once, at most 5 s), stops
         // answering.
-        try etcdctl(["del", "/coreos.com/network/subnets/\(a.subnet.address)-\(a.subnet.prefixLength)"])
+        // The delete runs in the background while this thread polls: etcdctl may take longer to return on a
+        // loaded machine than the daemon lingers (5 s), and a poll begun only after it would find the endpoint
+        // already closed.
+        let delete = try startBackground(["ip", "netns", "exec", wire.name, "etcdctl", "--endpoints", etcdURL, "del",
+                                          "/coreos.com/network/subnets/\(a.subnet.address)-\(a.subnet.prefixLength)"])
+        addTeardownBlock { if delete.isRunning { delete.terminate() }; delete.waitUntilExit() }
         var unhealthy: (status: Int, body: String)?
         var answers503 = 0
-        let deadline = Date().addingTimeInterval(15)
+        let deadline = Date().addingTimeInterval(30)
         while Date() < deadline {
             guard let r = try httpGet(a.ns, "/healthz") else { break }  // refused: the daemon is gone
             if r.status != 200 { unhealthy = r; answers503 += 1 }
         }
+        delete.waitUntilExit()
+        XCTAssertEqual(delete.terminationStatus, 0, "etcdctl del")
         print("/healthz answered 503 \(answers503) time(s) before the endpoint closed")
         XCTAssertEqual(unhealthy?.status, 503, "no 503 before the endpoint closed")
         XCTAssertTrue(unhealthy?.body.contains("lease was removed") == true, unhealthy?.body ?? "")

@@ -341,6 +341,46 @@ final class ReplaceTests: HostileTopologyTestCase {
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
     }
 
+    /// A replacing "daemon" that begins, commits, reads the answer and dies before it took over (played by a root
+    /// client, as one killed at that moment would): the old daemon, which stopped forwarding at the commit, does
+    /// not let go but forwards on, its self-healing resumed; a later replacement works.
+    func testAReplacementThatDiesAfterItsCommitLeavesTheOldDaemonForwarding() throws {
+        let (a, b) = try makePair()
+        let old = try pid(a)
+        let socket = "\(tmp)/run/ns-\(try nsID(a))/flannel0.sock"
+        let answer = try a.ns.run(["python3", "-c", """
+            import json, socket, sys
+            def token(v):
+                if isinstance(v, dict):
+                    if isinstance(v.get("token"), str): return v["token"]
+                    for x in v.values():
+                        t = token(x)
+                        if t: return t
+            begun = socket.socket(socket.AF_UNIX); begun.connect(sys.argv[1])
+            begun.sendall(b'{"handoverBegin":{"version":1}}\\n')
+            t = token(json.loads(begun.makefile().readline()))
+            c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])
+            c.sendall(json.dumps({"handoverCommit": {"token": t}}).encode() + b"\\n")
+            print(c.makefile().readline().strip())
+            """, socket])
+        XCTAssertEqual(answer.trimmingCharacters(in: .whitespacesAndNewlines), #"{"ok":{}}"#)
+        let log = "\(tmp)/run/ns-\(try nsID(a))/flannel0.log"
+        try waitFor("the old daemon takes the node back") {
+            ((try? String(contentsOfFile: log, encoding: .utf8)) ?? "").contains("handover undone: the replacing daemon")
+        }
+        XCTAssertEqual(try pid(a), old)
+        XCTAssertEqual(try daemonStatus(a)["phase"] as? String, "running")
+        XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0, "the old daemon forwards on")
+        try a.ns.run(["ip", "link", "set", "flannel0", "mtu", "1300"])
+        try waitFor("self-healing puts the MTU back") {
+            (try? a.ns.run(["ip", "-o", "link", "show", "flannel0"]))?.contains("mtu 1472") == true
+        }
+        let r = up(a, ["--replace"])
+        XCTAssertEqual(r.status, 0, r.description)
+        XCTAssertNotEqual(try pid(a), old)
+        XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
+    }
+
     func nsID(_ node: Node) throws -> UInt64 {
         try XCTUnwrap(UInt64(try node.ns.run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
             .trimmingCharacters(in: .whitespacesAndNewlines)))

@@ -20,17 +20,7 @@ public struct SeededRandom: RandomNumberGenerator {
 
 /// Sends `bytes` as one datagram from the UDP socket `fd` to `endpoint`: sendto's result (-1 with errno set).
 public func sendDatagram(_ bytes: [UInt8], from fd: Int32, to endpoint: Endpoint) -> Int {
-    var sa = sockaddr_in()
-    sa.sin_family = sa_family_t(AF_INET)
-    sa.sin_port = endpoint.port.bigEndian
-    sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
-    return bytes.withUnsafeBytes { b in
-        withUnsafePointer(to: &sa) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                sendto(fd, b.baseAddress, b.count, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-            }
-        }
-    }
+    bytes.withUnsafeBytes { b in endpoint.withSocketAddress { sendto(fd, b.baseAddress, b.count, 0, $0, $1) } }
 }
 
 /// What `cleanup` prints, in order, to remove flanneld's masquerade rules for network 10.244.0.0/16 as its

@@ -206,10 +206,12 @@ public struct HandoverState: Codable, Equatable, Sendable {
 public struct HandoverLease: Codable, Equatable, Sendable {
     public var subnet: String
     public var etcdLeaseID: Int64
+}
 
-    package init(subnet: String, etcdLeaseID: Int64) {
-        self.subnet = subnet
-        self.etcdLeaseID = etcdLeaseID
+extension HandoverLease {
+    /// What a replacing daemon needs of this node's registry lease: its subnet and the etcd lease to keep alive.
+    package init(_ lease: SubnetLease) {
+        self.init(subnet: lease.subnet.description, etcdLeaseID: lease.etcdLeaseID)
     }
 }
 

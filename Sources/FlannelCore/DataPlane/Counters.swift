@@ -189,21 +189,6 @@ public struct PeerCountersSnapshot: Codable, Equatable, Sendable {
     }
 }
 
-/// One peer as `status` and `route list` show it.
-public struct PeerStatus: Codable, Equatable, Sendable {
-    /// "10.244.2.0/24"
-    public var subnet: String
-    /// "192.168.1.2:8285"
-    public var endpoint: String
-    public var counters: PeerCountersSnapshot
-
-    public init(subnet: String, endpoint: String, counters: PeerCountersSnapshot) {
-        self.subnet = subnet
-        self.endpoint = endpoint
-        self.counters = counters
-    }
-}
-
 /// What one worker pair moved (worker k: tun queue k and socket k), beside the global `DataPlaneCounters`: for
 /// `status`, to see the load spread over the workers and one flow stay on one worker.
 public final class WorkerCounters: Sendable {
@@ -223,10 +208,4 @@ public struct WorkerCounts: Codable, Equatable, Sendable {
     public var worker: Int
     public var tunToUDPPackets: UInt64
     public var udpToTunPackets: UInt64
-
-    public init(worker: Int, tunToUDPPackets: UInt64, udpToTunPackets: UInt64) {
-        self.worker = worker
-        self.tunToUDPPackets = tunToUDPPackets
-        self.udpToTunPackets = udpToTunPackets
-    }
 }

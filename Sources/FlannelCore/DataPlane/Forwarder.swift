@@ -126,9 +126,12 @@ public final class Forwarder: @unchecked Sendable {
         workerCounters = sockets.map { _ in WorkerCounters() }
         var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
-            let socketName = "\(socket.localEndpoint)"
             let vnet = offloads.vnetHeader
             let worker = workerCounters[k]
+            let tun = StageIO(fd: tunFD, name: tunName, counters: counters, worker: worker, offloads: offloads,
+                              logger: logger)
+            let udp = StageIO(fd: socket.fd, name: "\(socket.localEndpoint)", counters: counters, worker: worker,
+                              offloads: offloads, logger: logger)
             let suffix = k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
             func setup(_ name: String) -> WorkerSetup {
                 WorkerSetup(threadName: name + suffix, stopRequested: stopRequested, table: table, config: config, counters: counters,
@@ -136,21 +139,14 @@ public final class Forwarder: @unchecked Sendable {
             }
             pairs.append((
                 TunToUDPWorker(
-                    reader: TunReader(fd: tunFD, name: tunName, vnet: vnet, options: options, counters: counters,
-                                      logger: logger),
-                    sender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
-                                      worker: worker, offloads: offloads, logger: logger),
-                    icmpWriter: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: false, counters: counters,
-                                          worker: worker, offloads: offloads, logger: logger),
+                    reader: TunReader(tun, vnet: vnet, options: options),
+                    sender: UDPSender(udp, options: options),
+                    icmpWriter: TunWriter(tun, vnet: vnet, coalesce: false),
                     setup("fu-tun-to-udp")),
                 UDPToTunWorker(
-                    receiver: try UDPReceiver(socket: socket.fd, name: socketName, options: options,
-                                              counters: counters, offloads: offloads, logger: logger,
-                                              timestamps: options.codel.isOn),
-                    writer: TunWriter(fd: tunFD, name: tunName, vnet: vnet, coalesce: offloads.coalesce,
-                                      counters: counters, worker: worker, offloads: offloads, logger: logger),
-                    icmpSender: UDPSender(socket: socket.fd, name: socketName, options: options, counters: counters,
-                                          worker: worker, offloads: offloads, logger: logger, queueCapacity: 1),
+                    receiver: try UDPReceiver(udp, options: options, timestamps: options.codel.isOn),
+                    writer: TunWriter(tun, vnet: vnet, coalesce: offloads.coalesce),
+                    icmpSender: UDPSender(udp, options: options, queueCapacity: 1),
                     setup("fu-udp-to-tun"))))
         }
         self.pairs = pairs

@@ -12,13 +12,4 @@ public struct OffloadStatistics: Codable, Equatable, Sendable {
     public var groBuffers: UInt64
     /// The largest datagram payload received from a peer: at most its tun MTU.
     public var largestDatagramReceived: UInt64
-
-    package init(active: [String], superPacketsSegmented: UInt64, superPacketsCoalesced: UInt64, groBuffers: UInt64,
-                 largestDatagramReceived: UInt64) {
-        self.active = active
-        self.superPacketsSegmented = superPacketsSegmented
-        self.superPacketsCoalesced = superPacketsCoalesced
-        self.groBuffers = groBuffers
-        self.largestDatagramReceived = largestDatagramReceived
-    }
 }

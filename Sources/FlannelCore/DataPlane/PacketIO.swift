@@ -50,15 +50,28 @@ enum PacketIO {
     /// A one-packet write or send that did not go through (`.wouldBlock` or `.failed`): counted as `reason` and
     /// logged at most once a second as `what`. The packet is dropped, never retried in a loop (flannel
     /// busy-retries a full tun).
-    static func dropped(_ result: Result, _ reason: DropReason, _ counters: DataPlaneCounters,
-                        _ what: @autoclosure () -> String, _ limiter: inout LogLimiter, _ logger: Logger) {
-        counters.countDrop(reason)
+    static func dropped(_ result: Result, _ reason: DropReason, _ what: @autoclosure () -> String,
+                        _ limiter: inout LogLimiter, _ io: StageIO) {
+        io.counters.countDrop(reason)
         switch result {
-        case .failed(let e): limiter.warn(logger, what(), e)
-        case .wouldBlock: limiter.warn(logger, what(), EAGAIN)
+        case .failed(let e): limiter.warn(io.logger, what(), e)
+        case .wouldBlock: limiter.warn(io.logger, what(), EAGAIN)
         case .done: break
         }
     }
+}
+
+/// What each I/O stage of a worker pair (`TunReader`, `UDPSender`, `UDPReceiver`, `TunWriter`) works with: its
+/// descriptor (a tun queue or a socket) and the name its errors and log lines give it, and where it counts and
+/// logs: the data plane's counters, the pair's own, the offloads' evidence, the logger. Built by `Forwarder`; each
+/// stage keeps its own `LogLimiter` beside it.
+struct StageIO {
+    let fd: Int32
+    let name: String
+    let counters: DataPlaneCounters
+    let worker: WorkerCounters
+    let offloads: OffloadState
+    let logger: Logger
 }
 
 /// At most one log line per second (or per `intervalNanoseconds`) for per-packet errors, with the number

@@ -99,7 +99,7 @@ final class ReceiveCoDel {
     /// `sojourn` ns in the socket queue, dequeued at `now`. On `.marked` the packet's ECN field is CE now and its
     /// header checksum updated.
     func verdict(_ packet: UnsafeMutableRawBufferPointer, sojourn: UInt64, now: UInt64) -> Verdict {
-        guard packet.count >= 20, let key = FlowSteering.key(UnsafeRawBufferPointer(packet)),
+        guard packet.count >= IPv4Header.minimumLength, let key = FlowSteering.key(UnsafeRawBufferPointer(packet)),
               let i = slot(for: key, now: now) else { return .pass }
         let p = parameters
         let sinceWindow = now &- flows[i].windowStart

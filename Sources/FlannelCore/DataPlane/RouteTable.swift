@@ -38,15 +38,6 @@ public final class RouteTable: Sendable {
 
     /// The routes of the current table, in the order they were published (duplicates removed).
     public var routes: [PeerRoute] { snapshot().peers.map(\.route) }
-
-    /// Every peer with its counters, for `status` (one consistent snapshot of the table; the counters are read
-    /// with relaxed loads while traffic may be flowing).
-    public func peerStatus() -> [PeerStatus] {
-        snapshot().peers.map {
-            PeerStatus(subnet: $0.route.subnet.description, endpoint: $0.route.endpoint.description,
-                       counters: $0.counters.snapshot)
-        }
-    }
 }
 
 /// One peer of a `RouteSnapshot`: its route, its counters (shared with later snapshots while the subnet stays),
@@ -60,11 +51,7 @@ public final class PeerEntry: Sendable {
     package init(route: PeerRoute, counters: PeerCounters) {
         self.route = route
         self.counters = counters
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = route.endpoint.port.bigEndian
-        sa.sin_addr = in_addr(s_addr: route.endpoint.address.networkOrder)
-        sockaddr = sa
+        sockaddr = route.endpoint.socketAddress
     }
 }
 

@@ -22,26 +22,19 @@ struct TunPacket {
 /// the checksums the kernel left partial (TUN_F_CSUM), accept only TCPv4 super-packets (TUN_F_TSO4). What cannot be
 /// parsed is dropped here and counted (`malformed`, `oversize`); `packet(_:)` then returns nil.
 final class TunReader {
-    let fd: Int32
-    let name: String
     let vnet: Bool
     private let buffers: PacketBuffers
     private let budget: Int
-    private let counters: DataPlaneCounters
-    private let logger: Logger
+    private let io: StageIO
     private var logLimiter = LogLimiter()
     /// The last `read()` stopped because the tun had nothing more (not because the batch was full).
     private(set) var isEmpty = false
     /// A read returned 0 bytes: the other end of a test socketpair went away (a tun never does that).
     private(set) var hungUp = false
 
-    init(fd: Int32, name: String, vnet: Bool, options: ForwarderOptions, counters: DataPlaneCounters,
-         logger: Logger) {
-        self.fd = fd
-        self.name = name
+    init(_ io: StageIO, vnet: Bool, options: ForwarderOptions) {
+        self.io = io
         self.vnet = vnet
-        self.counters = counters
-        self.logger = logger
         budget = options.readBytesPerBatch
         buffers = PacketBuffers(count: options.batchSize,
                                 size: options.bufferSize + (vnet ? VirtioNetHeader.length : 0))
@@ -58,8 +51,8 @@ final class TunReader {
             let p = buffers.packet(count)
             let size = buffers.size
             let blocking = wait && count == 0
-            switch try PacketIO.call("read from", name, interruptible: blocking, {
-                blocking ? Glibc.read(fd, p, size) : fu_read_nowait(fd, p, size)
+            switch try PacketIO.call("read from", io.name, interruptible: blocking, {
+                blocking ? Glibc.read(io.fd, p, size) : fu_read_nowait(io.fd, p, size)
             }) {
             case .done(0):
                 hungUp = true
@@ -74,8 +67,8 @@ final class TunReader {
                 isEmpty = true
                 return count
             case .failed(let e):
-                guard e == ENOBUFS || e == ENOMEM else { throw SystemError("read from", name, errno: e) }
-                logLimiter.warn(logger, "read from \(name)", e)
+                guard e == ENOBUFS || e == ENOMEM else { throw SystemError("read from", io.name, errno: e) }
+                logLimiter.warn(io.logger, "read from \(io.name)", e)
                 isEmpty = true
                 return count
             }
@@ -88,12 +81,12 @@ final class TunReader {
         var length = buffers.lengths[i]
         var base = buffers.packet(i)
         if length >= buffers.size {  // filled the whole buffer: truncated
-            counters.countDrop(.oversize)
+            io.counters.countDrop(.oversize)
             return nil
         }
         guard vnet else { return TunPacket(bytes: UnsafeMutableRawBufferPointer(start: base, count: length), gsoSize: 0) }
         guard length >= VirtioNetHeader.length else {
-            counters.countDrop(.malformed)
+            io.counters.countDrop(.malformed)
             return nil
         }
         let h = VirtioNetHeader(from: base)
@@ -103,13 +96,13 @@ final class TunReader {
         let gsoType = h.gsoType & ~VirtioNetHeader.gsoECN
         if gsoType == VirtioNetHeader.gsoTCPv4 { return TunPacket(bytes: bytes, gsoSize: Int(h.gsoSize)) }
         guard gsoType == VirtioNetHeader.gsoNone else {
-            counters.countDrop(.malformed)  // only TSO4 is switched on
+            io.counters.countDrop(.malformed)  // only TSO4 is switched on
             return nil
         }
         // A packet the kernel left with a partial checksum (TUN_F_CSUM): complete it, or the peer's kernel drops it.
         if h.needsChecksum && !InternetChecksum.complete(bytes, start: Int(h.checksumStart),
                                                          offset: Int(h.checksumOffset)) {
-            counters.countDrop(.malformed)
+            io.counters.countDrop(.malformed)
             return nil
         }
         return TunPacket(bytes: bytes, gsoSize: 0)

@@ -10,14 +10,9 @@ import Glibc
 /// `endBatch` writes it and publishes the batch's counts. A full tun queue (EAGAIN) drops the packet as
 /// `tunWriteFailed`, never retried in a loop (flannel busy-retries here).
 final class TunWriter {
-    let fd: Int32
-    let name: String
     let vnet: Bool
     private let coalescer: TCPCoalescer?
-    private let counters: DataPlaneCounters
-    private let worker: WorkerCounters
-    private let offloads: OffloadState
-    private let logger: Logger
+    private let io: StageIO
     private var logLimiter = LogLimiter()
     /// The virtio_net_hdr written before a packet, and the two-piece iovec for that write.
     private let header: UnsafeMutableRawPointer
@@ -29,15 +24,9 @@ final class TunWriter {
     private var delivered: UInt64 = 0
     private var deliveredBytes: UInt64 = 0
 
-    init(fd: Int32, name: String, vnet: Bool, coalesce: Bool, counters: DataPlaneCounters, worker: WorkerCounters,
-         offloads: OffloadState, logger: Logger) {
-        self.fd = fd
-        self.name = name
+    init(_ io: StageIO, vnet: Bool, coalesce: Bool) {
+        self.io = io
         self.vnet = vnet
-        self.counters = counters
-        self.worker = worker
-        self.offloads = offloads
-        self.logger = logger
         coalescer = coalesce ? TCPCoalescer() : nil
         header = .allocate(byteCount: 16, alignment: 16)
         header.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
@@ -79,29 +68,29 @@ final class TunWriter {
     /// Writes the open group, and adds what this batch delivered to the direction's counters.
     func endBatch(_ snapshot: RouteSnapshot) throws(SystemError) {
         if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }
-        counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
-        counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
-        worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
+        io.counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
+        io.counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
+        io.worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
         delivered = 0
         deliveredBytes = 0
     }
 
     /// Writes an ICMP error the sending side built (counted as `icmpSent`, not as delivered).
     func writeICMP(_ packet: UnsafeMutableRawBufferPointer) throws(SystemError) {
-        if try write(packet) { counters.icmpSent.wrappingIncrement(ordering: .relaxed) }
+        if try write(packet) { io.counters.icmpSent.wrappingIncrement(ordering: .relaxed) }
     }
 
     /// Writes the open coalescing group (one super-packet, or its single packet as it came).
     private func flushGroup(_ c: TCPCoalescer, _ snapshot: RouteSnapshot) throws(SystemError) {
         let pieces = c.finish(header: header)
         let packets = groupPackets
-        if packets > 1 { offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
+        if packets > 1 { io.offloads.superPacketsCoalesced.wrappingIncrement(ordering: .relaxed) }
         if try write(pieces) {
             snapshot.peers[groupPeer].counters.countRx(packets: packets, bytes: groupBytes)
             delivered &+= UInt64(packets)
             deliveredBytes &+= UInt64(groupBytes)
         } else if packets > 1 {
-            counters.countDrop(.tunWriteFailed, UInt64(packets - 1))  // the failed write counted one
+            io.counters.countDrop(.tunWriteFailed, UInt64(packets - 1))  // the failed write counted one
         }
         groupPackets = 0
         groupBytes = 0
@@ -122,14 +111,14 @@ final class TunWriter {
     /// One writev of a gather list (virtio header first when the tun has one), never blocking (the descriptor
     /// itself blocks, for the reader's sake): a full queue is EAGAIN.
     private func write(_ pieces: UnsafeBufferPointer<iovec>) throws(SystemError) -> Bool {
-        try written(PacketIO.call("write to", name) {
-            fu_writev_nowait(fd, pieces.baseAddress!, Int32(pieces.count))
+        try written(PacketIO.call("write to", io.name) {
+            fu_writev_nowait(io.fd, pieces.baseAddress!, Int32(pieces.count))
         })
     }
 
     private func written(_ result: PacketIO.Result) -> Bool {
         if case .done = result { return true }
-        PacketIO.dropped(result, .tunWriteFailed, counters, "write to \(name)", &logLimiter, logger)
+        PacketIO.dropped(result, .tunWriteFailed, "write to \(io.name)", &logLimiter, io)
         return false
     }
 }

@@ -18,8 +18,6 @@ struct Datagram {
 /// here. Without GRO each message is one datagram (the fallback and `--no-offload`). With `timestamps` each
 /// message also carries the kernel's arrival time (SO_TIMESTAMPNS), and each datagram its sojourn in the queue.
 final class UDPReceiver {
-    let fd: Int32
-    let name: String
     let gro: Bool
     let timestamps: Bool
     /// When the last batch was dequeued (CLOCK_REALTIME ns, the clock of the kernel's timestamps).
@@ -34,9 +32,7 @@ final class UDPReceiver {
     /// timespec (SCM_TIMESTAMPNS).
     private let controls: UnsafeMutableRawPointer
     private let controlStride: Int
-    private let counters: DataPlaneCounters
-    private let offloads: OffloadState
-    private let logger: Logger
+    private let io: StageIO
     private var logLimiter = LogLimiter()
     private var largest = 0
     // The cursor of `next()`: messages received, the next one, and the split of the current one.
@@ -48,21 +44,16 @@ final class UDPReceiver {
     private var sojourn: UInt64 = 0
 
     /// - Throws: `SystemError` when `timestamps` is asked for and the socket refuses SO_TIMESTAMPNS.
-    init(socket fd: Int32, name: String, options: ForwarderOptions, counters: DataPlaneCounters,
-         offloads: OffloadState, logger: Logger, timestamps: Bool = false) throws(SystemError) {
+    init(_ io: StageIO, options: ForwarderOptions, timestamps: Bool = false) throws(SystemError) {
         if timestamps {
             var one: Int32 = 1
-            try syscall("set SO_TIMESTAMPNS on UDP socket", name) {
-                setsockopt(fd, SOL_SOCKET, Int32(FU_SO_TIMESTAMPNS), &one, socklen_t(MemoryLayout<Int32>.size))
+            try syscall("set SO_TIMESTAMPNS on UDP socket", io.name) {
+                setsockopt(io.fd, SOL_SOCKET, Int32(FU_SO_TIMESTAMPNS), &one, socklen_t(MemoryLayout<Int32>.size))
             }
         }
         self.timestamps = timestamps
-        self.fd = fd
-        self.name = name
-        self.counters = counters
-        self.offloads = offloads
-        self.logger = logger
-        gro = offloads.udpGRO
+        self.io = io
+        gro = io.offloads.udpGRO
         batchSize = gro ? min(options.batchSize, options.groBatchSize) : options.batchSize
         buffers = PacketBuffers(count: batchSize, size: options.bufferSize)
         msgs = .allocate(count: batchSize, initializedTo: fu_mmsghdr())
@@ -108,12 +99,12 @@ final class UDPReceiver {
         message = 0
         split = GROSplit(total: 0, segmentSize: 0)
         let flags = wait ? Int32(MSG_WAITFORONE) : Int32(MSG_DONTWAIT)
-        switch try PacketIO.call("recvmmsg on", name, alsoFatal: EINVAL, interruptible: wait, {
-            Int(fu_recvmmsg(fd, msgs, count, flags))
+        switch try PacketIO.call("recvmmsg on", io.name, alsoFatal: EINVAL, interruptible: wait, {
+            Int(fu_recvmmsg(io.fd, msgs, count, flags))
         }) {
         case .done(let n): received = n
         case .wouldBlock: break
-        case .failed(let e): logLimiter.warn(logger, "recvmmsg on \(name)", e)
+        case .failed(let e): logLimiter.warn(io.logger, "recvmmsg on \(io.name)", e)
         }
         if timestamps && received > 0 { batchTime = UDPReceiver.realtimeNanoseconds() }
         return received
@@ -131,23 +122,23 @@ final class UDPReceiver {
             let i = message
             message += 1
             if msgs[i].msg_hdr.msg_flags & Int32(MSG_TRUNC) != 0 {
-                counters.countDrop(.oversize)
+                io.counters.countDrop(.oversize)
                 continue
             }
             let total = Int(msgs[i].msg_len)
             if total == 0 {
                 // An empty datagram carries no packet at all: malformed, and counted like any other drop.
-                counters.countDrop(.malformed)
+                io.counters.countDrop(.malformed)
                 continue
             }
             // With GRO the buffer holds datagrams of `segmentSize` bytes back to back (the last may be shorter).
             let (segmentSize, arrival) = controlMessages(i)
             split = GROSplit(total: total, segmentSize: segmentSize)
             sojourn = arrival != 0 && batchTime > arrival ? batchTime &- arrival : 0
-            if split.isCoalesced { offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
+            if split.isCoalesced { io.offloads.groBuffers.wrappingIncrement(ordering: .relaxed) }
             if min(split.step, total) > largest {
                 largest = min(split.step, total)
-                offloads.largestDatagramReceived.store(UInt64(largest), ordering: .relaxed)
+                io.offloads.largestDatagramReceived.store(UInt64(largest), ordering: .relaxed)
             }
             base = buffers.packet(i)
             source = IPv4Address(networkOrder: names[i].sin_addr.s_addr)

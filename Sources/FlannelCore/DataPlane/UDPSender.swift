@@ -9,29 +9,18 @@ import Glibc
 /// of equal-size datagrams to one peer into one message. GSO's fallback lives here too: a refused GSO send is sent
 /// again one datagram per packet (for good after EIO). Counts what it sends per peer and in total.
 final class UDPSender {
-    let fd: Int32
-    let name: String
     let queue: SendQueue
     private let waitMilliseconds: Int32
-    private let counters: DataPlaneCounters
-    private let worker: WorkerCounters
-    private let offloads: OffloadState
-    private let logger: Logger
+    private let io: StageIO
     private var logLimiter = LogLimiter()
 
     /// `queueCapacity`: datagrams queued before a flush (default: `sendQueueCapacity`, at least a batch); 1 for
     /// a sender that only ever uses `sendNow`.
-    init(socket fd: Int32, name: String, options: ForwarderOptions, counters: DataPlaneCounters,
-         worker: WorkerCounters, offloads: OffloadState, logger: Logger, queueCapacity: Int? = nil) {
-        self.fd = fd
-        self.name = name
-        self.counters = counters
-        self.worker = worker
-        self.offloads = offloads
-        self.logger = logger
+    init(_ io: StageIO, options: ForwarderOptions, queueCapacity: Int? = nil) {
+        self.io = io
         waitMilliseconds = options.sendWaitMilliseconds
         queue = SendQueue(capacity: queueCapacity ?? max(options.sendQueueCapacity, options.batchSize),
-                          gso: offloads.udpGSO.load(ordering: .relaxed))
+                          gso: io.offloads.udpGSO.load(ordering: .relaxed))
     }
 
     /// Queues `packet` for `peer`, sending what is queued first when it would not fit.
@@ -39,9 +28,9 @@ final class UDPSender {
         if packet.datagrams > queue.free { try flush(snapshot) }
         switch packet.cut(into: queue, peer: peer, name: snapshot.peers[peer].sockaddr) {
         case .segmented:
-            if packet.gsoSize > 0 { offloads.superPacketsSegmented.wrappingIncrement(ordering: .relaxed) }
-        case .invalid: counters.countDrop(.malformed)
-        case .tooManySegments: counters.countDrop(.oversize)
+            if packet.gsoSize > 0 { io.offloads.superPacketsSegmented.wrappingIncrement(ordering: .relaxed) }
+        case .invalid: io.counters.countDrop(.malformed)
+        case .tooManySegments: io.counters.countDrop(.oversize)
         }
     }
 
@@ -56,7 +45,7 @@ final class UDPSender {
         guard !queue.isEmpty else { return }
         defer {
             queue.reset()
-            queue.gso = offloads.udpGSO.load(ordering: .relaxed)
+            queue.gso = io.offloads.udpGSO.load(ordering: .relaxed)
         }
         queue.prepareMessages()
         var sent = 0
@@ -66,7 +55,10 @@ final class UDPSender {
         while sent < queue.messageCount {
             let msgs = queue.msgs + sent
             let count = UInt32(queue.messageCount - sent)
-            switch try PacketIO.call("sendmmsg on", name, { Int(fu_sendmmsg(fd, msgs, count, Int32(MSG_DONTWAIT))) }) {
+            let result = try PacketIO.call("sendmmsg on", io.name) {
+                Int(fu_sendmmsg(io.fd, msgs, count, Int32(MSG_DONTWAIT)))
+            }
+            switch result {
             case .done(let r):
                 var j = sent
                 while j < sent + r {
@@ -81,42 +73,42 @@ final class UDPSender {
             case .wouldBlock:
                 if !waited {
                     waited = true
-                    var pfd = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+                    var pfd = pollfd(fd: io.fd, events: Int16(POLLOUT), revents: 0)
                     _ = poll(&pfd, 1, waitMilliseconds)
                     continue
                 }
                 var dropped = 0
                 var j = sent
                 while j < queue.messageCount { dropped += queue.messageSegments[j]; j += 1 }
-                counters.countDrop(.sendFailed, UInt64(dropped))
-                logLimiter.warn(logger, "sendmmsg on \(name) (socket buffer full, \(dropped) dropped)", EAGAIN)
+                io.counters.countDrop(.sendFailed, UInt64(dropped))
+                logLimiter.warn(io.logger, "sendmmsg on \(io.name) (socket buffer full, \(dropped) dropped)", EAGAIN)
                 sent = queue.messageCount
             case .failed(let e):
                 if queue.gso && queue.messageSegments[sent] > 1 && (e == EIO || e == EINVAL) {
                     gsoRefused(e, message: sent)
                     continue
                 }
-                counters.countDrop(.sendFailed, UInt64(queue.messageSegments[sent]))
-                logLimiter.warn(logger, "sendmmsg on \(name) to \(peerDescription(queue.names[sent]))", e)
+                io.counters.countDrop(.sendFailed, UInt64(queue.messageSegments[sent]))
+                logLimiter.warn(io.logger, "sendmmsg on \(io.name) to \(Endpoint(queue.names[sent]))", e)
                 sent += 1
             }
         }
-        counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
-        counters.tunToUDPBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
-        worker.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
+        io.counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
+        io.counters.tunToUDPBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
+        io.worker.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
     }
 
     /// GSO's fallback: the messages from `message` on are rewritten one datagram per packet.
     private func gsoRefused(_ e: Int32, message: Int) {
-        let to = peerDescription(queue.names[message])
+        let to = Endpoint(queue.names[message])
         if e == EIO {
-            offloads.udpGSO.store(false, ordering: .relaxed)
-            logger.warning("""
-                offload gso off: the kernel refused a UDP GSO send on \(name) to \(to) (\(SystemError.describe(e))); \
-                sending one datagram per packet
+            io.offloads.udpGSO.store(false, ordering: .relaxed)
+            io.logger.warning("""
+                offload gso off: the kernel refused a UDP GSO send on \(io.name) to \(to) \
+                (\(SystemError.describe(e))); sending one datagram per packet
                 """)
         } else {
-            logLimiter.warn(logger, "UDP GSO send on \(name) to \(to) refused, resent one datagram each", e)
+            logLimiter.warn(io.logger, "UDP GSO send on \(io.name) to \(to) refused, resent one datagram each", e)
         }
         queue.splitMessages(from: message)
         queue.prepareMessages(from: message)
@@ -125,23 +117,13 @@ final class UDPSender {
     /// One datagram to `peer` at once (an ICMP error the receiving side built), with sendto; counted as
     /// `icmpSent`, or dropped as `sendFailed`.
     func sendNow(_ packet: UnsafeRawBufferPointer, to peer: PeerEntry) throws(SystemError) {
-        var sa = peer.sockaddr
-        let result = try PacketIO.call("sendto on", name) {
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(fd, packet.baseAddress, packet.count, Int32(MSG_DONTWAIT), $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
+        let result = try PacketIO.call("sendto on", io.name) {
+            peer.sockaddr.withSockaddr { sendto(io.fd, packet.baseAddress, packet.count, Int32(MSG_DONTWAIT), $0, $1) }
         }
         if case .done = result {
-            counters.icmpSent.wrappingIncrement(ordering: .relaxed)
+            io.counters.icmpSent.wrappingIncrement(ordering: .relaxed)
             return
         }
-        PacketIO.dropped(result, .sendFailed, counters, "send ICMP error to \(peer.route.endpoint)", &logLimiter,
-                         logger)
+        PacketIO.dropped(result, .sendFailed, "send ICMP error to \(peer.route.endpoint)", &logLimiter, io)
     }
-}
-
-func peerDescription(_ sa: sockaddr_in) -> String {
-    "\(IPv4Address(networkOrder: sa.sin_addr.s_addr)):\(UInt16(bigEndian: sa.sin_port))"
 }

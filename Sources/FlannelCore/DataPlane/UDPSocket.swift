@@ -46,17 +46,7 @@ public final class UDPSocket: @unchecked Sendable {
                     setsockopt(fd, SOL_SOCKET, Int32(FU_SO_REUSEPORT), &one, socklen_t(MemoryLayout<Int32>.size))
                 }
             }
-            var sa = sockaddr_in()
-            sa.sin_family = sa_family_t(AF_INET)
-            sa.sin_port = endpoint.port.bigEndian
-            sa.sin_addr = in_addr(s_addr: endpoint.address.networkOrder)
-            try syscall("bind", "\(endpoint)") {
-                withUnsafePointer(to: &sa) {
-                    $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                        Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                    }
-                }
-            }
+            try syscall("bind", "\(endpoint)") { endpoint.withSocketAddress { Glibc.bind(fd, $0, $1) } }
             localEndpoint = try UDPSocket.boundEndpoint(fd, what: "\(endpoint)")
             receiveBufferSize = UDPSocket.getInt(fd, SO_RCVBUF)
             sendBufferSize = UDPSocket.getInt(fd, SO_SNDBUF)
@@ -152,7 +142,7 @@ public final class UDPSocket: @unchecked Sendable {
             }
         }
         guard bound.sin_family == sa_family_t(AF_INET) else { throw SystemError("use socket", "\(what) (not IPv4)", errno: EAFNOSUPPORT) }
-        return Endpoint(address: IPv4Address(networkOrder: bound.sin_addr.s_addr), port: UInt16(bigEndian: bound.sin_port))
+        return Endpoint(bound)
     }
 
     private static func setBuffer(_ fd: Int32, force: Int32, plain: Int32, size: Int) {

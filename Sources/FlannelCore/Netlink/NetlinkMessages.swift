@@ -15,20 +15,21 @@ package enum NetlinkMessages {
 
     /// RTM_GETLINK for one interface by index.
     package static func getLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        headerOnly(UInt16(RTM_GETLINK), 0, linkHeader(index: index), sequence)
+        MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence, header: linkHeader(index: index))
+            .bytes
     }
 
     /// RTM_GETLINK for one interface by name (IFLA_IFNAME). The caller checks the name's length.
     package static func getLink(name: String, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: 0))
+        let m = MessageBuilder(type: UInt16(RTM_GETLINK), flags: 0, sequence: sequence, header: linkHeader(index: 0))
         m.putString(UInt16(IFLA_IFNAME), name)
         return m.bytes
     }
 
     /// RTM_GETLINK dump of every interface.
     package static func dumpLinks(sequence: UInt32) -> [UInt8] {
-        headerOnly(UInt16(RTM_GETLINK), UInt16(NLM_F_DUMP), linkHeader(index: 0), sequence)
+        MessageBuilder(type: UInt16(RTM_GETLINK), flags: UInt16(NLM_F_DUMP), sequence: sequence,
+                       header: linkHeader(index: 0)).bytes
     }
 
     /// RTM_NEWLINK on an existing interface (no NLM_F_CREATE) that changes only IFLA_MTU.
@@ -42,49 +43,36 @@ package enum NetlinkMessages {
     }
 
     private static func setLinkU32(_ type: UInt16, _ value: UInt32, index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence)
-        m.putFixedHeader(linkHeader(index: index))
+        let m = MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence,
+                               header: linkHeader(index: index))
         m.putU32(type, value)
         return m.bytes
     }
 
     /// RTM_NEWLINK on an existing interface that changes only IFF_UP (ifi_change = IFF_UP masks the rest).
     package static func setUp(_ up: Bool, index: Int32, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence)
-        var header = linkHeader(index: index)
-        header.ifi_change = UInt32(IFF_UP.rawValue)
-        header.ifi_flags = up ? UInt32(IFF_UP.rawValue) : 0
-        m.putFixedHeader(header)
-        return m.bytes
+        let header = linkHeader(index: index, flags: up ? UInt32(IFF_UP.rawValue) : 0, change: UInt32(IFF_UP.rawValue))
+        return MessageBuilder(type: UInt16(RTM_NEWLINK), flags: 0, sequence: sequence, header: header).bytes
     }
 
     /// RTM_DELLINK by index.
     package static func deleteLink(index: Int32, sequence: UInt32) -> [UInt8] {
-        headerOnly(UInt16(RTM_DELLINK), 0, linkHeader(index: index), sequence)
+        MessageBuilder(type: UInt16(RTM_DELLINK), flags: 0, sequence: sequence, header: linkHeader(index: index))
+            .bytes
     }
 
-    /// A request that is its fixed header alone: the dumps, and the link requests by index.
-    private static func headerOnly<Fixed: BitwiseCopyable>(_ type: UInt16, _ flags: UInt16, _ header: Fixed, _ sequence: UInt32)
-        -> [UInt8] {
-        let m = MessageBuilder(type: type, flags: flags, sequence: sequence)
-        m.putFixedHeader(header)
-        return m.bytes
-    }
-
-    private static func linkHeader(index: Int32) -> ifinfomsg {
-        var header = ifinfomsg()
-        header.ifi_family = UInt8(AF_UNSPEC)
-        header.ifi_index = index
-        return header
+    /// The fixed header of a link request (any family); `change` masks the `flags` it sets.
+    private static func linkHeader(index: Int32, flags: UInt32 = 0, change: UInt32 = 0) -> ifinfomsg {
+        ifinfomsg(ifi_family: UInt8(AF_UNSPEC), __ifi_pad: 0, ifi_type: 0, ifi_index: index, ifi_flags: flags,
+                  ifi_change: change)
     }
 
     // MARK: - Addresses
 
     /// RTM_GETADDR dump of the IPv4 addresses of every interface (the kernel filters by family).
     package static func dumpAddresses(sequence: UInt32) -> [UInt8] {
-        var header = ifaddrmsg()
-        header.ifa_family = UInt8(AF_INET)
-        return headerOnly(UInt16(RTM_GETADDR), UInt16(NLM_F_DUMP), header, sequence)
+        MessageBuilder(type: UInt16(RTM_GETADDR), flags: UInt16(NLM_F_DUMP), sequence: sequence,
+                       header: addressHeader(prefixLength: 0, scope: 0, index: 0)).bytes
     }
 
     /// RTM_NEWADDR with NLM_F_CREATE | NLM_F_EXCL, as `ip addr add A/N dev D` sends it: IFA_LOCAL and IFA_ADDRESS
@@ -101,45 +89,48 @@ package enum NetlinkMessages {
     private static func addressMessage(_ type: UInt16, _ flags: UInt16, _ address: InterfaceAddress,
                                        _ sequence: UInt32) -> [UInt8] {
         precondition((0...32).contains(address.prefixLength), "prefix length \(address.prefixLength) out of range")
-        let m = MessageBuilder(type: type, flags: flags, sequence: sequence)
-        var header = ifaddrmsg()
-        header.ifa_family = UInt8(AF_INET)
-        header.ifa_prefixlen = UInt8(address.prefixLength)
-        header.ifa_scope = UInt8(RT_SCOPE_UNIVERSE.rawValue)
-        header.ifa_index = UInt32(bitPattern: address.index)
-        m.putFixedHeader(header)
+        let header = addressHeader(prefixLength: UInt8(address.prefixLength), scope: UInt8(RT_SCOPE_UNIVERSE.rawValue),
+                                   index: UInt32(bitPattern: address.index))
+        let m = MessageBuilder(type: type, flags: flags, sequence: sequence, header: header)
         m.putIPv4(UInt16(IFA_LOCAL), address.address)
         m.putIPv4(UInt16(IFA_ADDRESS), address.address)
         return m.bytes
+    }
+
+    /// The fixed header of an IPv4 address request (no IFA_F_* flags).
+    private static func addressHeader(prefixLength: UInt8, scope: UInt8, index: UInt32) -> ifaddrmsg {
+        ifaddrmsg(ifa_family: UInt8(AF_INET), ifa_prefixlen: prefixLength, ifa_flags: 0, ifa_scope: scope,
+                  ifa_index: index)
     }
 
     // MARK: - Neighbours
 
     /// RTM_GETNEIGH dump of the IPv4 neighbour (ARP) tables of every interface.
     package static func dumpNeighbours(sequence: UInt32) -> [UInt8] {
-        var header = ndmsg()
-        header.ndm_family = UInt8(AF_INET)
-        return headerOnly(UInt16(RTM_GETNEIGH), UInt16(NLM_F_DUMP), header, sequence)
+        MessageBuilder(type: UInt16(RTM_GETNEIGH), flags: UInt16(NLM_F_DUMP), sequence: sequence,
+                       header: neighbourHeader(index: 0)).bytes
     }
 
     /// RTM_DELNEIGH for one IPv4 entry, as `ip neigh del ADDRESS dev DEV` sends it: interface and NDA_DST.
     package static func deleteNeighbour(_ neighbour: Neighbour, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_DELNEIGH), flags: 0, sequence: sequence)
-        var header = ndmsg()
-        header.ndm_family = UInt8(AF_INET)
-        header.ndm_ifindex = neighbour.index
-        m.putFixedHeader(header)
+        let m = MessageBuilder(type: UInt16(RTM_DELNEIGH), flags: 0, sequence: sequence,
+                               header: neighbourHeader(index: neighbour.index))
         m.putIPv4(UInt16(NDA_DST), neighbour.address)
         return m.bytes
+    }
+
+    /// The fixed header of an IPv4 neighbour request on interface `index` (0: every interface), the rest zero.
+    private static func neighbourHeader(index: Int32) -> ndmsg {
+        ndmsg(ndm_family: UInt8(AF_INET), ndm_pad1: 0, ndm_pad2: 0, ndm_ifindex: index, ndm_state: 0, ndm_flags: 0,
+              ndm_type: 0)
     }
 
     // MARK: - Routes
 
     /// RTM_GETROUTE dump of the IPv4 routing tables (all tables; `Netlink.routes` filters by table).
     package static func dumpRoutes(sequence: UInt32) -> [UInt8] {
-        var header = rtmsg()
-        header.rtm_family = UInt8(AF_INET)
-        return headerOnly(UInt16(RTM_GETROUTE), UInt16(NLM_F_DUMP), header, sequence)
+        MessageBuilder(type: UInt16(RTM_GETROUTE), flags: UInt16(NLM_F_DUMP), sequence: sequence,
+                       header: routeHeader(destinationLength: 0, table: 0, protocol: 0, scope: 0, type: 0)).bytes
     }
 
     /// RTM_NEWROUTE with NLM_F_CREATE | NLM_F_EXCL (so an existing identical route is EEXIST, as with
@@ -156,16 +147,12 @@ package enum NetlinkMessages {
 
     private static func routeMessage(_ type: UInt16, _ flags: UInt16, _ route: Route, forDelete: Bool,
                                      _ sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: type, flags: flags, sequence: sequence)
-        var header = rtmsg()
-        header.rtm_family = UInt8(AF_INET)
-        header.rtm_dst_len = UInt8(route.destination.prefixLength)
         // rtm_table is 8 bits; tables above 255 exist only in RTA_TABLE, which the kernel prefers when present.
-        header.rtm_table = route.table < 256 ? UInt8(route.table) : UInt8(RT_TABLE_UNSPEC.rawValue)
-        header.rtm_protocol = forDelete ? UInt8(RTPROT_UNSPEC) : route.protocol
-        header.rtm_scope = forDelete ? UInt8(RT_SCOPE_NOWHERE.rawValue) : route.scope
-        header.rtm_type = route.type
-        m.putFixedHeader(header)
+        let header = routeHeader(destinationLength: UInt8(route.destination.prefixLength),
+                                 table: route.table < 256 ? UInt8(route.table) : UInt8(RT_TABLE_UNSPEC.rawValue),
+                                 protocol: forDelete ? UInt8(RTPROT_UNSPEC) : route.protocol,
+                                 scope: forDelete ? UInt8(RT_SCOPE_NOWHERE.rawValue) : route.scope, type: route.type)
+        let m = MessageBuilder(type: type, flags: flags, sequence: sequence, header: header)
         m.putU32(UInt16(RTA_TABLE.rawValue), route.table)
         if route.destination.prefixLength > 0 {
             m.putIPv4(UInt16(RTA_DST.rawValue), route.destination.address)
@@ -178,13 +165,18 @@ package enum NetlinkMessages {
 
     /// RTM_GETROUTE for one destination (`ip route get A`): the kernel answers with the route it would use.
     package static func getRoute(to destination: IPv4Address, sequence: UInt32) -> [UInt8] {
-        let m = MessageBuilder(type: UInt16(RTM_GETROUTE), flags: 0, sequence: sequence)
-        var header = rtmsg()
-        header.rtm_family = UInt8(AF_INET)
-        header.rtm_dst_len = 32
-        m.putFixedHeader(header)
+        let m = MessageBuilder(type: UInt16(RTM_GETROUTE), flags: 0, sequence: sequence,
+                               header: routeHeader(destinationLength: 32, table: 0, protocol: 0, scope: 0, type: 0))
         m.putIPv4(UInt16(RTA_DST.rawValue), destination)
         return m.bytes
+    }
+
+    /// The fixed header of an IPv4 route request (no source prefix, TOS or RTM_F_* flags); 0 leaves table,
+    /// protocol, scope or type unspecified.
+    private static func routeHeader(destinationLength: UInt8, table: UInt8, protocol: UInt8, scope: UInt8,
+                                    type: UInt8) -> rtmsg {
+        rtmsg(rtm_family: UInt8(AF_INET), rtm_dst_len: destinationLength, rtm_src_len: 0, rtm_tos: 0, rtm_table: table,
+              rtm_protocol: `protocol`, rtm_scope: scope, rtm_type: type, rtm_flags: 0)
     }
 
     // MARK: - Parsing
@@ -382,8 +374,9 @@ package final class MessageBuilder {
     private let buffer: UnsafeMutableRawPointer
     private let header: UnsafeMutablePointer<nlmsghdr>
 
-    /// Starts a message of `type`; NLM_F_REQUEST | NLM_F_ACK are always set, `flags` adds to them.
-    package init(type: UInt16, flags: UInt16, sequence: UInt32) {
+    /// Starts a message of `type` with its family header (ifinfomsg, ifaddrmsg, ndmsg, rtmsg) right after
+    /// nlmsghdr, as every rtnetlink request has one; NLM_F_REQUEST | NLM_F_ACK are always set, `flags` adds to them.
+    package init<Fixed: BitwiseCopyable>(type: UInt16, flags: UInt16, sequence: UInt32, header fixed: Fixed) {
         buffer = UnsafeMutableRawPointer.allocate(byteCount: MessageBuilder.capacity, alignment: 16)
         buffer.initializeMemory(as: UInt8.self, repeating: 0, count: MessageBuilder.capacity)
         header = mnl_nlmsg_put_header(buffer)
@@ -391,16 +384,12 @@ package final class MessageBuilder {
         header.pointee.nlmsg_flags = UInt16(NLM_F_REQUEST | NLM_F_ACK) | flags
         header.pointee.nlmsg_seq = sequence
         header.pointee.nlmsg_pid = 0  // addressed to the kernel
+        precondition(netlinkAlign(MemoryLayout<Fixed>.size) <= MessageBuilder.capacity - Int(header.pointee.nlmsg_len),
+                     "netlink request buffer too small")
+        mnl_nlmsg_put_extra_header(header, MemoryLayout<Fixed>.size).storeBytes(of: fixed, as: Fixed.self)
     }
 
     deinit { buffer.deallocate() }
-
-    /// Appends the family header (ifinfomsg, ifaddrmsg, rtmsg) right after nlmsghdr.
-    package func putFixedHeader<Fixed: BitwiseCopyable>(_ value: Fixed) {
-        let room = MessageBuilder.capacity - Int(header.pointee.nlmsg_len)
-        precondition(netlinkAlign(MemoryLayout<Fixed>.size) <= room, "netlink request buffer too small")
-        mnl_nlmsg_put_extra_header(header, MemoryLayout<Fixed>.size).storeBytes(of: value, as: Fixed.self)
-    }
 
     package func putU32(_ type: UInt16, _ value: UInt32) {
         precondition(mnl_attr_put_u32_check(header, MessageBuilder.capacity, type, value),

@@ -23,16 +23,6 @@ public struct NetworkConfig: Sendable, Equatable, CustomStringConvertible {
     /// `Backend.Port`: the UDP port every node of the network listens on (default 8285).
     public var port: UInt16
 
-    public init(network: IPv4Network, subnetLength: Int, subnetMin: IPv4Address, subnetMax: IPv4Address,
-                backendType: String = "udp", port: UInt16 = FlannelDefault.port) {
-        self.network = network
-        self.subnetLength = subnetLength
-        self.subnetMin = subnetMin
-        self.subnetMax = subnetMax
-        self.backendType = backendType
-        self.port = port
-    }
-
     public var description: String {
         "Network \(network), SubnetLen \(subnetLength), SubnetMin \(subnetMin), SubnetMax \(subnetMax), "
             + "Backend \(backendType) port \(port)"
@@ -118,34 +108,25 @@ extension NetworkConfig {
         let subnetSize = UInt64(1) << UInt64(32 - subnetLength)
         let networkEnd = UInt64(network.address.value) + (UInt64(1) << UInt64(32 - network.prefixLength))
 
-        var subnetMin = IPv4Address(UInt32(UInt64(network.address.value) + subnetSize))
-        if let text = try doc.string("SubnetMin"), !text.isEmpty {
+        /// SubnetMin or SubnetMax: an address inside the network, `fallback` when absent or empty.
+        func bound(_ key: String, fallback: IPv4Address) throws(NetworkConfigError) -> IPv4Address {
+            guard let text = try doc.string(key), !text.isEmpty else { return fallback }
             guard let ip = IPv4Address(text) else {
-                throw NetworkConfigError("flannel config SubnetMin '\(text)' is not an IPv4 address")
+                throw NetworkConfigError("flannel config \(key) '\(text)' is not an IPv4 address")
             }
             guard network.contains(ip) else {
-                throw NetworkConfigError("flannel config SubnetMin \(ip) is not inside Network \(network)")
+                throw NetworkConfigError("flannel config \(key) \(ip) is not inside Network \(network)")
             }
-            subnetMin = ip
+            return ip
         }
-        var subnetMax = IPv4Address(UInt32(networkEnd - subnetSize))
-        if let text = try doc.string("SubnetMax"), !text.isEmpty {
-            guard let ip = IPv4Address(text) else {
-                throw NetworkConfigError("flannel config SubnetMax '\(text)' is not an IPv4 address")
-            }
-            guard network.contains(ip) else {
-                throw NetworkConfigError("flannel config SubnetMax \(ip) is not inside Network \(network)")
-            }
-            subnetMax = ip
-        }
+        let subnetMin = try bound("SubnetMin",
+                                  fallback: IPv4Address(UInt32(UInt64(network.address.value) + subnetSize)))
+        let subnetMax = try bound("SubnetMax", fallback: IPv4Address(UInt32(networkEnd - subnetSize)))
         let mask = IPv4Network.mask(subnetLength)
-        guard subnetMin.value & mask == subnetMin.value else {
+        for (key, address) in [("SubnetMin", subnetMin), ("SubnetMax", subnetMax)]
+        where address.value & mask != address.value {
             throw NetworkConfigError(
-                "flannel config SubnetMin \(subnetMin) is not on a /\(subnetLength) boundary (SubnetLen)")
-        }
-        guard subnetMax.value & mask == subnetMax.value else {
-            throw NetworkConfigError(
-                "flannel config SubnetMax \(subnetMax) is not on a /\(subnetLength) boundary (SubnetLen)")
+                "flannel config \(key) \(address) is not on a /\(subnetLength) boundary (SubnetLen)")
         }
         guard subnetMin <= subnetMax else {
             throw NetworkConfigError("flannel config SubnetMin \(subnetMin) is above SubnetMax \(subnetMax)")

@@ -70,7 +70,7 @@ public struct LeaseAttributes: Sendable, Hashable {
     public static func udp(publicIP: IPv4Address) -> LeaseAttributes { LeaseAttributes(publicIP: publicIP) }
 
     private static func escape(_ s: String) -> String {
-        guard let data = try? JSONEncoder().encode(s) else { return "" }
+        guard let data = try? JSONFormat.encoder().encode(s) else { return "" }
         return String(decoding: data.dropFirst().dropLast(), as: UTF8.self)
     }
 }

@@ -10,14 +10,28 @@ import Glibc
 public protocol ControlHandler: AnyObject, Sendable {
     func handle(_ request: ControlRequest) -> ControlResponse
     /// A handover request, knowing the client's pid (SO_PEERCRED, root's). By default refused.
-    func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse
+    func handle(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply
     /// Descriptors to pass along with `response` (SCM_RIGHTS; the handler keeps its own). By default none.
     func descriptors(for response: ControlResponse) -> [Int32]
 }
 
+/// The answer to a handover request, and what to do once it has been written (or writing it failed): a daemon
+/// that commits a handover lets go only after it has said so, so that its leaving cannot swallow the answer.
+public struct HandoverReply: Sendable {
+    public let response: ControlResponse
+    /// Run by the serving thread once the answer is written and the connection closed, outside the handler's
+    /// turn; also when writing failed (the decision was made with the answer, the client finds out otherwise).
+    public let afterward: (@Sendable () -> Void)?
+
+    public init(_ response: ControlResponse, afterward: (@Sendable () -> Void)? = nil) {
+        self.response = response
+        self.afterward = afterward
+    }
+}
+
 extension ControlHandler {
-    public func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
-        .error("this daemon does not hand over")
+    public func handle(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply {
+        HandoverReply(.error("this daemon does not hand over"))
     }
     public func descriptors(for response: ControlResponse) -> [Int32] { [] }
 }
@@ -28,7 +42,7 @@ extension ControlHandler {
 ///          │ root
 ///          v
 ///     bounded queue ──> `workerCount` serving threads: read one request (whole request within 2 s),
-///                       handle it (serialized), answer, close
+///                       handle it (serialized), answer, close, then run a handover reply's `afterward`
 ///
 /// Only root (uid 0, checked with SO_PEERCRED on every connection) may talk to it. The directory already keeps
 /// other users out; the check here is the second wall, for a directory someone loosened. A refused client costs
@@ -218,14 +232,17 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             }
             let client = pending.removeFirst()
             queue.unlock()
-            serveClient(client.fd, pid: client.pid, handler: handler)
+            let afterward = serveClient(client.fd, pid: client.pid, handler: handler)
             _ = close(client.fd)
+            afterward?()
         }
     }
 
-    private func serveClient(_ fd: Int32, pid: pid_t, handler: ControlHandler) {
+    /// Reads, handles and answers one request; returns what is to be done once the connection is closed.
+    private func serveClient(_ fd: Int32, pid: pid_t, handler: ControlHandler) -> (@Sendable () -> Void)? {
         let what = "control client"
         let response: ControlResponse
+        var afterward: (@Sendable () -> Void)?
         do {
             try UnixSocket.setTimeouts(fd, seconds: ControlProtocol.requestTimeoutSeconds, what: what)
             switch try UnixSocket.readLine(fd, limit: ControlProtocol.maxRequestBytes, what: what,
@@ -233,22 +250,24 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
             case .tooLong:
                 response = .error("request longer than \(ControlProtocol.maxRequestBytes) bytes")
             case .eof(let bytes) where bytes.isEmpty:
-                return
+                return nil
             case .line(let bytes), .eof(let bytes):
                 if let message = try? ControlProtocol.decode(ControlMessage.self, from: bytes) {
-                    response = handlerTurn.withLock { _ in
+                    let reply = handlerTurn.withLock { _ in
                         switch message {
-                        case .request(let request): return handler.handle(request)
+                        case .request(let request): return HandoverReply(handler.handle(request))
                         case .handover(let request): return handler.handle(request, from: pid)
                         }
                     }
+                    response = reply.response
+                    afterward = reply.afterward
                 } else {
                     response = .error("malformed request (expected one JSON object per line)")
                 }
             }
         } catch {
             logger.debug("control: \(error)")
-            return
+            return nil
         }
         do {
             try UnixSocket.writeAll(fd, ControlProtocol.encodeLine(response), what: what,
@@ -256,5 +275,6 @@ public final class ControlServer: @unchecked Sendable {  // fds immutable after 
         } catch {
             logger.debug("control: \(error)")
         }
+        return afterward
     }
 }

@@ -227,7 +227,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
-    private func fail(_ message: String) {
+    func fail(_ message: String) {
         // Handing over: our queues and sockets go away on purpose.
         if outgoing.leaving { return }
         let repeated = fatalError.withLock { fatalError -> Bool in
@@ -264,8 +264,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     }
 
     /// A handover (Handover.swift), once start-up is complete.
-    public func handle(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
-        if !running.withLock({ $0 }) { return stillStarting }
+    public func handle(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply {
+        if !running.withLock({ $0 }) { return HandoverReply(stillStarting) }
         return handleHandover(request, from: pid)
     }
 

@@ -14,11 +14,14 @@ import Glibc
 //     refuses a changed identity (handoverAbort)     (watches the new daemon: its death or 20 s resume all)
 //     builds its forwarder over those queues and sockets (plus queues attached to the device and sockets
 //     joined to the port for more --workers), not started
-//     handoverCommit ────────────────────────────>  stops forwarding, closes its descriptors (the queues and
-//                                                   sockets stay open in the new daemon: nothing is detached,
-//                                                   nothing torn down), answers, exits 0, releasing the lock last
+//     handoverCommit ────────────────────────────>  stops forwarding, answers ("handed over" from then on)
+//     (an answer lost on the way is settled by watching the old daemon: HandoverCommit.swift)
 //     starts forwarding (what arrived meanwhile waits in the queues and socket buffers); steering over its
-//     sockets; state file, control socket renamed over the old one, lock; self-healing, masquerade resync; READY
+//     sockets; state file ─────────────────────────>  (watched) closes its descriptors (the queues and sockets
+//                                                   stay open in the new daemon: nothing is detached, nothing
+//                                                   torn down), exits 0, releasing the lock last; had the new
+//                                                   daemon died before its state file, it forwards on instead
+//     control socket renamed over the old one, lock; self-healing, masquerade resync; READY
 //
 // No queue leaves the tun and no socket the reuseport group while traffic flows (with the same --workers or
 // more): the kernel purges a tun queue's ring when it detaches, renumbers the queues and the group's sockets
@@ -32,10 +35,14 @@ final class OutgoingHandover: Sendable {
         case idle
         /// Begun by the process `pid` (started at `startTicks`); abandoned when it dies or at `deadline`.
         case begun(token: String, pid: pid_t, startTicks: UInt64, deadline: Int64)
+        /// Committed: not forwarding, the answer on its way.
         case committing
+        /// The answer is out: waiting for the successor to record itself (then we exit) or die (then we resume).
         case handedOver
     }
     static let timeoutMilliseconds: Int64 = 20_000
+    /// From the commit's answer until the successor records itself (it forwards by then); else we let go anyway.
+    static let successorMilliseconds: Int64 = 30_000
 
     let phase = Mutex(Phase.idle)
 
@@ -44,7 +51,8 @@ final class OutgoingHandover: Sendable {
     var handedOver: Bool { phase.withLock { $0 == .handedOver } }
 
     /// What `status` says of a running daemon: running, or handing over from the moment a replacing daemon
-    /// began until it committed (then handed over) or the handover was abandoned (then running again).
+    /// began until the answer to its commit is out (then handed over) or the handover was abandoned (then
+    /// running again; also when the replacing daemon dies after its commit, before it took over).
     var reportedPhase: DaemonPhase {
         switch phase.withLock({ $0 }) {
         case .idle: .running
@@ -57,14 +65,14 @@ final class OutgoingHandover: Sendable {
 extension Daemon {
     // MARK: - Old daemon
 
-    func handleHandover(_ request: HandoverRequest, from pid: pid_t) -> ControlResponse {
+    func handleHandover(_ request: HandoverRequest, from pid: pid_t) -> HandoverReply {
         switch request {
         case .begin(let version):
             guard version == HandoverState.version else {
-                return .error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead")
+                return HandoverReply(.error("handover protocol \(version) is not spoken here (version \(HandoverState.version)); stop and start instead"))
             }
-            guard let plan, let overlay, let dataPlane else { return .error("the daemon for \(paths.device) is not forwarding") }
-            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return .error("the requesting process is gone") }
+            guard let plan, let overlay, let dataPlane else { return HandoverReply(.error("the daemon for \(paths.device) is not forwarding")) }
+            guard let ticks = DaemonState.startTicks(of: pid), pid > 1 else { return HandoverReply(.error("the requesting process is gone")) }
             let token = UUID().uuidString
             let begun = outgoing.phase.withLock { phase -> Bool in
                 guard phase == .idle else { return false }
@@ -72,32 +80,37 @@ extension Daemon {
                                deadline: MonotonicClock.milliseconds() + OutgoingHandover.timeoutMilliseconds)
                 return true
             }
-            guard begun else { return .error("a handover of \(paths.device) is already in progress") }
+            guard begun else { return HandoverReply(.error("a handover of \(paths.device) is already in progress")) }
             // Nothing may be "repaired" while two daemons share the device, nor the peer table changed.
             nodeGuard?.stop()
             source.pauseWatch()
             logger.info("handover to pid \(pid) begun; self-healing paused")
             watchHandover(token: token)
-            return .handover(HandoverState(
+            return HandoverReply(.handover(HandoverState(
                 token: token, daemonVersion: Daemon.version, device: config.device, deviceIndex: overlay.index,
                 network: plan.membership.network.description, subnet: plan.membership.subnet.description,
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: peers.routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
-                lease: source.handoverLease))
+                lease: source.handoverLease)))
         case .abort(let token):
-            guard resume(token: token, because: "the replacing daemon gave up") else { return .error("no such handover in progress") }
-            return .ok
-        case .commit(let token):
-            let committing = outgoing.phase.withLock { phase -> Bool in
-                guard case .begun(token, _, _, _) = phase else { return false }
-                phase = .committing
-                return true
+            guard resume(token: token, because: "the replacing daemon gave up") else {
+                return HandoverReply(.error(outgoing.leaving ? "too late to abort: the handover was committed and this daemon lets go"
+                                                             : "no such handover in progress"))
             }
-            guard committing else { return .error("no such handover in progress (it was abandoned)") }
-            letGo()
-            return .ok
+            return HandoverReply(.ok)
+        case .commit(let token):
+            let successor = outgoing.phase.withLock { phase -> DaemonIdentity? in
+                guard case .begun(token, let pid, let ticks, _) = phase else { return nil }
+                phase = .committing
+                return DaemonIdentity(pid: pid, startTicks: ticks)
+            }
+            guard let successor else { return HandoverReply(.error("no such handover in progress (it was abandoned)")) }
+            // Not forwarding from here on, so that two daemons never do; the queues and sockets stay open and
+            // ours until the answer is out (letting go first could swallow it: see `HandoverClient.commit`).
+            forwarder?.stop()
+            return HandoverReply(.ok, afterward: { [self] in awaitSuccessor(successor) })
         }
     }
 
@@ -138,16 +151,58 @@ extension Daemon {
         return true
     }
 
-    /// After the commit: stops our workers (what arrives from now on waits in the queues and socket buffers for
-    /// the new daemon's), closes our descriptors (the new daemon holds the same queues and sockets, so nothing
-    /// leaves the device or the port) and has the main thread exit without tearing down.
+    /// Once the commit's answer is out ("handed over" from then on): our workers are stopped, the successor's
+    /// forward on the same queues and sockets, which we still hold open. We let go once the successor has recorded
+    /// itself as the device's daemon (it writes the state file after it started forwarding, before it waits for
+    /// our lock). Should it die before that, nobody would forward: we take the node back instead. A successor that
+    /// does neither within `OutgoingHandover.successorMilliseconds` is left to it.
+    private func awaitSuccessor(_ successor: DaemonIdentity) {
+        outgoing.phase.withLock { $0 = .handedOver }
+        let t = Thread { [self] in
+            let deadline = MonotonicClock.milliseconds() + OutgoingHandover.successorMilliseconds
+            while true {
+                if let state = DaemonState.load(path: paths.stateFile),
+                   state.pid == successor.pid, state.startTicks == successor.startTicks {
+                    return letGo()
+                }
+                if DaemonState.startTicks(of: successor.pid) != successor.startTicks { return takeBack(from: successor) }
+                if MonotonicClock.milliseconds() > deadline {
+                    logger.warning("the replacing daemon (pid \(successor.pid)) has not recorded itself within \(OutgoingHandover.successorMilliseconds) ms of the commit; letting go all the same")
+                    return letGo()
+                }
+                usleep(10_000)
+            }
+        }
+        t.name = "handover wait"
+        t.start()
+    }
+
+    /// The successor died after the commit, before it took over: forwarding again on our queues and sockets (they
+    /// never left the device or the port), self-healing and the peer source resumed.
+    private func takeBack(from successor: DaemonIdentity) {
+        guard let dataPlane, let membership else { preconditionFailure("a daemon that handed over was forwarding") }
+        let why = "the replacing daemon (pid \(successor.pid)) died after the commit, before it took over"
+        do throws(Failure) {
+            let restarted = try makeForwarder(tun: dataPlane.tun, sockets: dataPlane.sockets, membership: membership)
+            forwarder = restarted
+            try start(restarted)
+        } catch {
+            outgoing.phase.withLock { $0 = .idle }
+            return fail("\(why), and forwarding again failed: \(error)")
+        }
+        outgoing.phase.withLock { $0 = .idle }
+        nodeGuard?.start()
+        watchPeers()
+        logger.warning("handover undone: \(why); forwarding on, self-healing resumed")
+    }
+
+    /// Once the successor has taken over: closes our descriptors (it holds the same queues and sockets, so
+    /// nothing leaves the device or the port) and has the main thread exit without tearing down.
     private func letGo() {
-        forwarder?.stop()
         if let dataPlane {
             dataPlane.tun.close()
             for s in dataPlane.sockets { s.close() }
         }
-        outgoing.phase.withLock { $0 = .handedOver }
         logger.info("handed over; exiting without tearing anything down")
         kill(getpid(), SIGTERM)
     }
@@ -171,7 +226,7 @@ extension Daemon {
         try Failure.system(try NodeSetup.checkPaths(subnetFile: config.subnetFile, runDirectory: paths.runDirectory))
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
-        let (old, passed) = try HandoverClient.begin(paths: paths)
+        let (old, oldDaemon, passed) = try HandoverClient.begin(paths: paths)
         // Ours to close until wrapped: the old daemon's queues (first `old.sockets`), then its sockets.
         var loose = passed
         defer { loose.forEach { _ = close($0) } }
@@ -226,12 +281,13 @@ extension Daemon {
             let tun = try setup.adopt(plan, index: old.deviceIndex, fds: queues, vnetHeader: old.vnetHeader)
             dataPlane = (tun, sockets)
             forwarder = try makeForwarder(tun: tun, sockets: sockets, membership: joined)
-            switchStarted = MonotonicClock.milliseconds()
-            try HandoverClient.commit(old, paths: paths)
         } catch {
             HandoverClient.abort(old, paths: paths, logger: logger)
             throw error
         }
+        switchStarted = MonotonicClock.milliseconds()
+        // Aborts by itself when the old daemon did not let go.
+        try HandoverClient.commit(old, daemon: oldDaemon, paths: paths, logger: logger)
         // Ours now: from here on a failure tears down as any daemon's does.
         started = true
         leaseHeld = true
@@ -290,8 +346,9 @@ extension Daemon {
 enum HandoverClient {
     typealias Failure = FlannelError
 
-    /// The old daemon's state and descriptors (its tun queues, then its sockets), which the caller must close.
-    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, [Int32]) {
+    /// The old daemon's state, who it is (checked as `status` checks it) and its descriptors (its tun queues, then
+    /// its sockets), which the caller must close.
+    static func begin(paths: RuntimePaths) throws(Failure) -> (HandoverState, DaemonIdentity, [Int32]) {
         let answer: ControlClient.Answer
         do {
             answer = try ControlClient.exchange(.handover(.begin(version: HandoverState.version)), paths: paths,
@@ -304,7 +361,8 @@ enum HandoverClient {
             if problem == nil && answer.descriptors.count != 2 * state.sockets {
                 problem = "\(answer.descriptors.count) descriptors passed for \(state.sockets) queue(s) and socket(s)"
             }
-            if problem == nil { return (state, answer.descriptors) }
+            if problem == nil, answer.daemon == nil { problem = "it did not say who it is" }
+            if problem == nil, let daemon = answer.daemon { return (state, daemon, answer.descriptors) }
             // It did begin: tell it we are not going on.
             if let problem { Self.abandon(state, paths: paths, because: problem) }
         case .error(let message):
@@ -320,14 +378,6 @@ enum HandoverClient {
         _ = try? exchange(.abort(token: state.token), paths: paths)
     }
 
-    static func commit(_ old: HandoverState, paths: RuntimePaths) throws(Failure) {
-        switch try exchange(.commit(token: old.token), paths: paths) {
-        case .ok: return
-        case .error(let message): throw .failed("the running daemon did not let go: \(message); it keeps forwarding")
-        default: throw .failed("the running daemon answered the commit with something else; it keeps forwarding")
-        }
-    }
-
     /// Best effort: the old daemon also resumes by itself when we die or time out.
     static func abort(_ old: HandoverState, paths: RuntimePaths, logger: Logger) {
         do { _ = try exchange(.abort(token: old.token), paths: paths) } catch {
@@ -335,7 +385,7 @@ enum HandoverClient {
         }
     }
 
-    private static func exchange(_ request: HandoverRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
+    static func exchange(_ request: HandoverRequest, paths: RuntimePaths) throws(Failure) -> ControlResponse {
         do { return try ControlClient.exchange(.handover(request), paths: paths, timeoutSeconds: 10).response } catch {
             throw .failed("replace: \(error)")
         }

@@ -99,7 +99,7 @@ public final class EtcdPeerSource: PeerSource {
     }
 
     public var handoverLease: HandoverLease? {
-        registry?.currentLease.map { HandoverLease(subnet: $0.subnet.description, etcdLeaseID: $0.etcdLeaseID) }
+        registry?.currentLease.map { HandoverLease($0) }
     }
 
     /// Stops the watch and waits for it, keeping the lease and the client (a handover, and `leave` first).

@@ -82,16 +82,9 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
         _ = try FlannelError.system(try syscall(operation, "\(address): setsockopt SO_REUSEADDR") {
             setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         })
-        var sa = sockaddr_in()
-        sa.sin_family = sa_family_t(AF_INET)
-        sa.sin_port = UInt16(address.port).bigEndian
-        sa.sin_addr = in_addr(s_addr: host.networkOrder)
+        let endpoint = Endpoint(address: host, port: UInt16(address.port))
         _ = try FlannelError.system(try syscall(operation, "\(address)") {
-            withUnsafePointer(to: &sa) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                }
-            }
+            endpoint.withSocketAddress { Glibc.bind(fd, $0, $1) }
         })
     }
 
