@@ -90,11 +90,11 @@ struct Status: ParsableCommand {
             if let e = r.error { print("error:     \(e)") }
             return
         }
-        if s.phase == "starting" {
+        if s.phase == .starting {
             print("daemon:    pid \(s.pid), starting for \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
             return
         }
-        let handover = s.phase == "handing over" || s.phase == "handed over" ? ", \(s.phase ?? "")" : ""
+        let handover = s.phase == .handingOver || s.phase == .handedOver ? ", \(s.phase?.rawValue ?? "")" : ""
         print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)\(handover)")
         print("network:   \(s.network)  subnet \(s.subnet)  mtu \(s.mtu)")
         print("listening: \(s.listen) on \(s.underlay) (public ip \(s.publicIP)), peer check \(s.peerCheck)")

@@ -75,15 +75,15 @@ final class EtcdGatewayTests: XCTestCase {
         XCTAssertEqual(try decode(EtcdGateway.TxnResponse.self, #"{"header":{"revision":"3"},"succeeded":true,"responses":[{"response_put":{"header":{"revision":"3"}}}]}"#).succeeded, true)
         // A failed compare leaves "succeeded" out.
         XCTAssertNil(try decode(EtcdGateway.TxnResponse.self, #"{"header":{"revision":"3","raft_term":"2"}}"#).succeeded)
-        let grant = try decode(EtcdGateway.LeaseGrantResponse.self,
+        let grant = try decode(EtcdGateway.LeaseResponse.self,
                                #"{"header":{"revision":"2"},"ID":"4111120261178274569","TTL":"60"}"#)
         XCTAssertEqual(grant.ID?.value, 4_111_120_261_178_274_569)
         XCTAssertEqual(grant.TTL?.value, 60)
         // keepalive is a stream; a lease that does not exist comes back without TTL.
-        let alive = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse>.self,
+        let alive = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseResponse>.self,
                                #"{"result":{"header":{"revision":"3"},"ID":"4111120261178274569","TTL":"60"}}"#)
         XCTAssertEqual(alive.result?.TTL?.value, 60)
-        let gone = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse>.self,
+        let gone = try decode(EtcdGateway.StreamMessage<EtcdGateway.LeaseResponse>.self,
                               #"{"result":{"header":{"revision":"3"},"ID":"123"}}"#)
         XCTAssertNil(gone.result?.TTL)
         XCTAssertEqual(try decode(EtcdGateway.DeleteRangeResponse.self, #"{"header":{"revision":"4"},"deleted":"1"}"#).deleted?.value, 1)

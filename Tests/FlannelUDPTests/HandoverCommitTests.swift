@@ -33,7 +33,7 @@ final class HandoverCommitTests: XCTestCase {
                 old.terminate()
                 old.waitUntilExit()
             }
-            return "handing over"
+            return .handingOver
         }
         guard case .committed = outcome else { return XCTFail("\(outcome)") }
         XCTAssertTrue(reason(outcome).contains("pid \(identity.pid)) has exited"), reason(outcome))
@@ -44,7 +44,7 @@ final class HandoverCommitTests: XCTestCase {
     func testARecycledPidIsNotTheOldDaemon() throws {
         let (_, identity) = try spawn(seconds: "600")
         let other = DaemonIdentity(pid: identity.pid, startTicks: identity.startTicks + 1)
-        let outcome = CommitSettlement.watch(other, milliseconds: 60_000) { "running" }
+        let outcome = CommitSettlement.watch(other, milliseconds: 60_000) { .running }
         XCTAssertEqual(outcome, .committed(because: "the old daemon (pid \(identity.pid)) has exited"))
     }
 
@@ -52,13 +52,13 @@ final class HandoverCommitTests: XCTestCase {
     /// Alive and saying "handed over": it took the commit and is on its way out.
     func testWhatALiveOldDaemonSaysDecides() throws {
         let (old, identity) = try spawn(seconds: "600")
-        var phases = ["handing over", "handing over", "running"]
+        var phases: [DaemonPhase] = [.handingOver, .handingOver, .running]
         let abandoned = CommitSettlement.watch(identity, milliseconds: 60_000) { phases.removeFirst() }
         guard case .notCommitted = abandoned else { return XCTFail("\(abandoned)") }
         XCTAssertTrue(reason(abandoned).contains("says it is running"), reason(abandoned))
         XCTAssertTrue(phases.isEmpty)
 
-        var answers: [String?] = [nil, "handing over", "handed over"]
+        var answers: [DaemonPhase?] = [nil, .handingOver, .handedOver]
         let committed = CommitSettlement.watch(identity, milliseconds: 60_000) { answers.removeFirst() }
         XCTAssertEqual(committed, .committed(because: "the old daemon (pid \(identity.pid)) says it has handed over"))
         XCTAssertTrue(answers.isEmpty)
@@ -71,7 +71,7 @@ final class HandoverCommitTests: XCTestCase {
         let (old, identity) = try spawn(seconds: "600")
         let silent = CommitSettlement.watch(identity, milliseconds: 200) { nil }
         XCTAssertEqual(silent, .notCommitted(because: "the old daemon (pid \(identity.pid)) is still there after 200 ms, not answering"))
-        let stuck = CommitSettlement.watch(identity, milliseconds: 200) { "handing over" }
+        let stuck = CommitSettlement.watch(identity, milliseconds: 200) { .handingOver }
         XCTAssertEqual(stuck, .notCommitted(because: "the old daemon (pid \(identity.pid)) is still there after 200 ms, last saying 'handing over'"))
         XCTAssertTrue(old.isRunning)
     }

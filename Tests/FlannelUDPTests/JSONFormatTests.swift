@@ -17,4 +17,15 @@ final class JSONFormatTests: XCTestCase {
         XCTAssertFalse(wire.contains("\\/"), wire)
         XCTAssertEqual(try JSONFormat.decoder().decode(LeaseInfo.self, from: Data(wire.utf8)), lease)
     }
+
+    /// `status --json`, scripts and older clients read the daemon's phase as these strings.
+    func testDaemonPhaseIsWrittenAsTheStringsStatusAlwaysCarried() throws {
+        let strings: [(DaemonPhase, String)] = [(.starting, "starting"), (.running, "running"),
+                                                (.handingOver, "handing over"), (.handedOver, "handed over")]
+        for (phase, text) in strings {
+            let wire = String(decoding: try JSONFormat.encoder().encode([phase]), as: UTF8.self)
+            XCTAssertEqual(wire, "[\"\(text)\"]")
+            XCTAssertEqual(try JSONFormat.decoder().decode([DaemonPhase].self, from: Data(wire.utf8)), [phase])
+        }
+    }
 }

@@ -99,36 +99,23 @@ final class NetlinkRequestTests: XCTestCase {
         XCTAssertEqual(NetlinkMessages.deleteAddress(address, sequence: 0x1234_5678), delete)
     }
 
-    func testSetMTU() {
-        // ip link set <4> mtu 1472
-        let expected: [UInt8] = [
-            40, 0, 0, 0,
-            16, 0,                  // RTM_NEWLINK
-            0x05, 0x00,             // REQUEST | ACK: change an existing link, never create one
-            3, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0,             // ifi_family AF_UNSPEC, pad, ifi_type
-            4, 0, 0, 0,             // ifi_index
-            0, 0, 0, 0,             // ifi_flags
-            0, 0, 0, 0,             // ifi_change: no flag changes
-            8, 0, 4, 0, 0xc0, 0x05, 0, 0,  // IFLA_MTU 1472
-        ]
-        XCTAssertEqual(NetlinkMessages.setMTU(1472, index: 4, sequence: 3), expected)
-    }
-
-    func testSetTxQueueLength() {
-        // ip link set <4> txqueuelen 1000
-        let expected: [UInt8] = [
-            40, 0, 0, 0,
-            16, 0,                  // RTM_NEWLINK
-            0x05, 0x00,             // REQUEST | ACK
-            3, 0, 0, 0, 0, 0, 0, 0,
-            0, 0, 0, 0,
-            4, 0, 0, 0,             // ifi_index
-            0, 0, 0, 0,
-            0, 0, 0, 0,
-            8, 0, 13, 0, 0xe8, 0x03, 0, 0,  // IFLA_TXQLEN 1000
-        ]
-        XCTAssertEqual(NetlinkMessages.setTxQueueLength(1000, index: 4, sequence: 3), expected)
+    func testSetMTUAndTxQueueLength() {
+        // ip link set <4> mtu 1472, ip link set <4> txqueuelen 1000: one u32 attribute each.
+        func expected(_ attribute: [UInt8]) -> [UInt8] {
+            [40, 0, 0, 0,
+             16, 0,                 // RTM_NEWLINK
+             0x05, 0x00,            // REQUEST | ACK: change an existing link, never create one
+             3, 0, 0, 0, 0, 0, 0, 0,
+             0, 0, 0, 0,            // ifi_family AF_UNSPEC, pad, ifi_type
+             4, 0, 0, 0,            // ifi_index
+             0, 0, 0, 0,            // ifi_flags
+             0, 0, 0, 0]            // ifi_change: no flag changes
+                + attribute
+        }
+        XCTAssertEqual(NetlinkMessages.setMTU(1472, index: 4, sequence: 3),
+                       expected([8, 0, 4, 0, 0xc0, 0x05, 0, 0]))   // IFLA_MTU 1472
+        XCTAssertEqual(NetlinkMessages.setTxQueueLength(1000, index: 4, sequence: 3),
+                       expected([8, 0, 13, 0, 0xe8, 0x03, 0, 0]))  // IFLA_TXQLEN 1000
     }
 
     func testSetUpAndDown() {

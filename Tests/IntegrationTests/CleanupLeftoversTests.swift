@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// `cleanup` on a node switched away from flanneld's vxlan backend with --ip-masq, in a fresh namespace:
 ///
@@ -88,13 +89,7 @@ final class CleanupLeftoversTests: XCTestCase {
             "delete route 10.244.3.0/24 via 192.168.77.3 dev eth0",
             "delete neighbour 10.244.2.0 lladdr 0a:58:0a:f4:02:00 dev flannel.1",
             "delete vxlan device flannel.1",
-            "delete iptables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
-            "delete iptables chain -t nat FLANNEL-POSTRTG (1 rule)",
-            "delete iptables rule -t filter -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD",
-            "delete iptables chain -t filter FLANNEL-FWD (1 rule)",
-            "delete ip6tables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
-            "delete ip6tables chain -t nat FLANNEL-POSTRTG (1 rule)",
-            "delete nftables table ip flannel-ipv4",
+        ] + flanneldMasqueradeCleanup + [
             "delete address 10.244.5.1/24 dev cni0",
             "add address 10.244.1.1/24 dev cni0",
         ]

@@ -56,7 +56,7 @@ final class CommitAnswerTests: XCTestCase {
         func line(_ response: ControlResponse) -> String {
             String(decoding: ControlProtocol.encodeLine(response), as: UTF8.self).trimmingCharacters(in: .newlines)
         }
-        func status(_ phase: String) -> String {
+        func status(_ phase: DaemonPhase) -> String {
             var s = FakeDaemon.status(pid: 0)
             s.phase = phase
             return line(.status(s))
@@ -87,7 +87,7 @@ final class CommitAnswerTests: XCTestCase {
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["python3", "-c", script, paths.controlSocket, behaviour, line(.ok),
                        line(.error("too late to abort: the handover was committed and this daemon lets go")),
-                       status("running"), status("handing over"), status("handed over")]
+                       status(.running), status(.handingOver), status(.handedOver)]
         p.standardOutput = output
         try p.run()
         addTeardownBlock { [paths] in

@@ -65,6 +65,25 @@ func startBackground(_ args: [String], output: FileHandle = .nullDevice, errors:
     return p
 }
 
+/// Ends a process `startBackground` started, if it still runs, and reaps it.
+func stopBackground(_ process: Process) {
+    if process.isRunning { process.terminate() }
+    process.waitUntilExit()
+}
+
+/// Starts a one-shot iperf3 server (`-s -1`) in `pod` bound to `address` and returns once it listens; the caller
+/// stops it with `stopBackground` (which also ends one whose client never came). Stopped here if it never listens.
+func startIperf3Server(in pod: TestNamespace, address: String) throws -> Process {
+    let server = try startBackground(["ip", "netns", "exec", pod.name, "iperf3", "-s", "-1", "-B", address])
+    do {
+        try waitFor("iperf3 listens") { (try? pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+    } catch {
+        stopBackground(server)
+        throw error
+    }
+    return server
+}
+
 extension TestWire {
     /// Starts a one-member etcd in the wire's namespace, listening for clients on `clientURL` and for peers on
     /// `peerURL` (addresses of the bridge), its data in `dataDirectory`. Returns at once: the caller keeps the

@@ -21,13 +21,8 @@ class HostileTrafficTests: HostileTopologyTestCase {
         let target = a.underlay + ":8285"
 
         // Legitimate traffic during the whole flood: pings B -> A and a TCP transfer A -> B.
-        let iperfServer = try startBackground(["ip", "netns", "exec", b.pod.name, "iperf3", "-s", "-1", "-B",
-                                               b.podAddress])
-        addTeardownBlock {
-            if iperfServer.isRunning { iperfServer.terminate() }
-            iperfServer.waitUntilExit()
-        }
-        try waitFor("iperf3 listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let iperfServer = try startIperf3Server(in: b.pod, address: b.podAddress)
+        addTeardownBlock { stopBackground(iperfServer) }
         // Read while the overlay is idle: per-peer rx is counted per packet, udpToTun once per batch.
         let before = try counters(a)
         let legit = DispatchGroup()

@@ -57,12 +57,8 @@ class OverlayTests: WireTestCase {
         XCTAssertEqual(ok.status, 0, ok.description)
 
         // A TCP transfer completes (iperf3 on the far pod, a fixed amount of data from the near one).
-        let server = try startBackground(["ip", "netns", "exec", b.pod.name, "iperf3", "-s", "-1", "-B", b.podAddress])
-        addTeardownBlock {
-            if server.isRunning { server.terminate() }
-            server.waitUntilExit()
-        }
-        try waitFor("iperf3 listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let server = try startIperf3Server(in: b.pod, address: b.podAddress)
+        addTeardownBlock { stopBackground(server) }
         let iperf = runCommand(["ip", "netns", "exec", a.pod.name, "iperf3", "-c", b.podAddress, "-n", "50M", "-J"])
         XCTAssertEqual(iperf.status, 0, iperf.description)
         XCTAssertTrue(iperf.stdout.contains("\"sum_received\""), iperf.stdout)
@@ -99,18 +95,11 @@ class OverlayTests: WireTestCase {
         let before = try counters(b).drops["codel"] ?? -1
         XCTAssertEqual(before, 0, "no CoDel drop without load")
 
-        let server = try startBackground(["ip", "netns", "exec", b.pod.name, "iperf3", "-s", "-1", "-B", b.podAddress])
-        addTeardownBlock {
-            if server.isRunning { server.terminate() }
-            server.waitUntilExit()
-        }
-        try waitFor("iperf3 listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let server = try startIperf3Server(in: b.pod, address: b.podAddress)
+        addTeardownBlock { stopBackground(server) }
         let client = try startBackground(["ip", "netns", "exec", a.pod.name, "iperf3", "-c", b.podAddress, "-P", "4",
                                           "-t", "8"])
-        addTeardownBlock {
-            if client.isRunning { client.terminate() }
-            client.waitUntilExit()
-        }
+        addTeardownBlock { stopBackground(client) }
         try waitFor("the streams run") { (try? counters(b).udpToTun) ?? 0 > 20_000 }
         let pings = runCommand(["ip", "netns", "exec", a.pod.name, "ping", "-n", "-q", "-c", "300", "-i", "0.01",
                                 "-W", "1", b.podAddress])

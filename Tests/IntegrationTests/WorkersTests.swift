@@ -101,13 +101,8 @@ final class WorkersTests: HostileTopologyTestCase {
     /// TCPOFOQueue (segments queued out of order) and the segments received.
     func iperf(from client: Node, to server: Node) throws -> (Reordering, String) {
         let before = try netstat(server.pod)
-        let srv = try startBackground(["ip", "netns", "exec", server.pod.name, "iperf3", "-s", "-1", "-B",
-                                       server.podAddress])
-        defer {
-            if srv.isRunning { srv.terminate() }
-            srv.waitUntilExit()
-        }
-        try waitFor("iperf3 listens") { (try? server.pod.run(["ss", "-ltn"]))?.contains(":5201") == true }
+        let srv = try startIperf3Server(in: server.pod, address: server.podAddress)
+        defer { stopBackground(srv) }
         let r = runCommand(["ip", "netns", "exec", client.pod.name, "iperf3", "-c", server.podAddress, "-P", "8",
                             "-t", "3", "-J"])
         XCTAssertEqual(r.status, 0, r.description)

@@ -22,3 +22,16 @@ public struct SeededRandom: RandomNumberGenerator {
 public func sendDatagram(_ bytes: [UInt8], from fd: Int32, to endpoint: Endpoint) -> Int {
     bytes.withUnsafeBytes { b in endpoint.withSocketAddress { sendto(fd, b.baseAddress, b.count, 0, $0, $1) } }
 }
+
+/// What `cleanup` prints, in order, to remove flanneld's masquerade rules for network 10.244.0.0/16 as its
+/// iptables and nftables modes leave them (one jump each; the ip6tables nat chain of its IPv6 side; the nftables
+/// table for IPv4): the plan's unit test and the CLI's test in a namespace expect the same lines.
+public let flanneldMasqueradeCleanup = [
+    "delete iptables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
+    "delete iptables chain -t nat FLANNEL-POSTRTG (1 rule)",
+    "delete iptables rule -t filter -A FORWARD -m comment --comment \"flanneld forward\" -j FLANNEL-FWD",
+    "delete iptables chain -t filter FLANNEL-FWD (1 rule)",
+    "delete ip6tables rule -t nat -A POSTROUTING -m comment --comment \"flanneld masq\" -j FLANNEL-POSTRTG",
+    "delete ip6tables chain -t nat FLANNEL-POSTRTG (1 rule)",
+    "delete nftables table ip flannel-ipv4",
+]

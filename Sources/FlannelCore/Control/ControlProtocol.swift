@@ -110,10 +110,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var masquerade: MasqueradeStatus?
     /// Self-healing: how often the overlay route, the address, the link's up state and the MTU were put back.
     public var repairs: RepairStatus?
-    /// "starting" while start-up runs (etcd may still be unreachable; only pid, device and uptime are filled in),
-    /// then "running"; "handing over" while an `up --replace` takes the node over (self-healing and the peer watch
-    /// paused, still forwarding), "handed over" in the moment before it exits. Absent from daemons that predate it.
-    public var phase: String?
+    /// Where the daemon's life stands. Absent from daemons that predate it.
+    public var phase: DaemonPhase?
 
     public init(pid: Int32, version: String, startedAt: Date, uptimeSeconds: Double, device: String, network: String,
                 subnet: String, mtu: Int, listen: String, publicIP: String, underlay: String, subnetFile: String?,
@@ -137,6 +135,17 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
         self.offloads = offloads
         self.lease = lease
     }
+}
+
+/// Where a daemon's life stands, as `status` reports it (`phase`, its raw value in JSON).
+public enum DaemonPhase: String, Codable, Equatable, Sendable {
+    /// Start-up runs: etcd may still be unreachable; only pid, device and uptime are filled in.
+    case starting
+    case running
+    /// An `up --replace` takes the node over: self-healing and the peer watch paused, still forwarding.
+    case handingOver = "handing over"
+    /// The moment before the daemon exits, its node handed over.
+    case handedOver = "handed over"
 }
 
 /// Where the masquerade and forward rules live: nftables (flanneld's default) or iptables.

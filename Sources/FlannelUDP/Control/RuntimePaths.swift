@@ -56,19 +56,6 @@ public struct DaemonState: Codable, Equatable, Sendable {
     /// holds this (nil, as from an older version, means: leave it).
     public var subnetFileContents: String?
 
-    public init(pid: Int32, startTicks: UInt64, device: String, network: String, subnet: String, subnetFile: String?,
-                listen: String, startedAt: Date, subnetFileContents: String? = nil) {
-        self.pid = pid
-        self.startTicks = startTicks
-        self.device = device
-        self.network = network
-        self.subnet = subnet
-        self.subnetFile = subnetFile
-        self.listen = listen
-        self.startedAt = startedAt
-        self.subnetFileContents = subnetFileContents
-    }
-
     /// True while the recorded process still exists and is the same process (same start time).
     public var isAlive: Bool {
         guard let ticks = DaemonState.startTicks(of: pid) else { return false }

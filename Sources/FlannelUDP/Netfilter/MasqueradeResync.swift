@@ -11,12 +11,10 @@ public final class MasqueradeResync: @unchecked Sendable {  // mutable state in 
     private struct Guarded {
         var state: MasqueradeStatus
         var stopping = false
-        /// Whether the thread was started (and not yet stopped).
-        var started = false
     }
     private let guarded: Mutex<Guarded>
     private let wake = DispatchSemaphore(value: 0)
-    private let finished = DispatchSemaphore(value: 0)
+    private let thread = StoppableThread(name: "masquerade resync")
 
     public init(rules: MasqueradeRules, period: TimeInterval, logger: Logger) {
         self.rules = rules
@@ -59,27 +57,17 @@ public final class MasqueradeResync: @unchecked Sendable {  // mutable state in 
     }
 
     public func start() {
-        let t = Thread { [self] in
+        thread.start { [self] in
             while wake.wait(timeout: .now() + period) == .timedOut {
                 if guarded.withLock({ $0.stopping }) { break }
                 checkOnce()
             }
-            finished.signal()
         }
-        t.name = "masquerade resync"
-        guarded.withLock { $0.started = true }
-        t.start()
     }
 
     /// Stops the checks and waits for a check in progress to end, so nothing is reinstalled after this returns.
     public func stop() {
-        let started: Bool = guarded.withLock {
-            $0.stopping = true
-            return $0.started
-        }
-        guard started else { return }
-        wake.signal()
-        finished.wait()
-        guarded.withLock { $0.started = false }
+        guarded.withLock { $0.stopping = true }
+        thread.stop(wake: { _ = wake.signal() })
     }
 }

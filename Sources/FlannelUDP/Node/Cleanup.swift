@@ -64,11 +64,6 @@ public enum Cleanup {
             public var family: String
             public var name: String
             public var listing: String
-            public init(family: String, name: String, listing: String) {
-                self.family = family
-                self.name = name
-                self.listing = listing
-            }
         }
         public var nftTables: [Table]
         public var iptables: [IPTablesSave]

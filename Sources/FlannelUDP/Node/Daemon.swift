@@ -5,7 +5,9 @@ import Logging
 import Glibc
 #endif
 
-/// The running node: device and route (NodeSetup), control endpoint, peer table, data plane, signals.
+/// The running node, composed of its parts: device and route (NodeSetup), control endpoint (DaemonInstance), peer
+/// source, peer table (PeerTable), data plane (Forwarder), self-healing (NodeGuard), signals (ProcessSignals),
+/// status (StatusReport). Daemon wires them together and decides the lifecycle: start-up, running, shutdown.
 ///
 /// Threads: the caller's thread waits for signals (SIGINT/SIGTERM stop, SIGHUP re-reads the peers file); the
 /// control endpoint has its own thread; the data plane has one per direction; self-healing (`NodeGuard`) has one.
@@ -26,17 +28,14 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
     let keepLease = Mutex(false)
     let logger: Logger
     let paths: RuntimePaths
-    private let startedAt = Date()
     var plan: NodeSetup.Plan?
-    private let table = RouteTable()
     /// Created on first use, which must come after `plan` (network, subnet and public IP are final then).
-    lazy var store: RouteStore = {
+    lazy var peers: PeerTable = {
         guard let plan else { preconditionFailure("the peer table's rules need the plan") }
-        return RouteStore(publisher: table, rules: PeerRouteRules(
-            network: plan.membership.network, ownSubnet: plan.membership.subnet, publicIP: plan.publicIP,
-            subnetLength: plan.membership.leaseLength))
+        return PeerTable(plan: plan, peersFile: config.peersFile, logger: logger)
     }()
     private let counters = DataPlaneCounters()
+    private let report: StatusReport
     var forwarder: Forwarder?
     var masquerade: MasqueradeResync?
     var nodeGuard: NodeGuard?
@@ -64,6 +63,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         self.source = source
         self.logger = logger
         paths = RuntimePaths(device: config.device)
+        report = StatusReport(config: config, startedAt: Date(), counters: counters)
         if let fixed = source as? StaticPeerSource { membership = fixed.membership }
     }
 
@@ -128,7 +128,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         self.plan = plan
         if let path = config.peersFile {
             for r in fileRoutes {
-                do { try store.check(r, origin: .file) } catch { throw .usage("\(path): \(error)") }
+                do { try peers.store.check(r, origin: .file) } catch { throw .usage("\(path): \(error)") }
             }
         }
 
@@ -153,7 +153,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
             if outgoing.handedOver { masquerade?.stop() } else { setup.tearDown() }
         }
 
-        try store.replace(fileRoutes, origin: .file)
+        try peers.store.replace(fileRoutes, origin: .file)
 
         // Self-healing: subscribed before the forwarder starts, watching from right after it has.
         try startGuard(setup)
@@ -179,7 +179,7 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     func makeForwarder(tun: TunDevice, sockets: [UDPSocket], membership joined: Membership) throws(Failure) -> Forwarder {
         do {
-            return try Forwarder(tun: tun, sockets: sockets, table: table,
+            return try Forwarder(tun: tun, sockets: sockets, table: peers.table,
                                 config: ForwardingConfig(network: joined.network, subnet: joined.subnet,
                                                          peerCheck: config.peerCheck),
                                 counters: counters, logger: logger,
@@ -220,18 +220,10 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
 
     // MARK: - peer source
 
-    /// Applies every change of the source's peer set to the peer table until the daemon stops; stops the daemon
-    /// if the source says our subnet is lost (as flanneld does). A peer the rules refuse is logged once.
+    /// The peer table follows the source's peer set until the daemon stops; the daemon stops if the source says
+    /// our subnet is lost (as flanneld does).
     func watchPeers() {
-        let store = self.store
-        let logger = self.logger
-        let filter = RegistryRouteFilter()
-        source.watch(onPeers: { routes in
-            let (usable, refused) = filter.filter(routes, store: store)
-            for error in refused { logger.warning("etcd: ignoring a lease: \(error)") }
-            try? store.replace(usable, origin: .registry)
-            logger.info("etcd: \(usable.count) peer route(s)")
-        }, onLost: { [weak self] message in self?.fail(message) })
+        peers.follow(source, onLost: { [weak self] message in self?.fail(message) })
     }
 
     /// Records a fatal data-plane error and asks the main thread to shut down.
@@ -253,20 +245,15 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let stop = ProcessSignals.wait { [self] in
             logger.info("SIGHUP: re-reading peers file")
             observer?.daemonReloading(self)
-            if case .error(let m) = reloadPeers() { logger.error("\(m)") }
+            if case .error(let m) = peers.reload() { logger.error("\(m)") }
             observer?.daemonReloaded(self)
         }
         logger.info("signal \(stop == SIGINT ? "SIGINT" : "SIGTERM"): shutting down")
     }
 
-    /// What the state file records: pid and start time first (clients verify who answers with them); network,
-    /// subnet and the subnet file's contents once the plan is made (from etcd they are not known at first).
+    /// The state file's record (StatusReport.state) with the membership as it stands.
     func state(plan: NodeSetup.Plan?) -> DaemonState {
-        return DaemonState(pid: getpid(), startTicks: DaemonState.startTicks(of: getpid()) ?? 0,
-                           device: config.device, network: membership?.network.description ?? "",
-                           subnet: membership?.subnet.description ?? "", subnetFile: config.subnetFile,
-                           listen: plan?.listen.description ?? "", startedAt: startedAt,
-                           subnetFileContents: config.subnetFile == nil ? nil : plan?.subnetFileContents)
+        report.state(membership: membership, plan: plan)
     }
 
     // MARK: - control requests
@@ -287,98 +274,27 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         let isRunning = running.withLock { $0 }
         switch request {
         case .status:
-            return .status(isRunning ? status() : startingStatus())
+            guard isRunning else { return .status(report.starting()) }
+            return .status(report.running(StatusReport.Parts(
+                membership: membership, plan: plan, routes: peers.routeInfos(), lease: source.lease,
+                forwarder: forwarder, masquerade: masquerade, nodeGuard: nodeGuard, phase: outgoing.reportedPhase)))
         case .routeList:
             guard isRunning else { return stillStarting }
-            return .routes(routeInfos())
-        case .routeAdd(let subnetText, let endpointText):
+            return .routes(peers.routeInfos())
+        case .routeAdd(let subnet, let endpoint):
             guard isRunning else { return stillStarting }
-            do {
-                let subnet = try IPv4Network(parsing: subnetText)
-                let endpoint = try Endpoint(parsing: endpointText, defaultPort: membership?.port ?? config.port)
-                try store.add(PeerRoute(subnet: subnet, endpoint: endpoint), origin: .manual)
-                logger.info("route add \(subnet) via \(endpoint)")
-                return .ok
-            } catch {
-                return .error("\(error)")
-            }
-        case .routeDel(let subnetText):
+            return peers.add(subnet: subnet, endpoint: endpoint)
+        case .routeDel(let subnet):
             guard isRunning else { return stillStarting }
-            do {
-                let subnet = try IPv4Network(parsing: subnetText)
-                try store.removeAny(subnet)
-                logger.info("route del \(subnet)")
-                return .ok
-            } catch {
-                return .error("\(error)")
-            }
+            return peers.delete(subnet: subnet)
         case .reloadPeers:
             guard isRunning else { return stillStarting }
-            return reloadPeers()
+            return peers.reload()
         case .shutdown(let keep):
             keepLease.withLock { $0 = keep }
             logger.info("shutdown requested over the control socket\(keep ? " (keeping the lease)" : "")")
             kill(getpid(), SIGTERM)
             return .ok
         }
-    }
-
-    /// Status while starting: only what start-up does not change.
-    private func startingStatus() -> DaemonStatus {
-        var status = DaemonStatus(
-            pid: getpid(), version: Daemon.version, startedAt: startedAt,
-            uptimeSeconds: Date().timeIntervalSince(startedAt), device: paths.device, network: "", subnet: "", mtu: 0,
-            listen: "", publicIP: "", underlay: "", subnetFile: nil, peersFile: nil, peerCheck: "", routes: [],
-            counters: counters.snapshot(), offloads: [], lease: nil)
-        status.phase = "starting"
-        return status
-    }
-
-    private func reloadPeers() -> ControlResponse {
-        guard let path = config.peersFile else { return .error("no peers file was given to 'up'") }
-        do {
-            let routes = try PeersFile.load(path: path, defaultPort: membership?.port ?? config.port)
-            do { try store.replace(routes, origin: .file) } catch {
-                return .error("\(path): \(error); the peer table is unchanged")
-            }
-            logger.info("loaded \(routes.count) peer route(s) from \(path)")
-            return .ok
-        } catch {
-            return .error("\(error); the peer table is unchanged")
-        }
-    }
-
-    func routeInfos() -> [RouteInfo] {
-        let snapshot = table.snapshot()
-        return store.entries().map { entry in
-            var info = RouteInfo(subnet: entry.route.subnet.description, endpoint: entry.route.endpoint.description,
-                                 origin: entry.origin.rawValue)
-            if let peer = snapshot.entry(for: entry.route.subnet) {
-                let c = peer.counters.snapshot
-                info.txPackets = c.txPackets
-                info.txBytes = c.txBytes
-                info.rxPackets = c.rxPackets
-                info.rxBytes = c.rxBytes
-            }
-            return info
-        }
-    }
-
-    private func status() -> DaemonStatus {
-        var status = DaemonStatus(
-            pid: getpid(), version: Daemon.version, startedAt: startedAt,
-            uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
-            network: membership?.network.description ?? "", subnet: membership?.subnet.description ?? "", mtu: plan?.mtu ?? 0,
-            listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
-            underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
-            peerCheck: config.peerCheck.rawValue, routes: routeInfos(), counters: counters.snapshot(),
-            offloads: forwarder?.activeOffloads ?? [],
-            lease: source.lease)
-        status.offloadStatistics = forwarder?.offloadStatistics
-        status.workers = forwarder?.workerCounts
-        status.masquerade = masquerade?.status
-        status.repairs = nodeGuard?.status
-        status.phase = outgoing.phaseName
-        return status
     }
 }

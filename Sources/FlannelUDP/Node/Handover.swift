@@ -50,14 +50,14 @@ final class OutgoingHandover: Sendable {
     var leaving: Bool { phase.withLock { $0 == .committing || $0 == .handedOver } }
     var handedOver: Bool { phase.withLock { $0 == .handedOver } }
 
-    /// What `status` says of a running daemon: "running", or "handing over" from the moment a replacing daemon
-    /// began until the answer to its commit is out (then "handed over") or the handover was abandoned (then
-    /// "running" again; also when the replacing daemon dies after its commit, before it took over).
-    var phaseName: String {
+    /// What `status` says of a running daemon: running, or handing over from the moment a replacing daemon
+    /// began until the answer to its commit is out (then handed over) or the handover was abandoned (then
+    /// running again; also when the replacing daemon dies after its commit, before it took over).
+    var reportedPhase: DaemonPhase {
         switch phase.withLock({ $0 }) {
-        case .idle: "running"
-        case .begun, .committing: "handing over"
-        case .handedOver: "handed over"
+        case .idle: .running
+        case .begun, .committing: .handingOver
+        case .handedOver: .handedOver
         }
     }
 }
@@ -91,7 +91,7 @@ extension Daemon {
                 network: plan.membership.network.description, subnet: plan.membership.subnet.description,
                 publicIP: plan.publicIP.description, port: plan.listen.port, mtu: plan.mtu,
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
-                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: routeInfos(),
+                subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: peers.routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
                 lease: source.handoverLease)))
         case .abort(let token):
@@ -335,7 +335,7 @@ extension Daemon {
         }
         if config.peersFile != nil { byOrigin[.file] = fileRoutes }
         for (origin, list) in byOrigin {
-            do { try store.replace(list, origin: origin) } catch {
+            do { try peers.store.replace(list, origin: origin) } catch {
                 throw .failed("taking over the running daemon's \(origin.rawValue) routes: \(error)")
             }
         }

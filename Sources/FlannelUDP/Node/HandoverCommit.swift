@@ -39,23 +39,23 @@ enum CommitSettlement {
     /// Watches `old` until it shows which way the commit went (see above), for at most `milliseconds`.
     /// `phase` is the old daemon's phase as its `status` reports it, nil when it does not answer.
     static func watch(_ old: DaemonIdentity, milliseconds: Int64 = boundMilliseconds,
-                      phase: () -> String?) -> CommitOutcome {
+                      phase: () -> DaemonPhase?) -> CommitOutcome {
         let deadline = MonotonicClock.milliseconds() + milliseconds
         let who = "the old daemon (pid \(old.pid))"
-        var said: String?
+        var said: DaemonPhase?
         while true {
             // Start time, not only the pid: a recycled pid is another process, and a zombie is gone.
             if DaemonState.startTicks(of: old.pid) != old.startTicks {
                 return .committed(because: "\(who) has exited")
             }
             switch phase() {
-            case "handed over"?: return .committed(because: "\(who) says it has handed over")
-            case "running"?: return .notCommitted(because: "\(who) says it is running: it abandoned the handover and forwards on")
+            case .handedOver?: return .committed(because: "\(who) says it has handed over")
+            case .running?: return .notCommitted(because: "\(who) says it is running: it abandoned the handover and forwards on")
             case let other?: said = other
             case nil: break
             }
             if MonotonicClock.milliseconds() >= deadline {
-                let state = said.map { "last saying '\($0)'" } ?? "not answering"
+                let state = said.map { "last saying '\($0.rawValue)'" } ?? "not answering"
                 return .notCommitted(because: "\(who) is still there after \(milliseconds) ms, \(state)")
             }
             usleep(20_000)
@@ -100,7 +100,7 @@ extension HandoverClient {
     }
 
     /// The phase `daemon` reports in its status, nil when it does not answer (or another process does).
-    static func phase(of daemon: DaemonIdentity, paths: RuntimePaths) -> String? {
+    static func phase(of daemon: DaemonIdentity, paths: RuntimePaths) -> DaemonPhase? {
         guard let answer = try? ControlClient.exchange(.request(.status), paths: paths, timeoutSeconds: 2),
               answer.daemon == daemon, case .status(let status) = answer.response else { return nil }
         return status.phase

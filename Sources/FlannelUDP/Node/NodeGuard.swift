@@ -48,11 +48,9 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state in `guarde
     private struct Guarded {
         var state: RepairStatus
         var backoff: [Repair.Kind: (failures: Int, retryAt: Double)] = [:]
-        /// Whether the thread was started (and not yet stopped).
-        var started = false
     }
     private let guarded: Mutex<Guarded>
-    private let finished = DispatchSemaphore(value: 0)
+    private let thread = StoppableThread(name: "node guard")
 
     /// Longest wait between attempts at a repair that keeps failing.
     static let maxBackoff: Double = 60
@@ -262,13 +260,7 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state in `guarde
     /// again after `stop()` (a handover that did not happen resumes the guard).
     public func start() {
         wake.drain()
-        let t = Thread { [self] in
-            run()
-            finished.signal()
-        }
-        t.name = "node guard"
-        guarded.withLock { $0.started = true }
-        t.start()
+        thread.start { [self] in run() }
     }
 
     private func run() {
@@ -341,9 +333,6 @@ public final class NodeGuard: @unchecked Sendable {  // mutable state in `guarde
 
     /// Stops watching and waits for a check in progress to end: nothing is repaired after this returns.
     public func stop() {
-        guard guarded.withLock({ $0.started }) else { return }
-        wake.wake()
-        finished.wait()
-        guarded.withLock { $0.started = false }
+        thread.stop(wake: wake.wake)
     }
 }

@@ -237,7 +237,7 @@ final class EtcdClient: Sendable {
     // MARK: Leases
 
     func grant(ttl: Int64) async throws -> (id: Int64, ttl: Int64) {
-        let response: EtcdGateway.LeaseGrantResponse =
+        let response: EtcdGateway.LeaseResponse =
             try await call("/v3/lease/grant", EtcdGateway.LeaseGrantRequest(TTL: EtcdInt64(ttl)), operation: "lease grant")
         guard let id = response.ID?.value, id != 0 else {
             throw EtcdError.badResponse(endpoint: currentEndpoint, operation: "lease grant",
@@ -248,7 +248,7 @@ final class EtcdClient: Sendable {
 
     /// Refreshes a lease; returns its new TTL in seconds, 0 if the lease no longer exists.
     func keepAlive(_ id: Int64) async throws -> Int64 {
-        let message: EtcdGateway.StreamMessage<EtcdGateway.LeaseKeepAliveResponse> =
+        let message: EtcdGateway.StreamMessage<EtcdGateway.LeaseResponse> =
             try await call("/v3/lease/keepalive", EtcdGateway.LeaseIDRequest(ID: EtcdInt64(id)),
                            operation: "lease keepalive")
         if let error = message.error {

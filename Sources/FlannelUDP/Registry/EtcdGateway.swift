@@ -133,22 +133,17 @@ enum EtcdGateway {
         var TTL: EtcdInt64
     }
 
-    struct LeaseGrantResponse: Codable, Sendable, Equatable {
-        var header: Header?
-        var ID: EtcdInt64?
-        var TTL: EtcdInt64?
-        var error: String?
-    }
-
     struct LeaseIDRequest: Codable, Sendable, Equatable {
         var ID: EtcdInt64
     }
 
-    /// keepalive is a stream: one {"result": ...} per request; a TTL of 0 (left out) means the lease is gone.
-    struct LeaseKeepAliveResponse: Codable, Sendable, Equatable {
+    /// The answer to a grant, and each result of keepalive, which is a stream: one {"result": ...} per request. A
+    /// TTL of 0 (left out) means the lease is gone; `error` is the grant's reason for giving no ID.
+    struct LeaseResponse: Codable, Sendable, Equatable {
         var header: Header?
         var ID: EtcdInt64?
         var TTL: EtcdInt64?
+        var error: String?
     }
 
     // MARK: Auth

@@ -73,9 +73,7 @@ public final class MetricsServer: @unchecked Sendable {  // the channel is set o
     /// it: EADDRINUSE when anything listens or is bound there, including a daemon's SO_REUSEPORT listener.
     static func claim(_ address: MetricsAddress) throws(FlannelError) {
         let operation = "bind metrics endpoint"
-        guard let host = IPv4Address(address.host) else {
-            throw .failed("\(operation) \(address): not an IPv4 address")
-        }
+        let host = address.ip
         let fd = try FlannelError.system(try syscall(operation, "\(address): socket") {
             socket(AF_INET, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         })

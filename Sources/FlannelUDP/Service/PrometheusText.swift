@@ -2,7 +2,8 @@ import Foundation
 
 /// `--metrics-addr HOST:PORT`: an IPv4 address (0.0.0.0 for every address, or `localhost`) and a port.
 public struct MetricsAddress: Equatable, Sendable, CustomStringConvertible {
-    public var host: String
+    /// `localhost` is 127.0.0.1.
+    public var ip: IPv4Address
     public var port: Int
 
     public struct Invalid: Error, CustomStringConvertible, Sendable {
@@ -20,16 +21,15 @@ public struct MetricsAddress: Equatable, Sendable, CustomStringConvertible {
         guard let port = Int(portText), (1...65535).contains(port) else {
             throw Invalid(value: text, problem: "port '\(portText)' is not a number in 1-65535")
         }
-        if hostText == "localhost" {
-            host = "127.0.0.1"
-        } else if IPv4Address(hostText) != nil {
-            host = hostText
-        } else {
+        guard let ip = hostText == "localhost" ? IPv4Address(127, 0, 0, 1) : IPv4Address(hostText) else {
             throw Invalid(value: text, problem: "host '\(hostText)' is not an IPv4 address (or localhost)")
         }
+        self.ip = ip
         self.port = port
     }
 
+    /// The address in dotted-quad form.
+    public var host: String { ip.description }
     public var description: String { "\(host):\(port)" }
 }
 
