@@ -8,10 +8,21 @@ import Glibc
 struct StatusReport: Sendable {
     /// The options the daemon runs with (device, subnet and peers files, peer check).
     let config: NodeConfig
-    /// Uptime counts from here; the state file records it.
+    /// When the daemon started, as the state file and `status` show it (wall clock).
     let startedAt: Date
+    /// The same moment on the monotonic clock, which uptime counts from: setting the wall clock does not change it.
+    private let startedMonotonic: Double
     /// The data plane's, read anew for each status.
     let counters: DataPlaneCounters
+
+    init(config: NodeConfig, startedAt: Date, counters: DataPlaneCounters) {
+        self.config = config
+        self.startedAt = startedAt
+        self.counters = counters
+        startedMonotonic = MonotonicClock.seconds()
+    }
+
+    private var uptimeSeconds: Double { MonotonicClock.seconds() - startedMonotonic }
 
     /// The running daemon's parts a status reads; nil where start-up has not made them.
     struct Parts {
@@ -29,7 +40,7 @@ struct StatusReport: Sendable {
     func starting() -> DaemonStatus {
         var status = DaemonStatus(
             pid: getpid(), version: Daemon.version, startedAt: startedAt,
-            uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device, network: "", subnet: "", mtu: 0,
+            uptimeSeconds: uptimeSeconds, device: config.device, network: "", subnet: "", mtu: 0,
             listen: "", publicIP: "", underlay: "", subnetFile: nil, peersFile: nil, peerCheck: "", routes: [],
             counters: counters.snapshot(), offloads: [], lease: nil)
         status.phase = .starting
@@ -41,7 +52,7 @@ struct StatusReport: Sendable {
         let plan = parts.plan
         var status = DaemonStatus(
             pid: getpid(), version: Daemon.version, startedAt: startedAt,
-            uptimeSeconds: Date().timeIntervalSince(startedAt), device: config.device,
+            uptimeSeconds: uptimeSeconds, device: config.device,
             network: parts.membership?.network.description ?? "", subnet: parts.membership?.subnet.description ?? "",
             mtu: plan?.mtu ?? 0, listen: plan?.listen.description ?? "", publicIP: plan?.publicIP.description ?? "",
             underlay: plan?.underlay.name ?? "", subnetFile: config.subnetFile, peersFile: config.peersFile,
