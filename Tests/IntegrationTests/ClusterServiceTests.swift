@@ -79,7 +79,7 @@ extension ClusterTests {
         // During traffic: every scrape parses, and the counters only grow.
         let flood = try startBackground(["ip", "netns", "exec", a.pod.name, "ping", "-q", "-n", "-i", "0.002",
                                          "-c", "1500", b.podAddress])
-        addTeardownBlock { if flood.isRunning { flood.terminate() }; flood.waitUntilExit() }
+        addTeardownBlock { stopBackground(flood) }
         var previous: [String: Double] = [:]
         var scrapes = 0
         while flood.isRunning || scrapes < 3 {
@@ -122,7 +122,7 @@ extension ClusterTests {
         // already closed.
         let delete = try startBackground(["ip", "netns", "exec", wire.name, "etcdctl", "--endpoints", etcdURL, "del",
                                           "/coreos.com/network/subnets/\(a.subnet.address)-\(a.subnet.prefixLength)"])
-        addTeardownBlock { if delete.isRunning { delete.terminate() }; delete.waitUntilExit() }
+        addTeardownBlock { stopBackground(delete) }
         var unhealthy: (status: Int, body: String)?
         var answers503 = 0
         let deadline = Date().addingTimeInterval(30)

@@ -91,8 +91,7 @@ final class CommitAnswerTests: XCTestCase {
         p.standardOutput = output
         try p.run()
         addTeardownBlock { [paths] in
-            if p.isRunning { p.terminate() }
-            p.waitUntilExit()
+            stopBackground(p)
             _ = unlink(paths!.controlSocket)
         }
         var ready = Data()
@@ -116,8 +115,7 @@ final class CommitAnswerTests: XCTestCase {
         do {
             try HandoverClient.commit(old, daemon: identity, paths: paths, logger: Logger(label: "new") { _ in log })
         } catch { failure = error }
-        if p.isRunning { p.terminate() }
-        p.waitUntilExit()
+        stopBackground(p)
         _ = unlink(paths.controlSocket)
         return (failure, log.text)
     }

@@ -302,7 +302,7 @@ final class ReplaceTests: HostileTopologyTestCase {
             s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'{"handoverBegin":{"version":1}}\\n')
             s.makefile().readline(); time.sleep(3)
             """, socket])
-        addTeardownBlock { if holder.isRunning { holder.terminate() }; holder.waitUntilExit() }
+        addTeardownBlock { stopBackground(holder) }
         try waitFor("status says the node is being handed over") {
             (try? daemonStatus(a)["phase"] as? String) == "handing over"
         }

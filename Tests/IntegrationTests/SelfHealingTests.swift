@@ -157,8 +157,7 @@ final class SelfHealingTests: HostileTopologyTestCase {
         let out = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         let process = try startBackground(arguments, output: out)
         addTeardownBlock {
-            if process.isRunning { process.terminate() }
-            process.waitUntilExit()
+            stopBackground(process)
             try? out.close()
         }
         return process
