@@ -32,7 +32,6 @@ final class FlowSteeringTests: XCTestCase {
             case BPF.xorX: a ^= x
             case BPF.mulK: a = a &* i.k
             case BPF.rshK: a >>= i.k
-            case BPF.modK: a %= i.k
             case BPF.jeqK: pc += Int(a == i.k ? i.jt : i.jf)
             case BPF.jsetK: pc += Int(a & i.k != 0 ? i.jt : i.jf)
             case BPF.retA: return a
@@ -88,6 +87,22 @@ final class FlowSteeringTests: XCTestCase {
             var seen = Set<UInt32>()
             for sport in UInt16(40000)..<40016 { seen.insert(Self.run(program, on: tcp(sport, payload: []))) }
             XCTAssertEqual(seen.count, workers, "16 flows over \(workers) workers: \(seen)")
+        }
+    }
+
+    /// Linux gives connect() even ephemeral ports, so a client's TCP flows differ in the source port's upper bits
+    /// only: they must still spread. (With the product's low bits, `% 2` read the port's parity, and every one of
+    /// them went to the same worker.)
+    func testFlowsWithEvenSourcePortsSpread() {
+        for workers in [2, 3, 4] {
+            var seen = Set<Int>()
+            for sport in stride(from: UInt16(40000), to: 40016, by: 2) {
+                var spec = TCPPacketSpec()
+                spec.sourcePort = sport
+                let p = spec.bytes()
+                seen.insert(Int(Self.run(FlowSteering.program(workers: workers), on: p)))
+            }
+            XCTAssertEqual(seen.count, workers, "8 flows with even source ports over \(workers) workers: \(seen)")
         }
     }
 

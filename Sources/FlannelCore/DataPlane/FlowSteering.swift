@@ -9,9 +9,12 @@ import CShims
 ///   socket instead. For UDP the kernel runs it with the packet data starting at the UDP payload (it pulls the UDP
 ///   header first; verified on Linux 6.18 by ReusePortSteeringTests), so it reads flannel's inner IPv4 header:
 ///   the key is source ^ destination, ^ the port word for unfragmented TCP and UDP, and the socket is
-///   `((key * 0x9E3779B1) >> 16) % workers` (multiplicative hashing: the high bits of the product mix every
-///   bit of the key, so flows whose ports differ by one still spread). A load beyond the datagram makes the
-///   kernel's interpreter return 0: such datagrams (malformed anyway) go to the first socket.
+///   `((((key ^ key >> 16) * 0x9E3779B1) >> 16) * workers) >> 16`: the port word's halves folded together, so
+///   that the source port reaches the low bits, then multiplicative hashing, whose top bits depend on every low
+///   bit, scaled to the workers from the top down. (`((key * 0x9E3779B1) >> 16) % workers`, used before, read
+///   the product's bit 16 for two workers, which only the source port's lowest bit moves; Linux gives connect()
+///   even ports, so every TCP flow of a client landed on one worker of two.) A load beyond the datagram makes
+///   the kernel's interpreter return 0: such datagrams (malformed anyway) go to the first socket.
 ///
 /// A UDP GSO message or a GRO-merged buffer is steered as one, by its first datagram: the sender therefore puts
 /// only datagrams of one flow key into a GSO message (`SendQueue`), which covers nodes joined by veths or any path
@@ -46,7 +49,7 @@ public enum FlowSteering {
 
     @inline(__always)
     public static func worker(key: UInt32, workers: Int) -> Int {
-        Int(((key &* multiplier) >> 16) % UInt32(workers))
+        Int(((((key ^ (key >> 16)) &* multiplier) >> 16) &* UInt32(workers)) >> 16)
     }
 
     /// The classic BPF program for `workers` sockets (see above; `workers` >= 1).
@@ -74,10 +77,14 @@ public enum FlowSteering {
             op(BPF.xorX),                           // 13  A ^= X
             op(BPF.st, 0),                          // 14  M[0] = A
             op(BPF.ldMem, 0),                       // 15  A = M[0], the key
-            op(BPF.mulK, multiplier),               // 16
+            op(BPF.tax),                            // 16  X = A
             op(BPF.rshK, 16),                       // 17
-            op(BPF.modK, UInt32(workers)),          // 18
-            op(BPF.retA),                           // 19  the socket's index
+            op(BPF.xorX),                           // 18  A = key ^ (key >> 16)
+            op(BPF.mulK, multiplier),               // 19
+            op(BPF.rshK, 16),                       // 20  the product's top 16 bits
+            op(BPF.mulK, UInt32(workers)),          // 21
+            op(BPF.rshK, 16),                       // 22  scaled to 0..<workers
+            op(BPF.retA),                           // 23  the socket's index
         ]
     }
 }
@@ -96,7 +103,6 @@ public enum BPF {
     public static let xorX: UInt16 = 0xAC     // BPF_ALU | BPF_XOR | BPF_X
     public static let mulK: UInt16 = 0x24     // BPF_ALU | BPF_MUL | BPF_K
     public static let rshK: UInt16 = 0x74     // BPF_ALU | BPF_RSH | BPF_K
-    public static let modK: UInt16 = 0x94     // BPF_ALU | BPF_MOD | BPF_K
     public static let jeqK: UInt16 = 0x15     // BPF_JMP | BPF_JEQ | BPF_K
     public static let jsetK: UInt16 = 0x45    // BPF_JMP | BPF_JSET | BPF_K
     public static let retA: UInt16 = 0x16     // BPF_RET | BPF_A
