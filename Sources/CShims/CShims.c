@@ -19,6 +19,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #include <linux/filter.h>
+#include <linux/bpf.h>
+#include <sys/resource.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
@@ -168,6 +170,66 @@ _Static_assert(FU_SO_REUSEPORT == SO_REUSEPORT, "SO_REUSEPORT");
 int fu_attach_reuseport_cbpf(int fd, const struct fu_sock_filter *program, unsigned short count) {
     struct sock_fprog prog = { .len = count, .filter = (struct sock_filter *)program };
     return setsockopt(fd, SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, &prog, sizeof(prog));
+}
+
+_Static_assert(sizeof(struct fu_bpf_insn) == sizeof(struct bpf_insn) &&
+               offsetof(struct fu_bpf_insn, off) == offsetof(struct bpf_insn, off) &&
+               offsetof(struct fu_bpf_insn, imm) == offsetof(struct bpf_insn, imm), "fu_bpf_insn layout");
+#if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "fu_bpf_insn.regs packs dst_reg:4, src_reg:4 as a little-endian compiler lays them out"
+#endif
+
+int fu_bpf_load_socket_filter(const struct fu_bpf_insn *program, unsigned int count, char *log, unsigned int log_size) {
+    union bpf_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.prog_type = BPF_PROG_TYPE_SOCKET_FILTER;
+    attr.insns = (uint64_t)(uintptr_t)program;
+    attr.insn_cnt = count;
+    attr.license = (uint64_t)(uintptr_t)"GPL";
+    if (log && log_size > 0) log[0] = 0;
+    int fd = (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
+    if (fd < 0 && log && log_size > 1) {
+        // Refused: load once more with the verifier's log (a log too small for it fails with ENOSPC, which is
+        // why the first try goes without), and keep the first errno.
+        int saved = errno;
+        attr.log_buf = (uint64_t)(uintptr_t)log;
+        attr.log_size = log_size;
+        attr.log_level = 1;
+        int again = (int)syscall(SYS_bpf, BPF_PROG_LOAD, &attr, sizeof(attr));
+        if (again >= 0) close(again);
+        log[log_size - 1] = 0;
+        errno = saved;
+    }
+    return fd;
+}
+
+int fu_tun_set_steering_ebpf(int fd, int prog_fd) { return ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd); }
+
+/// struct sched_attr as <linux/sched/types.h> publishes its first version (SCHED_ATTR_SIZE_VER0, 48 bytes); that
+/// header cannot be included beside glibc's <sched.h> (both define struct sched_param).
+struct fu_sched_attr {
+    uint32_t size;
+    uint32_t sched_policy;
+    uint64_t sched_flags;
+    int32_t sched_nice;
+    uint32_t sched_priority;
+    uint64_t sched_runtime;
+    uint64_t sched_deadline;
+    uint64_t sched_period;
+};
+_Static_assert(sizeof(struct fu_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
+
+int fu_request_slice(unsigned long long slice_ns) {
+    struct fu_sched_attr attr;
+    memset(&attr, 0, sizeof(attr));
+    attr.size = sizeof(attr);
+    attr.sched_policy = SCHED_OTHER;
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
+    if (nice == -1 && errno != 0) return -1;
+    attr.sched_nice = nice;
+    attr.sched_runtime = slice_ns;
+    return (int)syscall(SYS_sched_setattr, 0, &attr, 0);
 }
 
 int fu_available_cpus(void) {

@@ -106,7 +106,7 @@ struct Status: ParsableCommand {
             print("           \(o.superPacketsSegmented) super-packets segmented, \(o.superPacketsCoalesced) coalesced, \(o.groBuffers) GRO buffers, largest datagram \(o.largestDatagramReceived) bytes")
         }
         if let w = s.workers, w.count > 1 {
-            print("workers:   \(w.count): " + w.map { "#\($0.worker) tun->udp \($0.tunToUDPPackets) udp->tun \($0.udpToTunPackets)" }.joined(separator: ", "))
+            print("workers:   \(w.count): " + w.map { "#\($0.worker)\($0.express == true ? " (express)" : "") tun->udp \($0.tunToUDPPackets) udp->tun \($0.udpToTunPackets)" }.joined(separator: ", "))
         }
         if let m = s.masquerade {
             var line = "masquerade: \(m.backend) \(m.objects.joined(separator: ", ")); \(m.inPlace ? "in place" : "NOT in place")"

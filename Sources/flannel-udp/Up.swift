@@ -79,6 +79,9 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("codel-target"), help: ArgumentHelp("Receive-side CoDel: how long, in milliseconds, a bulk flow's datagrams may keep waiting in the UDP socket queue before it loses one (or has it ECN-marked); sparse flows are never dropped. Shortens the queue small flows wait behind when the senders back off on loss (cubic, reno), costs bulk throughput; 0 turns it off.", valueName: "ms"))
     var codelTarget: Double = 0.5
 
+    @Option(name: .customLong("express-size"), help: ArgumentHelp("Inner packets of at most this many bytes (pings, pure TCP acknowledgements, handshakes, short requests) take a worker pair of their own in both directions, so they wait neither behind bulk flows nor for a busy worker; 0 turns the express lane off.", valueName: "bytes"))
+    var expressSize: Int = ForwarderOptions.defaultExpressLength
+
     @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
     var workers: Int?
 
@@ -106,6 +109,9 @@ struct Up: ParsableCommand {
         if let workers, let problem = Workers.validate(workers) { throw ValidationError(problem) }
         if !(codelTarget >= 0 && codelTarget <= 1000) {
             throw ValidationError("--codel-target \(codelTarget) is outside 0-1000 milliseconds (0 turns CoDel off)")
+        }
+        if expressSize != 0 && !NodeConfig.expressRange.contains(expressSize) {
+            throw ValidationError("--express-size \(expressSize) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)")
         }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
@@ -166,6 +172,7 @@ struct Up: ParsableCommand {
         config.offloads = !noOffload
         config.codel = CoDelParameters(targetNanoseconds: UInt64((codelTarget * 1_000_000).rounded()))
         config.workers = workers ?? Workers.defaultCount()
+        config.express = expressSize == 0 ? nil : expressSize
         return config
     }
 

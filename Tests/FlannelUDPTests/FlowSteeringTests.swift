@@ -24,6 +24,10 @@ final class FlowSteeringTests: XCTestCase {
             case BPF.ldAbsH: guard let v = load(Int(i.k), 2) else { return 0 }; a = v
             case BPF.ldAbsB: guard let v = load(Int(i.k), 1) else { return 0 }; a = v
             case BPF.ldIndW: guard let v = load(Int(x) + Int(i.k), 4) else { return 0 }; a = v
+            case BPF.ldIndB: guard let v = load(Int(x) + Int(i.k), 1) else { return 0 }; a = v
+            case BPF.lshK: a <<= i.k
+            case BPF.addX: a &+= x
+            case BPF.jgtX: pc += Int(a > x ? i.jt : i.jf)
             case BPF.ldMem: a = m[Int(i.k)]
             case BPF.ldxMem: x = m[Int(i.k)]
             case BPF.ldxMSH: guard let v = load(Int(i.k), 1) else { return 0 }; x = (v & 0xF) * 4
@@ -34,7 +38,9 @@ final class FlowSteeringTests: XCTestCase {
             case BPF.rshK: a >>= i.k
             case BPF.jeqK: pc += Int(a == i.k ? i.jt : i.jf)
             case BPF.jsetK: pc += Int(a & i.k != 0 ? i.jt : i.jf)
+            case BPF.jgtK: pc += Int(a > i.k ? i.jt : i.jf)
             case BPF.retA: return a
+            case BPF.retK: return i.k
             default: XCTFail("opcode \(i.code) not interpreted"); return 0
             }
         }
@@ -60,12 +66,68 @@ final class FlowSteeringTests: XCTestCase {
 
     func testProgramPicksTheWorkerTheReferencePicks() {
         for workers in [1, 2, 3, 4, 8, 64] {
-            let program = FlowSteering.program(workers: workers)
-            for p in packets() {
-                let expected = p.withUnsafeBytes { FlowSteering.worker($0, workers: workers) }
-                XCTAssertEqual(Int(Self.run(program, on: p)), expected, "\(workers) workers, packet \(p)")
-                XCTAssertLessThan(expected, workers)
+            for express in [nil, 128] as [Int?] {
+                let program = FlowSteering.program(workers: workers, express: express)
+                for p in packets() {
+                    let expected = p.withUnsafeBytes { FlowSteering.worker($0, workers: workers, express: express) }
+                    XCTAssertEqual(Int(Self.run(program, on: p)), expected, "\(workers) workers, packet \(p)")
+                    XCTAssertLessThan(expected, workers + (express == nil ? 0 : 1))
+                }
             }
+        }
+    }
+
+    /// The express lane takes every short packet whose header claims at most its length, whatever the flow, but a
+    /// bare TCP acknowledgement, and no other: the reference and the program agree at the boundary, and a bulk
+    /// flow's full-size segments and its acknowledgements stay on its worker.
+    func testExpressLaneTakesShortPacketsButBareAcknowledgements() {
+        func tcp(_ sport: UInt16, payload: Int, flags: UInt8 = TCPHeader.ack, options: Int = 0) -> [UInt8] {
+            var spec = TCPPacketSpec()
+            spec.sourcePort = sport
+            spec.flags = flags
+            spec.tcpOptions = [UInt8](repeating: 1, count: options)  // NOPs
+            spec.payload = filled(7, payload)
+            return spec.bytes()
+        }
+        for workers in [1, 2, 4] {
+            let program = FlowSteering.program(workers: workers, express: 128)
+            for sport in UInt16(40000)..<40032 {
+                func flowWorker(_ p: [UInt8]) -> UInt32 {
+                    UInt32(p.withUnsafeBytes { FlowSteering.worker($0, workers: workers) })
+                }
+                let bulk = tcp(sport, payload: 1400)
+                XCTAssertEqual(Self.run(program, on: bulk), flowWorker(bulk))
+                for ack in [tcp(sport, payload: 0), tcp(sport, payload: 0, options: 32)] {
+                    XCTAssertEqual(Self.run(program, on: ack), flowWorker(ack), "a bare acknowledgement")
+                }
+                XCTAssertEqual(Self.run(program, on: tcp(sport, payload: 0, flags: TCPHeader.syn)), UInt32(workers))
+                XCTAssertEqual(Self.run(program, on: tcp(sport, payload: 0, flags: TCPHeader.fin | TCPHeader.ack)),
+                               UInt32(workers))
+                XCTAssertEqual(Self.run(program, on: tcp(sport, payload: 1)), UInt32(workers), "a 1-byte payload")
+                XCTAssertEqual(Self.run(program, on: tcp(sport, payload: 128 - 40)), UInt32(workers), "128 bytes")
+                let longer = tcp(sport, payload: 129 - 40)
+                XCTAssertEqual(Self.run(program, on: longer), flowWorker(longer), "129 bytes")
+            }
+            let ping = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.2"), proto: 1,
+                                payload: [UInt8](repeating: 0, count: 64))
+            XCTAssertEqual(Self.run(program, on: ping), UInt32(workers))
+            XCTAssertEqual(ping.withUnsafeBytes { FlowSteering.queue($0, workers: workers, express: 128) }, workers)
+        }
+    }
+
+    /// Linux gives connect() even ephemeral ports, so a client's TCP flows differ in the source port's upper bits
+    /// only: they must still spread. (With the product's low bits, `% 2` read the port's parity, and every one of
+    /// them went to the same worker.)
+    func testFlowsWithEvenSourcePortsSpread() {
+        for workers in [2, 3, 4] {
+            var seen = Set<Int>()
+            for sport in stride(from: UInt16(40000), to: 40016, by: 2) {
+                var spec = TCPPacketSpec()
+                spec.sourcePort = sport
+                let p = spec.bytes()
+                seen.insert(Int(Self.run(FlowSteering.program(workers: workers), on: p)))
+            }
+            XCTAssertEqual(seen.count, workers, "8 flows with even source ports over \(workers) workers: \(seen)")
         }
     }
 
@@ -87,22 +149,6 @@ final class FlowSteeringTests: XCTestCase {
             var seen = Set<UInt32>()
             for sport in UInt16(40000)..<40016 { seen.insert(Self.run(program, on: tcp(sport, payload: []))) }
             XCTAssertEqual(seen.count, workers, "16 flows over \(workers) workers: \(seen)")
-        }
-    }
-
-    /// Linux gives connect() even ephemeral ports, so a client's TCP flows differ in the source port's upper bits
-    /// only: they must still spread. (With the product's low bits, `% 2` read the port's parity, and every one of
-    /// them went to the same worker.)
-    func testFlowsWithEvenSourcePortsSpread() {
-        for workers in [2, 3, 4] {
-            var seen = Set<Int>()
-            for sport in stride(from: UInt16(40000), to: 40016, by: 2) {
-                var spec = TCPPacketSpec()
-                spec.sourcePort = sport
-                let p = spec.bytes()
-                seen.insert(Int(Self.run(FlowSteering.program(workers: workers), on: p)))
-            }
-            XCTAssertEqual(seen.count, workers, "8 flows with even source ports over \(workers) workers: \(seen)")
         }
     }
 

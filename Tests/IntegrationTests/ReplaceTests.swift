@@ -156,7 +156,7 @@ final class ReplaceTests: HostileTopologyTestCase {
         XCTAssertGreaterThan(pings.answered, 300)
         XCTAssertFalse(sent.isEmpty)
         XCTAssertEqual(sent, received, "the stream arrives whole")
-        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 4)
+        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 5, "4 pairs and the express lane's")
 
         // down after replacements removes everything, as after a plain up.
         let down = fu(a, ["down"])
@@ -248,9 +248,24 @@ final class ReplaceTests: HostileTopologyTestCase {
         let fewer = up(a, ["--replace", "--workers", "1"])
         XCTAssertEqual(fewer.status, 0, fewer.description)
         XCTAssertNotEqual(try pid(a), old)
-        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 1)
+        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 2, "1 pair and the express lane's")
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0)
         XCTAssertEqual(ping(from: a.pod, b.podAddress, ["-c", "20", "-i", "0.01"]).status, 0)
+
+        // The express lane turned off and on again by replacements: the tun's steering program goes and comes
+        // back with it, and short pings take the lane again.
+        let off = up(a, ["--replace", "--workers", "1", "--express-size", "0"])
+        XCTAssertEqual(off.status, 0, off.description)
+        XCTAssertEqual(try XCTUnwrap(try daemonStatus(a)["workers"] as? [Any]).count, 1)
+        XCTAssertEqual(ping(from: a.pod, b.podAddress, ["-c", "10", "-i", "0.01"]).status, 0)
+        let on = up(a, ["--replace", "--workers", "1"])
+        XCTAssertEqual(on.status, 0, on.description)
+        let lanes = try XCTUnwrap(try daemonStatus(a)["workers"] as? [[String: Any]])
+        XCTAssertEqual(lanes.map { $0["express"] as? Bool ?? false }, [false, true])
+        XCTAssertEqual(ping(from: a.pod, b.podAddress, ["-c", "10", "-i", "0.01"]).status, 0)
+        let express = try XCTUnwrap((try daemonStatus(a)["workers"] as? [[String: Any]])?.last)
+        XCTAssertEqual(express["tunToUDPPackets"] as? Int, 10, "echo requests leave on the express lane: \(express)")
+        XCTAssertEqual(express["udpToTunPackets"] as? Int, 10, "echo replies arrive on it: \(express)")
     }
 
     /// A replacement that fails after the old daemon paused (the new one asks for other offloads than the device

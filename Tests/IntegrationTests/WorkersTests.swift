@@ -36,49 +36,87 @@ final class HostileTrafficTestsWorkers4: HostileTrafficTests {
 }
 
 /// Worker pairs end to end (topology in HostileTopology.swift): one inner flow is handled by one worker pair on
-/// both sides of a node, several flows spread over the pairs, and TCP sees no more reordering with 4 pairs than
-/// with 1.
+/// both sides of a node, several flows spread over the pairs, short packets take the express lane's pair, and TCP
+/// sees no more reordering with 4 pairs than with 1.
 final class WorkersTests: HostileTopologyTestCase {
     /// Per worker pair: packets tun -> UDP and UDP -> tun so far.
     func workers(_ node: Node) throws -> [(tunToUDP: Int, udpToTun: Int)] {
-        let w = try XCTUnwrap(daemonStatus(node)["workers"] as? [[String: Any]])
-        return w.map { ($0["tunToUDPPackets"] as? Int ?? -1, $0["udpToTunPackets"] as? Int ?? -1) }
+        try workerStatus(node).map { ($0["tunToUDPPackets"] as? Int ?? -1, $0["udpToTunPackets"] as? Int ?? -1) }
     }
 
-    func pair(_ i: Int, _ j: Int, workers n: Int) throws -> (Node, Node) {
-        let a = try makeNode(i, extra: ["--workers", "\(n)"])
-        let b = try makeNode(j, extra: ["--workers", "\(n)"])
+    func workerStatus(_ node: Node) throws -> [[String: Any]] {
+        try XCTUnwrap(daemonStatus(node)["workers"] as? [[String: Any]])
+    }
+
+    func pair(_ i: Int, _ j: Int, workers n: Int, extra: [String] = []) throws -> (Node, Node) {
+        let a = try makeNode(i, extra: ["--workers", "\(n)"] + extra)
+        let b = try makeNode(j, extra: ["--workers", "\(n)"] + extra)
         XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
         XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
         XCTAssertEqual(ping(from: b.pod, a.podAddress).status, 0, "overlay up")
         return (a, b)
     }
 
+    /// The packets each pair moved between two readings, per direction.
+    func moved(_ after: [(tunToUDP: Int, udpToTun: Int)], _ before: [(tunToUDP: Int, udpToTun: Int)])
+        -> (rx: [Int], tx: [Int]) {
+        (zip(after, before).map { $0.0.udpToTun - $0.1.udpToTun }, zip(after, before).map { $0.0.tunToUDP - $0.1.tunToUDP })
+    }
+
     func testOneFlowStaysOnOneWorkerWhileFlowsSpread() throws {
         let (a, b) = try pair(1, 2, workers: 4)
+        let status = try workerStatus(a)
+        XCTAssertEqual(status.count, 5, "4 worker pairs and the express lane's")
+        XCTAssertEqual(status.map { $0["express"] as? Bool ?? false }, [false, false, false, false, true])
         let before = try workers(a)
-        XCTAssertEqual(before.count, 4)
 
-        // One flow: 100 echo requests from pod B (an ICMP flow is its address pair). At node A every request
-        // arrives on one worker's socket, and every reply leaves through that worker's tun queue (the tun sends
-        // a flow's packets to the queue its packets were written on).
-        let p = ping(from: b.pod, a.podAddress, ["-c", "100", "-i", "0.005", "-q"])
+        // One flow of full-size packets: 100 echo requests of 1028 bytes from pod B (an ICMP flow is its address
+        // pair). At node A every request arrives on one worker's socket, and every reply leaves through that
+        // worker's tun queue (both programs hash the flow's addresses alike).
+        let p = ping(from: b.pod, a.podAddress, ["-c", "100", "-i", "0.005", "-q", "-s", "1000"])
         XCTAssertEqual(p.status, 0, p.description)
         let after = try workers(a)
-        let rx = zip(after, before).map { $0.0.udpToTun - $0.1.udpToTun }
-        let tx = zip(after, before).map { $0.0.tunToUDP - $0.1.tunToUDP }
+        let (rx, tx) = moved(after, before)
         XCTAssertEqual(rx.filter { $0 > 0 }.count, 1, "one flow, one receiving worker: \(rx)")
         XCTAssertEqual(rx.reduce(0, +), 100, "\(rx)")
         XCTAssertEqual(tx.filter { $0 > 0 }.count, 1, "one flow, one sending worker: \(tx)")
         XCTAssertEqual(rx.firstIndex { $0 > 0 }, tx.firstIndex { $0 > 0 }, "the same pair both ways: \(rx) \(tx)")
+        XCTAssertEqual(rx[4] + tx[4], 0, "full-size packets stay off the express lane: \(rx) \(tx)")
 
-        // Eight TCP flows (iperf3 -P 8: eight source ports) spread over more than one worker on each side.
+        // Short pings (84 bytes) take the express lane, both ways, and nothing else does meanwhile.
+        let p2 = ping(from: b.pod, a.podAddress, ["-c", "50", "-i", "0.005", "-q"])
+        XCTAssertEqual(p2.status, 0, p2.description)
+        let afterShort = try workers(a)
+        let (rxShort, txShort) = moved(afterShort, after)
+        XCTAssertEqual(rxShort, [0, 0, 0, 0, 50], "echo requests arrive on the express lane")
+        XCTAssertEqual(txShort, [0, 0, 0, 0, 50], "echo replies leave on the express lane")
+
+        // Eight TCP flows (iperf3 -P 8: eight source ports) spread over more than one worker on each side; of
+        // them the express lane gets the handshakes and closes (and iperf3's short control messages), not the
+        // data or the bare acknowledgements.
         let sender = try workers(b)
         let (_, spread) = try iperf(from: b, to: a)
-        let rx8 = zip(try workers(a), after).map { $0.0.udpToTun - $0.1.udpToTun }
-        XCTAssertGreaterThan(rx8.filter { $0 > 0 }.count, 1, "8 flows over 4 receiving workers: \(rx8) (\(spread))")
-        let tx8 = zip(try workers(b), sender).map { $0.0.tunToUDP - $0.1.tunToUDP }
-        XCTAssertGreaterThan(tx8.filter { $0 > 0 }.count, 1, "8 flows over 4 sending workers: \(tx8)")
+        let (rx8, _) = moved(try workers(a), afterShort)
+        XCTAssertGreaterThan(rx8[..<4].filter { $0 > 0 }.count, 1, "8 flows over 4 receiving workers: \(rx8) (\(spread))")
+        let (_, tx8) = moved(try workers(b), sender)
+        XCTAssertGreaterThan(tx8[..<4].filter { $0 > 0 }.count, 1, "8 flows over 4 sending workers: \(tx8)")
+        XCTAssertGreaterThan(rx8[..<4].reduce(0, +), 10_000, "\(rx8)")
+        XCTAssertLessThan(rx8[4], 200, "the data and the acknowledgements stay on their flows' workers: \(rx8)")
+        XCTAssertLessThan(tx8[4], 200, "\(tx8)")
+    }
+
+    /// `--express-size 0`: no express lane, every pair carries flows, short pings included.
+    func testNoExpressLaneWhenTurnedOff() throws {
+        let (a, b) = try pair(1, 2, workers: 2, extra: ["--express-size", "0"])
+        let status = try workerStatus(a)
+        XCTAssertEqual(status.count, 2)
+        XCTAssertTrue(status.allSatisfy { $0["express"] == nil }, "\(status)")
+        let before = try workers(a)
+        let p = ping(from: b.pod, a.podAddress, ["-c", "20", "-i", "0.005", "-q"])
+        XCTAssertEqual(p.status, 0, p.description)
+        let (rx, _) = moved(try workers(a), before)
+        XCTAssertEqual(rx.reduce(0, +), 20, "\(rx)")
+        XCTAssertEqual(rx.filter { $0 > 0 }.count, 1, "one flow, one worker: \(rx)")
     }
 
     /// iperf3 with 8 streams through 1 and through 4 worker pairs: the receiving pod's out-of-order queueing and

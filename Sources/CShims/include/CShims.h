@@ -122,6 +122,33 @@ struct fu_sock_filter {
 /// call is built here.
 int fu_attach_reuseport_cbpf(int fd, const struct fu_sock_filter *program, unsigned short count);
 
+/// One eBPF instruction: a mirror of struct bpf_insn (<linux/bpf.h>) without its two 4-bit register fields, which
+/// are `regs` here (destination in the low nibble, source in the high one, as the kernel lays them out on a
+/// little-endian machine); checked by _Static_asserts in CShims.c.
+struct fu_bpf_insn {
+    uint8_t code;
+    uint8_t regs;
+    int16_t off;
+    int32_t imm;
+};
+
+/// bpf(BPF_PROG_LOAD) of a BPF_PROG_TYPE_SOCKET_FILTER program (glibc has no bpf() wrapper, and union bpf_attr is
+/// easier to fill in C): the program's descriptor, or -1 with errno set. The verifier's complaint, if any, is
+/// written into `log` (`log_size` bytes, NUL-terminated).
+int fu_bpf_load_socket_filter(const struct fu_bpf_insn *program, unsigned int count, char *log, unsigned int log_size);
+
+/// ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd): the program that picks the queue of each packet the kernel routes into
+/// the tun (its return value modulo the number of queues), for the whole device, set through any queue. -1
+/// detaches it (the kernel's flow hash picks again).
+int fu_tun_set_steering_ebpf(int fd, int prog_fd);
+
+/// sched_setattr(0, SCHED_NORMAL at the thread's own nice value, sched_runtime = `slice_ns`, 0): on kernels with
+/// EEVDF's custom slices (6.12 and later) a fair thread that asks for a short slice gets an early virtual deadline,
+/// so its wake-up preempts the running thread instead of waiting out that thread's slice; its share of the CPU
+/// stays what its nice value gives. glibc has no wrapper and struct sched_attr is <linux/sched/types.h>'s. Older
+/// kernels ignore the field (0 returned, no effect).
+int fu_request_slice(unsigned long long slice_ns);
+
 /// The number of CPUs this process may run on (sched_getaffinity + CPU_COUNT, both _GNU_SOURCE and macros), or
 /// -1 with errno set.
 int fu_available_cpus(void);

@@ -197,9 +197,9 @@ public final class WorkerCounters: Sendable {
 
     public init() {}
 
-    public func snapshot(_ index: Int) -> WorkerCounts {
+    public func snapshot(_ index: Int, express: Bool = false) -> WorkerCounts {
         WorkerCounts(worker: index, tunToUDPPackets: tunToUDPPackets.load(ordering: .relaxed),
-                     udpToTunPackets: udpToTunPackets.load(ordering: .relaxed))
+                     udpToTunPackets: udpToTunPackets.load(ordering: .relaxed), express: express ? true : nil)
     }
 }
 
@@ -208,4 +208,6 @@ public struct WorkerCounts: Codable, Equatable, Sendable {
     public var worker: Int
     public var tunToUDPPackets: UInt64
     public var udpToTunPackets: UInt64
+    /// true for the express lane's pair (`ForwarderOptions.express`); absent for the others.
+    public var express: Bool?
 }

@@ -63,7 +63,9 @@ public final class Forwarder: @unchecked Sendable {
     public var offloadStatistics: OffloadStatistics { offloads.statistics }
 
     /// What each worker pair moved, in pair order.
-    public var workerCounts: [WorkerCounts] { workerCounters.enumerated().map { $0.element.snapshot($0.offset) } }
+    public var workerCounts: [WorkerCounts] {
+        workerCounters.enumerated().map { $0.element.snapshot($0.offset, express: pairs[$0.offset].tunToUDP.express) }
+    }
 
     /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
     /// and stops moving when the worker is stuck or gone.
@@ -125,29 +127,32 @@ public final class Forwarder: @unchecked Sendable {
         self.stopRequested = stopRequested
         workerCounters = sockets.map { _ in WorkerCounters() }
         var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
+        precondition(options.express == nil || sockets.count >= 2, "the express lane is a pair beside the others")
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
+            // The express lane: the last pair, for short packets only (nothing to coalesce, no bulk to drop).
+            let express = options.express != nil && k == sockets.count - 1
             let vnet = offloads.vnetHeader
             let worker = workerCounters[k]
             let tun = StageIO(fd: tunFD, name: tunName, counters: counters, worker: worker, offloads: offloads,
                               logger: logger)
             let udp = StageIO(fd: socket.fd, name: "\(socket.localEndpoint)", counters: counters, worker: worker,
                               offloads: offloads, logger: logger)
-            let suffix = k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
+            let suffix = express || k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
             func setup(_ name: String) -> WorkerSetup {
-                WorkerSetup(threadName: name + suffix, stopRequested: stopRequested, table: table, config: config, counters: counters,
-                            options: options)
+                WorkerSetup(threadName: (express ? "fu-x-" : "fu-") + name + suffix, stopRequested: stopRequested,
+                            table: table, config: config, counters: counters, options: options, express: express)
             }
             pairs.append((
                 TunToUDPWorker(
                     reader: TunReader(tun, vnet: vnet, options: options),
                     sender: UDPSender(udp, options: options),
                     icmpWriter: TunWriter(tun, vnet: vnet, coalesce: false),
-                    setup("fu-tun-to-udp")),
+                    setup("tun-to-udp")),
                 UDPToTunWorker(
-                    receiver: try UDPReceiver(udp, options: options, timestamps: options.codel.isOn),
-                    writer: TunWriter(tun, vnet: vnet, coalesce: offloads.coalesce),
+                    receiver: try UDPReceiver(udp, options: options, timestamps: options.codel.isOn && !express),
+                    writer: TunWriter(tun, vnet: vnet, coalesce: offloads.coalesce && !express),
                     icmpSender: UDPSender(udp, options: options, queueCapacity: 1),
-                    setup("fu-udp-to-tun"))))
+                    setup("udp-to-tun"))))
         }
         self.pairs = pairs
     }
@@ -213,6 +218,9 @@ public final class Forwarder: @unchecked Sendable {
         }
     }
 
+    /// The slice the express lane's threads ask for: the shortest EEVDF grants (0.1 ms).
+    static let expressSliceNanoseconds: UInt64 = 100_000
+
     private static func clearNonBlocking(_ fd: Int32, _ name: String) throws(SystemError) {
         let flags = try syscall("get flags of", name) { fcntl(fd, F_GETFL) }
         try syscall("clear O_NONBLOCK on", name) { fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
@@ -237,6 +245,12 @@ public final class Forwarder: @unchecked Sendable {
     private func runWorker(_ worker: ForwardingWorker, index: Int) {
         _ = fu_set_thread_name(worker.threadName)
         defer { state.withLock { $0.exited[index] = true } }
+        // The express lane's threads wake for a short packet while the bulk workers, the pods and the kernel keep
+        // the CPUs busy: with the shortest slice the scheduler grants, the wake-up preempts whoever runs instead
+        // of waiting out its slice, at no more CPU share than any other thread's.
+        if worker.express && fu_request_slice(Forwarder.expressSliceNanoseconds) != 0 {
+            logger.warning("express lane: a short scheduler slice for \(worker.threadName): \(SystemError.describe(errno)) (its wake-ups wait their turn)")
+        }
         do throws(SystemError) {
             try worker.run()
         } catch {

@@ -37,14 +37,24 @@ public struct ForwarderOptions: Sendable {
     /// The receive side's CoDel (`ReceiveCoDel`): how long bulk flows may keep waiting in the socket queue
     /// before they lose (or get CE on) a packet. `.off` leaves the queue to the kernel's tail drop.
     public var codel: CoDelParameters
+    /// The express lane (see `FlowSteering`): IPv4 packets of at most this many bytes, in both directions, go to
+    /// the last worker pair, which then carries nothing else (its tun writes are never coalesced and CoDel does
+    /// not watch it). nil: no express lane, every pair carries flows.
+    public var express: Int?
+
+    /// The express lane's default length: a ping (84 bytes), a pure TCP acknowledgement with three SACK blocks
+    /// (80), a handshake, a short DNS query; no full-size segment of any flow.
+    public static let defaultExpressLength = 128
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
                 readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000,
-                codel: CoDelParameters = CoDelParameters()) {
+                codel: CoDelParameters = CoDelParameters(), express: Int? = nil) {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
                      && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
+        precondition(express.map { $0 >= IPv4Header.minimumLength && $0 <= Int(UInt16.max) } ?? true)
         self.codel = codel
+        self.express = express
         self.heartbeatMilliseconds = heartbeatMilliseconds
         self.readBytesPerBatch = readBytesPerBatch
         self.groBatchSize = groBatchSize

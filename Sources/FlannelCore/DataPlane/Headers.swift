@@ -66,6 +66,8 @@ package enum TCPHeader {
     package static let syn: UInt8 = 0x02
     package static let rst: UInt8 = 0x04
     package static let psh: UInt8 = 0x08
+    /// The flags that open, close or reset a connection (what the express lane takes from a TCP flow).
+    package static let synFinRst: UInt8 = syn | fin | rst
     package static let ack: UInt8 = 0x10
     package static let urg: UInt8 = 0x20
     package static let ece: UInt8 = 0x40

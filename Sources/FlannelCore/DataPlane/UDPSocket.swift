@@ -66,22 +66,23 @@ public final class UDPSocket: @unchecked Sendable {
     /// daemon's, for another device), and the two would share its datagrams. So the port is first bound once
     /// without SO_REUSEPORT, which fails with EADDRINUSE as a second daemon always did, then released for the
     /// group. (A daemon that means to join, one replacing another, is what would skip that check.)
+    /// `express`: the last socket is the express lane's (see `steer`).
     /// - Throws: `SystemError` for the first socket that cannot be opened or the program the kernel refuses (the
     ///   sockets opened so far are closed).
-    public static func group(bind endpoint: Endpoint, count: Int,
+    public static func group(bind endpoint: Endpoint, count: Int, express: Int? = nil,
                              bufferSize: Int = UDPSocket.defaultBufferSize) throws(SystemError) -> [UDPSocket] {
-        precondition(count >= 1)
+        precondition(count >= (express == nil ? 1 : 2))
         let probe = try UDPSocket(bind: endpoint, bufferSize: 0)
         let free = probe.localEndpoint
         probe.close()
-        return try join(free, count: count, bufferSize: bufferSize, steering: count > 1)
+        return try join(free, count: count, bufferSize: bufferSize, steering: count > 1, express: express)
     }
 
     /// Opens `count` sockets on `endpoint` with SO_REUSEPORT, joining whatever reuseport group is bound there
     /// (no check that the port is free: `up --replace` with more workers adds sockets to the group it took
     /// over), and with `steering` attaches `FlowSteering`'s program for them (see `steer`).
     public static func join(_ endpoint: Endpoint, count: Int, bufferSize: Int = UDPSocket.defaultBufferSize,
-                            steering: Bool) throws(SystemError) -> [UDPSocket] {
+                            steering: Bool, express: Int? = nil) throws(SystemError) -> [UDPSocket] {
         var sockets: [UDPSocket] = []
         do throws(SystemError) {
             sockets.append(try UDPSocket(bind: endpoint, bufferSize: bufferSize, reusePort: true))
@@ -89,7 +90,7 @@ public final class UDPSocket: @unchecked Sendable {
             while sockets.count < count {
                 sockets.append(try UDPSocket(bind: bound, bufferSize: bufferSize, reusePort: true))
             }
-            if steering { try steer(sockets) }
+            if steering { try steer(sockets, express: express) }
         } catch {
             for s in sockets { s.close() }
             throw error
@@ -101,9 +102,12 @@ public final class UDPSocket: @unchecked Sendable {
     /// program is the group's, whichever member it is attached through, and atomically replaces the one before):
     /// the flows spread over the group's first `sockets.count` indices, which must be these sockets. Sockets
     /// joined later get nothing until the program is attached again for them (`up --replace` with more workers);
-    /// an index past the group (sockets closed) falls back to the kernel's hash.
-    public static func steer(_ sockets: [UDPSocket]) throws(SystemError) {
-        let program = FlowSteering.program(workers: sockets.count)
+    /// an index past the group (sockets closed) falls back to the kernel's hash. `express`: the last of `sockets`
+    /// is the express lane's, for inner packets of at most that many bytes.
+    public static func steer(_ sockets: [UDPSocket], express: Int? = nil) throws(SystemError) {
+        let workers = express == nil ? sockets.count : sockets.count - 1
+        precondition(workers >= 1, "an express lane needs a worker beside it")
+        let program = FlowSteering.program(workers: workers, express: express)
         try syscall("attach reuseport steering program (SO_ATTACH_REUSEPORT_CBPF) to", "\(sockets[0].localEndpoint)") {
             program.withUnsafeBufferPointer {
                 fu_attach_reuseport_cbpf(sockets[0].fd, $0.baseAddress, UInt16($0.count))

@@ -17,11 +17,15 @@ struct WorkerSetup {
     let config: ForwardingConfig
     let counters: DataPlaneCounters
     let options: ForwarderOptions
+    /// The express lane's worker (`ForwarderOptions.express`).
+    var express = false
 }
 
 class ForwardingWorker {
     let threadName: String
     let options: ForwarderOptions
+    /// The express lane's worker: its thread asks the scheduler for a short slice (`Forwarder.runWorker`).
+    let express: Bool
     /// Set (then the thread woken with the wake signal) by `Forwarder.stop()` or a failing worker.
     let stopRequested: ManagedAtomic<Bool>
     let table: RouteTable
@@ -34,6 +38,7 @@ class ForwardingWorker {
 
     init(_ setup: WorkerSetup) {
         threadName = setup.threadName
+        express = setup.express
         stopRequested = setup.stopRequested
         table = setup.table
         counters = setup.counters

@@ -96,6 +96,37 @@ public final class TunDevice: @unchecked Sendable {
         return queueFDs
     }
 
+    /// Picks the queue of every packet routed into the device with `FlowSteering.tunProgram` (its first `workers`
+    /// queues by flow, queue `workers` for the express lane's short packets), or with `workers` nil, hands the
+    /// choice back to the kernel's flow hash (no program). The program is the device's, whichever queue sets it,
+    /// and replaces the one before atomically.
+    /// - Throws: `SystemError` naming the step and the device; a verifier refusal carries the verifier's last line.
+    public func steer(workers: Int?, express: Int?) throws(SystemError) {
+        guard let workers else {
+            try syscall("detach steering program (TUNSETSTEERINGEBPF) from tun device", name) {
+                fu_tun_set_steering_ebpf(fd, -1)
+            }
+            return
+        }
+        let program = FlowSteering.tunProgram(workers: workers, express: express)
+        var log = [CChar](repeating: 0, count: 4096)
+        let prog = program.withUnsafeBufferPointer { insns in
+            log.withUnsafeMutableBufferPointer {
+                fu_bpf_load_socket_filter(insns.baseAddress, UInt32(insns.count), $0.baseAddress, UInt32($0.count))
+            }
+        }
+        if prog < 0 {
+            let code = errno
+            let said = String(decoding: log.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+            let last = said.split(separator: "\n").last.map { " (verifier: \($0))" } ?? ""
+            throw SystemError("load steering program (BPF_PROG_LOAD) for tun device", name + last, errno: code)
+        }
+        defer { _ = Glibc.close(prog) }  // the device holds its own reference
+        try syscall("attach steering program (TUNSETSTEERINGEBPF) to tun device", name) {
+            fu_tun_set_steering_ebpf(fd, prog)
+        }
+    }
+
     /// Switches every queue's descriptor between blocking and non-blocking mode.
     public func setNonBlocking(_ on: Bool) throws(SystemError) {
         for fd in queueFDs {

@@ -133,11 +133,13 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
 
         // Bind the UDP port before touching any device, so "address in use" changes nothing. One socket per worker,
-        // each inner flow steered to one of them (FlowSteering).
-        let sockets: [UDPSocket] = try Failure.system(try UDPSocket.group(bind: plan.listen, count: config.workers))
+        // each inner flow steered to one of them, and the express lane's (FlowSteering).
+        let sockets: [UDPSocket] = try Failure.system(try UDPSocket.group(bind: plan.listen, count: config.pairs,
+                                                                          express: config.express))
 
         let tun: TunDevice
         tun = try setup.bringUp(plan)
+        steerTun(tun)
         masquerade = setup.masquerade
         overlay = setup.installed
         dataPlane = (tun, sockets)
@@ -185,13 +187,25 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 counters: counters, logger: logger,
                                 options: ForwarderOptions(offloads: config.offloads,
                                                           heartbeatMilliseconds: observer?.heartbeatMilliseconds ?? 1000,
-                                                          codel: config.codel),
+                                                          codel: config.codel, express: config.express),
                                 onFailure: { [weak self] error in
                                     // A deleted device fails the tun reads too; say so rather than only the errno.
                                     self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")
                                 })
         } catch {
             throw .failed("start forwarder: \(error)")
+        }
+    }
+
+    /// Has the tun pick its queues as the sockets do (`FlowSteering.tunProgram`) when there is an express lane,
+    /// else leaves it to the kernel's flow hash (detaching the program a daemon before may have left). A kernel
+    /// that refuses the program costs the express lane its tun side, not the node: the kernel's hash then spreads
+    /// the packets over every queue, the express lane's included, which forwards whatever it gets.
+    func steerTun(_ tun: TunDevice) {
+        do {
+            try tun.steer(workers: config.express == nil ? nil : config.workers, express: config.express)
+        } catch {
+            logger.error("\(error) (packets are spread over the tun's queues by the kernel's hash)")
         }
     }
 

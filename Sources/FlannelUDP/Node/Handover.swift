@@ -186,6 +186,13 @@ extension Daemon {
             let restarted = try makeForwarder(tun: dataPlane.tun, sockets: dataPlane.sockets, membership: membership)
             forwarder = restarted
             try start(restarted)
+            // The successor may have steered the port and the tun for another layout: ours again.
+            if dataPlane.sockets.count > 1 {
+                do { try UDPSocket.steer(dataPlane.sockets, express: config.express) } catch {
+                    logger.error("\(error) (datagrams are spread by the kernel's hash)")
+                }
+            }
+            steerTun(dataPlane.tun)
         } catch {
             outgoing.phase.withLock { $0 = .idle }
             return fail("\(why), and forwarding again failed: \(error)")
@@ -257,7 +264,7 @@ extension Daemon {
             self.plan = plan
             try adoptPeers(old.routes, fileRoutes: fileRoutes, port: joined.port)
             let n = old.sockets
-            let wanted = config.workers
+            let wanted = config.pairs
             let socketFDs = Array(loose[n...])
             loose = Array(loose[..<n])  // the queues, until the tun takes them
             for (i, fd) in socketFDs.enumerated() {
@@ -303,7 +310,10 @@ extension Daemon {
         let switched = MonotonicClock.milliseconds() - switchStarted
         // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
         // first, so that nothing is renumbered.
-        do { try UDPSocket.steer(sockets) } catch { logger.error("\(error) (datagrams are spread by the kernel's hash)") }
+        do { try UDPSocket.steer(sockets, express: config.express) } catch {
+            logger.error("\(error) (datagrams are spread by the kernel's hash)")
+        }
+        if let dataPlane { steerTun(dataPlane.tun) }
         for fd in surplus.queues.reversed() { _ = close(fd) }
         for s in surplus.sockets.reversed() { s.close() }
         surplus = ([], [])

@@ -36,6 +36,11 @@ public struct NodeConfig: Sendable {
     public var codel = CoDelParameters()
     /// Worker pairs: tun queues, UDP sockets on the port (SO_REUSEPORT) and two threads per pair (`Workers`).
     public var workers = 1
+    /// The express lane's length (`ForwarderOptions.express`): one more worker pair for packets of at most this
+    /// many bytes; nil: none.
+    public var express: Int? = ForwarderOptions.defaultExpressLength
+    /// The tun queues, sockets and worker pairs the node runs: the workers and the express lane's.
+    public var pairs: Int { workers + (express == nil ? 0 : 1) }
 
     public init(source: Source) {
         self.source = source
@@ -78,6 +83,9 @@ public struct NodeConfig: Sendable {
         if !(masqResyncSeconds > 0 && masqResyncSeconds <= 3600) {
             return "masq-resync \(masqResyncSeconds) is outside 0-3600 seconds (it must be more than 0)"
         }
+        if let express, !NodeConfig.expressRange.contains(express) {
+            return "express-size \(express) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)"
+        }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"
         }
@@ -86,4 +94,6 @@ public struct NodeConfig: Sendable {
 
     /// IPv4 needs at least 68; the tun driver allows up to 65535, minus our 28 bytes of headers on the underlay.
     public static let mtuRange = 68...(65535 - encapsulationOverhead)
+    /// An IPv4 header at least, and a length that fits the header's field.
+    public static let expressRange = IPv4Header.minimumLength...Int(UInt16.max)
 }

@@ -143,7 +143,7 @@ public final class NodeSetup: @unchecked Sendable {  // used from the daemon's m
         let config = plan.config
         step("create tun device \(config.device)")
         // IFF_VNET_HDR only when offloads are wanted: the forwarder then reads TSO super-packets.
-        let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.workers)
+        let tun = try TunDevice(name: config.device, vnetHeader: config.offloads, queues: config.pairs)
         self.tun = tun
         undo.append(("close tun device \(config.device)", { tun.close(); self.tun = nil }))
         guard let link = try netlink.link(named: tun.name) else {

@@ -99,10 +99,11 @@ public enum PrometheusText {
             out.sample("flannel_udp_offload_largest_datagram_received_bytes", [:], o.largestDatagramReceived)
         }
         if let workers = status.workers {
-            out.family("flannel_udp_worker_packets_total", .counter, "Packets each worker pair moved, by direction.")
+            out.family("flannel_udp_worker_packets_total", .counter, "Packets each worker pair moved, by direction; lane is express for the express lane's pair, else flows.")
             for w in workers {
-                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "direction": "tunToUDP"], w.tunToUDPPackets)
-                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "direction": "udpToTun"], w.udpToTunPackets)
+                let lane = w.express == true ? "express" : "flows"
+                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "lane": lane, "direction": "tunToUDP"], w.tunToUDPPackets)
+                out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "lane": lane, "direction": "udpToTun"], w.udpToTunPackets)
             }
         }
         if let lease = status.lease {
