@@ -20,7 +20,6 @@
 #include <unistd.h>
 #include <linux/filter.h>
 #include <linux/bpf.h>
-#include <sys/resource.h>
 
 _Static_assert(sizeof(fu_mmsghdr) == sizeof(struct mmsghdr), "fu_mmsghdr must mirror struct mmsghdr");
 _Static_assert(offsetof(fu_mmsghdr, msg_len) == offsetof(struct mmsghdr, msg_len), "msg_len offset");
@@ -204,33 +203,6 @@ int fu_bpf_load_socket_filter(const struct fu_bpf_insn *program, unsigned int co
 }
 
 int fu_tun_set_steering_ebpf(int fd, int prog_fd) { return ioctl(fd, TUNSETSTEERINGEBPF, &prog_fd); }
-
-/// struct sched_attr as <linux/sched/types.h> publishes its first version (SCHED_ATTR_SIZE_VER0, 48 bytes); that
-/// header cannot be included beside glibc's <sched.h> (both define struct sched_param).
-struct fu_sched_attr {
-    uint32_t size;
-    uint32_t sched_policy;
-    uint64_t sched_flags;
-    int32_t sched_nice;
-    uint32_t sched_priority;
-    uint64_t sched_runtime;
-    uint64_t sched_deadline;
-    uint64_t sched_period;
-};
-_Static_assert(sizeof(struct fu_sched_attr) == 48, "SCHED_ATTR_SIZE_VER0");
-
-int fu_request_slice(unsigned long long slice_ns) {
-    struct fu_sched_attr attr;
-    memset(&attr, 0, sizeof(attr));
-    attr.size = sizeof(attr);
-    attr.sched_policy = SCHED_OTHER;
-    errno = 0;
-    int nice = getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
-    if (nice == -1 && errno != 0) return -1;
-    attr.sched_nice = nice;
-    attr.sched_runtime = slice_ns;
-    return (int)syscall(SYS_sched_setattr, 0, &attr, 0);
-}
 
 int fu_available_cpus(void) {
     cpu_set_t set;

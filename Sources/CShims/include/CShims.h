@@ -142,13 +142,6 @@ int fu_bpf_load_socket_filter(const struct fu_bpf_insn *program, unsigned int co
 /// detaches it (the kernel's flow hash picks again).
 int fu_tun_set_steering_ebpf(int fd, int prog_fd);
 
-/// sched_setattr(0, SCHED_NORMAL at the thread's own nice value, sched_runtime = `slice_ns`, 0): on kernels with
-/// EEVDF's custom slices (6.12 and later) a fair thread that asks for a short slice gets an early virtual deadline,
-/// so its wake-up preempts the running thread instead of waiting out that thread's slice; its share of the CPU
-/// stays what its nice value gives. glibc has no wrapper and struct sched_attr is <linux/sched/types.h>'s. Older
-/// kernels ignore the field (0 returned, no effect).
-int fu_request_slice(unsigned long long slice_ns);
-
 /// The number of CPUs this process may run on (sched_getaffinity + CPU_COUNT, both _GNU_SOURCE and macros), or
 /// -1 with errno set.
 int fu_available_cpus(void);

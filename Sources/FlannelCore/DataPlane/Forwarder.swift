@@ -218,9 +218,6 @@ public final class Forwarder: @unchecked Sendable {
         }
     }
 
-    /// The slice the express lane's threads ask for: the shortest EEVDF grants (0.1 ms).
-    static let expressSliceNanoseconds: UInt64 = 100_000
-
     private static func clearNonBlocking(_ fd: Int32, _ name: String) throws(SystemError) {
         let flags = try syscall("get flags of", name) { fcntl(fd, F_GETFL) }
         try syscall("clear O_NONBLOCK on", name) { fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) }
@@ -245,12 +242,6 @@ public final class Forwarder: @unchecked Sendable {
     private func runWorker(_ worker: ForwardingWorker, index: Int) {
         _ = fu_set_thread_name(worker.threadName)
         defer { state.withLock { $0.exited[index] = true } }
-        // The express lane's threads wake for a short packet while the bulk workers, the pods and the kernel keep
-        // the CPUs busy: with the shortest slice the scheduler grants, the wake-up preempts whoever runs instead
-        // of waiting out its slice, at no more CPU share than any other thread's.
-        if worker.express && fu_request_slice(Forwarder.expressSliceNanoseconds) != 0 {
-            logger.warning("express lane: a short scheduler slice for \(worker.threadName): \(SystemError.describe(errno)) (its wake-ups wait their turn)")
-        }
         do throws(SystemError) {
             try worker.run()
         } catch {

@@ -24,7 +24,7 @@ struct WorkerSetup {
 class ForwardingWorker {
     let threadName: String
     let options: ForwarderOptions
-    /// The express lane's worker: its thread asks the scheduler for a short slice (`Forwarder.runWorker`).
+    /// The express lane's worker (`status` marks its pair).
     let express: Bool
     /// Set (then the thread woken with the wake signal) by `Forwarder.stop()` or a failing worker.
     let stopRequested: ManagedAtomic<Bool>
