@@ -54,24 +54,22 @@ public enum FlowSteering {
     /// `express` is set), as the reuseport program decides it: the lane by the total length the inner header
     /// claims.
     public static func worker(_ packet: UnsafeRawBufferPointer, workers: Int, express: Int? = nil) -> Int {
-        if let express {
-            guard packet.count >= IPv4Header.totalLength + 2 else { return 0 }
-            let claimed = Int(packet.loadUnaligned(fromByteOffset: IPv4Header.totalLength, as: UInt16.self).bigEndian)
-            switch takesExpressLane(packet, length: claimed, limit: express) {
-            case true?: return workers
-            case nil: return 0
-            case false?: break
-            }
-        }
-        guard let key = key(packet) else { return 0 }
-        return worker(key: key, workers: workers)
+        let claimed = packet.count >= IPv4Header.totalLength + 2
+            ? Int(packet.loadUnaligned(fromByteOffset: IPv4Header.totalLength, as: UInt16.self).bigEndian) : nil
+        return pick(packet, length: claimed, workers: workers, express: express)
     }
 
     /// The tun queue of a packet the kernel routes into the device, as `tunProgram` decides it: the lane by the
     /// packet's own length, else as the reuseport program.
     public static func queue(_ packet: UnsafeRawBufferPointer, workers: Int, express: Int? = nil) -> Int {
+        pick(packet, length: packet.count, workers: workers, express: express)
+    }
+
+    /// Both programs' choice once the lane's length is read (`length` nil: a load beyond the packet, so 0).
+    private static func pick(_ packet: UnsafeRawBufferPointer, length: Int?, workers: Int, express: Int?) -> Int {
         if let express {
-            switch takesExpressLane(packet, length: packet.count, limit: express) {
+            guard let length else { return 0 }
+            switch takesExpressLane(packet, length: length, limit: express) {
             case true?: return workers
             case nil: return 0
             case false?: break

@@ -64,7 +64,7 @@ public final class Forwarder: @unchecked Sendable {
 
     /// What each worker pair moved, in pair order.
     public var workerCounts: [WorkerCounts] {
-        workerCounters.enumerated().map { $0.element.snapshot($0.offset, express: pairs[$0.offset].tunToUDP.express) }
+        workerCounters.enumerated().map { $0.element.snapshot($0.offset, express: Forwarder.isExpress($0.offset, of: pairs.count, options)) }
     }
 
     /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
@@ -130,7 +130,7 @@ public final class Forwarder: @unchecked Sendable {
         precondition(options.express == nil || sockets.count >= 2, "the express lane is a pair beside the others")
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
             // The express lane: the last pair, for short packets only (nothing to coalesce, no bulk to drop).
-            let express = options.express != nil && k == sockets.count - 1
+            let express = Forwarder.isExpress(k, of: sockets.count, options)
             let vnet = offloads.vnetHeader
             let worker = workerCounters[k]
             let tun = StageIO(fd: tunFD, name: tunName, counters: counters, worker: worker, offloads: offloads,
@@ -140,7 +140,7 @@ public final class Forwarder: @unchecked Sendable {
             let suffix = express || k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
             func setup(_ name: String) -> WorkerSetup {
                 WorkerSetup(threadName: (express ? "fu-x-" : "fu-") + name + suffix, stopRequested: stopRequested,
-                            table: table, config: config, counters: counters, options: options, express: express)
+                            table: table, config: config, counters: counters, options: options)
             }
             pairs.append((
                 TunToUDPWorker(
@@ -158,6 +158,11 @@ public final class Forwarder: @unchecked Sendable {
     }
 
     deinit { stop() }
+
+    /// Whether pair `k` of `count` is the express lane's: the last one, when `options.express` is set.
+    private static func isExpress(_ k: Int, of count: Int, _ options: ForwarderOptions) -> Bool {
+        options.express != nil && k == count - 1
+    }
 
     /// Makes the tun queues and the sockets blocking (each worker waits in its one receive call; see
     /// `ForwardingWorker.run`) and starts two threads per worker pair.

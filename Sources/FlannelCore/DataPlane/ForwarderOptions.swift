@@ -42,8 +42,8 @@ public struct ForwarderOptions: Sendable {
     /// not watch it). nil: no express lane, every pair carries flows.
     public var express: Int?
 
-    /// The express lane's default length: a ping (84 bytes), a pure TCP acknowledgement with three SACK blocks
-    /// (80), a handshake, a short DNS query; no full-size segment of any flow.
+    /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
+    /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
     public static let defaultExpressLength = 128
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,

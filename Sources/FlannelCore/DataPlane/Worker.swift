@@ -17,15 +17,11 @@ struct WorkerSetup {
     let config: ForwardingConfig
     let counters: DataPlaneCounters
     let options: ForwarderOptions
-    /// The express lane's worker (`ForwarderOptions.express`).
-    var express = false
 }
 
 class ForwardingWorker {
     let threadName: String
     let options: ForwarderOptions
-    /// The express lane's worker (`status` marks its pair).
-    let express: Bool
     /// Set (then the thread woken with the wake signal) by `Forwarder.stop()` or a failing worker.
     let stopRequested: ManagedAtomic<Bool>
     let table: RouteTable
@@ -38,7 +34,6 @@ class ForwardingWorker {
 
     init(_ setup: WorkerSetup) {
         threadName = setup.threadName
-        express = setup.express
         stopRequested = setup.stopRequested
         table = setup.table
         counters = setup.counters

@@ -209,6 +209,16 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
         }
     }
 
+    /// Steers the port's sockets and the tun for this daemon's layout once it forwards on descriptors another
+    /// daemon steered too (`up --replace`, or taking back after a successor died). A refusal is logged, not fatal:
+    /// the kernel's hashes then spread the packets, and every pair forwards whatever it gets.
+    func steer(_ tun: TunDevice, _ sockets: [UDPSocket]) {
+        do { try UDPSocket.steer(sockets, express: config.express) } catch {
+            logger.error("\(error) (datagrams are spread by the kernel's hash)")
+        }
+        steerTun(tun)
+    }
+
     func start(_ forwarder: Forwarder?) throws(Failure) {
         do { try forwarder?.start() } catch { throw .failed("start forwarder: \(error)") }
     }

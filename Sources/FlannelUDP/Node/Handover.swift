@@ -187,12 +187,7 @@ extension Daemon {
             forwarder = restarted
             try start(restarted)
             // The successor may have steered the port and the tun for another layout: ours again.
-            if dataPlane.sockets.count > 1 {
-                do { try UDPSocket.steer(dataPlane.sockets, express: config.express) } catch {
-                    logger.error("\(error) (datagrams are spread by the kernel's hash)")
-                }
-            }
-            steerTun(dataPlane.tun)
+            steer(dataPlane.tun, dataPlane.sockets)
         } catch {
             outgoing.phase.withLock { $0 = .idle }
             return fail("\(why), and forwarding again failed: \(error)")
@@ -310,10 +305,7 @@ extension Daemon {
         let switched = MonotonicClock.milliseconds() - switchStarted
         // Over our sockets (the group's first indices, in the order they joined), then the surplus goes, last
         // first, so that nothing is renumbered.
-        do { try UDPSocket.steer(sockets, express: config.express) } catch {
-            logger.error("\(error) (datagrams are spread by the kernel's hash)")
-        }
-        if let dataPlane { steerTun(dataPlane.tun) }
+        if let dataPlane { steer(dataPlane.tun, dataPlane.sockets) }
         for fd in surplus.queues.reversed() { _ = close(fd) }
         for s in surplus.sockets.reversed() { s.close() }
         surplus = ([], [])
