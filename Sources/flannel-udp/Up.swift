@@ -79,10 +79,13 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("codel-target"), help: ArgumentHelp("Receive-side CoDel: how long, in milliseconds, a bulk flow's datagrams may keep waiting in the UDP socket queue before it loses one (or has it ECN-marked); sparse flows are never dropped. Shortens the queue small flows wait behind when the senders back off on loss (cubic, reno), costs bulk throughput; 0 turns it off.", valueName: "ms"))
     var codelTarget: Double = 0.5
 
-    @Option(name: .customLong("express-size"), help: ArgumentHelp("Inner packets of at most this many bytes (pings, pure TCP acknowledgements, handshakes, short requests) take a worker pair of their own in both directions, so they wait neither behind bulk flows nor for a busy worker; 0 turns the express lane off.", valueName: "bytes"))
+    @Option(name: .customLong("express-size"), help: ArgumentHelp("Inner packets of at most this many bytes (pings, handshakes, short requests; not bare TCP acknowledgements, which stay with their flow) take a worker pair of their own in both directions, on one thread, so they wait neither behind bulk flows nor for a busy worker; 0 turns the express lane off.", valueName: "bytes"))
     var expressSize: Int = ForwarderOptions.defaultExpressLength
 
-    @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
+    @Option(name: .customLong("express-spin"), help: ArgumentHelp("After the express lane forwards a packet, its thread keeps looking for the next one (usually the answer) this many microseconds, yielding the CPU between looks, before it sleeps: a shorter round trip on an idle node, a longer one on a busy node; 0-1000, 0 sleeps at once.", valueName: "us"))
+    var expressSpin: Int = ForwarderOptions.defaultExpressSpinMicroseconds
+
+    @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction, beside the express lane's pair; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
     var workers: Int?
 
     @Option(name: .customLong("metrics-addr"), help: ArgumentHelp("Serve /healthz and Prometheus /metrics over HTTP on this IPv4 address and port, e.g. 127.0.0.1:9100 (off by default).", valueName: "host:port"))
@@ -112,6 +115,9 @@ struct Up: ParsableCommand {
         }
         if expressSize != 0 && !NodeConfig.expressRange.contains(expressSize) {
             throw ValidationError("--express-size \(expressSize) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)")
+        }
+        if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpin) {
+            throw ValidationError("--express-spin \(expressSpin) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds")
         }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
@@ -173,6 +179,7 @@ struct Up: ParsableCommand {
         config.codel = CoDelParameters(targetNanoseconds: UInt64((codelTarget * 1_000_000).rounded()))
         config.workers = workers ?? Workers.defaultCount()
         config.express = expressSize == 0 ? nil : expressSize
+        config.expressSpinMicroseconds = expressSpin
         return config
     }
 

@@ -7,7 +7,7 @@ import Glibc
 #endif
 
 /// The data plane's lifecycle: it builds the workers (`TunToUDPWorker`, `UDPToTunWorker`, each over its I/O
-/// stages), starts one thread per worker, stops and joins them, and keeps the first fatal error. What the workers
+/// stages), starts one thread per worker (the express lane's pair shares one, `DuplexLoop`), stops and joins them, and keeps the first fatal error. What the workers
 /// do is drawn at the top of TunToUDP.swift and UDPToTun.swift; flannel's wire format is in WireFormat.swift.
 ///
 /// Errors: per-packet errors (a failed send, a full tun queue) are counted by reason and logged at most once a
@@ -49,6 +49,9 @@ public final class Forwarder: @unchecked Sendable {
     var tunToUDP: TunToUDPWorker { pairs[0].tunToUDP }
     var udpToTun: UDPToTunWorker { pairs[0].udpToTun }
     private var workers: [ForwardingWorker] { pairs.flatMap { [$0.tunToUDP, $0.udpToTun] } }
+    /// What each forwarding thread runs, in start order: the workers of the flow pairs, one each, and the express
+    /// lane's pair on one thread.
+    let threads: [ForwardingThread]
 
     /// The fatal error that stopped the forwarder, if one did.
     public var failure: SystemError? { failureState.withLock { $0 } }
@@ -155,6 +158,11 @@ public final class Forwarder: @unchecked Sendable {
                     setup("udp-to-tun"))))
         }
         self.pairs = pairs
+        // A thread per worker, but the express lane's pair shares one (`DuplexLoop`).
+        threads = pairs.enumerated().flatMap { (k, pair) -> [ForwardingThread] in
+            guard Forwarder.isExpress(k, of: pairs.count, options) else { return [pair.tunToUDP, pair.udpToTun] }
+            return [DuplexLoop(threadName: "fu-express", pair.tunToUDP, pair.udpToTun, fds: (tunFDs[k], sockets[k].fd))]
+        }
     }
 
     deinit { stop() }
@@ -165,7 +173,7 @@ public final class Forwarder: @unchecked Sendable {
     }
 
     /// Makes the tun queues and the sockets blocking (each worker waits in its one receive call; see
-    /// `ForwardingWorker.run`) and starts two threads per worker pair.
+    /// `ForwardingWorker.run`, `DuplexLoop.run`) and starts two threads per flow pair, one for the express lane's.
     /// - Throws: `SystemError` when the descriptor cannot be switched or a thread cannot be created (then
     ///   nothing is left running).
     public func start() throws(SystemError) {
@@ -183,8 +191,8 @@ public final class Forwarder: @unchecked Sendable {
         for socket in sockets { try Forwarder.clearNonBlocking(socket.fd, "UDP socket \(socket.localEndpoint)") }
         // Sized before any thread exists: a worker that fails at once marks itself exited (runWorker) before this
         // loop has recorded its thread.
-        state.withLock { $0.exited = Array(repeating: false, count: workers.count) }
-        for (index, worker) in workers.enumerated() {
+        state.withLock { $0.exited = Array(repeating: false, count: threads.count) }
+        for (index, worker) in threads.enumerated() {
             let context = ThreadContext(worker: worker, index: index, forwarder: self)
             var tid = pthread_t()
             let raw = Unmanaged.passRetained(context).toOpaque()
@@ -244,7 +252,7 @@ public final class Forwarder: @unchecked Sendable {
         return failure
     }
 
-    private func runWorker(_ worker: ForwardingWorker, index: Int) {
+    private func runWorker(_ worker: ForwardingThread, index: Int) {
         _ = fu_set_thread_name(worker.threadName)
         defer { state.withLock { $0.exited[index] = true } }
         do throws(SystemError) {
@@ -263,10 +271,10 @@ public final class Forwarder: @unchecked Sendable {
 }
 
 private final class ThreadContext {
-    let worker: ForwardingWorker
+    let worker: ForwardingThread
     let index: Int
     let forwarder: Forwarder
-    init(worker: ForwardingWorker, index: Int, forwarder: Forwarder) {
+    init(worker: ForwardingThread, index: Int, forwarder: Forwarder) {
         self.worker = worker
         self.index = index
         self.forwarder = forwarder

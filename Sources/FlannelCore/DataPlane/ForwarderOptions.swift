@@ -41,20 +41,31 @@ public struct ForwarderOptions: Sendable {
     /// the last worker pair, which then carries nothing else (its tun writes are never coalesced and CoDel does
     /// not watch it). nil: no express lane, every pair carries flows.
     public var express: Int?
+    /// How long the express lane's thread keeps looking at its tun queue and socket after it last forwarded a
+    /// packet, before it sleeps in poll() again (`DuplexLoop`). 0: it sleeps as soon as both are empty. It trades
+    /// load latency for idle latency (`DuplexLoop`), so it is off by default.
+    public var expressSpinMicroseconds: Int
 
     /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
     /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
     public static let defaultExpressLength = 128
+    /// The express lane's default spin: none, like the kernel's own busy polling (net.core.busy_poll).
+    public static let defaultExpressSpinMicroseconds = 0
+    /// The longest `expressSpinMicroseconds` accepted.
+    public static let maximumExpressSpinMicroseconds = 1000
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
                 readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000,
-                codel: CoDelParameters = CoDelParameters(), express: Int? = nil) {
+                codel: CoDelParameters = CoDelParameters(), express: Int? = nil,
+                expressSpinMicroseconds: Int = ForwarderOptions.defaultExpressSpinMicroseconds) {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
                      && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
         precondition(express.map { $0 >= IPv4Header.minimumLength && $0 <= Int(UInt16.max) } ?? true)
         self.codel = codel
+        precondition((0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds))
         self.express = express
+        self.expressSpinMicroseconds = expressSpinMicroseconds
         self.heartbeatMilliseconds = heartbeatMilliseconds
         self.readBytesPerBatch = readBytesPerBatch
         self.groBatchSize = groBatchSize

@@ -87,17 +87,126 @@ class ForwardingWorker {
     /// every `options.heartbeatMilliseconds` by this thread's timer, so the heartbeat moves while the input is
     /// idle, and a stop that raced with the start of the wait is seen at the next tick at the latest.
     final func run() throws(SystemError) {
-        var timer: UnsafeMutableRawPointer?
-        try syscall("create the heartbeat timer of", threadName) {
-            fu_wake_timer_create(options.heartbeatMilliseconds, &timer)
+        try withHeartbeatTimer(threadName, options) { () throws(SystemError) in
+            while true {
+                heartbeat.wrappingIncrement(ordering: .relaxed)
+                if stopRequested.load(ordering: .acquiring) { return }
+                _ = try drain(wait: true)
+                if hungUp { return }
+            }
         }
-        defer { _ = fu_wake_timer_delete(timer) }
+    }
+}
+
+/// What a forwarding thread runs: one worker (`ForwardingWorker.run`), or both of the express lane's
+/// (`DuplexLoop.run`).
+protocol ForwardingThread: AnyObject {
+    var threadName: String { get }
+    func run() throws(SystemError)
+}
+
+extension ForwardingWorker: ForwardingThread {}
+
+/// Runs `body` with this thread's heartbeat timer armed: the wake signal every `heartbeatMilliseconds`.
+private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOptions,
+                                _ body: () throws(SystemError) -> Void) throws(SystemError) {
+    var timer: UnsafeMutableRawPointer?
+    try syscall("create the heartbeat timer of", threadName) {
+        fu_wake_timer_create(options.heartbeatMilliseconds, &timer)
+    }
+    defer { _ = fu_wake_timer_delete(timer) }
+    try body()
+}
+
+/// Both workers of the express lane's pair on one thread: it sleeps in one poll() on the pair's tun queue and
+/// socket and drains both without blocking, as flannel's proxy does with its one thread.
+///
+/// Why (bench/README, "Idle latency: one thread for the express lane"): a request that leaves through the lane is
+/// usually answered through it. With a thread per direction, the node that receives the request wakes a second
+/// sleeping thread for the answer; on a virtual machine that is an IPI to a halted vCPU. With one thread the
+/// answer is already queued on the tun when the thread's write of the request returns (the kernel answers inside
+/// that write), so the thread forwards it without sleeping. The flow pairs keep a thread per direction: they carry
+/// the bulk, where two threads move more than one and a wake-up per batch is cheap. The lane carries short packets
+/// only, so one thread for both of its directions is not what limits it.
+///
+/// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
+/// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: the sending node then
+/// catches the answer too. It shortens the idle round trip and lengthens it under load (a thread that spins loses
+/// the scheduler's preference for one that wakes up), which is why it is off unless asked for.
+final class DuplexLoop: ForwardingThread {
+    let threadName: String
+    private let first: ForwardingWorker
+    private let second: ForwardingWorker
+    private let fds: (Int32, Int32)
+    private let spinNanoseconds: UInt64
+
+    /// `first` reads `fds.0`, `second` reads `fds.1` (descriptors the forwarder left blocking: the workers read
+    /// them with RWF_NOWAIT and MSG_DONTWAIT here, never blocking).
+    init(threadName: String, _ first: ForwardingWorker, _ second: ForwardingWorker, fds: (Int32, Int32)) {
+        precondition(first.options.expressSpinMicroseconds >= 0)
+        self.threadName = threadName
+        self.first = first
+        self.second = second
+        self.fds = fds
+        spinNanoseconds = UInt64(first.options.expressSpinMicroseconds) &* 1000
+    }
+
+    /// Until the stop flag is set (the wake signal ends the poll with EINTR) or a fatal error, which stops the
+    /// forwarder like any worker's. Both workers' heartbeats move on every pass, so the watchdog sees the lane as two
+    /// workers that are both alive.
+    func run() throws(SystemError) {
+        try withHeartbeatTimer(threadName, first.options) { () throws(SystemError) in
+            var fds = (pollfd(fd: self.fds.0, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: self.fds.1, events: Int16(POLLIN), revents: 0))
+            while true {
+                if beat() { return }
+                let rc = withUnsafeMutableBytes(of: &fds) { raw in
+                    poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, -1)
+                }
+                if rc < 0 {
+                    let e = errno
+                    if e == EINTR { continue }  // the wake signal: look at the stop flag
+                    throw SystemError("poll", threadName, errno: e)
+                }
+                if try forwardWhileBusy() { return }
+            }
+        }
+    }
+
+    /// Moves both heartbeats; true when the stop flag is set.
+    @inline(__always)
+    private func beat() -> Bool {
+        first.heartbeat.wrappingIncrement(ordering: .relaxed)
+        second.heartbeat.wrappingIncrement(ordering: .relaxed)
+        return first.stopRequested.load(ordering: .acquiring)
+    }
+
+    /// Drains both inputs, each at most `batchesPerWakeup` batches in turn, until neither has had anything for
+    /// the spin time. Returns true when the thread should end: the stop flag is set (looked at on every pass, so
+    /// a stop is seen under a flood too) or an input hung up (only a test socketpair's end does).
+    func forwardWhileBusy() throws(SystemError) -> Bool {
+        var lastPacket = DuplexLoop.now()
         while true {
-            heartbeat.wrappingIncrement(ordering: .relaxed)
-            if stopRequested.load(ordering: .acquiring) { return }
-            _ = try drain(wait: true)
-            if hungUp { return }
+            let moved = try first.drain() &+ second.drain()
+            if first.hungUp || second.hungUp { return true }
+            if beat() { return true }
+            let now = DuplexLoop.now()
+            if moved > 0 {
+                lastPacket = now
+                continue
+            }
+            if now &- lastPacket >= spinNanoseconds { return false }
+            sched_yield()
         }
+    }
+
+    /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the coarse clock the rate limiters use: its
+    /// resolution is a scheduler tick (4 ms at HZ=250), which would turn a 50 us spin into milliseconds.
+    @inline(__always)
+    private static func now() -> UInt64 {
+        var ts = timespec()
+        _ = clock_gettime(CLOCK_MONOTONIC, &ts)  // cannot fail for CLOCK_MONOTONIC with a valid pointer
+        return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
     }
 }
 

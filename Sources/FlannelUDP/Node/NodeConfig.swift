@@ -39,6 +39,8 @@ public struct NodeConfig: Sendable {
     /// The express lane's length (`ForwarderOptions.express`): one more worker pair for packets of at most this
     /// many bytes; nil: none.
     public var express: Int? = ForwarderOptions.defaultExpressLength
+    /// How long the express lane's thread keeps looking for more after a packet (`ForwarderOptions`).
+    public var expressSpinMicroseconds = ForwarderOptions.defaultExpressSpinMicroseconds
     /// The tun queues, sockets and worker pairs the node runs: the workers and the express lane's.
     public var pairs: Int { workers + (express == nil ? 0 : 1) }
 
@@ -85,6 +87,9 @@ public struct NodeConfig: Sendable {
         }
         if let express, !NodeConfig.expressRange.contains(express) {
             return "express-size \(express) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)"
+        }
+        if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds) {
+            return "express-spin \(expressSpinMicroseconds) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds"
         }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"
