@@ -106,13 +106,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
         let first = f.heartbeats
         XCTAssertEqual(first.map(\.worker), ["fu-tun-to-udp", "fu-udp-to-tun", "fu-x-tun-to-udp", "fu-x-udp-to-tun"])
-        let deadline = Date().addingTimeInterval(5)
-        var moved = false
-        while !moved && Date() < deadline {
-            moved = zip(f.heartbeats, first).allSatisfy { $0.0.count >= $0.1.count + 3 }
-            if !moved { usleep(5000) }  // polling a condition with a deadline
-        }
-        XCTAssertTrue(moved, "heartbeats did not move while idle: \(f.heartbeats)")
+        XCTAssertTrue(heartbeatsMove(f, from: first), "heartbeats did not move while idle: \(f.heartbeats)")
     }
 
     /// The spin ends: with the longest one allowed, after traffic the lane's thread goes back to sleep, so an
@@ -199,18 +193,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// stop() sends ends that wait. Without it stop() would hang (the 60 s is a liveness bound).
     func testStopWakesTheLaneThreadInItsPoll() throws {
         let f = try makeForwarder(heartbeat: 3_600_000)
-        try f.start()
-        let deadline = Date().addingTimeInterval(5)
-        while f.heartbeats.contains(where: { $0.count == 0 }) && Date() < deadline { usleep(5000) }
-        usleep(200_000)  // past the flag check, into poll()
-        let heartbeats = f.heartbeats.map(\.count)
-        let stopped = expectation(description: "stop() returned")
-        Thread.detachNewThread {
-            f.stop()
-            stopped.fulfill()
-        }
-        wait(for: [stopped], timeout: 60)
-        XCTAssertEqual(heartbeats, [1, 1, 1, 1], "each loop went round once and then slept, idle")
+        XCTAssertEqual(try heartbeatsBeforeAStopThatWakes(f), [1, 1, 1, 1], "each loop went round once and then slept, idle")
         XCTAssertNil(f.failure)
     }
 

@@ -13,13 +13,7 @@ final class HeartbeatTests: LoopbackForwarderTestCase {
         try forwarder.start()
         let first = forwarder.heartbeats
         XCTAssertEqual(first.map(\.worker), ["fu-tun-to-udp", "fu-udp-to-tun"])
-        let deadline = Date().addingTimeInterval(5)
-        var moved = false
-        while !moved && Date() < deadline {
-            moved = zip(forwarder.heartbeats, first).allSatisfy { $0.0.count >= $0.1.count + 3 }
-            if !moved { usleep(5000) }  // polling a condition with a deadline
-        }
-        XCTAssertTrue(moved, "heartbeats did not move while idle: \(forwarder.heartbeats)")
+        XCTAssertTrue(heartbeatsMove(forwarder, from: first), "heartbeats did not move while idle: \(forwarder.heartbeats)")
         forwarder.stop()  // joins both workers: nothing bumps the heartbeats any more
         let stopped = forwarder.heartbeats.map(\.count)
         XCTAssertEqual(forwarder.heartbeats.map(\.count), stopped)
@@ -32,18 +26,7 @@ final class HeartbeatTests: LoopbackForwarderTestCase {
         let forwarder = try Forwarder(tunFD: pair[0], tunName: "test", socket: socket, table: table, config: config,
                                       counters: counters, logger: logger,
                                       options: ForwarderOptions(offloads: false, heartbeatMilliseconds: 3_600_000))
-        try forwarder.start()
-        let deadline = Date().addingTimeInterval(5)
-        while forwarder.heartbeats.contains(where: { $0.count == 0 }) && Date() < deadline { usleep(5000) }
-        usleep(200_000)  // past the flag check, into the blocking call
-        let heartbeats = forwarder.heartbeats.map(\.count)
-        let stopped = expectation(description: "stop() returned")
-        Thread.detachNewThread {
-            forwarder.stop()
-            stopped.fulfill()
-        }
-        wait(for: [stopped], timeout: 60)
-        XCTAssertEqual(heartbeats, [1, 1], "each worker went round once and then blocked, idle")
+        XCTAssertEqual(try heartbeatsBeforeAStopThatWakes(forwarder), [1, 1], "each worker went round once and then blocked, idle")
     }
 
     func testWatchdogPingsOnlyWhileEveryWorkerMoves() {
