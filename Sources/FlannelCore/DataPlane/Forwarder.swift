@@ -7,8 +7,9 @@ import Glibc
 #endif
 
 /// The data plane's lifecycle: it builds the workers (`TunToUDPWorker`, `UDPToTunWorker`, each over its I/O
-/// stages), starts one thread per worker (the express lane's pair shares one, `DuplexLoop`), stops and joins them, and keeps the first fatal error. What the workers
-/// do is drawn at the top of TunToUDP.swift and UDPToTun.swift; flannel's wire format is in WireFormat.swift.
+/// stages), starts one thread per worker (the express lane's pair shares one, `DuplexLoop`), stops and joins them,
+/// and keeps the first fatal error. What the workers do is drawn at the top of TunToUDP.swift and UDPToTun.swift;
+/// flannel's wire format is in WireFormat.swift.
 ///
 /// Errors: per-packet errors (a failed send, a full tun queue) are counted by reason and logged at most once a
 /// second per worker; they never stop a worker. Fatal errors (EBADF, the tun device deleted, ...) stop both

@@ -62,8 +62,8 @@ public struct ForwarderOptions: Sendable {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
                      && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
         precondition(express.map { $0 >= IPv4Header.minimumLength && $0 <= Int(UInt16.max) } ?? true)
-        self.codel = codel
         precondition((0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds))
+        self.codel = codel
         self.express = express
         self.expressSpinMicroseconds = expressSpinMicroseconds
         self.heartbeatMilliseconds = heartbeatMilliseconds

@@ -143,7 +143,6 @@ final class DuplexLoop: ForwardingThread {
     /// `first` reads `fds.0`, `second` reads `fds.1` (descriptors the forwarder left blocking: the workers read
     /// them with RWF_NOWAIT and MSG_DONTWAIT here, never blocking).
     init(threadName: String, _ first: ForwardingWorker, _ second: ForwardingWorker, fds: (Int32, Int32)) {
-        precondition(first.options.expressSpinMicroseconds >= 0)
         self.threadName = threadName
         self.first = first
         self.second = second
