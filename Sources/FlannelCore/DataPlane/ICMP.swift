@@ -107,7 +107,7 @@ public struct ICMPRateLimiter: Sendable {
 
     /// - Parameter clock: monotonic nanoseconds; the default reads CLOCK_MONOTONIC_COARSE (vDSO, no syscall).
     public init(ratePerSecond: UInt64 = 1000, burst: UInt64 = 50,
-                clock: @escaping @Sendable () -> UInt64 = ICMPRateLimiter.monotonicNanoseconds) {
+                clock: @escaping @Sendable () -> UInt64 = ICMPRateLimiter.coarseMonotonicNanoseconds) {
         precondition(ratePerSecond > 0 && burst > 0)
         self.ratePerSecond = ratePerSecond
         self.burst = burst
@@ -137,7 +137,11 @@ public struct ICMPRateLimiter: Sendable {
         return true
     }
 
-    public static func monotonicNanoseconds() -> UInt64 {
+    /// CLOCK_MONOTONIC_COARSE in nanoseconds: the cheapest clock (vDSO, no syscall, no TSC read), but it moves
+    /// only once per scheduler tick (4 ms at HZ=250). For rates per second (this limiter, `LogLimiter`), never
+    /// for a duration shorter than a tick: `DuplexLoop` times its spin with CLOCK_MONOTONIC, and CoDel uses the
+    /// kernel's receive timestamps.
+    public static func coarseMonotonicNanoseconds() -> UInt64 {
         var ts = timespec()
         clock_gettime(CLOCK_MONOTONIC_COARSE, &ts)
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)

@@ -84,7 +84,7 @@ package struct LogLimiter {
     package init(intervalNanoseconds: UInt64 = 1_000_000_000) { interval = intervalNanoseconds }
 
     package mutating func allow() -> (Bool, UInt64) {
-        let now = ICMPRateLimiter.monotonicNanoseconds()
+        let now = ICMPRateLimiter.coarseMonotonicNanoseconds()
         if last != 0 && now &- last < interval {
             suppressed &+= 1
             return (false, 0)

@@ -199,8 +199,9 @@ final class DuplexLoop: ForwardingThread {
         }
     }
 
-    /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the coarse clock the rate limiters use: its
-    /// resolution is a scheduler tick (4 ms at HZ=250), which would turn a 50 us spin into milliseconds.
+    /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the rate limiters' clock
+    /// (`ICMPRateLimiter.coarseMonotonicNanoseconds`): it moves once per scheduler tick (4 ms at HZ=250), which
+    /// would turn a 50 us spin into milliseconds.
     @inline(__always)
     private static func now() -> UInt64 {
         var ts = timespec()
