@@ -131,6 +131,7 @@ public final class Forwarder: @unchecked Sendable {
         self.stopRequested = stopRequested
         workerCounters = sockets.map { _ in WorkerCounters() }
         var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
+        var threads: [ForwardingThread] = []
         precondition(options.express == nil || sockets.count >= 2, "the express lane is a pair beside the others")
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
             // The express lane: the last pair, for short packets only (nothing to coalesce, no bulk to drop).
@@ -157,13 +158,12 @@ public final class Forwarder: @unchecked Sendable {
                     writer: TunWriter(tun, vnet: vnet, coalesce: offloads.coalesce && !express),
                     icmpSender: UDPSender(udp, options: options, queueCapacity: 1),
                     setup("udp-to-tun"))))
+            // A thread per worker, but the express lane's pair shares one (`DuplexLoop`).
+            let (tunToUDP, udpToTun) = pairs[k]
+            threads += express ? [DuplexLoop(threadName: "fu-express", tunToUDP, udpToTun)] : [tunToUDP, udpToTun]
         }
         self.pairs = pairs
-        // A thread per worker, but the express lane's pair shares one (`DuplexLoop`).
-        threads = pairs.enumerated().flatMap { (k, pair) -> [ForwardingThread] in
-            guard Forwarder.isExpress(k, of: pairs.count, options) else { return [pair.tunToUDP, pair.udpToTun] }
-            return [DuplexLoop(threadName: "fu-express", pair.tunToUDP, pair.udpToTun, fds: (tunFDs[k], sockets[k].fd))]
-        }
+        self.threads = threads
     }
 
     deinit { stop() }

@@ -26,6 +26,8 @@ final class TunReader {
     private let buffers: PacketBuffers
     private let budget: Int
     private let io: StageIO
+    /// The tun queue it reads.
+    var fd: Int32 { io.fd }
     private var logLimiter = LogLimiter()
     /// The last `read()` stopped because the tun had nothing more (not because the batch was full).
     private(set) var isEmpty = false

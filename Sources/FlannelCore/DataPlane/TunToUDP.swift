@@ -31,6 +31,8 @@ final class TunToUDPWorker: ForwardingWorker {
 
     override var hungUp: Bool { reader.hungUp }
 
+    override var input: Int32 { reader.fd }
+
     override func handleBatch(_ count: Int) throws(SystemError) { try forwardBatch(count) }
 
     /// Decides each packet of the batch once (for a super-packet: in the template of all its segments) and hands

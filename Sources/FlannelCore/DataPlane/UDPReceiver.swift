@@ -33,6 +33,8 @@ final class UDPReceiver {
     private let controls: UnsafeMutableRawPointer
     private let controlStride: Int
     private let io: StageIO
+    /// The socket it receives on.
+    var fd: Int32 { io.fd }
     private var logLimiter = LogLimiter()
     private var largest = 0
     // The cursor of `next()`: messages received, the next one, and the split of the current one.

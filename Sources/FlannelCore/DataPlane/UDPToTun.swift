@@ -33,6 +33,8 @@ final class UDPToTunWorker: ForwardingWorker {
 
     override func handleBatch(_ count: Int) throws(SystemError) { try deliverBatch() }
 
+    override var input: Int32 { receiver.fd }
+
     /// Decides each datagram of the batch and hands it over; the tun writer's open group is written at the end.
     func deliverBatch() throws(SystemError) {
         let snapshot = table.snapshot()

@@ -53,6 +53,9 @@ class ForwardingWorker {
     /// The input reported its end (only the other end of a test socketpair going away; a tun never does).
     var hungUp: Bool { false }
 
+    /// The descriptor it takes its batches from (a tun queue or a socket).
+    var input: Int32 { preconditionFailure("a worker has an input") }
+
     /// Decides each packet of the batch just taken and hands it over.
     func handleBatch(_ count: Int) throws(SystemError) { preconditionFailure("a worker handles its batches") }
 
@@ -137,16 +140,14 @@ final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
     private let second: ForwardingWorker
-    private let fds: (Int32, Int32)
     private let spinNanoseconds: UInt64
 
-    /// `first` reads `fds.0`, `second` reads `fds.1` (descriptors the forwarder left blocking: the workers read
-    /// them with RWF_NOWAIT and MSG_DONTWAIT here, never blocking).
-    init(threadName: String, _ first: ForwardingWorker, _ second: ForwardingWorker, fds: (Int32, Int32)) {
+    /// Polls both workers' inputs (descriptors the forwarder left blocking: the workers read them with RWF_NOWAIT
+    /// and MSG_DONTWAIT here, never blocking).
+    init(threadName: String, _ first: ForwardingWorker, _ second: ForwardingWorker) {
         self.threadName = threadName
         self.first = first
         self.second = second
-        self.fds = fds
         spinNanoseconds = UInt64(first.options.expressSpinMicroseconds) &* 1000
     }
 
@@ -155,8 +156,8 @@ final class DuplexLoop: ForwardingThread {
     /// workers that are both alive.
     func run() throws(SystemError) {
         try withHeartbeatTimer(threadName, first.options) { () throws(SystemError) in
-            var fds = (pollfd(fd: self.fds.0, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: self.fds.1, events: Int16(POLLIN), revents: 0))
+            var fds = (pollfd(fd: first.input, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: second.input, events: Int16(POLLIN), revents: 0))
             while true {
                 if beat() { return }
                 let rc = withUnsafeMutableBytes(of: &fds) { raw in
