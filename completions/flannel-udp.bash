@@ -188,7 +188,7 @@ _flannel-udp_up() {
     repeating_flags=()
     non_repeating_flags=(--ip-masq --no-offload --detach --replace --verbose -v --version -h --help)
     repeating_options=()
-    non_repeating_options=(--network --subnet --etcd-endpoints --etcd-prefix --etcd-username --etcd-password --etcd-password-file --etcd-cafile --etcd-certfile --etcd-keyfile --iface --public-ip --port --mtu --device --peers --subnet-file --masq-backend --masq-resync --peer-check --codel-target --express-size --express-spin --workers --metrics-addr --log-file)
+    non_repeating_options=(--network --subnet --etcd-endpoints --etcd-prefix --etcd-username --etcd-password --etcd-password-file --etcd-cafile --etcd-certfile --etcd-keyfile --iface --public-ip --port --mtu --device --peers --subnet-file --masq-backend --masq-resync --peer-check --codel-target --express-size --express-spin --express-priority --workers --metrics-addr --log-file)
     __flannel-udp_offer_flags_options 0
 
     # Offer option value completions
@@ -262,6 +262,9 @@ _flannel-udp_up() {
         return
         ;;
     '--express-spin')
+        return
+        ;;
+    '--express-priority')
         return
         ;;
     '--workers')

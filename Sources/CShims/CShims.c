@@ -27,6 +27,7 @@ _Static_assert(FU_IFNAMSIZ == IFNAMSIZ, "IFNAMSIZ");
 _Static_assert(FU_IFF_TUN == IFF_TUN && FU_IFF_NO_PI == IFF_NO_PI && FU_IFF_VNET_HDR == IFF_VNET_HDR &&
                FU_IFF_MULTI_QUEUE == IFF_MULTI_QUEUE, "tun flags");
 _Static_assert(FU_POSIX_SPAWN_SETSID == POSIX_SPAWN_SETSID, "spawn flag");
+_Static_assert(FU_SCHED_RESET_ON_FORK == SCHED_RESET_ON_FORK, "scheduling flag");
 _Static_assert(FU_TUN_F_CSUM == TUN_F_CSUM && FU_TUN_F_TSO4 == TUN_F_TSO4, "offload flags");
 
 _Static_assert(sizeof(struct virtio_net_hdr) == FU_VIRTIO_NET_HDR_LEN, "virtio_net_hdr size");

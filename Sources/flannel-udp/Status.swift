@@ -108,6 +108,13 @@ struct Status: ParsableCommand {
         if let w = s.workers, w.count > 1 {
             print("workers:   \(w.count): " + w.map { "#\($0.worker)\($0.express == true ? " (express)" : "") tun->udp \($0.tunToUDPPackets) udp->tun \($0.udpToTunPackets)" }.joined(separator: ", "))
         }
+        if let x = s.expressPriority {
+            if let refused = x.refused {
+                print("express:   normal scheduler (realtime priority \(x.priority) refused: \(refused))")
+            } else {
+                print("express:   realtime priority \(x.priority) while the CPUs are busy, \(x.realtime ? "realtime now" : "normal now"); raised \(x.raised) time(s), lowered for a flood \(x.floodLowered) time(s)")
+            }
+        }
         if let m = s.masquerade {
             var line = "masquerade: \(m.backend) \(m.objects.joined(separator: ", ")); \(m.inPlace ? "in place" : "NOT in place")"
             line += ", checked every \(formatSeconds(m.resyncSeconds)), restored \(m.restored) time(s)"

@@ -85,6 +85,9 @@ struct Up: ParsableCommand {
     @Option(name: .customLong("express-spin"), help: ArgumentHelp("After the express lane forwards a packet, its thread keeps looking for the next one (usually the answer) this many microseconds, yielding the CPU between looks, before it sleeps: a shorter round trip on an idle node, a longer one on a busy node; 0-1000, 0 sleeps at once.", valueName: "us"))
     var expressSpin: Int = ForwarderOptions.defaultExpressSpinMicroseconds
 
+    @Option(name: .customLong("express-priority"), help: ArgumentHelp("The SCHED_FIFO priority the express lane's thread takes while the CPUs are busy, so that short packets do not wait for a CPU behind the node's bulk work; it drops back to the normal scheduler when the CPUs are idle again, and for a flood (1 ms without sleeping, or 5 % of a CPU); 1-99, 0 never. Needs CAP_SYS_NICE or RLIMIT_RTPRIO; without either the lane keeps the normal scheduler (logged).", valueName: "prio"))
+    var expressPriority: Int32 = ForwarderOptions.defaultExpressPriority
+
     @Option(help: ArgumentHelp("Worker pairs, 1-64: each a tun queue, a UDP socket on the port and a thread per direction, beside the express lane's pair; one inner flow stays on one pair (default: the CPUs this process may run on, at most 8).", valueName: "n"))
     var workers: Int?
 
@@ -118,6 +121,9 @@ struct Up: ParsableCommand {
         }
         if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpin) {
             throw ValidationError("--express-spin \(expressSpin) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds")
+        }
+        if !ForwarderOptions.expressPriorityRange.contains(expressPriority) {
+            throw ValidationError("--express-priority \(expressPriority) is outside \(ForwarderOptions.expressPriorityRange.lowerBound)-\(ForwarderOptions.expressPriorityRange.upperBound) (0: never realtime)")
         }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
@@ -180,6 +186,7 @@ struct Up: ParsableCommand {
         config.workers = workers ?? Workers.defaultCount()
         config.express = expressSize == 0 ? nil : expressSize
         config.expressSpinMicroseconds = expressSpin
+        config.expressPriority = expressPriority
         return config
     }
 

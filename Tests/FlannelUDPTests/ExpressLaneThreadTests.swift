@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 import Atomics
 import CAllocCounter
+import CShims
 import Logging
 import Synchronization
 import TestSupport
@@ -30,13 +31,16 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         super.tearDown()
     }
 
-    private func makeForwarder(laneTun: Int32? = nil, spin: Int = 0, heartbeat: Int32 = 1000,
+    private func makeForwarder(laneTun: Int32? = nil, spin: Int = 0, heartbeat: Int32 = 1000, priority: Int32 = 0,
+                               late: UInt64 = 1_000_000, stat: String = "/proc/stat",
                                onFailure: (@Sendable (SystemError) -> Void)? = nil) throws -> Forwarder {
-        try Forwarder(tunFDs: [pair[0], laneTun ?? lanePair[0]], tunName: "test-tun", tunDevice: nil, vnetHeader: false,
-                      sockets: [socket, laneSocket], table: table, config: config, counters: counters, logger: logger,
-                      options: ForwarderOptions(offloads: false, heartbeatMilliseconds: heartbeat, express: 128,
-                                                expressSpinMicroseconds: spin),
-                      onFailure: onFailure)
+        var options = ForwarderOptions(offloads: false, heartbeatMilliseconds: heartbeat, express: 128,
+                                       expressSpinMicroseconds: spin, expressPriority: priority)
+        options.expressLateNanoseconds = late
+        options.cpuStatPath = stat
+        return try Forwarder(tunFDs: [pair[0], laneTun ?? lanePair[0]], tunName: "test-tun", tunDevice: nil,
+                             vnetHeader: false, sockets: [socket, laneSocket], table: table, config: config,
+                             counters: counters, logger: logger, options: options, onFailure: onFailure)
     }
 
     /// This process's threads by name, with their thread ids.
@@ -210,5 +214,230 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         let failure = f.wait()
         XCTAssertEqual(failure?.description, "read from test-tun: Operation not supported")
         XCTAssertEqual(reported.withLock { $0 }, ["read from test-tun: Operation not supported"])
+    }
+
+    // ---- the realtime priority (root: SCHED_FIFO needs CAP_SYS_NICE) ---------------------------------------
+
+    /// The policy and priority of thread `tid`: SCHED_FIFO or SCHED_OTHER, and whether SCHED_RESET_ON_FORK is on.
+    private func scheduling(_ tid: Int32) -> (policy: Int32, priority: Int32, resetOnFork: Bool) {
+        let raw = sched_getscheduler(tid)
+        var param = sched_param()
+        _ = sched_getparam(tid, &param)
+        return (raw & ~Int32(FU_SCHED_RESET_ON_FORK), param.sched_priority, raw & Int32(FU_SCHED_RESET_ON_FORK) != 0)
+    }
+
+    private func laneThread() throws -> Int32 {
+        var tid: Int32?
+        let deadline = Date().addingTimeInterval(5)
+        while tid == nil && Date() < deadline {
+            tid = threads().first { $0.name == "fu-express" }?.tid
+            if tid == nil { usleep(5000) }
+        }
+        return try XCTUnwrap(tid, "no fu-express thread: \(threads())")
+    }
+
+    /// Thread `tid`'s CPU time so far, ns (the first field of /proc/self/task/TID/schedstat).
+    private func cpuNanoseconds(_ tid: Int32) throws -> UInt64 {
+        let text = try String(contentsOfFile: "/proc/self/task/\(tid)/schedstat", encoding: .utf8)
+        return try XCTUnwrap(text.split(separator: " ").first.flatMap { UInt64($0) }, text)
+    }
+
+    /// Polls until thread `tid`'s policy is `policy` (5 s bound).
+    private func becomes(_ tid: Int32, _ policy: Int32) -> Bool {
+        let deadline = Date().addingTimeInterval(5)
+        while Date() < deadline {
+            if scheduling(tid).policy == policy { return true }
+            usleep(2000)
+        }
+        return false
+    }
+
+    /// A file in /proc/stat's format whose counters a thread advances every 5 ms with the idle share the test
+    /// sets: how the tests make the CPUs look busy or idle to the lane without loading the machine's own CPUs.
+    /// Written in place (the lane's sampler keeps its descriptor), with fixed-width numbers.
+    private final class CPULoadFile: @unchecked Sendable {
+        let path: String
+        /// Percent of each step that is idle.
+        let idlePercent = ManagedAtomic<Int>(100)
+        private let running = ManagedAtomic<Bool>(true)
+        private let done = DispatchSemaphore(value: 0)
+
+        init(path: String) {
+            self.path = path
+            let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+            precondition(fd >= 0)
+            Thread.detachNewThread { [self] in
+                var busy: UInt64 = 0
+                var idle: UInt64 = 0
+                while running.load(ordering: .relaxed) {
+                    let share = UInt64(idlePercent.load(ordering: .relaxed))
+                    idle += share
+                    busy += 100 - share
+                    let line = "cpu  \(pad(busy)) 0 0 \(pad(idle)) 0 0 0 0 0 0\n"
+                    _ = Array(line.utf8).withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, 0) }
+                    usleep(5000)
+                }
+                close(fd)
+                done.signal()
+            }
+        }
+
+        private func pad(_ n: UInt64) -> String {
+            let digits = String(n)
+            return String(repeating: "0", count: 20 - digits.count) + digits
+        }
+
+        func stop() {
+            running.store(false, ordering: .relaxed)
+            done.wait()
+        }
+    }
+
+    private func cpuLoadFile() throws -> CPULoadFile {
+        let dir = NSTemporaryDirectory() + "fu-stat-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        XCTAssertEqual(mkdir(dir, 0o700), 0)
+        let file = CPULoadFile(path: dir + "/stat")
+        addTeardownBlock {
+            file.stop()
+            _ = try? FileManager.default.removeItem(atPath: dir)
+        }
+        return file
+    }
+
+    /// The CPUs' load moves the lane's thread: busy CPUs (no idle time) raise it to SCHED_FIFO at its priority,
+    /// with SCHED_RESET_ON_FORK, without a packet; idle CPUs lower it again. Ticks come with the heartbeat
+    /// timer's wake-ups (every 20 ms here) at most every 250 ms.
+    func testTheCPUsLoadRaisesAndLowersTheLaneThread() throws {
+        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
+        let load = try cpuLoadFile()
+        let f = try makeForwarder(heartbeat: 20, priority: 7, stat: load.path)
+        try f.start()
+        defer { f.stop() }
+        let tid = try laneThread()
+        usleep(600_000)
+        XCTAssertEqual(scheduling(tid).policy, SCHED_OTHER, "idle CPUs: the normal scheduler")
+
+        load.idlePercent.store(5, ordering: .relaxed)
+        XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane: \(scheduling(tid))")
+        XCTAssertEqual(scheduling(tid).priority, 7)
+        XCTAssertTrue(scheduling(tid).resetOnFork, "a fork from the lane would not inherit the priority")
+        XCTAssertEqual(f.expressPriorityCounts?.realtime, true)
+        XCTAssertEqual(f.expressPriorityCounts?.raised, 1)
+
+        load.idlePercent.store(90, ordering: .relaxed)
+        XCTAssertTrue(becomes(tid, SCHED_OTHER), "idle CPUs lower it: \(scheduling(tid))")
+        XCTAssertEqual(f.expressPriorityCounts?.realtime, false)
+        XCTAssertEqual(f.expressPriorityCounts?.floodLowered, 0)
+        XCTAssertNil(f.expressPriorityCounts?.refused)
+        // The priority never touched the flow pair's threads.
+        for t in threads() where t.name == "fu-tun-to-udp" || t.name == "fu-udp-to-tun" {
+            XCTAssertEqual(scheduling(t.tid).policy, SCHED_OTHER, t.name)
+        }
+    }
+
+    /// A datagram that waited in the lane's socket raises the thread (here any wait counts: `late` 0), while the
+    /// CPUs' load is between the thresholds (40 % idle), so that no tick decides it.
+    func testALateDatagramRaisesTheLaneThread() throws {
+        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
+        let load = try cpuLoadFile()
+        load.idlePercent.store(40, ordering: .relaxed)
+        let f = try makeForwarder(heartbeat: 20, priority: 7, late: 0, stat: load.path)
+        try f.start()
+        defer { f.stop() }
+        let tid = try laneThread()
+        usleep(600_000)
+        XCTAssertEqual(scheduling(tid).policy, SCHED_OTHER, "before any datagram")
+        let answer = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"))
+        XCTAssertEqual(sendDatagram(answer, from: peer.fd, to: laneSocket.localEndpoint), answer.count)
+        XCTAssertNotNil(waitForPacket(lanePair[1]), "the datagram went through the lane")
+        XCTAssertTrue(becomes(tid, SCHED_FIFO), "\(scheduling(tid))")
+        usleep(600_000)
+        XCTAssertEqual(scheduling(tid).policy, SCHED_FIFO, "no tick lowers it at 40 % idle")
+    }
+
+    /// The attacker: a pod floods the lane with short packets while the CPUs are busy (so every tick raises the
+    /// thread again). The lane's thread may run at realtime for at most 12.5 ms per 250 ms tick, then competes
+    /// like any other thread. Without the budget it would run at SCHED_FIFO for most of the flood.
+    func testAFloodOfShortPacketsDoesNotKeepTheLaneRealtime() throws {
+        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
+        let load = try cpuLoadFile()
+        load.idlePercent.store(0, ordering: .relaxed)
+        let f = try makeForwarder(heartbeat: 20, priority: 7, late: 0, stat: load.path)
+        try f.start()
+        defer { f.stop() }
+        let tid = try laneThread()
+        XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane first")
+
+        let flooding = ManagedAtomic<Bool>(true)
+        let writer = lanePair[1]
+        let flood = Thread {
+            let packet = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"))
+            let end = Date().addingTimeInterval(20)
+            while flooding.load(ordering: .relaxed) && Date() < end {
+                _ = packet.withUnsafeBytes { send(writer, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            }
+        }
+        flood.start()
+        defer { flooding.store(false, ordering: .relaxed) }
+        let peerFD = peer.fd
+        let drain = Thread {  // the peer's socket must not fill up: keep reading it
+            var sink = [UInt8](repeating: 0, count: 2048)
+            while flooding.load(ordering: .relaxed) {
+                _ = sink.withUnsafeMutableBytes { recv(peerFD, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            }
+        }
+        drain.start()
+        let deadline = Date().addingTimeInterval(5)
+        while f.workerCounts[1].tunToUDPPackets < 1000 && Date() < deadline { usleep(1000) }
+        // Every millisecond for a second: the thread's policy and its CPU time so far (schedstat's first field, ns);
+        // a millisecond that starts at SCHED_FIFO counts as realtime CPU.
+        var realtimeCPU: UInt64 = 0
+        var previous = (scheduling(tid).policy, try cpuNanoseconds(tid))
+        let first = previous.1
+        let end = Date().addingTimeInterval(1)
+        while Date() < end {
+            usleep(1000)
+            let now = (scheduling(tid).policy, try cpuNanoseconds(tid))
+            if previous.0 == SCHED_FIFO { realtimeCPU += now.1 - previous.1 }
+            previous = now
+        }
+        flooding.store(false, ordering: .relaxed)
+        let cpu = previous.1 - first
+        XCTAssertGreaterThan(f.workerCounts[1].tunToUDPPackets, 10_000, "it was a flood")
+        XCTAssertGreaterThan(cpu, 300_000_000, "the flood kept the lane's thread busy: \(cpu) ns of CPU in 1 s")
+        // The budget allows 12.5 ms per 250 ms tick, and the 1 ms stretch rule usually lowers the thread before it
+        // is spent: measured 15-21 ms in a second with both rules, 52-163 ms with the stretch rule alone (of about
+        // 500 ms of CPU).
+        XCTAssertLessThan(realtimeCPU, 45_000_000, "\(realtimeCPU) ns of \(cpu) at realtime")
+        XCTAssertGreaterThan(f.expressPriorityCounts?.floodLowered ?? 0, 0)
+    }
+
+    /// The zero-allocation proof with the priority in play: passes that raise the thread (every datagram is late,
+    /// the CPUs look busy) and lower it (a flood's 1 ms is not reached here, but the ticks read the CPU file)
+    /// allocate nothing.
+    func testTheLanePassWithThePriorityDoesNotAllocate() throws {
+        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
+        let load = try cpuLoadFile()
+        load.idlePercent.store(100, ordering: .relaxed)  // every tick lowers, every late datagram raises again
+        let f = try makeForwarder(priority: 7, late: 0, stat: load.path)  // not started: this thread runs the pass
+        let lane = try XCTUnwrap(f.threads.last as? DuplexLoop)
+        defer { try? f.expressPriority?.lowerIfRaised() }  // give this thread back its normal scheduler
+        let back = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: filled(2, 40))
+        let sink = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+        defer { sink.deallocate() }
+        var measured: UInt64 = 0
+        var r = 0
+        let start = Date()
+        while r < 300 || Date().timeIntervalSince(start) < 1.2 {  // several 250 ms ticks
+            XCTAssertEqual(sendDatagram(back, from: peer.fd, to: laneSocket.localEndpoint), back.count)
+            let n = try allocations { _ = try lane.forwardWhileBusy() }
+            if r > 0 { measured += n }
+            while recv(lanePair[1], sink.baseAddress, sink.count, Int32(MSG_DONTWAIT)) > 0 {}
+            r += 1
+            usleep(1000)
+        }
+        XCTAssertEqual(measured, 0, "the lane's pass allocated \(measured) times")
+        let counts = try XCTUnwrap(f.expressPriorityCounts)
+        XCTAssertGreaterThan(counts.raised, 2, "raised and lowered again at the ticks: \(counts)")
     }
 }

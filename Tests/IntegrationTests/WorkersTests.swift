@@ -105,6 +105,43 @@ final class WorkersTests: HostileTopologyTestCase {
         XCTAssertLessThan(tx8[4], 200, "\(tx8)")
     }
 
+    /// The express lane's realtime priority as an operator meets it. By default the daemon may raise the lane:
+    /// status shows priority 10 and nothing refused. Started without CAP_SYS_NICE (setpriv drops it from the
+    /// bounding set, as a systemd unit that does not grant it would) and with RLIMIT_RTPRIO 0, the kernel refuses
+    /// SCHED_FIFO: the daemon says so once, when it starts, in its log and in status, and the lane still forwards.
+    func testWithoutCapSysNiceTheExpressLaneSaysSoAndStillForwards() throws {
+        try requireTools(["setpriv", "prlimit"], packages: "util-linux")
+        let a = try makeNode(1)
+        let x = try XCTUnwrap(daemonStatus(a)["expressPriority"] as? [String: Any])
+        XCTAssertEqual(x["priority"] as? Int, 10)
+        XCTAssertNil(x["refused"], "root may raise the lane: \(x)")
+
+        let b = try makeNode(2, start: false)
+        let log = tmp + "/b.log"
+        let up = runCommand(["ip", "netns", "exec", b.ns.name, "setpriv", "--bounding-set", "-sys_nice", "--",
+                             "prlimit", "--rtprio=0:0", "--", flannelUDPBinary(), "up", "--network", "10.244.0.0/16",
+                             "--subnet", b.subnet, "--iface", "eth0", "--subnet-file", "\(tmp)/subnet-2.env",
+                             "--detach", "--log-file", log], environment: environment)
+        XCTAssertEqual(up.status, 0, up.description)
+        XCTAssertEqual(fu(a, ["route", "add", b.subnet, "via", b.underlay]).status, 0)
+        XCTAssertEqual(fu(b, ["route", "add", a.subnet, "via", a.underlay]).status, 0)
+        let before = try workers(b)
+        let p = ping(from: a.pod, b.podAddress, ["-c", "20", "-i", "0.005", "-q"])
+        XCTAssertEqual(p.status, 0, p.description)
+        let (rx, tx) = moved(try workers(b), before)
+        XCTAssertEqual(rx.last, 20, "the requests came in through the lane: \(rx)")
+        XCTAssertEqual(tx.last, 20, "the replies left through it: \(tx)")
+
+        let refused = try XCTUnwrap(daemonStatus(b)["expressPriority"] as? [String: Any])
+        XCTAssertEqual(refused["realtime"] as? Bool, false)
+        let why = try XCTUnwrap(refused["refused"] as? String, "\(refused)")
+        XCTAssertTrue(why.contains("sched_setscheduler SCHED_FIFO 10") && why.contains("Operation not permitted"), why)
+        let text = fu(b, ["status"])
+        XCTAssertTrue(text.stdout.contains("express:   normal scheduler (realtime priority 10 refused"), text.stdout)
+        let logged = try String(contentsOfFile: log, encoding: .utf8)
+        XCTAssertEqual(logged.components(separatedBy: "the express lane keeps the normal scheduler").count - 1, 1, logged)
+    }
+
     /// `--express-size 0`: no express lane, every pair carries flows, short pings included.
     func testNoExpressLaneWhenTurnedOff() throws {
         let (a, b) = try pair(1, 2, workers: 2, extra: ["--express-size", "0"])

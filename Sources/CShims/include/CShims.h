@@ -152,6 +152,10 @@ int fu_available_cpus(void);
 /// The name is cut to 15 bytes.
 int fu_set_thread_name(const char *name);
 
+/// SCHED_RESET_ON_FORK from <sched.h> (hidden without _GNU_SOURCE): or'ed into the express lane's scheduling
+/// policy (`ExpressPriority`) so that nothing it might fork inherits a realtime priority.
+enum { FU_SCHED_RESET_ON_FORK = 0x40000000 };
+
 /// The signal that wakes a forwarding thread blocked in read()/recvmmsg(): SIGURG, whose default action is to
 /// ignore it. `fu_install_wake_signal` gives it a handler that does nothing, installed without SA_RESTART, so the
 /// blocked call returns EINTR (Swift cannot build a sigaction's handler union); idempotent, 0 or -1 with errno.

@@ -53,6 +53,8 @@ public final class Forwarder: @unchecked Sendable {
     /// What each forwarding thread runs, in start order: the workers of the flow pairs, one each, and the express
     /// lane's pair on one thread.
     let threads: [ForwardingThread]
+    /// The express lane thread's realtime priority (nil: no lane, or `options.expressPriority` is 0).
+    let expressPriority: ExpressPriority?
 
     /// The fatal error that stopped the forwarder, if one did.
     public var failure: SystemError? { failureState.withLock { $0 } }
@@ -70,6 +72,9 @@ public final class Forwarder: @unchecked Sendable {
     public var workerCounts: [WorkerCounts] {
         workerCounters.enumerated().map { $0.element.snapshot($0.offset, express: Forwarder.isExpress($0.offset, of: pairs.count, options)) }
     }
+
+    /// What the express lane's thread has done with its realtime priority (nil: no lane, or none asked for).
+    public var expressPriorityCounts: ExpressPriorityCounts? { expressPriority?.counts }
 
     /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
     /// and stops moving when the worker is stuck or gone.
@@ -132,6 +137,7 @@ public final class Forwarder: @unchecked Sendable {
         workerCounters = sockets.map { _ in WorkerCounters() }
         var pairs: [(tunToUDP: TunToUDPWorker, udpToTun: UDPToTunWorker)] = []
         var threads: [ForwardingThread] = []
+        var expressPriority: ExpressPriority?
         precondition(options.express == nil || sockets.count >= 2, "the express lane is a pair beside the others")
         for (k, (tunFD, socket)) in zip(tunFDs, sockets).enumerated() {
             // The express lane: the last pair, for short packets only (nothing to coalesce, no bulk to drop).
@@ -145,7 +151,7 @@ public final class Forwarder: @unchecked Sendable {
             let suffix = express || k == 0 ? "" : "\(k)"  // thread names: at most 15 bytes
             func setup(_ name: String) -> WorkerSetup {
                 WorkerSetup(threadName: (express ? "fu-x-" : "fu-") + name + suffix, stopRequested: stopRequested,
-                            table: table, config: config, counters: counters, options: options)
+                            table: table, config: config, counters: counters, options: options, express: express)
             }
             pairs.append((
                 TunToUDPWorker(
@@ -154,16 +160,28 @@ public final class Forwarder: @unchecked Sendable {
                     icmpWriter: TunWriter(tun, vnet: vnet, coalesce: false),
                     setup("tun-to-udp")),
                 UDPToTunWorker(
-                    receiver: try UDPReceiver(udp, options: options, timestamps: options.codel.isOn && !express),
+                    // Timestamps for CoDel on the flow pairs, and for the express lane's priority (late datagrams).
+                    receiver: try UDPReceiver(udp, options: options,
+                                              timestamps: express ? options.expressPriority > 0 : options.codel.isOn),
                     writer: TunWriter(tun, vnet: vnet, coalesce: offloads.coalesce && !express),
                     icmpSender: UDPSender(udp, options: options, queueCapacity: 1),
                     setup("udp-to-tun"))))
             // A thread per worker, but the express lane's pair shares one (`DuplexLoop`).
             let (tunToUDP, udpToTun) = pairs[k]
-            threads += express ? [DuplexLoop(threadName: "fu-express", tunToUDP, udpToTun)] : [tunToUDP, udpToTun]
+            if express {
+                let priority = options.expressPriority == 0 ? nil
+                    : ExpressPriority(priority: options.expressPriority, threadName: "fu-express",
+                                      statPath: options.cpuStatPath, lateNanoseconds: options.expressLateNanoseconds,
+                                      logger: logger)
+                expressPriority = priority
+                threads.append(DuplexLoop(threadName: "fu-express", tunToUDP, udpToTun, priority: priority))
+            } else {
+                threads += [tunToUDP, udpToTun]
+            }
         }
         self.pairs = pairs
         self.threads = threads
+        self.expressPriority = expressPriority
     }
 
     deinit { stop() }

@@ -45,6 +45,14 @@ public struct ForwarderOptions: Sendable {
     /// packet, before it sleeps in poll() again (`DuplexLoop`). 0: it sleeps as soon as both are empty. It trades
     /// load latency for idle latency (`DuplexLoop`), so it is off by default.
     public var expressSpinMicroseconds: Int
+    /// The SCHED_FIFO priority (1-99) the express lane's thread takes while the CPUs are contended
+    /// (`ExpressPriority`); 0: it always keeps the normal scheduler.
+    public var expressPriority: Int32
+    /// A datagram that waited longer than this in the express lane's socket raises its thread
+    /// (`ExpressPriorityPolicy.lateNanoseconds`; tests set 0, so that any datagram does).
+    public var expressLateNanoseconds: UInt64 = 1_000_000
+    /// Where the express lane reads the machine's CPU times (tests give a file of their own).
+    public var cpuStatPath = "/proc/stat"
 
     /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
     /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
@@ -53,16 +61,24 @@ public struct ForwarderOptions: Sendable {
     public static let defaultExpressSpinMicroseconds = 0
     /// The longest `expressSpinMicroseconds` accepted.
     public static let maximumExpressSpinMicroseconds = 1000
+    /// `up --express-priority`'s default: low among realtime threads, below the kernel's interrupt threads (50).
+    /// The library's default is 0 (off), as it is for the express lane itself.
+    public static let defaultExpressPriority: Int32 = 10
+    /// The priorities `expressPriority` accepts, 0 (off) included: SCHED_FIFO's.
+    public static let expressPriorityRange: ClosedRange<Int32> = 0...99
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,
                 readBytesPerBatch: Int = 256 * 1024, groBatchSize: Int = 8, heartbeatMilliseconds: Int32 = 1000,
                 codel: CoDelParameters = CoDelParameters(), express: Int? = nil,
-                expressSpinMicroseconds: Int = ForwarderOptions.defaultExpressSpinMicroseconds) {
+                expressSpinMicroseconds: Int = ForwarderOptions.defaultExpressSpinMicroseconds,
+                expressPriority: Int32 = 0) {
         precondition(batchSize >= 1 && bufferSize >= 576 && sendQueueCapacity >= 1 && readBytesPerBatch >= 1
                      && groBatchSize >= 1 && heartbeatMilliseconds >= 1)
         precondition(express.map { $0 >= IPv4Header.minimumLength && $0 <= Int(UInt16.max) } ?? true)
         precondition((0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds))
+        precondition(ForwarderOptions.expressPriorityRange.contains(expressPriority))
+        self.expressPriority = expressPriority
         self.codel = codel
         self.express = express
         self.expressSpinMicroseconds = expressSpinMicroseconds

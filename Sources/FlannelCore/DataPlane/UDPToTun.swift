@@ -17,12 +17,15 @@ final class UDPToTunWorker: ForwardingWorker {
     private let icmpSender: UDPSender
     /// Drops or marks bulk flows' packets that waited too long in the socket queue (nil: off, or no timestamps).
     let codel: ReceiveCoDel?
+    /// The longest a datagram handed over since `takeLongestSojourn()` waited in the socket (ns; 0 without
+    /// timestamps). The express lane's thread reads it to see that it waits for a CPU (`ExpressPriority`).
+    private var longestSojourn: UInt64 = 0
 
     init(receiver: UDPReceiver, writer: TunWriter, icmpSender: UDPSender, _ setup: WorkerSetup) {
         self.receiver = receiver
         self.writer = writer
         self.icmpSender = icmpSender
-        codel = setup.options.codel.isOn && receiver.timestamps ? ReceiveCoDel(setup.options.codel) : nil
+        codel = setup.options.codel.isOn && receiver.timestamps && !setup.express ? ReceiveCoDel(setup.options.codel) : nil
         super.init(setup)
     }
 
@@ -35,10 +38,18 @@ final class UDPToTunWorker: ForwardingWorker {
 
     override var input: Int32 { receiver.fd }
 
+    /// The longest sojourn since the last call, and starts over.
+    @inline(__always)
+    func takeLongestSojourn() -> UInt64 {
+        defer { longestSojourn = 0 }
+        return longestSojourn
+    }
+
     /// Decides each datagram of the batch and hands it over; the tun writer's open group is written at the end.
     func deliverBatch() throws(SystemError) {
         let snapshot = table.snapshot()
         while let datagram = receiver.next() {
+            if datagram.sojourn > longestSojourn { longestSojourn = datagram.sojourn }
             switch decider.fromUDP(datagram.bytes, outerSource: datagram.source, snapshot: snapshot,
                                    scratch: scratch) {
             case .deliver(let peer, let length):

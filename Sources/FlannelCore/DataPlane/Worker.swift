@@ -17,6 +17,8 @@ struct WorkerSetup {
     let config: ForwardingConfig
     let counters: DataPlaneCounters
     let options: ForwarderOptions
+    /// It is one of the express lane's pair.
+    let express: Bool
 }
 
 class ForwardingWorker {
@@ -139,15 +141,18 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
-    private let second: ForwardingWorker
+    private let second: UDPToTunWorker
     private let spinNanoseconds: UInt64
+    /// Raises the thread to a realtime priority while the CPUs are contended (nil: never).
+    private let priority: ExpressPriority?
 
     /// Polls both workers' inputs (descriptors the forwarder left blocking: the workers read them with RWF_NOWAIT
     /// and MSG_DONTWAIT here, never blocking).
-    init(threadName: String, _ first: ForwardingWorker, _ second: ForwardingWorker) {
+    init(threadName: String, _ first: ForwardingWorker, _ second: UDPToTunWorker, priority: ExpressPriority? = nil) {
         self.threadName = threadName
         self.first = first
         self.second = second
+        self.priority = priority
         spinNanoseconds = UInt64(first.options.expressSpinMicroseconds) &* 1000
     }
 
@@ -156,20 +161,24 @@ final class DuplexLoop: ForwardingThread {
     /// workers that are both alive.
     func run() throws(SystemError) {
         try withHeartbeatTimer(threadName, first.options) { () throws(SystemError) in
+            try priority?.probe()
             var fds = (pollfd(fd: first.input, events: Int16(POLLIN), revents: 0),
                        pollfd(fd: second.input, events: Int16(POLLIN), revents: 0))
             while true {
-                if beat() { return }
+                if beat() { break }
                 let rc = withUnsafeMutableBytes(of: &fds) { raw in
                     poll(raw.baseAddress!.assumingMemoryBound(to: pollfd.self), 2, -1)
                 }
                 if rc < 0 {
                     let e = errno
-                    if e == EINTR { continue }  // the wake signal: look at the stop flag
-                    throw SystemError("poll", threadName, errno: e)
+                    guard e == EINTR else { throw SystemError("poll", threadName, errno: e) }
+                    // The wake signal: the heartbeat timer (a tick for the priority, when one is due) or a stop.
+                    try priority?.tickIfDue(DuplexLoop.now())
+                    continue
                 }
-                if try forwardWhileBusy() { return }
+                if try forwardWhileBusy() { break }
             }
+            try priority?.lowerIfRaised()
         }
     }
 
@@ -183,14 +192,17 @@ final class DuplexLoop: ForwardingThread {
 
     /// Drains both inputs, each at most `batchesPerWakeup` batches in turn, until neither has had anything for
     /// the spin time. Returns true when the thread should end: the stop flag is set (looked at on every pass, so
-    /// a stop is seen under a flood too) or an input hung up (only a test socketpair's end does).
+    /// a stop is seen under a flood too) or an input hung up (only a test socketpair's end does). After each pass
+    /// the priority sees how long the datagrams waited and how long the thread has run since it woke.
     func forwardWhileBusy() throws(SystemError) -> Bool {
-        var lastPacket = DuplexLoop.now()
+        let woke = DuplexLoop.now()
+        var lastPacket = woke
         while true {
             let moved = try first.drain() &+ second.drain()
             if first.hungUp || second.hungUp { return true }
             if beat() { return true }
             let now = DuplexLoop.now()
+            if let priority { try priority.passed(sojourn: second.takeLongestSojourn(), woke: woke, now: now) }
             if moved > 0 {
                 lastPacket = now
                 continue

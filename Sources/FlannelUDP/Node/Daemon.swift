@@ -188,7 +188,8 @@ public final class Daemon: ControlHandler, @unchecked Sendable {  // mutable sta
                                 options: ForwarderOptions(offloads: config.offloads,
                                                           heartbeatMilliseconds: observer?.heartbeatMilliseconds ?? 1000,
                                                           codel: config.codel, express: config.express,
-                                                          expressSpinMicroseconds: config.expressSpinMicroseconds),
+                                                          expressSpinMicroseconds: config.expressSpinMicroseconds,
+                                                          expressPriority: config.expressPriority),
                                 onFailure: { [weak self] error in
                                     // A deleted device fails the tun reads too; say so rather than only the errno.
                                     self?.fail(self?.nodeGuard?.deviceGoneReason() ?? "forwarder stopped: \(error)")

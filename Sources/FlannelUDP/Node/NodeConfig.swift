@@ -41,6 +41,8 @@ public struct NodeConfig: Sendable {
     public var express: Int? = ForwarderOptions.defaultExpressLength
     /// How long the express lane's thread keeps looking for more after a packet (`ForwarderOptions`).
     public var expressSpinMicroseconds = ForwarderOptions.defaultExpressSpinMicroseconds
+    /// The express lane thread's realtime priority while the CPUs are busy (`ForwarderOptions`); 0: never.
+    public var expressPriority = ForwarderOptions.defaultExpressPriority
     /// The tun queues, sockets and worker pairs the node runs: the workers and the express lane's.
     public var pairs: Int { workers + (express == nil ? 0 : 1) }
 
@@ -90,6 +92,9 @@ public struct NodeConfig: Sendable {
         }
         if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds) {
             return "express-spin \(expressSpinMicroseconds) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds"
+        }
+        if !ForwarderOptions.expressPriorityRange.contains(expressPriority) {
+            return "express-priority \(expressPriority) is outside \(ForwarderOptions.expressPriorityRange.lowerBound)-\(ForwarderOptions.expressPriorityRange.upperBound) (0: never realtime)"
         }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"

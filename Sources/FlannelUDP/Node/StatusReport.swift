@@ -60,6 +60,7 @@ struct StatusReport: Sendable {
             offloads: parts.forwarder?.activeOffloads ?? [], lease: parts.lease)
         status.offloadStatistics = parts.forwarder?.offloadStatistics
         status.workers = parts.forwarder?.workerCounts
+        status.expressPriority = parts.forwarder?.expressPriorityCounts
         status.masquerade = parts.masquerade?.status
         status.repairs = parts.nodeGuard?.status
         status.phase = parts.phase

@@ -106,6 +106,14 @@ public enum PrometheusText {
                 out.sample("flannel_udp_worker_packets_total", ["worker": "\(w.worker)", "lane": lane, "direction": "udpToTun"], w.udpToTunPackets)
             }
         }
+        if let x = status.expressPriority {
+            out.family("flannel_udp_express_realtime", .gauge, "1 while the express lane's thread runs at its SCHED_FIFO priority (the CPUs are busy), else 0.")
+            out.sample("flannel_udp_express_realtime", ["priority": "\(x.priority)"], UInt64(x.realtime ? 1 : 0))
+            out.family("flannel_udp_express_raised_total", .counter, "Times the express lane's thread was raised to its realtime priority.")
+            out.sample("flannel_udp_express_raised_total", [:], x.raised)
+            out.family("flannel_udp_express_flood_lowered_total", .counter, "Times it was lowered for running 1 ms without sleeping (a flood of short packets).")
+            out.sample("flannel_udp_express_flood_lowered_total", [:], x.floodLowered)
+        }
         if let lease = status.lease {
             out.family("flannel_udp_lease_expiry_timestamp_seconds", .gauge, "When our etcd lease expires unless renewed, in seconds since the epoch.")
             out.sample("flannel_udp_lease_expiry_timestamp_seconds", ["subnet": lease.subnet], lease.expires.timeIntervalSince1970)
