@@ -2,7 +2,6 @@ import Foundation
 import XCTest
 import Atomics
 import CAllocCounter
-import CShims
 import Logging
 import Synchronization
 import TestSupport
@@ -223,7 +222,8 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         let raw = sched_getscheduler(tid)
         var param = sched_param()
         _ = sched_getparam(tid, &param)
-        return (raw & ~Int32(FU_SCHED_RESET_ON_FORK), param.sched_priority, raw & Int32(FU_SCHED_RESET_ON_FORK) != 0)
+        let flag = ExpressPriority.resetOnFork
+        return (raw & ~flag, param.sched_priority, raw & flag != 0)
     }
 
     private func laneThread() throws -> Int32 {
@@ -304,16 +304,23 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         return file
     }
 
+    /// As root: the CPU file at `idlePercent` idle, a started forwarder whose lane has priority 7 and whose heartbeat
+    /// timer wakes it every 20 ms (so ticks come every 250 ms), and the lane thread's id. Stopped at teardown.
+    private func startPriorityLane(idlePercent: Int, late: UInt64 = 1_000_000) throws -> (Forwarder, Int32, CPULoadFile) {
+        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
+        let load = try cpuLoadFile()
+        load.idlePercent.store(idlePercent, ordering: .relaxed)
+        let f = try makeForwarder(heartbeat: 20, priority: 7, late: late, stat: load.path)
+        try f.start()
+        addTeardownBlock { f.stop() }
+        return (f, try laneThread(), load)
+    }
+
     /// The CPUs' load moves the lane's thread: busy CPUs (no idle time) raise it to SCHED_FIFO at its priority,
     /// with SCHED_RESET_ON_FORK, without a packet; idle CPUs lower it again. Ticks come with the heartbeat
     /// timer's wake-ups (every 20 ms here) at most every 250 ms.
     func testTheCPUsLoadRaisesAndLowersTheLaneThread() throws {
-        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
-        let load = try cpuLoadFile()
-        let f = try makeForwarder(heartbeat: 20, priority: 7, stat: load.path)
-        try f.start()
-        defer { f.stop() }
-        let tid = try laneThread()
+        let (f, tid, load) = try startPriorityLane(idlePercent: 100)
         usleep(600_000)
         XCTAssertEqual(scheduling(tid).policy, SCHED_OTHER, "idle CPUs: the normal scheduler")
 
@@ -338,13 +345,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// A datagram that waited in the lane's socket raises the thread (here any wait counts: `late` 0), while the
     /// CPUs' load is between the thresholds (40 % idle), so that no tick decides it.
     func testALateDatagramRaisesTheLaneThread() throws {
-        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
-        let load = try cpuLoadFile()
-        load.idlePercent.store(40, ordering: .relaxed)
-        let f = try makeForwarder(heartbeat: 20, priority: 7, late: 0, stat: load.path)
-        try f.start()
-        defer { f.stop() }
-        let tid = try laneThread()
+        let (_, tid, _) = try startPriorityLane(idlePercent: 40, late: 0)
         usleep(600_000)
         XCTAssertEqual(scheduling(tid).policy, SCHED_OTHER, "before any datagram")
         let answer = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"))
@@ -359,13 +360,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// thread again). The lane's thread may run at realtime for at most 12.5 ms per 250 ms tick, then competes
     /// like any other thread. Without the budget it would run at SCHED_FIFO for most of the flood.
     func testAFloodOfShortPacketsDoesNotKeepTheLaneRealtime() throws {
-        try XCTSkipUnless(getuid() == 0, "SCHED_FIFO needs root (CAP_SYS_NICE)")
-        let load = try cpuLoadFile()
-        load.idlePercent.store(0, ordering: .relaxed)
-        let f = try makeForwarder(heartbeat: 20, priority: 7, late: 0, stat: load.path)
-        try f.start()
-        defer { f.stop() }
-        let tid = try laneThread()
+        let (f, tid, _) = try startPriorityLane(idlePercent: 0, late: 0)
         XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane first")
 
         let flooding = ManagedAtomic<Bool>(true)

@@ -273,10 +273,13 @@ final class ExpressPriority: @unchecked Sendable {
         }
     }
 
+    /// SCHED_RESET_ON_FORK, or'ed into both policies (and into what sched_getscheduler reports).
+    static let resetOnFork = Int32(FU_SCHED_RESET_ON_FORK)
+
     /// sched_setscheduler on the calling thread (pid 0): SCHED_FIFO at `priority`, or SCHED_OTHER.
     private func setScheduler(realtime on: Bool) throws(SystemError) {
         var param = sched_param(sched_priority: on ? priority : 0)
-        let policy = (on ? SCHED_FIFO : SCHED_OTHER) | Int32(FU_SCHED_RESET_ON_FORK)
+        let policy = (on ? SCHED_FIFO : SCHED_OTHER) | ExpressPriority.resetOnFork
         if sched_setscheduler(0, policy, &param) != 0 {
             throw SystemError(on ? "sched_setscheduler SCHED_FIFO \(priority)" : "sched_setscheduler SCHED_OTHER",
                               threadName, errno: errno)
