@@ -64,6 +64,14 @@ extension ClusterTests {
             e["flannel_udp_offload_gro_buffers_total{}"] = number(o["groBuffers"]) ?? -1
             e["flannel_udp_offload_largest_datagram_received_bytes{}"] = number(o["largestDatagramReceived"]) ?? -1
         }
+        if let x = d["expressPriority"] as? [String: Any] {  // the express lane and its priority are on by default
+            let priority = (x["priority"] as? Int).map { "\($0)" } ?? "?"
+            e["flannel_udp_express_realtime{priority=\(priority)}"] = x["realtime"] as? Bool == true ? 1 : 0
+            e["flannel_udp_express_raised_total{}"] = number(x["raised"]) ?? -1
+            e["flannel_udp_express_flood_lowered_total{}"] = number(x["floodLowered"]) ?? -1
+        } else {
+            e["expressPriority in status --json"] = 1  // missing: reported as a mismatch
+        }
         return e
     }
 

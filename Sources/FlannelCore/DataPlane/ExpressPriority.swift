@@ -174,7 +174,8 @@ public struct ExpressPriorityCounts: Codable, Equatable, Sendable {
     public var priority: Int
     /// It runs at that priority now.
     public var realtime: Bool
-    /// Times it was raised, and times it was lowered for running too long without sleeping (a flood).
+    /// Times it was raised, and times it was lowered for a flood (1 ms without sleeping, or its 12.5 ms of
+    /// realtime per tick spent).
     public var raised: UInt64
     public var floodLowered: UInt64
     /// The kernel refused the priority (the error, once); the thread then keeps the normal scheduler.

@@ -111,7 +111,7 @@ public enum PrometheusText {
             out.sample("flannel_udp_express_realtime", ["priority": "\(x.priority)"], UInt64(x.realtime ? 1 : 0))
             out.family("flannel_udp_express_raised_total", .counter, "Times the express lane's thread was raised to its realtime priority.")
             out.sample("flannel_udp_express_raised_total", [:], x.raised)
-            out.family("flannel_udp_express_flood_lowered_total", .counter, "Times it was lowered for running 1 ms without sleeping (a flood of short packets).")
+            out.family("flannel_udp_express_flood_lowered_total", .counter, "Times it was lowered for a flood of short packets: 1 ms without sleeping, or 12.5 ms of realtime in one 250 ms tick.")
             out.sample("flannel_udp_express_flood_lowered_total", [:], x.floodLowered)
         }
         if let lease = status.lease {
