@@ -119,11 +119,9 @@ struct Up: ParsableCommand {
         if expressSize != 0 && !NodeConfig.expressRange.contains(expressSize) {
             throw ValidationError("--express-size \(expressSize) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)")
         }
-        if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpin) {
-            throw ValidationError("--express-spin \(expressSpin) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds")
-        }
-        if !ForwarderOptions.expressPriorityRange.contains(expressPriority) {
-            throw ValidationError("--express-priority \(expressPriority) is outside \(ForwarderOptions.expressPriorityRange.lowerBound)-\(ForwarderOptions.expressPriorityRange.upperBound) (0: never realtime)")
+        if let problem = ForwarderOptions.expressSpinProblem(expressSpin)
+                         ?? ForwarderOptions.expressPriorityProblem(expressPriority) {
+            throw ValidationError("--" + problem)
         }
         if !(masqResync > 0 && masqResync <= 3600) {
             throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")

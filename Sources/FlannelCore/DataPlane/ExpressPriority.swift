@@ -32,7 +32,8 @@ struct ExpressPriorityPolicy: Equatable {
     enum Change: Equatable { case none, raise, lower }
 
     /// A datagram that waited longer than this in the lane's socket shows the thread waiting for a CPU.
-    var lateNanoseconds: UInt64 = 1_000_000
+    var lateNanoseconds: UInt64 = ExpressPriorityPolicy.defaultLateNanoseconds
+    static let defaultLateNanoseconds: UInt64 = 1_000_000
     /// The longest the thread may run at realtime without sleeping.
     var floodNanoseconds: UInt64 = 1_000_000
     /// The most it may run at realtime between two ticks, sleeps or not: 5 % of a 250 ms tick. Sparse traffic
@@ -135,7 +136,6 @@ struct CPUTimes: Equatable {
 /// Reads the machine's idle share between two calls from /proc/stat (or, in tests, any file in its format). The
 /// file is opened once; each sample is one pread into a buffer allocated once.
 final class CPUIdleSampler {
-    let path: String
     private let fd: Int32
     /// Why the file could not be opened, when it could not.
     let openError: SystemError?
@@ -143,7 +143,6 @@ final class CPUIdleSampler {
     private var last: CPUTimes?
 
     init(path: String) {
-        self.path = path
         fd = open(path, O_RDONLY | O_CLOEXEC)
         openError = fd < 0 ? SystemError("open", path, errno: errno) : nil
     }
@@ -242,8 +241,7 @@ final class ExpressPriority: @unchecked Sendable {
     /// At the thread's start: raises and lowers it once, so that a kernel that refuses the priority says so in the
     /// log when the daemon starts, not at the first busy moment (and the policy stops trying).
     func probe() throws(SystemError) {
-        try apply(.raise, flood: false, counted: false)
-        try apply(.lower, flood: false)
+        if raise() { try setScheduler(realtime: false) }
     }
 
     /// Drops to the normal scheduler when the thread ends (a thread's policy would not outlive it anyway, but a
@@ -252,25 +250,31 @@ final class ExpressPriority: @unchecked Sendable {
         if realtime.load(ordering: .relaxed) { try setScheduler(realtime: false) }
     }
 
-    private func apply(_ change: ExpressPriorityPolicy.Change, flood: Bool, counted: Bool = true) throws(SystemError) {
+    private func apply(_ change: ExpressPriorityPolicy.Change, flood: Bool) throws(SystemError) {
         switch change {
         case .none: return
         case .raise:
-            guard !refusal.load(ordering: .relaxed) else { return }
-            do throws(SystemError) {
-                try setScheduler(realtime: true)
-                if counted { raised.wrappingIncrement(ordering: .relaxed) }
-            } catch {
-                // Not fatal: the lane forwards as before, at the normal scheduler's latency. Said once.
-                refusalText = "\(error)"
-                refusal.store(true, ordering: .releasing)
-                logger.warning("the express lane keeps the normal scheduler: \(error) (SCHED_FIFO needs CAP_SYS_NICE or RLIMIT_RTPRIO >= \(priority), e.g. systemd's LimitRTPRIO=, and no RestrictRealtime=; with realtime group scheduling, realtime runtime in the cgroup)")
-            }
+            if raise() { raised.wrappingIncrement(ordering: .relaxed) }
         case .lower:
             guard realtime.load(ordering: .relaxed) else { return }
             // Fatal when refused: a thread stuck at realtime under a flood would starve its CPU.
             try setScheduler(realtime: false)
             if flood { floodLowered.wrappingIncrement(ordering: .relaxed) }
+        }
+    }
+
+    /// SCHED_FIFO, unless the kernel has refused it before; true when the thread is now realtime. A refusal is not
+    /// fatal (the lane forwards as before, at the normal scheduler's latency) and is said once.
+    private func raise() -> Bool {
+        guard !refusal.load(ordering: .relaxed) else { return false }
+        do throws(SystemError) {
+            try setScheduler(realtime: true)
+            return true
+        } catch {
+            refusalText = "\(error)"
+            refusal.store(true, ordering: .releasing)
+            logger.warning("the express lane keeps the normal scheduler: \(error) (SCHED_FIFO needs CAP_SYS_NICE or RLIMIT_RTPRIO >= \(priority), e.g. systemd's LimitRTPRIO=, and no RestrictRealtime=; with realtime group scheduling, realtime runtime in the cgroup)")
+            return false
         }
     }
 

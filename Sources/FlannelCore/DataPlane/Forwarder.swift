@@ -169,12 +169,13 @@ public final class Forwarder: @unchecked Sendable {
             // A thread per worker, but the express lane's pair shares one (`DuplexLoop`).
             let (tunToUDP, udpToTun) = pairs[k]
             if express {
+                let name = "fu-express"
                 let priority = options.expressPriority == 0 ? nil
-                    : ExpressPriority(priority: options.expressPriority, threadName: "fu-express",
+                    : ExpressPriority(priority: options.expressPriority, threadName: name,
                                       statPath: options.cpuStatPath, lateNanoseconds: options.expressLateNanoseconds,
                                       logger: logger)
                 expressPriority = priority
-                threads.append(DuplexLoop(threadName: "fu-express", tunToUDP, udpToTun, priority: priority))
+                threads.append(DuplexLoop(threadName: name, tunToUDP, udpToTun, priority: priority))
             } else {
                 threads += [tunToUDP, udpToTun]
             }

@@ -50,7 +50,7 @@ public struct ForwarderOptions: Sendable {
     public var expressPriority: Int32
     /// A datagram that waited longer than this in the express lane's socket raises its thread
     /// (`ExpressPriorityPolicy.lateNanoseconds`; tests set 0, so that any datagram does).
-    public var expressLateNanoseconds: UInt64 = 1_000_000
+    public var expressLateNanoseconds = ExpressPriorityPolicy.defaultLateNanoseconds
     /// Where the express lane reads the machine's CPU times (tests give a file of their own).
     public var cpuStatPath = "/proc/stat"
 
@@ -66,6 +66,18 @@ public struct ForwarderOptions: Sendable {
     public static let defaultExpressPriority: Int32 = 10
     /// The priorities `expressPriority` accepts, 0 (off) included: SCHED_FIFO's.
     public static let expressPriorityRange: ClosedRange<Int32> = 0...99
+
+    /// nil when `us` is a valid `expressSpinMicroseconds`, else why not (named as the option, without its "--").
+    public static func expressSpinProblem(_ us: Int) -> String? {
+        (0...maximumExpressSpinMicroseconds).contains(us) ? nil
+            : "express-spin \(us) is outside 0-\(maximumExpressSpinMicroseconds) microseconds"
+    }
+
+    /// nil when `priority` is a valid `expressPriority`, else why not (named as the option, without its "--").
+    public static func expressPriorityProblem(_ priority: Int32) -> String? {
+        expressPriorityRange.contains(priority) ? nil
+            : "express-priority \(priority) is outside \(expressPriorityRange.lowerBound)-\(expressPriorityRange.upperBound) (0: never realtime)"
+    }
 
     public init(batchSize: Int = 64, bufferSize: Int = 65536, sendWaitMilliseconds: Int32 = 10,
                 batchesPerWakeup: Int = 64, offloads: Bool = true, sendQueueCapacity: Int = 1024,

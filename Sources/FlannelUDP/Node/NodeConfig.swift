@@ -90,11 +90,9 @@ public struct NodeConfig: Sendable {
         if let express, !NodeConfig.expressRange.contains(express) {
             return "express-size \(express) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)"
         }
-        if !(0...ForwarderOptions.maximumExpressSpinMicroseconds).contains(expressSpinMicroseconds) {
-            return "express-spin \(expressSpinMicroseconds) is outside 0-\(ForwarderOptions.maximumExpressSpinMicroseconds) microseconds"
-        }
-        if !ForwarderOptions.expressPriorityRange.contains(expressPriority) {
-            return "express-priority \(expressPriority) is outside \(ForwarderOptions.expressPriorityRange.lowerBound)-\(ForwarderOptions.expressPriorityRange.upperBound) (0: never realtime)"
+        if let problem = ForwarderOptions.expressSpinProblem(expressSpinMicroseconds)
+                         ?? ForwarderOptions.expressPriorityProblem(expressPriority) {
+            return problem
         }
         if let mtu, !(NodeConfig.mtuRange).contains(mtu) {
             return "mtu \(mtu) is outside \(NodeConfig.mtuRange.lowerBound)-\(NodeConfig.mtuRange.upperBound)"
