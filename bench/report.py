@@ -47,6 +47,7 @@ ROWS = [
     ("fwd_anon_mb", "forwarder anon RSS MB (node)", "{:.1f}"),
     ("machine_cpu_s_per_gb", "machine CPU s/GB (TCP 4)", "{:.2f}"),
     ("machine_busy_pct", "machine busy % (TCP 4)", "{:.0f}"),
+    ("host_steal_pct", "host steal % (TCP 4)", "{:.0f}"),
     ("softirq_s_per_gb", "softirq s/GB (TCP, machine)", "{:.2f}"),
     ("rcvbuf_node_udp", "RcvbufErrors recv node (UDP)", "{:.0f}"),
     ("rcvbuf_node_tcp", "RcvbufErrors recv node (TCP)", "{:.0f}"),
@@ -242,11 +243,16 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
         tcp_bytes += recv["bytes"]
         tcp_fwd += delta(b, a, "fwd_ticks") or 0
         tcp_soft += delta(b, a, "softirq") or 0
-        busy, seconds = delta(b, a, "busy"), delta(b, a, "time")
+        busy, steal, seconds = delta(b, a, "busy"), delta(b, a, "steal"), delta(b, a, "time")
         if n == 4 and busy is not None and recv["bytes"] > 0:  # absent in raw files from before the counter
-            m["machine_cpu_s_per_gb"] = busy / CLK_TCK / (recv["bytes"] / GB)
+            # busy counts steal (older raw files have no separate steal counter and keep it): the time the
+            # hypervisor gave this VM's CPUs to someone else is not what the transfer cost
+            work = busy - (steal or 0)
+            m["machine_cpu_s_per_gb"] = work / CLK_TCK / (recv["bytes"] / GB)
             if seconds and cpus:
-                m["machine_busy_pct"] = 100.0 * busy / CLK_TCK / (seconds * cpus)
+                m["machine_busy_pct"] = 100.0 * work / CLK_TCK / (seconds * cpus)
+                if steal is not None:
+                    m["host_steal_pct"] = 100.0 * steal / CLK_TCK / (seconds * cpus)
         tcp_rcvbuf += delta(b, a, "rcvbuf_node_b") or 0
         tcp_txdrop += (delta(b, a, "txdrop_node_a") or 0) + (delta(b, a, "txdrop_node_b") or 0)
     if tcp_bytes > 0:  # over the TCP tests that worked
@@ -526,7 +532,9 @@ def print_table(result, cols, rows):
             notes.append(f"{c}: run {x['run']}: {x['problem']}")
     print()
     print("n/a: the kernel does the forwarding (no forwarder process) or the figure does not apply.")
-    print("machine CPU and softirq are machine-wide (/proc/stat), so other load on the machine shows up in them.")
+    print("machine CPU and softirq are machine-wide (/proc/stat), so other load on the machine shows up in them;")
+    print("host steal is time the hypervisor ran something else while this VM had work: it slows every figure, and")
+    print("machine CPU and busy leave it out.")
     if notes:
         print()
         for n in notes:

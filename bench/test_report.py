@@ -152,7 +152,20 @@ class ReportTests(RawFiles):
         # the machine was busy 4 s of the 10 s 4-stream test: 4 s for 5 GB, 4 s of 2 CPUs x 10 s
         self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["machine_cpu_s_per_gb"], 0.8)
         self.assertAlmostEqual(r["configs"]["tun-bound"]["median"]["machine_busy_pct"], 20.0)
+        self.assertNotIn("host_steal_pct", r["configs"]["tun-bound"]["median"])  # raw files without the counter
         self.assertAlmostEqual(r["ratios"]["tun-bound"]["machine_cpu_s_per_gb"]["median"], 4.0 / 3.0)
+
+    def test_host_steal_is_shown_and_not_counted_as_machine_cpu(self):
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=10, runs=1, cpus=2, configs="flannel-udp"))
+        self.good_run(1, "flannel-udp", 4.0, fwd_ticks=TCK)
+        # of the 4 busy seconds of the 4-stream test, 1 was the hypervisor's (steal)
+        self.write(1, "flannel-udp", "tcp4.before", kv(fwd_ticks=0, softirq=0, busy=0, steal=0, time=100))
+        self.write(1, "flannel-udp", "tcp4.after", kv(fwd_ticks=TCK, softirq=TCK, busy=TCK * 4, steal=TCK, time=110))
+        m = self.result()["configs"]["flannel-udp"]["median"]
+        self.assertAlmostEqual(m["machine_cpu_s_per_gb"], 3 / 5.0)  # 3 s of work for 5 GB
+        self.assertAlmostEqual(m["machine_busy_pct"], 15.0)        # 3 s of 2 CPUs x 10 s
+        self.assertAlmostEqual(m["host_steal_pct"], 5.0)
 
     def test_check_fails_on_a_configuration_that_did_not_run(self):
         self.good_run(1, "vxlan", 10.0, fwd_ticks=0)
