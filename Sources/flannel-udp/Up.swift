@@ -116,15 +116,11 @@ struct Up: ParsableCommand {
         if !(codelTarget >= 0 && codelTarget <= 1000) {
             throw ValidationError("--codel-target \(codelTarget) is outside 0-1000 milliseconds (0 turns CoDel off)")
         }
-        if expressSize != 0 && !NodeConfig.expressRange.contains(expressSize) {
-            throw ValidationError("--express-size \(expressSize) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)")
-        }
-        if let problem = ForwarderOptions.expressSpinProblem(expressSpin)
-                         ?? ForwarderOptions.expressPriorityProblem(expressPriority) {
+        if let problem = (expressSize == 0 ? nil : NodeConfig.expressSizeProblem(expressSize))
+                         ?? ForwarderOptions.expressSpinProblem(expressSpin)
+                         ?? ForwarderOptions.expressPriorityProblem(expressPriority)
+                         ?? NodeConfig.masqResyncProblem(masqResync) {
             throw ValidationError("--" + problem)
-        }
-        if !(masqResync > 0 && masqResync <= 3600) {
-            throw ValidationError("--masq-resync \(masqResync) is outside 0-3600 seconds (it must be more than 0)")
         }
         if let metricsAddr {
             do { _ = try MetricsAddress(parsing: metricsAddr) } catch { throw ValidationError(error.description) }

@@ -45,4 +45,17 @@ final class PeerSourceTests: XCTestCase {
         XCTAssertEqual(NodeConfig(network: net("10.244.0.0/16"), subnet: net("10.245.1.0/24")).validate(),
                        "subnet 10.245.1.0/24 is not inside network 10.244.0.0/16")
     }
+
+    /// A config that does not come from the command line (a test's, a library user's) gets the same checks and
+    /// messages as `up`'s options; the option's 0 (no lane) is `express == nil` here, so 0 is refused.
+    func testNodeConfigRefusesOptionValuesUpRefuses() {
+        var config = NodeConfig(network: net("10.244.0.0/16"), subnet: net("10.244.1.0/24"))
+        XCTAssertNil(config.validate())
+        config.express = 0
+        XCTAssertEqual(config.validate(), "express-size 0 is outside 20-65535 bytes (0 turns the express lane off)")
+        config.express = nil
+        XCTAssertNil(config.validate())
+        config.masqResyncSeconds = 0
+        XCTAssertEqual(config.validate(), "masq-resync 0.0 is outside 0-3600 seconds (it must be more than 0)")
+    }
 }

@@ -153,6 +153,7 @@ final class CLITests: XCTestCase {
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--express-size", "65536"], "--express-size 65536", 64),
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--express-spin", "1001"], "--express-spin 1001", 64),
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--express-priority", "100"], "--express-priority 100", 64),
+            (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--masq-resync", "0"], "--masq-resync 0.0 is outside", 64),
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--iface", "nosuch0"], "nosuch0", 64),
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--device", "averyveryverylongname"], "averyveryverylongname", 64),
             (["up", "--network", "10.244.0.0/16", "--subnet", "10.244.1.0/24", "--iface", "eth0", "--peers", peers], "\(peers):2", 64),

@@ -84,11 +84,9 @@ public struct NodeConfig: Sendable {
         }
         if let problem = TunDevice.validateName(device) { return "device: \(problem)" }
         if let underlay, let problem = TunDevice.validateName(underlay) { return "iface: \(problem)" }
-        if !(masqResyncSeconds > 0 && masqResyncSeconds <= 3600) {
-            return "masq-resync \(masqResyncSeconds) is outside 0-3600 seconds (it must be more than 0)"
-        }
-        if let express, !NodeConfig.expressRange.contains(express) {
-            return "express-size \(express) is outside \(NodeConfig.expressRange.lowerBound)-\(NodeConfig.expressRange.upperBound) bytes (0 turns the express lane off)"
+        if let problem = NodeConfig.masqResyncProblem(masqResyncSeconds)
+                         ?? express.flatMap(NodeConfig.expressSizeProblem) {
+            return problem
         }
         if let problem = ForwarderOptions.expressSpinProblem(expressSpinMicroseconds)
                          ?? ForwarderOptions.expressPriorityProblem(expressPriority) {
@@ -104,4 +102,17 @@ public struct NodeConfig: Sendable {
     public static let mtuRange = 68...(65535 - encapsulationOverhead)
     /// An IPv4 header at least, and a length that fits the header's field.
     public static let expressRange = IPv4Header.minimumLength...Int(UInt16.max)
+
+    /// nil when `seconds` is a valid `masqResyncSeconds`, else why not (named as the option, without its "--").
+    public static func masqResyncProblem(_ seconds: Double) -> String? {
+        seconds > 0 && seconds <= 3600 ? nil
+            : "masq-resync \(seconds) is outside 0-3600 seconds (it must be more than 0)"
+    }
+
+    /// nil when `size` is a valid `express` length, else why not (named as the option, without its "--"; the
+    /// option's 0 means no lane, `express == nil`, and is never checked here).
+    public static func expressSizeProblem(_ size: Int) -> String? {
+        expressRange.contains(size) ? nil
+            : "express-size \(size) is outside \(expressRange.lowerBound)-\(expressRange.upperBound) bytes (0 turns the express lane off)"
+    }
 }
