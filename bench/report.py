@@ -57,7 +57,7 @@ ROWS = [
 ]
 
 # configurations whose forwarding runs in processes in the node namespaces (CPU and memory are measured)
-FORWARDERS = ("tun-bound", "flannel-udp", "peer")
+FORWARDERS = ("tun-bound", "wire-bound", "flannel-udp", "peer")
 
 # flannel-udp's figures divided by another configuration's from the same run: (key, label) in table order.
 RATIO_SUBJECT = "flannel-udp"

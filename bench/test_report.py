@@ -155,6 +155,19 @@ class ReportTests(RawFiles):
         self.assertNotIn("host_steal_pct", r["configs"]["tun-bound"]["median"])  # raw files without the counter
         self.assertAlmostEqual(r["ratios"]["tun-bound"]["machine_cpu_s_per_gb"]["median"], 4.0 / 3.0)
 
+    def test_wire_bound_is_a_forwarder_with_ratios(self):
+        with open(os.path.join(self.raw, "meta"), "w") as f:
+            f.write(kv(time=10, runs=1, cpus=2, configs="tun-bound wire-bound flannel-udp"))
+        self.good_run(1, "tun-bound", 4.0, fwd_ticks=TCK)
+        self.good_run(1, "wire-bound", 3.5, fwd_ticks=TCK)
+        self.good_run(1, "flannel-udp", 3.0, fwd_ticks=TCK)
+        r = self.result()
+        # its forwarder CPU is measured (two tests of 3.5 Gbit/s x 10 s = 8.75 GB, 1 s of CPU each), and
+        # flannel-udp gets a ratio over it as over tun-bound
+        self.assertAlmostEqual(r["configs"]["wire-bound"]["median"]["fwd_cpu_s_per_gb"], 2.0 / 8.75)
+        self.assertAlmostEqual(r["ratios"]["wire-bound"]["tcp4_gbps"]["median"], 3.0 / 3.5)
+        self.assertAlmostEqual(r["ratios"]["tun-bound"]["tcp4_gbps"]["median"], 0.75)
+
     def test_host_steal_is_shown_and_not_counted_as_machine_cpu(self):
         with open(os.path.join(self.raw, "meta"), "w") as f:
             f.write(kv(time=10, runs=1, cpus=2, configs="flannel-udp"))
