@@ -411,6 +411,22 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// Sends short packets into the lane's tun side until `flooding` is cleared (20 s at most), `burst` at a time
     /// with `pause` microseconds between bursts (0: none), and keeps the peer's socket drained.
+    /// Raises the lane (the CPUs look busy), floods it through its tun end (`burst` packets, then `pause` us, over
+    /// and over) until 1000 packets went through, and measures its thread over the next second (`realtimeCPU`).
+    /// The flood has stopped when this returns.
+    private func measureFlood(burst: Int = 1, pause: UInt32 = 0) throws
+        -> (forwarder: Forwarder, realtime: UInt64, cpu: UInt64, longest: UInt64) {
+        let (f, tid, _) = try startPriorityLane(idlePercent: 0, late: 0)
+        XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane first")
+        let flooding = ManagedAtomic<Bool>(true)
+        startFlood(flooding, burst: burst, pause: pause)
+        defer { flooding.store(false, ordering: .relaxed) }
+        let deadline = Date().addingTimeInterval(5)
+        while f.workerCounts[1].tunToUDPPackets < 1000 && Date() < deadline { usleep(1000) }
+        let (realtime, cpu, longest) = try realtimeCPU(of: tid)
+        return (f, realtime, cpu, longest)
+    }
+
     private func startFlood(_ flooding: ManagedAtomic<Bool>, burst: Int = 1, pause: UInt32 = 0) {
         let writer = lanePair[1]
         let flood = Thread {
@@ -439,15 +455,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// at a stretch, then competes like any other thread. Without the flood rule it would run at SCHED_FIFO for
     /// all of the flood.
     func testAFloodOfShortPacketsDoesNotKeepTheLaneRealtime() throws {
-        let (f, tid, _) = try startPriorityLane(idlePercent: 0, late: 0)
-        XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane first")
-        let flooding = ManagedAtomic<Bool>(true)
-        startFlood(flooding)
-        defer { flooding.store(false, ordering: .relaxed) }
-        let deadline = Date().addingTimeInterval(5)
-        while f.workerCounts[1].tunToUDPPackets < 1000 && Date() < deadline { usleep(1000) }
-        let (realtime, cpu, longest) = try realtimeCPU(of: tid)
-        flooding.store(false, ordering: .relaxed)
+        let (f, realtime, cpu, longest) = try measureFlood()
         XCTAssertGreaterThan(f.workerCounts[1].tunToUDPPackets, 10_000, "it was a flood")
         XCTAssertGreaterThan(cpu, 300_000_000, "the flood kept the lane's thread busy: \(cpu) ns of CPU in 1 s")
         // Measured: 0.2-1.7 ms in the second, of about 550 ms of CPU (each tick raises the thread, and the first
@@ -464,15 +472,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// The same attacker, pacing the flood so that the lane's thread sleeps between bursts and never runs 1 ms at a
     /// stretch: the budget alone must hold it. Without the budget it would be realtime for all of its CPU time.
     func testAPacedFloodIsHeldByTheBudgetAlone() throws {
-        let (f, tid, _) = try startPriorityLane(idlePercent: 0, late: 0)
-        XCTAssertTrue(becomes(tid, SCHED_FIFO), "busy CPUs raise the lane first")
-        let flooding = ManagedAtomic<Bool>(true)
-        startFlood(flooding, burst: 32, pause: 200)
-        defer { flooding.store(false, ordering: .relaxed) }
-        let deadline = Date().addingTimeInterval(5)
-        while f.workerCounts[1].tunToUDPPackets < 1000 && Date() < deadline { usleep(1000) }
-        let (realtime, cpu, _) = try realtimeCPU(of: tid)
-        flooding.store(false, ordering: .relaxed)
+        let (f, realtime, cpu, _) = try measureFlood(burst: 32, pause: 200)
         XCTAssertGreaterThan(cpu, 2 * Self.floodRealtimeLimit,
                              "the paced flood kept the lane's thread busy enough to tell: \(cpu) ns of CPU in 1 s")
         XCTAssertLessThan(realtime, Self.floodRealtimeLimit, "\(realtime) ns of \(cpu) at realtime")
