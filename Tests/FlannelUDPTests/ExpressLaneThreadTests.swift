@@ -254,8 +254,18 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// Thread `tid`'s CPU time so far, ns (the first field of /proc/self/task/TID/schedstat).
     private func cpuNanoseconds(_ tid: Int32) throws -> UInt64 {
+        try schedstat(tid).cpu
+    }
+
+    /// Thread `tid`'s CPU time (ns) and how many times it has been switched in (it slept, or was preempted, in
+    /// between), from /proc's schedstat. The CPU time of a thread running on another CPU is brought up to date
+    /// only at that CPU's tick (4 ms here), the count at every switch.
+    private func schedstat(_ tid: Int32) throws -> (cpu: UInt64, switches: UInt64) {
         let text = try String(contentsOfFile: "/proc/self/task/\(tid)/schedstat", encoding: .utf8)
-        return try XCTUnwrap(text.split(separator: " ").first.flatMap { UInt64($0) }, text)
+        let fields = text.split(separator: " ").map { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+        let cpu = try XCTUnwrap(fields.first ?? nil, "schedstat: \(text)")
+        let switches = try XCTUnwrap(fields.count == 3 ? fields[2] : nil, "schedstat: \(text)")
+        return (cpu, switches)
     }
 
     /// Polls until thread `tid`'s policy is `policy` (5 s bound).
@@ -379,7 +389,9 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// For one second, every millisecond: thread `tid`'s policy and its CPU time so far (schedstat's first field,
     /// ns); a millisecond that starts at SCHED_FIFO counts as realtime CPU, and `longest` is the most realtime CPU
-    /// in consecutive such milliseconds. The sampling thread runs at SCHED_FIFO above the lane (7), so a busy
+    /// in consecutive such milliseconds in which the thread was never switched out, so never slept (what the 1 ms
+    /// rule bounds; a flood that lets it sleep between packets, as on a machine too busy to keep the flood going,
+    /// is the budget's to hold). The sampling thread runs at SCHED_FIFO above the lane (7), so a busy
     /// machine cannot stretch its milliseconds (which would count too much).
     private func realtimeCPU(of tid: Int32) throws -> (realtime: UInt64, total: UInt64, longest: UInt64) {
         var saved = sched_param()
@@ -391,26 +403,32 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         var realtime: UInt64 = 0
         var stretch: UInt64 = 0
         var longest: UInt64 = 0
-        var previous = (scheduling(tid).policy, try cpuNanoseconds(tid))
-        let first = previous.1
+        var previous = (policy: scheduling(tid).policy, stat: try schedstat(tid))
+        let first = previous.stat.cpu
         let end = Date().addingTimeInterval(1)
+        var then = DispatchTime.now().uptimeNanoseconds
         while Date() < end {
             usleep(1000)
-            let now = (scheduling(tid).policy, try cpuNanoseconds(tid))
-            if previous.0 == SCHED_FIFO {
-                realtime += now.1 - previous.1
-                stretch += now.1 - previous.1
+            let now = (policy: scheduling(tid).policy, stat: try schedstat(tid))
+            let at = DispatchTime.now().uptimeNanoseconds
+            let ran = now.stat.cpu - previous.stat.cpu
+            if previous.policy == SCHED_FIFO {
+                realtime += ran
+                // A stretch goes on while the thread is not switched out (it has not slept since the last sample)
+                // and the sample came on time: a late one (this PREEMPT_NONE kernel can hold even a realtime
+                // sampler) cannot tell when in its interval the thread was lowered.
+                let onTime = at - then <= 2_500_000
+                stretch = onTime && now.stat.switches == previous.stat.switches ? stretch + ran : 0
                 longest = max(longest, stretch)
             } else {
                 stretch = 0
             }
             previous = now
+            then = at
         }
-        return (realtime, previous.1 - first, longest)
+        return (realtime, previous.stat.cpu - first, longest)
     }
 
-    /// Sends short packets into the lane's tun side until `flooding` is cleared (20 s at most), `burst` at a time
-    /// with `pause` microseconds between bursts (0: none), and keeps the peer's socket drained.
     /// Raises the lane (the CPUs look busy), floods it through its tun end (`burst` packets, then `pause` us, over
     /// and over) until 1000 packets went through, and measures its thread over the next second (`realtimeCPU`).
     /// The flood has stopped when this returns.
@@ -427,6 +445,8 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         return (f, realtime, cpu, longest)
     }
 
+    /// Sends short packets into the lane's tun side until `flooding` is cleared (20 s at most), `burst` at a time
+    /// with `pause` microseconds between bursts (0: none), and keeps the peer's socket drained.
     private func startFlood(_ flooding: ManagedAtomic<Bool>, burst: Int = 1, pause: UInt32 = 0) {
         let writer = lanePair[1]
         let flood = Thread {
@@ -457,15 +477,21 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     func testAFloodOfShortPacketsDoesNotKeepTheLaneRealtime() throws {
         let (f, realtime, cpu, longest) = try measureFlood()
         XCTAssertGreaterThan(f.workerCounts[1].tunToUDPPackets, 10_000, "it was a flood")
-        XCTAssertGreaterThan(cpu, 300_000_000, "the flood kept the lane's thread busy: \(cpu) ns of CPU in 1 s")
+        // Without the flood rule the thread would be realtime for all of its CPU time, so twice the limit is enough
+        // to tell. Below that the machine was too busy to flood the lane (two CPU hogs beside the test left it
+        // 114-248 ms): nothing to measure, which is a skip, not a pass.
+        try XCTSkipIf(cpu < 2 * Self.floodRealtimeLimit,
+                      "the machine was too busy to flood the lane: \(cpu) ns of its CPU in 1 s")
         // Measured: 0.2-1.7 ms in the second, of about 550 ms of CPU (each tick raises the thread, and the first
         // pass after it has run 1 ms without sleeping lowers it). With `batchesPerWakeup` batches of each input
         // per pass it was 15-21 ms, and 49.5 and 81 ms on a loaded machine, above the budget's 5 x 12.5.
         XCTAssertLessThan(realtime, Self.floodRealtimeLimit, "\(realtime) ns of \(cpu) at realtime")
-        // This flood never lets the thread sleep, so a stretch ends at 1 ms plus the pass that crosses it: measured
-        // 0.1-1.4 ms, once 7 ms (a sample can come late on this PREEMPT_NONE kernel, realtime or not). With
-        // `batchesPerWakeup` batches of each input per pass it was 29-31 ms.
-        XCTAssertLessThan(longest, 10_000_000, "the longest realtime stretch: \(longest) ns")
+        // Running without sleeping, the thread is lowered at 1 ms plus the pass that crosses it: measured 0-0.4 ms,
+        // 0-1.2 ms with two CPU hogs beside the test. With `batchesPerWakeup` batches of each input per pass it was
+        // 4.5-27.7 ms. (A stretch counted milliseconds in which the thread was switched out too until a CPU hog
+        // made it fail at 14.6-15.4 ms: the flood, slowed, let the thread sleep between packets and stay realtime
+        // within its budget, which the paced test below bounds.)
+        XCTAssertLessThan(longest, 4_000_000, "the longest realtime stretch without a sleep: \(longest) ns")
         XCTAssertGreaterThan(f.expressPriorityCounts?.floodLowered ?? 0, 0)
     }
 
@@ -473,8 +499,8 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     /// stretch: the budget alone must hold it. Without the budget it would be realtime for all of its CPU time.
     func testAPacedFloodIsHeldByTheBudgetAlone() throws {
         let (f, realtime, cpu, _) = try measureFlood(burst: 32, pause: 200)
-        XCTAssertGreaterThan(cpu, 2 * Self.floodRealtimeLimit,
-                             "the paced flood kept the lane's thread busy enough to tell: \(cpu) ns of CPU in 1 s")
+        try XCTSkipIf(cpu < 2 * Self.floodRealtimeLimit,
+                      "the machine was too busy to flood the lane: \(cpu) ns of its CPU in 1 s")
         XCTAssertLessThan(realtime, Self.floodRealtimeLimit, "\(realtime) ns of \(cpu) at realtime")
         XCTAssertGreaterThan(f.expressPriorityCounts?.floodLowered ?? 0, 0)
     }
