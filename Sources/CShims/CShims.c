@@ -3,6 +3,7 @@
 #include "CShims.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <net/if.h>
@@ -263,4 +264,8 @@ long fu_recv_with_fds(int sock, void *buf, unsigned long len, int *fds, int *cou
         return -1;
     }
     return n;
+}
+
+int fu_open_tmpfile(const char *directory, mode_t mode) {
+    return open(directory, O_TMPFILE | O_WRONLY | O_CLOEXEC, mode);
 }

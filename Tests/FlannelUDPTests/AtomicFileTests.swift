@@ -1,3 +1,4 @@
+import CShims
 import Foundation
 import XCTest
 @testable import FlannelCore
@@ -40,6 +41,34 @@ final class AtomicFileTests: TemporaryDirectoryTestCase {
         try AtomicFile.write("mine\n", to: path, mode: 0o644)
         try assertDecoyUnchanged()
         XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "mine\n")
+    }
+
+    /// The new contents are written and synced to an unnamed file (O_TMPFILE) and named only then, so a writer
+    /// killed while writing (a full disk's slow fsync, a SIGKILL) leaves nothing in the directory. The fallback,
+    /// which names its temporary file from the start, shows what the same moment looked like before.
+    func testTheContentsAreWrittenBeforeAnyNameExists() throws {
+        let probe = fu_open_tmpfile(dir, 0o600)
+        try XCTSkipIf(probe < 0 && (errno == EOPNOTSUPP || errno == EISDIR),
+                      "the test directory's filesystem has no O_TMPFILE (AtomicFile falls back to a named file)")
+        XCTAssertGreaterThanOrEqual(probe, 0, "O_TMPFILE in \(dir): errno \(errno)")
+        _ = close(probe)
+        let path = dir + "/subnet.env"
+        var seen = ["(beforeNaming was not called)"]
+        try AtomicFile.write("mine\n", to: path, mode: 0o640, owner: geteuid(), suffix: AtomicFile.randomSuffix,
+                             beforeNaming: { seen = (try? self.entries()) ?? ["(unreadable)"] })
+        XCTAssertEqual(seen, [], "nothing is in the directory while the contents are written")
+        XCTAssertEqual(try entries(), ["subnet.env"])
+        XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "mine\n")
+        var st = stat()
+        XCTAssertEqual(lstat(path, &st), 0)
+        XCTAssertEqual(st.st_mode & 0o777, 0o640, "the mode is exactly the one asked for")
+
+        try AtomicFile.write("again\n", to: path, mode: 0o644, owner: geteuid(), suffix: AtomicFile.randomSuffix,
+                             unnamed: false, beforeNaming: { seen = (try? self.entries()) ?? ["(unreadable)"] })
+        XCTAssertEqual(seen.count, 2, "the fallback: the target and the named temporary file, \(seen)")
+        XCTAssertTrue(seen.contains { $0.hasPrefix(".subnet.env.") && $0.hasSuffix(".tmp") }, "\(seen)")
+        XCTAssertEqual(try entries(), ["subnet.env"])
+        XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "again\n")
     }
 
     func testTemporaryNamesAreRandom() {

@@ -177,6 +177,11 @@ ssize_t fu_read_nowait(int fd, void *buf, size_t count);
 /// writev that never blocks, whatever the descriptor's O_NONBLOCK (pwritev2(RWF_NOWAIT)).
 ssize_t fu_writev_nowait(int fd, const struct iovec *iov, int iovcnt);
 
+/// open(directory, O_TMPFILE | O_WRONLY | O_CLOEXEC, mode): an unnamed regular file in `directory` that is gone
+/// if the process dies before it is linked to a name. O_TMPFILE needs _GNU_SOURCE. Fails with EOPNOTSUPP where the
+/// filesystem has no O_TMPFILE (EISDIR on kernels that do not know the flag).
+int fu_open_tmpfile(const char *directory, mode_t mode);
+
 /// setns(fd, CLONE_NEWNET): moves the calling thread into the network namespace `fd` refers to (a tun device
 /// and a socket belong to the namespace of the thread that creates them). setns needs _GNU_SOURCE.
 int fu_setns_net(int fd);

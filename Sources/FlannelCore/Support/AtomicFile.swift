@@ -1,3 +1,4 @@
+import CShims
 import Foundation
 #if canImport(Glibc)
 import Glibc
@@ -8,8 +9,11 @@ import Glibc
 ///
 /// - the directory passes `SecureDirectory.ensure` first (root-owned all the way, not writable by others), so nobody
 ///   else can plant a symlink or a file in it, or rename it away;
-/// - the temporary file gets an unpredictable name (`.<name>.<64 random bits>.tmp`) and is created with
-///   O_CREAT|O_EXCL|O_NOFOLLOW: a file or symlink already at that name is never reused or followed, another name is
+/// - the new contents are written to an unnamed file (O_TMPFILE) and fsynced, and only then linked to a temporary
+///   name, so a process killed while writing leaves nothing behind; where the filesystem has no O_TMPFILE the
+///   temporary file is created under its name from the start;
+/// - the temporary name is unpredictable (`.<name>.<64 random bits>.tmp`) and never reused: the link fails on any
+///   file or symlink already there (EEXIST), as the fallback's O_CREAT|O_EXCL|O_NOFOLLOW does, and another name is
 ///   tried instead;
 /// - the finished file replaces the target with rename(2), which replaces a symlink at the target instead of
 ///   following it;
@@ -30,30 +34,62 @@ public enum AtomicFile {
     }
 
     /// `write` with the temporary name's suffix supplied by the caller: tests use it to put a file at the exact
-    /// name that will be tried.
+    /// name that will be tried. `unnamed: false` skips O_TMPFILE (the fallback, for tests); `beforeNaming` runs
+    /// once the contents are written and synced, before any name is given (tests look at the directory there).
     package static func write(_ text: String, to path: String, mode: mode_t, owner: uid_t,
-                      suffix: () -> String) throws(SystemError) {
+                              suffix: () -> String, unnamed: Bool = true,
+                              beforeNaming: () -> Void = {}) throws(SystemError) {
         let (dir, name) = split(path)
         try SecureDirectory.ensure(dir, mode: 0o755, owner: owner)
-        let (fd, tmp) = try createTemporary(directory: dir, name: name, mode: mode, suffix: suffix)
+        var fd: Int32 = -1
+        if unnamed {
+            fd = fu_open_tmpfile(dir, mode)
+            if fd < 0 && errno != EOPNOTSUPP && errno != EISDIR {
+                throw SystemError.current("create unnamed file in", dir)
+            }
+        }
+        // The temporary name: given only after the contents are synced when the file started unnamed.
+        var tmp: String? = nil
+        if fd < 0 { (fd, tmp) = try createTemporary(directory: dir, name: name, mode: mode, suffix: suffix) }
         var ok = false
         defer {
-            if !ok { unlink(tmp) }
+            if !ok, let tmp { unlink(tmp) }
         }
+        let label = tmp ?? "unnamed file in \(dir)"
         do {
             // open() applied the umask; the file gets exactly `mode`.
-            try syscall("set mode of", tmp) { fchmod(fd, mode) }
-            try writeAll(fd, Array(text.utf8), name: tmp)
-            try syscall("fsync", tmp) { fsync(fd) }
+            try syscall("set mode of", label) { fchmod(fd, mode) }
+            try writeAll(fd, Array(text.utf8), name: label)
+            try syscall("fsync", label) { fsync(fd) }
+            beforeNaming()
+            if tmp == nil { tmp = try giveName(fd, directory: dir, name: name, suffix: suffix) }
         } catch {
             _ = close(fd)
             throw error
         }
+        let named = tmp!
         // Not retried on EINTR: on Linux the descriptor is released even when close reports EINTR, and a retry
         // could close a descriptor another thread has opened since. fsync above already reported write errors.
-        if close(fd) != 0 && errno != EINTR { throw SystemError.current("close", tmp) }
-        try syscall("rename \(tmp) to", path) { rename(tmp, path) }
+        if close(fd) != 0 && errno != EINTR { throw SystemError.current("close", named) }
+        try syscall("rename \(named) to", path) { rename(named, path) }
         ok = true
+    }
+
+    /// Links the unnamed file `fd` to a fresh random temporary name through /proc/self/fd (linkat with
+    /// AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the systemd unit does not grant). linkat never follows
+    /// or replaces what is at the new name: a name that exists is skipped.
+    private static func giveName(_ fd: Int32, directory: String, name: String,
+                                 suffix: () -> String) throws(SystemError) -> String {
+        let source = "/proc/self/fd/\(fd)"
+        var last = SystemError("name temporary file for", "\(directory)/\(name)", errno: EEXIST)
+        for _ in 0..<attempts {
+            let tmp = "\(directory)/.\(name).\(suffix()).tmp"
+            if linkat(AT_FDCWD, source, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW) == 0 { return tmp }
+            let err = errno
+            last = SystemError("link \(source) to", tmp, errno: err)
+            if err != EEXIST { throw last }
+        }
+        throw last
     }
 
     /// The temporary file, created exclusively under a fresh random name; a name that exists (a planted file or
