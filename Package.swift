@@ -62,7 +62,7 @@ let package = Package(
             dependencies: ["FlannelUDP", .product(name: "ArgumentParser", package: "swift-argument-parser"), logging]
         ),
         // bench/run's ceiling for any tun/UDP forwarder; not flannel's wire format (see its header).
-        .executableTarget(name: "tun-bound", dependencies: ["CShims"], path: "bench/tun-bound"),
+        .executableTarget(name: "tun-bound", dependencies: ["CShims", "FlannelCore"], path: "bench/tun-bound"),
         // Test-only counting allocator (interposes malloc & co.) for the data plane's zero-allocation tests.
         .target(name: "CAllocCounter", path: "Tests/CAllocCounter"),
         // What both test targets use: a seeded generator, one datagram sent to an endpoint.

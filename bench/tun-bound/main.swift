@@ -19,6 +19,7 @@
 //
 // usage: tun-bound [--wire] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed; one thread per direction)
 import CShims
+import FlannelCore
 import Foundation
 
 #if canImport(Glibc)
@@ -115,37 +116,22 @@ if wire {
 }
 
 // ---- --wire ------------------------------------------------------------------------------------------------
+// Headers, checksums and the virtio-net header through FlannelCore's own helpers (header work only: the payload is
+// never read here).
 
-// (Constants of the wire mode are static: a top-level `let` of main.swift below the code that runs is still zero
-// when that code reads it.)
 enum Wire {
-    static let vnetLength = Int(FU_VIRTIO_NET_HDR_LEN)
     static let maxDatagram = 65_507  // the largest UDP payload over IPv4, and so the largest GSO message
     static let maxSegments = 64      // UDP_MAX_SEGMENTS on older kernels; flannel-udp's limit too
+    /// Where a UDP header keeps its checksum.
+    static let udpChecksum = 6
 }
 
-func be16(_ p: UnsafeRawPointer, _ at: Int) -> Int { Int(UInt16(bigEndian: p.loadUnaligned(fromByteOffset: at, as: UInt16.self))) }
-func setBE16(_ p: UnsafeMutableRawPointer, _ at: Int, _ v: Int) {
-    p.storeBytes(of: UInt16(truncatingIfNeeded: v).bigEndian, toByteOffset: at, as: UInt16.self)
-}
-func be32(_ p: UnsafeRawPointer, _ at: Int) -> UInt32 { UInt32(bigEndian: p.loadUnaligned(fromByteOffset: at, as: UInt32.self)) }
-
-/// One's complement sum of big-endian 16-bit words, folded (headers only: at most 60 bytes).
-func headerSum(_ p: UnsafeRawPointer, _ count: Int, _ initial: UInt32 = 0) -> UInt32 {
-    var s = initial
-    var i = 0
-    while i + 1 < count { s &+= UInt32(be16(p, i)); i += 2 }
-    while s >> 16 != 0 { s = (s & 0xFFFF) &+ (s >> 16) }
-    return s
-}
-
-/// (IPv4 header length, IPv4 + TCP header length) of a TCP/IPv4 packet whose headers fit in `length`, else nil.
+/// (IPv4 header length, IPv4 + TCP header length) of an unfragmented TCP/IPv4 packet whose headers fit, else nil.
 func tcpHeaders(_ p: UnsafeRawPointer, _ length: Int) -> (Int, Int)? {
-    guard length >= 40, p.load(as: UInt8.self) >> 4 == 4, p.load(fromByteOffset: 9, as: UInt8.self) == 6 else { return nil }
-    let ihl = Int(p.load(as: UInt8.self) & 0xF) * 4
-    guard ihl >= 20, ihl + 20 <= length else { return nil }
-    let all = ihl + Int(p.load(fromByteOffset: ihl + 12, as: UInt8.self) >> 4) * 4
-    return all >= ihl + 20 && all <= length ? (ihl, all) : nil
+    guard let (headerLength, _) = TCPSegmenter.headers(UnsafeRawBufferPointer(start: p, count: length)) else {
+        return nil
+    }
+    return (IPv4TCPHeaders(p).headerLength, headerLength)
 }
 
 /// tun -> UDP: each super-packet as MTU-sized datagrams (header copy + payload in place), sent with one sendmmsg.
@@ -172,12 +158,12 @@ final class WireSender {
                 if errno == EINTR || errno == EAGAIN { continue }
                 fail("tun->udp: read")
             }
-            let packet = buffer + Wire.vnetLength, length = n - Wire.vnetLength
+            let packet = buffer + VirtioNetHeader.length, length = n - VirtioNetHeader.length
             guard length > 0 else { continue }
-            let gso = buffer.load(fromByteOffset: 1, as: UInt8.self) & 0x7F
-            let mss = Int(buffer.loadUnaligned(fromByteOffset: 4, as: UInt16.self))
-            if gso == UInt8(FU_VIRTIO_NET_HDR_GSO_TCPV4), mss > 0, let (_, hl) = tcpHeaders(packet, length),
-               length - hl > mss {
+            let vnet = VirtioNetHeader(from: buffer)
+            let mss = Int(vnet.gsoSize)
+            if vnet.gsoType & ~VirtioNetHeader.gsoECN == VirtioNetHeader.gsoTCPv4, mss > 0,
+               let (_, hl) = tcpHeaders(packet, length), length - hl > mss {
                 // At most 128 segments (the header slots; 3 messages): an MSS under ~512 bytes is dropped.
                 if (length - hl + mss - 1) / mss <= 128 { sendSegments(packet, length, headerLength: hl, mss: mss) }
             } else if send(sock, packet, length, 0) < 0, ![EINTR, ECONNREFUSED, ENOBUFS, EAGAIN].contains(errno) {
@@ -187,23 +173,24 @@ final class WireSender {
     }
 
     func sendSegments(_ packet: UnsafeMutableRawPointer, _ length: Int, headerLength hl: Int, mss: Int) {
-        let ihl = Int(packet.load(as: UInt8.self) & 0xF) * 4
-        let seq0 = be32(packet, ihl + 4)
-        let flags = packet.load(fromByteOffset: ihl + 13, as: UInt8.self)
+        let h0 = IPv4TCPHeaders(packet)
+        let ihl = h0.headerLength
+        let seq0 = h0.tcpSequence(at: ihl)
+        let flags = h0.tcpFlags(at: ihl)
         let perMessage = min(Wire.maxSegments, Wire.maxDatagram / (hl + mss))
         var offset = hl, k = 0, m = 0, inMessage = 0, firstIov = 0
         while offset < length {
             let size = min(mss, length - offset)
             let h = headers + k * 128
             h.copyMemory(from: packet, byteCount: hl)
-            setBE16(h, 2, hl + size)
-            h.storeBytes(of: (seq0 &+ UInt32(truncatingIfNeeded: offset - hl)).bigEndian, toByteOffset: ihl + 4,
-                         as: UInt32.self)
+            h.storeBytes(of: UInt16(hl + size).bigEndian, toByteOffset: IPv4Header.totalLength, as: UInt16.self)
+            h.storeBytes(of: (seq0 &+ UInt32(truncatingIfNeeded: offset - hl)).bigEndian,
+                         toByteOffset: ihl + TCPHeader.sequence, as: UInt32.self)
             // FIN and PSH on the last segment only, CWR on the first only (as the kernel's segmentation does).
             var f = flags
-            if offset + size < length { f &= ~0x09 }
-            if offset > hl { f &= ~0x80 }
-            h.storeBytes(of: f, toByteOffset: ihl + 13, as: UInt8.self)
+            if offset + size < length { f &= ~(TCPHeader.fin | TCPHeader.psh) }
+            if offset > hl { f &= ~TCPHeader.cwr }
+            h.storeBytes(of: f, toByteOffset: ihl + TCPHeader.flags, as: UInt8.self)
             iovs[2 * k] = iovec(iov_base: h, iov_len: hl)
             iovs[2 * k + 1] = iovec(iov_base: packet + offset, iov_len: size)
             k += 1
@@ -295,17 +282,21 @@ final class WireReceiver {
         let count = (n + size - 1) / size
         guard count <= Wire.maxSegments else { flush(); return }  // (the gather list's room; not from tun-bound)
         let payload = size - hl
-        let seq = be32(p, ihl + 4)
-        let flags = p.load(fromByteOffset: ihl + 13, as: UInt8.self)
-        let first = head + Wire.vnetLength
+        let h = IPv4TCPHeaders(p)
+        let seq = h.tcpSequence(at: ihl)
+        let flags = h.tcpFlags(at: ihl)
+        let first = head + VirtioNetHeader.length
+        let t = p + ihl, t0 = first + ihl
         let joins = segments > 0 && !closed && hl == headerLength && payload == mss && seq == nextSeq
-            && flags & 0x27 == 0  // no FIN, SYN, RST, URG
+            && flags & (TCPHeader.synFinRst | TCPHeader.urg) == 0
             && segments + count <= Wire.maxSegments && total + n - count * hl <= 65_535
-            && memcmp(p + 12, first + 12, 8) == 0 && ihl == Int(first.load(as: UInt8.self) & 0xF) * 4
-            && memcmp(p + ihl, first + ihl, 4) == 0  // ports
+            && memcmp(p + IPv4Header.source, first + IPv4Header.source, 8) == 0
+            && ihl == IPv4TCPHeaders(first).headerLength
+            && memcmp(t, t0, 4) == 0  // ports
             // the acknowledgment, the window and the options (timestamps), as flannel-udp's coalescer asks
-            && memcmp(p + ihl + 8, first + ihl + 8, 4) == 0 && memcmp(p + ihl + 14, first + ihl + 14, 2) == 0
-            && memcmp(p + ihl + 20, first + ihl + 20, hl - ihl - 20) == 0
+            && memcmp(t + TCPHeader.acknowledgment, t0 + TCPHeader.acknowledgment, 4) == 0
+            && memcmp(t + TCPHeader.window, t0 + TCPHeader.window, 2) == 0
+            && memcmp(t + TCPHeader.minimumLength, t0 + TCPHeader.minimumLength, hl - ihl - TCPHeader.minimumLength) == 0
         if !joins {
             flush()
             first.copyMemory(from: p, byteCount: hl)
@@ -315,7 +306,7 @@ final class WireReceiver {
             pieces = 2
             segments = 0
             // Nothing joins a run without payload or with SYN, RST or URG.
-            closed = payload == 0 || flags & 0x26 != 0
+            closed = payload == 0 || flags & (TCPHeader.syn | TCPHeader.rst | TCPHeader.urg) != 0
             tailFlags = 0
         }
         var d = 0
@@ -330,22 +321,24 @@ final class WireReceiver {
         segments += count
         nextSeq = seq &+ UInt32(truncatingIfNeeded: n - count * hl)
         // The last datagram's FIN and PSH go on the run, and end it.
-        let last = p + (count - 1) * size
-        tailFlags = last.load(fromByteOffset: ihl + 13, as: UInt8.self) & 0x09
+        tailFlags = IPv4TCPHeaders(p + (count - 1) * size).tcpFlags(at: ihl) & (TCPHeader.fin | TCPHeader.psh)
         if tailFlags != 0 { closed = true }
     }
 
     /// Writes the open run as one super-packet (NEEDS_CSUM; GSO when it has more than one segment).
     func flush() {
         guard segments > 0 else { return }
-        let ip = head + Wire.vnetLength
-        let ihl = Int(ip.load(as: UInt8.self) & 0xF) * 4
-        setBE16(ip, 2, total)
-        let f = ip.load(fromByteOffset: ihl + 13, as: UInt8.self)
-        ip.storeBytes(of: f | tailFlags, toByteOffset: ihl + 13, as: UInt8.self)
-        finishHeaders(ip, ihl: ihl, length: total, checksumOffset: 16)
-        writeVnet(gso: segments > 1, headerLength: headerLength, mss: mss, start: ihl, offset: 16)
-        out[0] = iovec(iov_base: head, iov_len: Wire.vnetLength)
+        let ip = head + VirtioNetHeader.length
+        let ihl = IPv4TCPHeaders(ip).headerLength
+        ip.storeBytes(of: UInt16(total).bigEndian, toByteOffset: IPv4Header.totalLength, as: UInt16.self)
+        let f = IPv4TCPHeaders(ip).tcpFlags(at: ihl)
+        ip.storeBytes(of: f | tailFlags, toByteOffset: ihl + TCPHeader.flags, as: UInt8.self)
+        finishHeaders(ip, ihl: ihl, length: total, checksumOffset: TCPHeader.checksum)
+        VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum,
+                        gsoType: segments > 1 ? VirtioNetHeader.gsoTCPv4 : VirtioNetHeader.gsoNone,
+                        headerLength: segments > 1 ? UInt16(headerLength) : 0, gsoSize: segments > 1 ? UInt16(mss) : 0,
+                        checksumStart: UInt16(ihl), checksumOffset: UInt16(TCPHeader.checksum)).store(to: head)
+        out[0] = iovec(iov_base: head, iov_len: VirtioNetHeader.length)
         out[1] = iovec(iov_base: ip, iov_len: headerLength)
         if writev(tun, out, Int32(pieces)) < 0, ![EINTR, EAGAIN, EIO, EINVAL].contains(errno) {
             fail("udp->tun: writev \(total) bytes")
@@ -356,34 +349,27 @@ final class WireReceiver {
     /// A datagram that is not TCP: UDP gets NEEDS_CSUM (its sender's tun left the checksum partial), anything
     /// else (ICMP) goes in as it came.
     func single(_ p: UnsafeMutableRawPointer, _ n: Int) {
-        let ihl = Int(p.load(as: UInt8.self) & 0xF) * 4
-        let udp = n >= 28 && p.load(fromByteOffset: 9, as: UInt8.self) == 17 && ihl + 8 <= n
-        if udp {
-            finishHeaders(p, ihl: ihl, length: n, checksumOffset: 6)
-            writeVnet(gso: false, headerLength: 0, mss: 0, start: ihl, offset: 6)
+        let ihl = IPv4TCPHeaders(p).headerLength
+        if n >= 28 && IPv4TCPHeaders(p).proto == IPv4Header.protocolUDP && ihl + 8 <= n {
+            finishHeaders(p, ihl: ihl, length: n, checksumOffset: Wire.udpChecksum)
+            VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum, gsoType: VirtioNetHeader.gsoNone,
+                            headerLength: 0, gsoSize: 0, checksumStart: UInt16(ihl),
+                            checksumOffset: UInt16(Wire.udpChecksum)).store(to: head)
         } else {
-            head.initializeMemory(as: UInt8.self, repeating: 0, count: Wire.vnetLength)
+            VirtioNetHeader.none.store(to: head)
         }
-        out[0] = iovec(iov_base: head, iov_len: Wire.vnetLength)
+        out[0] = iovec(iov_base: head, iov_len: VirtioNetHeader.length)
         out[1] = iovec(iov_base: p, iov_len: n)
         if writev(tun, out, 2) < 0, ![EINTR, EAGAIN, EIO, EINVAL].contains(errno) { fail("udp->tun: writev \(n) bytes") }
     }
 
     /// IPv4 header checksum, and the transport checksum field set to the pseudo-header sum (NEEDS_CSUM).
     func finishHeaders(_ ip: UnsafeMutableRawPointer, ihl: Int, length: Int, checksumOffset: Int) {
-        setBE16(ip, 10, 0)
-        setBE16(ip, 10, Int(~UInt16(truncatingIfNeeded: headerSum(ip, ihl))))
-        var pseudo = headerSum(ip + 12, 8, UInt32(ip.load(fromByteOffset: 9, as: UInt8.self)) &+ UInt32(length - ihl))
-        while pseudo >> 16 != 0 { pseudo = (pseudo & 0xFFFF) &+ (pseudo >> 16) }
-        setBE16(ip, ihl + checksumOffset, Int(pseudo))
-    }
-
-    func writeVnet(gso: Bool, headerLength: Int, mss: Int, start: Int, offset: Int) {
-        head.storeBytes(of: UInt8(FU_VIRTIO_NET_HDR_F_NEEDS_CSUM), as: UInt8.self)
-        head.storeBytes(of: gso ? UInt8(FU_VIRTIO_NET_HDR_GSO_TCPV4) : 0, toByteOffset: 1, as: UInt8.self)
-        head.storeBytes(of: UInt16(gso ? headerLength : 0), toByteOffset: 2, as: UInt16.self)
-        head.storeBytes(of: UInt16(gso ? mss : 0), toByteOffset: 4, as: UInt16.self)
-        head.storeBytes(of: UInt16(start), toByteOffset: 6, as: UInt16.self)
-        head.storeBytes(of: UInt16(offset), toByteOffset: 8, as: UInt16.self)
+        ip.storeBytes(of: UInt16(0), toByteOffset: IPv4Header.checksum, as: UInt16.self)
+        let ipSum = InternetChecksum.compute(UnsafeRawBufferPointer(start: ip, count: ihl))
+        ip.storeBytes(of: ipSum.bigEndian, toByteOffset: IPv4Header.checksum, as: UInt16.self)
+        let proto = ip.load(fromByteOffset: IPv4Header.proto, as: UInt8.self)
+        let pseudo = InternetChecksum.pseudoHeaderSum(ip, proto: proto, length: length - ihl)
+        ip.storeBytes(of: pseudo.bigEndian, toByteOffset: ihl + checksumOffset, as: UInt16.self)
     }
 }
