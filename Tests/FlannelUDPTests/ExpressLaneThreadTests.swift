@@ -252,11 +252,6 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         return try XCTUnwrap(tid, "no fu-express thread: \(threads())")
     }
 
-    /// Thread `tid`'s CPU time so far, ns (the first field of /proc/self/task/TID/schedstat).
-    private func cpuNanoseconds(_ tid: Int32) throws -> UInt64 {
-        try schedstat(tid).cpu
-    }
-
     /// Thread `tid`'s CPU time (ns) and how many times it has been switched in (it slept, or was preempted, in
     /// between), from /proc's schedstat. The CPU time of a thread running on another CPU is brought up to date
     /// only at that CPU's tick (4 ms here), the count at every switch.
@@ -447,7 +442,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// Sends short packets into the lane's tun side until `flooding` is cleared (20 s at most), `burst` at a time
     /// with `pause` microseconds between bursts (0: none), and keeps the peer's socket drained.
-    private func startFlood(_ flooding: ManagedAtomic<Bool>, burst: Int = 1, pause: UInt32 = 0) {
+    private func startFlood(_ flooding: ManagedAtomic<Bool>, burst: Int, pause: UInt32) {
         let writer = lanePair[1]
         let flood = Thread {
             let packet = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"))

@@ -81,29 +81,36 @@ public enum AtomicFile {
     private static func giveName(_ fd: Int32, directory: String, name: String,
                                  suffix: () -> String) throws(SystemError) -> String {
         let source = "/proc/self/fd/\(fd)"
-        var last = SystemError("name temporary file for", "\(directory)/\(name)", errno: EEXIST)
-        for _ in 0..<attempts {
-            let tmp = "\(directory)/.\(name).\(suffix()).tmp"
-            if linkat(AT_FDCWD, source, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW) == 0 { return tmp }
-            let err = errno
-            last = SystemError("link \(source) to", tmp, errno: err)
-            if err != EEXIST { throw last }
-        }
-        throw last
+        return try claimName(directory: directory, name: name, suffix: suffix, purpose: "name temporary file for",
+                             operation: "link \(source) to") { tmp in
+            linkat(AT_FDCWD, source, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW) == 0 ? () : nil
+        }.name
     }
 
     /// The temporary file, created exclusively under a fresh random name; a name that exists (a planted file or
     /// symlink, or a leftover) is skipped, never opened.
     private static func createTemporary(directory: String, name: String, mode: mode_t,
                                         suffix: () -> String) throws(SystemError) -> (Int32, String) {
-        var last = SystemError("create temporary file for", "\(directory)/\(name)", errno: EEXIST)
+        try claimName(directory: directory, name: name, suffix: suffix, purpose: "create temporary file for",
+                      operation: "create") { tmp in
+            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
+            return fd >= 0 ? fd : nil
+        }
+    }
+
+    /// Tries fresh random temporary names (`.<name>.<suffix>.tmp` in `directory`) until `claim` takes one, at most
+    /// `attempts` of them. `claim` returns nil with errno set when it fails: EEXIST (the name exists) and EINTR try
+    /// another name; any other error is thrown at once, as `operation` on that name. All names taken: EEXIST.
+    private static func claimName<T>(directory: String, name: String, suffix: () -> String, purpose: String,
+                                     operation: String,
+                                     _ claim: (String) -> T?) throws(SystemError) -> (result: T, name: String) {
+        var last = SystemError(purpose, "\(directory)/\(name)", errno: EEXIST)
         for _ in 0..<attempts {
             let tmp = "\(directory)/.\(name).\(suffix()).tmp"
-            let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode)
-            if fd >= 0 { return (fd, tmp) }
+            if let result = claim(tmp) { return (result, tmp) }
             let err = errno
             if err == EINTR { continue }
-            last = SystemError("create", tmp, errno: err)
+            last = SystemError(operation, tmp, errno: err)
             if err != EEXIST { throw last }
         }
         throw last
