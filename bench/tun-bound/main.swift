@@ -9,13 +9,14 @@
 //
 // With --wire it is the ceiling for flannel's wire format instead (bench/run's `wire-bound` row): every datagram is
 // one IPv4 packet of at most the tun's MTU, as flannel sends them, over an underlay with the usual MTU. A TCP
-// super-packet goes out as UDP GSO messages of MTU-sized datagrams, each a copy of the headers (total length and
-// sequence number patched) followed by its payload slice where the tun read put it, the same pieces flannel-udp
-// hands the kernel; the receiving side takes each UDP GRO buffer, joins consecutive buffers of one flow, and
-// writes one super-packet per run with a gather list (the first headers, then every payload in place). What it
-// leaves out is what no kernel does for it: the segments' TCP checksums (the receiving side writes with
-// NEEDS_CSUM and lets its kernel complete them, which only works because both ends are tun-bound), route lookup,
-// flow checks beyond the 4-tuple and sequence, and counters.
+// super-packet goes out as UDP GSO messages of MTU-sized datagrams, each a copy of the headers (total length,
+// sequence number and flags patched) followed by its payload slice where the tun read put it, the same pieces
+// flannel-udp hands the kernel; the receiving side takes each UDP GRO buffer, joins consecutive buffers of one flow
+// (addresses, ports, acknowledgment, window and options equal, sequence contiguous), and writes one super-packet
+// per run with a gather list (the first headers, then every payload in place). What it leaves out is what no
+// kernel does for it: the segments' TCP checksums (the receiving side writes with NEEDS_CSUM and lets its kernel
+// complete them, which only works because both ends are tun-bound), route lookup, the coalescer's other checks,
+// and counters.
 //
 // usage: tun-bound [--wire] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed; one thread per direction)
 import CShims
