@@ -133,8 +133,12 @@ final class CoalescingTests: XCTestCase {
             ("acknowledgment", { $0.acknowledgment &+= 1 }),
             ("window", { $0.window &+= 1 }),
             ("timestamp", { $0.tcpOptions = timestampOption(tsval: 0x11223345, tsecr: 0x55667788) }),
+            ("timestamp echo (the options' last word)", {
+                $0.tcpOptions = timestampOption(tsval: 0x11223344, tsecr: 0x55667789) }),
             ("no options", { $0.tcpOptions = [] }),
             ("source port", { $0.sourcePort &+= 1 }),
+            ("destination port", { $0.destinationPort &+= 1 }),
+            ("source", { $0.source = ip("10.244.1.3") }),
             ("destination", { $0.destination = ip("10.244.2.6") }),
             ("TTL", { $0.ttl -= 1 }),
             ("TOS (ECN CE)", { $0.tos = 3 }),

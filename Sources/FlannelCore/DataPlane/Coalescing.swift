@@ -42,7 +42,7 @@ package final class TCPCoalescer {
     /// The first packet, where it was received.
     private var head: UnsafeMutableRawPointer?
     private var length = 0
-    package private(set) var count = 0
+    private(set) var count = 0
     private var tcpHeaderLength = 0
     private var gsoSize = 0
     private var nextSequence: UInt32 = 0
@@ -115,18 +115,17 @@ package final class TCPCoalescer {
         guard packet[IPv4Header.tos] == first.load(fromByteOffset: IPv4Header.tos, as: UInt8.self),
               h.ttl == h0.ttl,
               packet[IPv4Header.flagsFragment] == first.load(fromByteOffset: IPv4Header.flagsFragment, as: UInt8.self),
-              memcmp(p + IPv4Header.source, first + IPv4Header.source, 8) == 0 else { return false }
+              same(p, first, IPv4Header.source, as: UInt64.self) else { return false }
         guard h.identification == h0.identification &+ UInt16(truncatingIfNeeded: count) else { return false }
         // TCP: ports, acknowledgment; flags equal but for PSH (and CWR on the first); window; options.
         let t = p + ip, t0 = first + ip
         let firstFlags = h0.tcpFlags(at: ip)
         guard flags & TCPHeader.cwr == 0,
               (flags ^ firstFlags) & ~(TCPHeader.psh | TCPHeader.cwr) == 0,
-              memcmp(t, t0, 4) == 0,
-              memcmp(t + TCPHeader.acknowledgment, t0 + TCPHeader.acknowledgment, 4) == 0,
-              memcmp(t + TCPHeader.window, t0 + TCPHeader.window, 2) == 0,
-              thl == TCPHeader.minimumLength || memcmp(t + TCPHeader.minimumLength, t0 + TCPHeader.minimumLength,
-                                                       thl &- TCPHeader.minimumLength) == 0 else { return false }
+              same(t, t0, 0, as: UInt32.self),  // both ports
+              same(t, t0, TCPHeader.acknowledgment, as: UInt32.self),
+              same(t, t0, TCPHeader.window, as: UInt16.self),
+              sameOptions(t, t0, thl) else { return false }
         guard h.tcpSequence(at: ip) == nextSequence else { return false }
 
         if count == 1 {
@@ -140,6 +139,25 @@ package final class TCPCoalescer {
         nextSequence &+= UInt32(truncatingIfNeeded: payload)
         if flags & TCPHeader.psh != 0 { push = true; closed = true }
         if payload < gsoSize { closed = true }
+        return true
+    }
+
+    /// Whether `a` and `b` hold the same `T` at `offset` (unaligned loads: memcmp's call costs more than the
+    /// compare for these few bytes, every packet).
+    @inline(__always)
+    private func same<T: FixedWidthInteger>(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ offset: Int,
+                                            as: T.Type) -> Bool {
+        a.loadUnaligned(fromByteOffset: offset, as: T.self) == b.loadUnaligned(fromByteOffset: offset, as: T.self)
+    }
+
+    /// Whether two TCP headers of `length` bytes (a multiple of 4) have the same options, word by word.
+    @inline(__always)
+    private func sameOptions(_ t: UnsafeRawPointer, _ t0: UnsafeRawPointer, _ length: Int) -> Bool {
+        var o = TCPHeader.minimumLength
+        while o < length {
+            if !same(t, t0, o, as: UInt32.self) { return false }
+            o &+= 4
+        }
         return true
     }
 

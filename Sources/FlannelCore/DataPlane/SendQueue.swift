@@ -27,10 +27,10 @@ package final class SendQueue {
 
     /// Segments the queue holds before it has to be sent.
     package let capacity: Int
-    package var gso: Bool
+    var gso: Bool
 
     // Segments.
-    package private(set) var segmentCount = 0
+    private(set) var segmentCount = 0
     package let headers: UnsafeMutableRawPointer
     package let iovs: UnsafeMutablePointer<iovec>
     private var iovCount = 0
@@ -39,7 +39,7 @@ package final class SendQueue {
     package let segmentLength: UnsafeMutablePointer<Int>
 
     // Messages.
-    package private(set) var messageCount = 0
+    private(set) var messageCount = 0
     package let msgs: UnsafeMutablePointer<fu_mmsghdr>
     package let names: UnsafeMutablePointer<sockaddr_in>
     package let messagePeer: UnsafeMutablePointer<Int>

@@ -11,7 +11,10 @@ import Glibc
 /// `tunWriteFailed`, never retried in a loop (flannel busy-retries here).
 final class TunWriter {
     let vnet: Bool
-    private let coalescer: TCPCoalescer?
+    /// Whether runs of one TCP flow are merged (`coalescer` is allocated either way: an optional would cost every
+    /// packet a retain and a release when it is unwrapped).
+    private let coalesce: Bool
+    private let coalescer = TCPCoalescer()
     private let io: StageIO
     private var logLimiter = LogLimiter()
     /// The virtio_net_hdr written before a packet, and the two-piece iovec for that write.
@@ -27,7 +30,7 @@ final class TunWriter {
     init(_ io: StageIO, vnet: Bool, coalesce: Bool) {
         self.io = io
         self.vnet = vnet
-        coalescer = coalesce ? TCPCoalescer() : nil
+        self.coalesce = coalesce
         header = .allocate(byteCount: 16, alignment: 16)
         header.initializeMemory(as: UInt8.self, repeating: 0, count: 16)
         iovs = .allocate(count: 2, initializedTo: iovec())
@@ -41,7 +44,8 @@ final class TunWriter {
     /// Hands `packet` (from `peer`) to the tun: into the open coalescing group, as the start of a new one, or
     /// written at once.
     func deliver(_ packet: UnsafeMutableRawBufferPointer, peer: Int, snapshot: RouteSnapshot) throws(SystemError) {
-        if let c = coalescer {
+        if coalesce {
+            let c = coalescer
             if c.isOpen {
                 if c.append(UnsafeRawBufferPointer(packet)) {
                     groupPackets += 1
@@ -67,7 +71,7 @@ final class TunWriter {
 
     /// Writes the open group, and adds what this batch delivered to the direction's counters.
     func endBatch(_ snapshot: RouteSnapshot) throws(SystemError) {
-        if let c = coalescer, c.isOpen { try flushGroup(c, snapshot) }
+        if coalesce && coalescer.isOpen { try flushGroup(coalescer, snapshot) }
         io.counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
         io.counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
         io.worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)

@@ -28,7 +28,10 @@ class ForwardingWorker {
     let stopRequested: ManagedAtomic<Bool>
     let table: RouteTable
     let counters: DataPlaneCounters
-    var decider: PacketDecider
+    /// Only this worker's thread uses it, one call at a time, and nothing it calls reaches back to it; so no
+    /// run-time exclusivity check, which would cost every packet a tracked access (a thread-local look-up, an
+    /// access-set insert and a removal: measured as a third of the UDP -> tun thread's own CPU with the rest).
+    @exclusivity(unchecked) var decider: PacketDecider
     /// Where the decider builds ICMP errors (576 bytes is the most they need).
     let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 64)
     /// Bumped (relaxed, no lock) on every pass of the loop; see `Forwarder.heartbeats`.
