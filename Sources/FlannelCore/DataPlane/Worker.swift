@@ -29,8 +29,9 @@ class ForwardingWorker {
     let table: RouteTable
     let counters: DataPlaneCounters
     /// Only this worker's thread uses it, one call at a time, and nothing it calls reaches back to it; so no
-    /// run-time exclusivity check, which would cost every packet a tracked access (a thread-local look-up, an
-    /// access-set insert and a removal: measured as a third of the UDP -> tun thread's own CPU with the rest).
+    /// run-time exclusivity check. The check cost every packet a tracked access (a thread-local look-up, an
+    /// access-set insert and a removal); with the retains it was a third of the UDP -> tun thread's user time
+    /// (bench/README.md, "The per-packet path").
     @exclusivity(unchecked) var decider: PacketDecider
     /// Where the decider builds ICMP errors (576 bytes is the most they need).
     let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 2048, alignment: 64)
