@@ -115,16 +115,16 @@ package final class TCPCoalescer {
         guard packet[IPv4Header.tos] == first.load(fromByteOffset: IPv4Header.tos, as: UInt8.self),
               h.ttl == h0.ttl,
               packet[IPv4Header.flagsFragment] == first.load(fromByteOffset: IPv4Header.flagsFragment, as: UInt8.self),
-              same(p, first, IPv4Header.source, as: UInt64.self) else { return false }
+              h.source == h0.source, h.destination == h0.destination else { return false }
         guard h.identification == h0.identification &+ UInt16(truncatingIfNeeded: count) else { return false }
         // TCP: ports, acknowledgment; flags equal but for PSH (and CWR on the first); window; options.
         let t = p + ip, t0 = first + ip
         let firstFlags = h0.tcpFlags(at: ip)
         guard flags & TCPHeader.cwr == 0,
               (flags ^ firstFlags) & ~(TCPHeader.psh | TCPHeader.cwr) == 0,
-              same(t, t0, 0, as: UInt32.self),  // both ports
-              same(t, t0, TCPHeader.acknowledgment, as: UInt32.self),
-              same(t, t0, TCPHeader.window, as: UInt16.self),
+              h.portWord(at: ip) == h0.portWord(at: ip),
+              h.tcpAcknowledgment(at: ip) == h0.tcpAcknowledgment(at: ip),
+              h.tcpWindow(at: ip) == h0.tcpWindow(at: ip),
               sameOptions(t, t0, thl) else { return false }
         guard h.tcpSequence(at: ip) == nextSequence else { return false }
 
@@ -142,20 +142,15 @@ package final class TCPCoalescer {
         return true
     }
 
-    /// Whether `a` and `b` hold the same `T` at `offset` (unaligned loads: memcmp's call costs more than the
-    /// compare for these few bytes, every packet).
-    @inline(__always)
-    private func same<T: FixedWidthInteger>(_ a: UnsafeRawPointer, _ b: UnsafeRawPointer, _ offset: Int,
-                                            as: T.Type) -> Bool {
-        a.loadUnaligned(fromByteOffset: offset, as: T.self) == b.loadUnaligned(fromByteOffset: offset, as: T.self)
-    }
-
-    /// Whether two TCP headers of `length` bytes (a multiple of 4) have the same options, word by word.
+    /// Whether two TCP headers of `length` bytes (a multiple of 4) have the same options, word by word (integer
+    /// loads: a memcmp call costs more than the compare for these few bytes, every packet).
     @inline(__always)
     private func sameOptions(_ t: UnsafeRawPointer, _ t0: UnsafeRawPointer, _ length: Int) -> Bool {
         var o = TCPHeader.minimumLength
         while o < length {
-            if !same(t, t0, o, as: UInt32.self) { return false }
+            if t.loadUnaligned(fromByteOffset: o, as: UInt32.self) != t0.loadUnaligned(fromByteOffset: o, as: UInt32.self) {
+                return false
+            }
             o &+= 4
         }
         return true

@@ -121,6 +121,8 @@ package struct IPv4TCPHeaders {
         TCPHeader.headerLength(dataOffset: base.load(fromByteOffset: offset &+ TCPHeader.dataOffset, as: UInt8.self))
     }
     package func tcpSequence(at offset: Int) -> UInt32 { u32(offset &+ TCPHeader.sequence) }
+    package func tcpAcknowledgment(at offset: Int) -> UInt32 { u32(offset &+ TCPHeader.acknowledgment) }
+    package func tcpWindow(at offset: Int) -> UInt16 { u16(offset &+ TCPHeader.window) }
     package func tcpFlags(at offset: Int) -> UInt8 {
         base.load(fromByteOffset: offset &+ TCPHeader.flags, as: UInt8.self)
     }

@@ -71,7 +71,7 @@ final class TunWriter {
 
     /// Writes the open group, and adds what this batch delivered to the direction's counters.
     func endBatch(_ snapshot: RouteSnapshot) throws(SystemError) {
-        if coalesce && coalescer.isOpen { try flushGroup(coalescer, snapshot) }
+        if coalescer.isOpen { try flushGroup(coalescer, snapshot) }  // only ever open when coalescing
         io.counters.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
         io.counters.udpToTunBytes.wrappingIncrement(by: deliveredBytes, ordering: .relaxed)
         io.worker.udpToTunPackets.wrappingIncrement(by: delivered, ordering: .relaxed)
