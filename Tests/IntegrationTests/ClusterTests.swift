@@ -49,6 +49,13 @@ final class ClusterTests: EtcdWireTestCase {
         ping(from: from.pod, to.podAddress, wait: 1).status == 0
     }
 
+    /// A /24 for a lease written by hand that none of `nodes` holds: their leases are random, and a hand-written
+    /// key on a node's own subnet would take that node's lease away rather than add a peer.
+    func subnetNoneHolds(_ nodes: [Node], from candidates: ClosedRange<Int>) throws -> String {
+        let held = Set(nodes.map(\.subnet.description))
+        return try XCTUnwrap(candidates.map { "10.244.\($0).0/24" }.first { !held.contains($0) })
+    }
+
     func peerSubnets(_ node: Node) throws -> Set<String> {
         let r = fu(node.ns, ["route", "list", "--json"])
         guard r.status == 0 else { throw TimedOut(what: "route list: \(r.description)", seconds: 0) }
@@ -83,8 +90,10 @@ final class ClusterTests: EtcdWireTestCase {
         nodes.append(fourth)
 
         // A lease written by hand in flannel's format (as a flannel node would) becomes a route everywhere.
-        try etcdctl(["put", "/coreos.com/network/subnets/10.244.200.0-24", #"{"PublicIP":"192.168.77.200","PublicIPv6":null}"#])
-        for n in nodes { try waitFor("the hand-written lease reaches node \(n.underlay)", timeout: 2) { try peerSubnets(n).contains("10.244.200.0/24") } }
+        let written = try subnetNoneHolds(nodes, from: 200...205)
+        let writtenKey = "/coreos.com/network/subnets/" + written.replacingOccurrences(of: "/", with: "-")
+        try etcdctl(["put", writtenKey, #"{"PublicIP":"192.168.77.200","PublicIPv6":null}"#])
+        for n in nodes { try waitFor("the hand-written lease reaches node \(n.underlay)", timeout: 2) { try peerSubnets(n).contains(written) } }
         let listed = fu(nodes[0].ns, ["route", "list", "--json"]).stdout
         XCTAssertTrue(listed.contains("192.168.77.200:8285"), listed)
 
@@ -94,8 +103,8 @@ final class ClusterTests: EtcdWireTestCase {
         XCTAssertTrue(pings(nodes[0], nodes[1]), "traffic must keep flowing while etcd is down")
         try startEtcd()
         XCTAssertEqual(try nodes.map { try peerSubnets($0) }, before)
-        try etcdctl(["del", "/coreos.com/network/subnets/10.244.200.0-24"])
-        for n in nodes { try waitFor("the watch resumed on \(n.underlay)", timeout: 10) { try !peerSubnets(n).contains("10.244.200.0/24") } }
+        try etcdctl(["del", writtenKey])
+        for n in nodes { try waitFor("the watch resumed on \(n.underlay)", timeout: 10) { try !peerSubnets(n).contains(written) } }
         for a in nodes { for b in nodes where a.subnet != b.subnet { XCTAssertTrue(pings(a, b), "\(a.podAddress) -> \(b.podAddress)") } }
 
         // A node going down releases its lease and leaves the others' tables.
@@ -128,8 +137,10 @@ final class ClusterTests: EtcdWireTestCase {
         XCTAssertTrue(pings(a, b) && pings(b, a))
         XCTAssertTrue(try peerSubnets(a).contains(b.subnet.description))
         // The new daemon follows the registry.
-        try etcdctl(["put", "/coreos.com/network/subnets/10.244.201.0-24", #"{"PublicIP":"192.168.77.201","PublicIPv6":null}"#])
-        try waitFor("the new daemon sees a new lease", timeout: 3) { try peerSubnets(a).contains("10.244.201.0/24") }
+        let written = try subnetNoneHolds([a, b], from: 201...205)
+        try etcdctl(["put", "/coreos.com/network/subnets/" + written.replacingOccurrences(of: "/", with: "-"),
+                     #"{"PublicIP":"192.168.77.201","PublicIPv6":null}"#])
+        try waitFor("the new daemon sees a new lease", timeout: 3) { try peerSubnets(a).contains(written) }
         XCTAssertEqual(fu(a.ns, ["down"]).status, 0)
         XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains(key),
                        "down after a replacement releases the lease")
