@@ -49,13 +49,6 @@ final class ClusterTests: EtcdWireTestCase {
         ping(from: from.pod, to.podAddress, wait: 1).status == 0
     }
 
-    /// A /24 for a lease written by hand that none of `nodes` holds: their leases are random, and a hand-written
-    /// key on a node's own subnet would take that node's lease away rather than add a peer.
-    func subnetNoneHolds(_ nodes: [Node], from candidates: ClosedRange<Int>) throws -> String {
-        let held = Set(nodes.map(\.subnet.description))
-        return try XCTUnwrap(candidates.map { "10.244.\($0).0/24" }.first { !held.contains($0) })
-    }
-
     func peerSubnets(_ node: Node) throws -> Set<String> {
         let r = fu(node.ns, ["route", "list", "--json"])
         guard r.status == 0 else { throw TimedOut(what: "route list: \(r.description)", seconds: 0) }
@@ -90,10 +83,10 @@ final class ClusterTests: EtcdWireTestCase {
         nodes.append(fourth)
 
         // A lease written by hand in flannel's format (as a flannel node would) becomes a route everywhere.
-        let written = try subnetNoneHolds(nodes, from: 200...205)
-        let writtenKey = "/coreos.com/network/subnets/" + written.replacingOccurrences(of: "/", with: "-")
+        let written = try freeSubnet(notIn: nodes.map(\.subnet), thirdOctets: 200...205)
+        let writtenKey = SubnetKey.key(prefix: "/coreos.com/network", subnet: written)
         try etcdctl(["put", writtenKey, #"{"PublicIP":"192.168.77.200","PublicIPv6":null}"#])
-        for n in nodes { try waitFor("the hand-written lease reaches node \(n.underlay)", timeout: 2) { try peerSubnets(n).contains(written) } }
+        for n in nodes { try waitFor("the hand-written lease reaches node \(n.underlay)", timeout: 2) { try peerSubnets(n).contains(written.description) } }
         let listed = fu(nodes[0].ns, ["route", "list", "--json"]).stdout
         XCTAssertTrue(listed.contains("192.168.77.200:8285"), listed)
 
@@ -104,7 +97,7 @@ final class ClusterTests: EtcdWireTestCase {
         try startEtcd()
         XCTAssertEqual(try nodes.map { try peerSubnets($0) }, before)
         try etcdctl(["del", writtenKey])
-        for n in nodes { try waitFor("the watch resumed on \(n.underlay)", timeout: 10) { try !peerSubnets(n).contains(written) } }
+        for n in nodes { try waitFor("the watch resumed on \(n.underlay)", timeout: 10) { try !peerSubnets(n).contains(written.description) } }
         for a in nodes { for b in nodes where a.subnet != b.subnet { XCTAssertTrue(pings(a, b), "\(a.podAddress) -> \(b.podAddress)") } }
 
         // A node going down releases its lease and leaves the others' tables.
@@ -137,10 +130,10 @@ final class ClusterTests: EtcdWireTestCase {
         XCTAssertTrue(pings(a, b) && pings(b, a))
         XCTAssertTrue(try peerSubnets(a).contains(b.subnet.description))
         // The new daemon follows the registry.
-        let written = try subnetNoneHolds([a, b], from: 201...205)
-        try etcdctl(["put", "/coreos.com/network/subnets/" + written.replacingOccurrences(of: "/", with: "-"),
+        let written = try freeSubnet(notIn: [a.subnet, b.subnet], thirdOctets: 201...205)
+        try etcdctl(["put", SubnetKey.key(prefix: "/coreos.com/network", subnet: written),
                      #"{"PublicIP":"192.168.77.201","PublicIPv6":null}"#])
-        try waitFor("the new daemon sees a new lease", timeout: 3) { try peerSubnets(a).contains(written) }
+        try waitFor("the new daemon sees a new lease", timeout: 3) { try peerSubnets(a).contains(written.description) }
         XCTAssertEqual(fu(a.ns, ["down"]).status, 0)
         XCTAssertFalse(try etcdctl(["get", "--prefix", "/coreos.com/network/subnets/", "--keys-only"]).contains(key),
                        "down after a replacement releases the lease")

@@ -164,8 +164,7 @@ final class EtcdRegistryTests: XCTestCase {
             .acquireLease(config: config, previousSubnet: try IPv4Network(parsing: "10.244.200.0/24"))
         XCTAssertEqual(again.subnet, subnets[1])
         // A new node asking for its previous subnet gets it when it is free (one the three random leases missed).
-        let previous = try XCTUnwrap(try (201...204).map { try IPv4Network(parsing: "10.244.\($0).0/24") }
-            .first { !subnets.contains($0) })
+        let previous = try freeSubnet(notIn: subnets, thirdOctets: 201...204)
         let fourth = try await makeRegistry("192.168.1.4").acquireLease(config: config, previousSubnet: previous)
         XCTAssertEqual(fourth.subnet, previous)
     }

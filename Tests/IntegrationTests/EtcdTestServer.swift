@@ -223,6 +223,13 @@ struct EtcdTestFailure: Error, CustomStringConvertible {
     init(_ description: String) { self.description = description }
 }
 
+/// The first 10.244.N.0/24, N in `thirdOctets`, that is not in `held`: where a test writes a lease by hand beside
+/// nodes whose leases are random. A key on a node's own subnet would take that node's lease away, not add a peer.
+func freeSubnet(notIn held: [IPv4Network], thirdOctets: ClosedRange<UInt8>) throws -> IPv4Network {
+    try XCTUnwrap(thirdOctets.lazy.map { IPv4Network(address: IPv4Address(10, 244, $0, 0), prefixLength: 24) }
+        .first { !held.contains($0) })
+}
+
 /// Polls `condition` every 20 ms until it holds or `timeout` passes.
 func etcdEventually(_ what: String, timeout: TimeInterval = 2, _ condition: () async throws -> Bool) async throws {
     let deadline = Date().addingTimeInterval(timeout)
