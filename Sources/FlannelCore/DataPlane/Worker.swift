@@ -142,8 +142,10 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 ///
 /// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: the sending node then
-/// catches the answer too. It shortens the idle round trip and lengthens it under load (a thread that spins loses
-/// the scheduler's preference for one that wakes up), which is why it is off unless asked for.
+/// catches the answer too. It shortens the idle round trip at up to that much CPU for every short packet that
+/// arrives alone, which is why it is off unless asked for. (Before the thread went realtime under load, spinning
+/// also lengthened the loaded round trip: a thread that spins loses the scheduler's preference for one that wakes
+/// up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
