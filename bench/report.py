@@ -57,7 +57,7 @@ ROWS = [
 ]
 
 # configurations whose forwarding runs in processes in the node namespaces (CPU and memory are measured)
-FORWARDERS = ("tun-bound", "wire-bound", "flannel-udp", "peer")
+FORWARDERS = ("tun-bound", "wire-bound", "lane-bound", "flannel-udp", "peer")
 
 # flannel-udp's figures divided by another configuration's from the same run: (key, label) in table order.
 RATIO_SUBJECT = "flannel-udp"
@@ -418,8 +418,8 @@ def latency_problems(m):
 
 
 def is_forwarder(config):
-    """The configurations with a forwarder process: those of FORWARDERS and flannel-udp-wN."""
-    return config in FORWARDERS or config.startswith("flannel-udp-w")
+    """The configurations with a forwarder process: those of FORWARDERS, flannel-udp-wN and lane-bound-sN."""
+    return config in FORWARDERS or config.startswith("flannel-udp-w") or config.startswith("lane-bound-s")
 
 
 def ratios(result, cols, subject_name=RATIO_SUBJECT):

@@ -18,7 +18,15 @@
 // complete them, which only works because both ends are tun-bound), route lookup, the coalescer's other checks,
 // and counters.
 //
-// usage: tun-bound [--wire] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed; one thread per direction)
+// With --lane it is the ceiling of an idle round trip instead (bench/run's `lane-bound` row): the technique of
+// flannel's proxy and of flannel-udp's express lane, and nothing else. One thread sleeps in one poll() on the tun
+// and the socket, then reads the tun and the socket in turn, without blocking, one packet per call, until neither
+// has anything: a tun packet goes to the peer as it came, a datagram to the tun behind a zeroed virtio-net header.
+// The tun has no offloads, so every packet is whole and at most the MTU. No route lookup, no source check, no
+// counters. --spin US keeps reading (sched_yield between reads) that long after the last packet before it sleeps,
+// as `up --express-spin` does.
+//
+// usage: tun-bound [--wire | --lane [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed)
 import CShims
 import FlannelCore
 import Foundation
@@ -48,8 +56,16 @@ func ipv4(_ text: String) -> in_addr {
 var args = CommandLine.arguments
 let wire = args.count > 1 && args[1] == "--wire"
 if wire { args.remove(at: 1) }
+let lane = !wire && args.count > 1 && args[1] == "--lane"
+if lane { args.remove(at: 1) }
+var spinMicroseconds = 0
+if lane && args.count > 2 && args[1] == "--spin" {
+    guard let us = Int(args[2]), (0...1_000_000).contains(us) else { usage("--spin: microseconds, 0-1000000: \(args[2])") }
+    spinMicroseconds = us
+    args.removeSubrange(1...2)
+}
 guard args.count == 4 || args.count == 5, args[1].utf8.count < Int(FU_IFNAMSIZ) else {
-    usage("usage: [--wire] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
+    usage("usage: [--wire | --lane [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
 }
 let port = args.count == 5 ? UInt16(args[4]) : 8285
 guard let port, port != 0 else { usage("not a UDP port: \(args[4])") }
@@ -61,7 +77,11 @@ if fu_tun_set_iff(tun, args[1], Int16(FU_IFF_TUN | FU_IFF_NO_PI | FU_IFF_VNET_HD
     fail("create tun \(args[1]) (TUNSETIFF)")
 }
 if fu_tun_set_vnet_hdr_size(tun, Int32(FU_VIRTIO_NET_HDR_LEN)) != 0 { fail("TUNSETVNETHDRSZ on \(args[1])") }
-if fu_tun_set_offload(tun, UInt32(FU_TUN_F_CSUM | FU_TUN_F_TSO4)) != 0 { fail("TUNSETOFFLOAD csum+tso4 on \(args[1])") }
+if lane {
+    if fu_tun_set_offload(tun, 0) != 0 { fail("TUNSETOFFLOAD none on \(args[1])") }
+} else if fu_tun_set_offload(tun, UInt32(FU_TUN_F_CSUM | FU_TUN_F_TSO4)) != 0 {
+    fail("TUNSETOFFLOAD csum+tso4 on \(args[1])")
+}
 
 let sock = socket(AF_INET, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
 if sock < 0 { fail("socket") }
@@ -102,7 +122,9 @@ if withUnsafePointer(to: &peer, { $0.withMemoryRebound(to: sockaddr.self, capaci
     }
 }
 
-if wire {
+if lane {
+    laneLoop(tun: tun, sock: sock, spinNanoseconds: UInt64(spinMicroseconds) * 1000)
+} else if wire {
     var on: Int32 = 1
     if setsockopt(sock, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &on, socklen_t(MemoryLayout<Int32>.size)) != 0 {
         fail("UDP_GRO")
@@ -114,6 +136,55 @@ if wire {
     let tunToUDP = Thread { relay(from: tun, to: sock, "tun->udp") }
     tunToUDP.start()
     relay(from: sock, to: tun, "udp->tun")
+}
+
+// ---- --lane ------------------------------------------------------------------------------------------------
+
+/// One thread, both directions: poll, then read each input in turn until neither has a packet (and, with a spin,
+/// until none came for that long), then poll again. Transient errors drop the packet; anything else ends the process.
+func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
+    for fd in [tun, sock] where fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0 { fail("O_NONBLOCK") }
+    let header = VirtioNetHeader.length
+    let capacity = 65_536
+    let buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
+    let transient = [EINTR, EAGAIN, ECONNREFUSED, ENOBUFS, EMSGSIZE]
+    var fds = [pollfd(fd: tun, events: Int16(POLLIN), revents: 0), pollfd(fd: sock, events: Int16(POLLIN), revents: 0)]
+    func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+    while true {
+        if poll(&fds, 2, -1) < 0 && errno != EINTR { fail("poll") }
+        var last = now()
+        while true {
+            var moved = false
+            let n = read(tun, buffer, capacity)
+            if n > header {
+                moved = true
+                if send(sock, buffer + header, n - header, 0) < 0, !transient.contains(errno) { fail("tun->udp: send") }
+            } else if n < 0, !transient.contains(errno) {
+                fail("tun->udp: read")
+            }
+            let r = recv(sock, buffer + header, capacity - header, 0)
+            if r > 0 {
+                moved = true
+                VirtioNetHeader.none.store(to: buffer)
+                if write(tun, buffer, header + r) < 0, ![EINTR, EAGAIN, EIO, EINVAL].contains(errno) {
+                    fail("udp->tun: write \(r) bytes")
+                }
+            } else if r < 0, !transient.contains(errno) {
+                fail("udp->tun: recv")
+            }
+            let t = now()
+            if moved {
+                last = t
+                continue
+            }
+            if t - last >= spinNanoseconds { break }
+            sched_yield()
+        }
+    }
 }
 
 // ---- --wire ------------------------------------------------------------------------------------------------
