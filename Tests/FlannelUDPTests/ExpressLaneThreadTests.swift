@@ -32,9 +32,11 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     private func makeForwarder(laneTun: Int32? = nil, spin: Int = 0, heartbeat: Int32 = 1000, priority: Int32 = 0,
                                late: UInt64 = 1_000_000, stat: String = "/proc/stat", batch: Int = 64,
+                               spinBudget: Int = ForwarderOptions.defaultExpressSpinBudgetPerMille,
                                onFailure: (@Sendable (SystemError) -> Void)? = nil) throws -> Forwarder {
         var options = ForwarderOptions(batchSize: batch, offloads: false, heartbeatMilliseconds: heartbeat,
                                        express: 128, expressSpinMicroseconds: spin, expressPriority: priority)
+        options.expressSpinBudgetPerMille = spinBudget
         options.expressLateNanoseconds = late
         options.cpuStatPath = stat
         return try Forwarder(tunFDs: [pair[0], laneTun ?? lanePair[0]], tunName: "test-tun", tunDevice: nil,
@@ -133,6 +135,37 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         XCTAssertEqual(f.workerCounts[1].tunToUDPPackets, 50)
     }
 
+    /// The attacker's side of the spin: a pod (or a stranger on the underlay) that sends lone short packets just
+    /// too far apart for one spin to catch the next keeps a thread without a budget spinning nearly all the time.
+    /// With the longest spin and one packet every 1.1 ms for a second, the budget (2 % of a CPU, and a 10 ms
+    /// burst) holds the lane's thread to its share plus the packets' own work; without it the thread spins 1 ms
+    /// of every 1.1 (run with `spinBudget: 1000`: 84-86 of 100 ticks; with the budget, 5). A bound with a wide
+    /// margin, not a measurement.
+    func testLonePacketsCannotKeepTheLaneSpinning() throws {
+        let f = try makeForwarder(spin: ForwarderOptions.maximumExpressSpinMicroseconds)
+        try f.start()
+        defer { f.stop() }
+        let packet = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"))
+        write(lanePair[1], packet)
+        XCTAssertNotNil(waitForPacket(peer.fd), "the lane forwards")
+        let tid = try XCTUnwrap(threads().first { $0.name == "fu-express" }?.tid, "\(threads())")
+        let sink = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+        defer { sink.deallocate() }
+        let before = try cpuTicks(tid)
+        let end = Date().addingTimeInterval(1)
+        var sent = 0
+        while Date() < end {
+            write(lanePair[1], packet)
+            sent += 1
+            usleep(1100)  // the attacker's pace, not a wait for a condition
+            while recv(peer.fd, sink.baseAddress, sink.count, Int32(MSG_DONTWAIT)) > 0 {}
+        }
+        let used = try cpuTicks(tid) - before
+        let ticksPerSecond = sysconf(Int32(_SC_CLK_TCK))
+        XCTAssertLessThan(used, ticksPerSecond * 3 / 10, "the lane's thread used \(used) of \(ticksPerSecond) ticks for \(sent) lone packets")
+        XCTAssertGreaterThan(sent, 300, "the attacker kept its pace")
+    }
+
     /// Under a flood the lane's thread never sleeps, so it must show it is alive and look at the stop flag
     /// while it forwards: its heartbeats move during the flood, and stop() returns while the flood goes on. (A
     /// loop that did both only between sleeps would freeze the watchdog's evidence and never stop.)
@@ -163,10 +196,12 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         XCTAssertGreaterThan(f.workerCounts[1].tunToUDPPackets, 100)
     }
 
-    /// The zero-allocation proof for the lane's loop: one pass (both workers drained until both are empty) with
-    /// traffic both ways, hundreds of times after a warm-up, on this thread, leaves its malloc count unchanged.
+    /// The zero-allocation proof for the lane's loop: one pass (both workers drained until both are empty, then
+    /// the default spin, charged to its budget) with traffic both ways, hundreds of times after a warm-up, on this
+    /// thread, leaves its malloc count unchanged.
     func testTheLanePassDoesNotAllocate() throws {
-        let f = try makeForwarder()  // not started: this thread runs the lane's pass itself
+        // Not started: this thread runs the lane's pass itself.
+        let f = try makeForwarder(spin: ForwarderOptions.defaultExpressSpinMicroseconds)
         let lane = try XCTUnwrap(f.threads.last as? DuplexLoop)
         let out = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), payload: filled(1, 40))
         let back = makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), payload: filled(2, 40))

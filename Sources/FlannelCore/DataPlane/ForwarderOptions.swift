@@ -42,9 +42,10 @@ public struct ForwarderOptions: Sendable {
     /// not watch it). nil: no express lane, every pair carries flows.
     public var express: Int?
     /// How long the express lane's thread keeps looking at its tun queue and socket after it last forwarded a
-    /// packet, before it sleeps in poll() again (`DuplexLoop`). 0: it sleeps as soon as both are empty. It trades
-    /// load latency for idle latency (`DuplexLoop`), so it is off by default.
+    /// packet, before it sleeps in poll() again (`DuplexLoop`). 0: it sleeps as soon as both are empty.
     public var expressSpinMicroseconds: Int
+    /// The most of one CPU, in thousandths, that the spin takes past a burst (`SpinBudget`), whatever the traffic.
+    public var expressSpinBudgetPerMille = ForwarderOptions.defaultExpressSpinBudgetPerMille
     /// The SCHED_FIFO priority (1-99) the express lane's thread takes while the CPUs are contended
     /// (`ExpressPriority`); 0: it always keeps the normal scheduler.
     public var expressPriority: Int32
@@ -57,8 +58,15 @@ public struct ForwarderOptions: Sendable {
     /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
     /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
     public static let defaultExpressLength = 128
-    /// The express lane's default spin: none, like the kernel's own busy polling (net.core.busy_poll).
-    public static let defaultExpressSpinMicroseconds = 0
+    /// The express lane's default spin: it made an idle round trip about a fifth shorter here, at about the same
+    /// CPU per ping (25 to 1000 us measured alike, 0 slower; bench/README, "Idle: a spin on by default, within a
+    /// budget"). Unlike the kernel's busy polling (net.core.busy_poll, off by default) its cost has a bound
+    /// whatever the traffic: `defaultExpressSpinBudgetPerMille`.
+    public static let defaultExpressSpinMicroseconds = 50
+    /// The spin's share of one CPU past a burst: 2 %. A ping every 10 ms spins about 1 % on each node.
+    public static let defaultExpressSpinBudgetPerMille = 20
+    /// The spin time the budget holds after a quiet spell (`SpinBudget.capacity`): 200 spins of 50 us in a row.
+    static let expressSpinBurstNanoseconds: UInt64 = 10_000_000
     /// The longest `expressSpinMicroseconds` accepted.
     public static let maximumExpressSpinMicroseconds = 1000
     /// `up --express-priority`'s default: low among realtime threads, below the kernel's interrupt threads (50).

@@ -140,17 +140,20 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// the bulk, where two threads move more than one and a wake-up per batch is cheap. The lane carries short packets
 /// only, so one thread for both of its directions is not what limits it.
 ///
-/// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
-/// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: the sending node then
-/// catches the answer too. It shortens the idle round trip at up to that much CPU for every short packet that
-/// arrives alone, which is why it is off unless asked for. (Before the thread went realtime under load, spinning
-/// also lengthened the loaded round trip: a thread that spins loses the scheduler's preference for one that wakes
-/// up. bench/README measures both.)
+/// `options.expressSpinMicroseconds` (`up --express-spin`, 50 by default) makes the thread keep looking at both
+/// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
+/// round trip (bench/README, "Idle: a spin on by default, within a budget") at up to that much CPU for every
+/// short packet that arrives alone. `SpinBudget` bounds what that can cost: however the lone packets come, the
+/// spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime
+/// under load, spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's
+/// preference for one that wakes up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
     private let second: UDPToTunWorker
     private let spinNanoseconds: UInt64
+    /// What the spin may still take (`SpinBudget`).
+    private var spinBudget: SpinBudget
     /// Raises the thread to a realtime priority while the CPUs are contended (nil: never).
     private let priority: ExpressPriority?
 
@@ -161,7 +164,10 @@ final class DuplexLoop: ForwardingThread {
         self.first = first
         self.second = second
         self.priority = priority
-        spinNanoseconds = UInt64(first.options.expressSpinMicroseconds) &* 1000
+        let options = first.options
+        spinNanoseconds = UInt64(options.expressSpinMicroseconds) &* 1000
+        spinBudget = SpinBudget(perMille: options.expressSpinBudgetPerMille,
+                                capacity: ForwarderOptions.expressSpinBurstNanoseconds, now: DuplexLoop.now())
     }
 
     /// Until the stop flag is set (the wake signal ends the poll with EINTR) or a fatal error, which stops the
@@ -206,9 +212,13 @@ final class DuplexLoop: ForwardingThread {
     /// between passes, lowers a flooded thread close to its 1 ms and 12.5 ms marks: with `batchesPerWakeup`
     /// batches each, a pass under a flood took up to 29-31 ms (measured), and a second of flood got the thread
     /// 81 ms of realtime instead of at most 5 x 12.5.
+    ///
+    /// The spin is the time from the first pass that finds both inputs empty until a packet comes or the thread
+    /// gives up: charged to the budget either way, and it ends early when the budget runs out.
     func forwardWhileBusy() throws(SystemError) -> Bool {
         let woke = DuplexLoop.now()
         var lastPacket = woke
+        var spinStart: UInt64 = 0  // 0: not spinning (CLOCK_MONOTONIC is never 0 here: it counts from boot)
         while true {
             let moved = try first.drain(batches: 1) &+ second.drain(batches: 1)
             if first.hungUp || second.hungUp { return true }
@@ -216,13 +226,25 @@ final class DuplexLoop: ForwardingThread {
             let now = DuplexLoop.now()
             if let priority { try priority.passed(sojourn: second.takeLongestSojourn(), woke: woke, now: now) }
             if moved > 0 {
+                if spinStart != 0 {
+                    spinBudget.charge(now &- spinStart, now: now)
+                    spinStart = 0
+                }
                 lastPacket = now
                 continue
             }
-            if now &- lastPacket >= spinNanoseconds { return false }
+            if spinNanoseconds == 0 { return false }
+            if spinStart == 0 { spinStart = now }
+            if now &- lastPacket >= spinNanoseconds || !spinBudget.allows(spun: now &- spinStart, now: now) {
+                spinBudget.charge(now &- spinStart, now: now)
+                return false
+            }
             sched_yield()
         }
     }
+
+    /// Spin time the budget holds now (ns; below 0 while a spin's overshoot is owed); for tests.
+    var spinTokens: Int64 { spinBudget.tokens }
 
     /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the rate limiters' clock
     /// (`ICMPRateLimiter.coarseMonotonicNanoseconds`): it moves once per scheduler tick (4 ms at HZ=250), which

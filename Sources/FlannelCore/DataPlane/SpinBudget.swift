@@ -1,0 +1,57 @@
+/// How much CPU the express lane's spin may take (`DuplexLoop`): a token bucket of spin time that fills at
+/// `perMille` thousandths of the time that passes, up to `capacity`.
+///
+/// A spin pays off when the next packet comes within it; on an idle node it does (bench/README, "Idle: a spin on
+/// by default, within a budget"). It costs its whole length when nothing comes, and lone short packets are
+/// something any pod, or a stranger on the underlay (a datagram is read before it is refused), can send at will:
+/// one every 60 us would keep the thread spinning 50 us of every 60, most of a CPU. The bucket bounds that to
+/// `perMille` of one CPU over any stretch longer than `capacity` takes to fill, while an idle node's spins (a ping
+/// every 10 ms spins about 1 % on each node) stay within it.
+///
+/// A spin is only seen to have ended after it has (one more look at both inputs), so it can take a little more
+/// than the bucket held: that overshoot is owed, the bucket going below empty, and repaid before the next spin.
+///
+/// Pure arithmetic on the caller's clock (CLOCK_MONOTONIC nanoseconds), so tests drive it by hand.
+struct SpinBudget {
+    /// Thousandths of one CPU the spin may take in the long run (0-1000; 0: no spin at all).
+    let perMille: Int64
+    /// The most spin time the bucket holds (ns): how long the spin may take all the CPU it wants after a quiet
+    /// spell.
+    let capacity: Int64
+    /// Spin time left (ns); below 0 when a spin overshot what was left.
+    private(set) var tokens: Int64
+    /// When `tokens` was last brought up to date.
+    private var updated: UInt64
+
+    /// Starts full (empty for good when `perMille` is 0): the first spins after the daemon starts are not held back.
+    init(perMille: Int, capacity: UInt64, now: UInt64) {
+        self.perMille = Int64(min(max(perMille, 0), 1000))
+        self.capacity = Int64(min(capacity, UInt64(Int64.max / 2000)))
+        tokens = perMille <= 0 ? 0 : self.capacity
+        updated = now
+    }
+
+    /// Whether a spin that has taken `spun` ns so far may go on.
+    @inline(__always)
+    mutating func allows(spun: UInt64, now: UInt64) -> Bool {
+        refill(now)
+        return tokens > 0 && spun < UInt64(tokens)
+    }
+
+    /// Takes a spin that lasted `spun` ns out of the bucket. What it owes is at most one capacity.
+    @inline(__always)
+    mutating func charge(_ spun: UInt64, now: UInt64) {
+        refill(now)
+        tokens = max(tokens &- Int64(min(spun, UInt64(capacity))), -capacity)
+    }
+
+    @inline(__always)
+    private mutating func refill(_ now: UInt64) {
+        guard now > updated && perMille > 0 else { return }  // a clock read earlier than the last adds nothing
+        // Past the time a refill from the deepest debt takes, the bucket is full: clamp first, so the product
+        // cannot overflow.
+        let elapsed = Int64(min(now &- updated, UInt64(2 &* capacity &* 1000 / perMille &+ 1)))
+        tokens = min(capacity, tokens &+ elapsed &* perMille / 1000)
+        updated = now
+    }
+}
