@@ -243,9 +243,6 @@ final class DuplexLoop: ForwardingThread {
         }
     }
 
-    /// Spin time the budget holds now (ns; below 0 while a spin's overshoot is owed); for tests.
-    var spinTokens: Int64 { spinBudget.tokens }
-
     /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the rate limiters' clock
     /// (`ICMPRateLimiter.coarseMonotonicNanoseconds`): it moves once per scheduler tick (4 ms at HZ=250), which
     /// would turn a 50 us spin into milliseconds.
