@@ -115,6 +115,14 @@ struct Status: ParsableCommand {
                 print("express:   realtime priority \(x.priority) while the CPUs are busy, \(x.realtime ? "realtime now" : "normal now"); raised \(x.raised) time(s), lowered for a flood \(x.floodLowered) time(s)")
             }
         }
+        if let x = s.expressSpin {
+            if x.microseconds == 0 {
+                print("spin:      off")
+            } else {
+                let ms = Double(x.spunNanoseconds) / 1e6
+                print("spin:      up to \(x.microseconds) us within \(formatPerMille(x.budgetPerMille)) of a CPU; \(x.spins) spin(s), \(String(format: "%.1f", ms)) ms in all, \(x.cut) cut by the budget")
+            }
+        }
         if let m = s.masquerade {
             var line = "masquerade: \(m.backend) \(m.objects.joined(separator: ", ")); \(m.inPlace ? "in place" : "NOT in place")"
             line += ", checked every \(formatSeconds(m.resyncSeconds)), restored \(m.restored) time(s)"
@@ -143,6 +151,11 @@ struct Status: ParsableCommand {
 
 func formatSeconds(_ seconds: Double) -> String {
     seconds == seconds.rounded() ? "\(Int(seconds)) s" : "\(seconds) s"
+}
+
+/// Thousandths as a percentage: 20 -> "2 %", 5 -> "0.5 %".
+func formatPerMille(_ perMille: Int) -> String {
+    perMille % 10 == 0 ? "\(perMille / 10) %" : "\(Double(perMille) / 10) %"
 }
 
 func formatDuration(_ seconds: Double) -> String {

@@ -164,6 +164,13 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         let ticksPerSecond = sysconf(Int32(_SC_CLK_TCK))
         XCTAssertLessThan(used, ticksPerSecond * 3 / 10, "the lane's thread used \(used) of \(ticksPerSecond) ticks for \(sent) lone packets")
         XCTAssertGreaterThan(sent, 300, "the attacker kept its pace")
+        // status shows it: spins cut by the budget, and their time bounded by the burst plus 2 % of the time.
+        let counts = try XCTUnwrap(f.expressSpinCounts)
+        XCTAssertEqual(counts.microseconds, ForwarderOptions.maximumExpressSpinMicroseconds)
+        XCTAssertEqual(counts.budgetPerMille, ForwarderOptions.defaultExpressSpinBudgetPerMille)
+        XCTAssertGreaterThanOrEqual(counts.spins, UInt64(sent) / 2, "\(counts)")
+        XCTAssertGreaterThan(counts.cut, UInt64(sent) / 2, "\(counts)")
+        XCTAssertLessThan(counts.spunNanoseconds, 100_000_000, "10 ms + 2 % of about 1.1 s, with a wide margin: \(counts)")
     }
 
     /// Under a flood the lane's thread never sleeps, so it must show it is alive and look at the stop flag

@@ -120,6 +120,8 @@ final class ServiceUnitTests: XCTestCase {
                                                 icmpRateLimited: 0, drops: drops),
             offloads: ["batching"], lease: LeaseInfo(subnet: "10.244.1.0/24", expires: Date(timeIntervalSince1970: 2000), endpoints: []))
         status.offloadStatistics = nil
+        status.expressSpin = ExpressSpinCounts(microseconds: 50, budgetPerMille: 20, spins: 9, spunNanoseconds: 1_500_000,
+                                               cut: 4)
         let text = PrometheusText.render(status: status, health: DaemonHealth(healthy: true, reason: "ok"), version: "0.1.0")
         for line in [
             "# TYPE flannel_udp_packets_total counter",
@@ -131,6 +133,10 @@ final class ServiceUnitTests: XCTestCase {
             #"flannel_udp_lease_expiry_timestamp_seconds{subnet="10.244.1.0/24"} 2000.0"#,
             #"flannel_udp_build_info{version="0.1.0"} 1"#,
             "flannel_udp_healthy 1",
+            "# TYPE flannel_udp_express_spin_seconds_total counter",
+            "flannel_udp_express_spins_total 9",
+            "flannel_udp_express_spin_seconds_total 0.0015",
+            "flannel_udp_express_spins_cut_total 4",
         ] {
             XCTAssertTrue(text.contains(line + "\n"), "missing \(line) in\n\(text)")
         }

@@ -108,6 +108,8 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
     public var workers: [WorkerCounts]?
     /// The express lane thread's realtime priority and what it did with it; absent when it has none.
     public var expressPriority: ExpressPriorityCounts?
+    /// The express lane's spin and what it took; absent with no lane, and from daemons that predate it.
+    public var expressSpin: ExpressSpinCounts?
     /// The masquerade rules with --ip-masq: where they are, whether they are in place, how often they were restored.
     public var masquerade: MasqueradeStatus?
     /// Self-healing: how often the overlay route, the address, the link's up state and the MTU were put back.

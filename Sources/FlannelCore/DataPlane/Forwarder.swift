@@ -76,6 +76,12 @@ public final class Forwarder: @unchecked Sendable {
     /// What the express lane's thread has done with its realtime priority (nil: no lane, or none asked for).
     public var expressPriorityCounts: ExpressPriorityCounts? { expressPriority?.counts }
 
+    /// What the express lane's spin has done (nil: no lane).
+    public var expressSpinCounts: ExpressSpinCounts? {
+        for case let lane as DuplexLoop in threads { return lane.spinCounts }
+        return nil
+    }
+
     /// Each worker's loop count: it moves at least every `options.heartbeatMilliseconds` while the worker runs,
     /// and stops moving when the worker is stuck or gone.
     public var heartbeats: [(worker: String, count: UInt64)] {

@@ -55,3 +55,24 @@ struct SpinBudget {
         updated = now
     }
 }
+
+/// What the express lane's spin has done, for `status` and `/metrics`.
+public struct ExpressSpinCounts: Codable, Equatable, Sendable {
+    /// The longest spin (`--express-spin`, us; 0: it never spins) and its budget, in thousandths of a CPU.
+    public var microseconds: Int
+    public var budgetPerMille: Int
+    /// Spins so far, and the time they took in all (ns).
+    public var spins: UInt64
+    public var spunNanoseconds: UInt64
+    /// Spins the budget ended early or did not let start: while this grows, lone short packets are arriving
+    /// faster than the budget refills, and the lane sleeps instead of spinning.
+    public var cut: UInt64
+
+    public init(microseconds: Int, budgetPerMille: Int, spins: UInt64, spunNanoseconds: UInt64, cut: UInt64) {
+        self.microseconds = microseconds
+        self.budgetPerMille = budgetPerMille
+        self.spins = spins
+        self.spunNanoseconds = spunNanoseconds
+        self.cut = cut
+    }
+}

@@ -152,8 +152,14 @@ final class DuplexLoop: ForwardingThread {
     private let first: ForwardingWorker
     private let second: UDPToTunWorker
     private let spinNanoseconds: UInt64
-    /// What the spin may still take (`SpinBudget`).
-    private var spinBudget: SpinBudget
+    /// What the spin may still take (`SpinBudget`). Only this thread touches it, so no run-time exclusivity
+    /// check (as for `ForwardingWorker.decider`).
+    @exclusivity(unchecked) private var spinBudget: SpinBudget
+    private let spinBudgetPerMille: Int
+    // What the spin did (`spinCounts`): written by this thread once per spin, read by `status`.
+    private let spins = ManagedAtomic<UInt64>(0)
+    private let spun = ManagedAtomic<UInt64>(0)
+    private let spinsCut = ManagedAtomic<UInt64>(0)
     /// Raises the thread to a realtime priority while the CPUs are contended (nil: never).
     private let priority: ExpressPriority?
 
@@ -166,6 +172,7 @@ final class DuplexLoop: ForwardingThread {
         self.priority = priority
         let options = first.options
         spinNanoseconds = UInt64(options.expressSpinMicroseconds) &* 1000
+        spinBudgetPerMille = options.expressSpinBudgetPerMille
         spinBudget = SpinBudget(perMille: options.expressSpinBudgetPerMille,
                                 capacity: ForwarderOptions.expressSpinBurstNanoseconds, now: DuplexLoop.now())
     }
@@ -227,7 +234,7 @@ final class DuplexLoop: ForwardingThread {
             if let priority { try priority.passed(sojourn: second.takeLongestSojourn(), woke: woke, now: now) }
             if moved > 0 {
                 if spinStart != 0 {
-                    spinBudget.charge(now &- spinStart, now: now)
+                    spinEnded(now &- spinStart, now: now, cut: false)
                     spinStart = 0
                 }
                 lastPacket = now
@@ -235,12 +242,32 @@ final class DuplexLoop: ForwardingThread {
             }
             if spinNanoseconds == 0 { return false }
             if spinStart == 0 { spinStart = now }
-            if now &- lastPacket >= spinNanoseconds || !spinBudget.allows(spun: now &- spinStart, now: now) {
-                spinBudget.charge(now &- spinStart, now: now)
+            if now &- lastPacket >= spinNanoseconds {
+                spinEnded(now &- spinStart, now: now, cut: false)
+                return false
+            }
+            if !spinBudget.allows(spun: now &- spinStart, now: now) {
+                spinEnded(now &- spinStart, now: now, cut: true)
                 return false
             }
             sched_yield()
         }
+    }
+
+    /// A spin of `length` ns is over: a packet came, the spin time passed, or (`cut`) the budget ran out.
+    @inline(__always)
+    private func spinEnded(_ length: UInt64, now: UInt64, cut: Bool) {
+        spinBudget.charge(length, now: now)
+        spins.wrappingIncrement(ordering: .relaxed)
+        spun.wrappingIncrement(by: length, ordering: .relaxed)
+        if cut { spinsCut.wrappingIncrement(ordering: .relaxed) }
+    }
+
+    /// What the spin has done so far (from any thread).
+    var spinCounts: ExpressSpinCounts {
+        ExpressSpinCounts(microseconds: Int(spinNanoseconds / 1000), budgetPerMille: spinBudgetPerMille,
+                          spins: spins.load(ordering: .relaxed), spunNanoseconds: spun.load(ordering: .relaxed),
+                          cut: spinsCut.load(ordering: .relaxed))
     }
 
     /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the rate limiters' clock

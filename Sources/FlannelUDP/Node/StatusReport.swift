@@ -61,6 +61,7 @@ struct StatusReport: Sendable {
         status.offloadStatistics = parts.forwarder?.offloadStatistics
         status.workers = parts.forwarder?.workerCounts
         status.expressPriority = parts.forwarder?.expressPriorityCounts
+        status.expressSpin = parts.forwarder?.expressSpinCounts
         status.masquerade = parts.masquerade?.status
         status.repairs = parts.nodeGuard?.status
         status.phase = parts.phase

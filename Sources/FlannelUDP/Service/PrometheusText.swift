@@ -114,6 +114,14 @@ public enum PrometheusText {
             out.family("flannel_udp_express_flood_lowered_total", .counter, "Times it was lowered for a flood of short packets: 1 ms without sleeping, or 12.5 ms of realtime in one 250 ms tick.")
             out.sample("flannel_udp_express_flood_lowered_total", [:], x.floodLowered)
         }
+        if let x = status.expressSpin {
+            out.family("flannel_udp_express_spins_total", .counter, "Times the express lane's thread kept looking for a packet before it slept (--express-spin).")
+            out.sample("flannel_udp_express_spins_total", [:], x.spins)
+            out.family("flannel_udp_express_spin_seconds_total", .counter, "Time the express lane's thread spent in those spins.")
+            out.sample("flannel_udp_express_spin_seconds_total", [:], Double(x.spunNanoseconds) / 1e9)
+            out.family("flannel_udp_express_spins_cut_total", .counter, "Spins the CPU budget ended early or did not let start: lone short packets came faster than it refills.")
+            out.sample("flannel_udp_express_spins_cut_total", [:], x.cut)
+        }
         if let lease = status.lease {
             out.family("flannel_udp_lease_expiry_timestamp_seconds", .gauge, "When our etcd lease expires unless renewed, in seconds since the epoch.")
             out.sample("flannel_udp_lease_expiry_timestamp_seconds", ["subnet": lease.subnet], lease.expires.timeIntervalSince1970)
