@@ -58,12 +58,13 @@ public struct ForwarderOptions: Sendable {
     /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
     /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
     public static let defaultExpressLength = 128
-    /// The express lane's default spin: it made an idle round trip about a fifth shorter here, at about the same
-    /// CPU per ping (25 to 1000 us measured alike, 0 slower; bench/README, "Idle: a spin on by default, within a
-    /// budget"). Unlike the kernel's busy polling (net.core.busy_poll, off by default) its cost has a bound
-    /// whatever the traffic: `defaultExpressSpinBudgetPerMille`.
-    public static let defaultExpressSpinMicroseconds = 50
-    /// The spin's share of one CPU past a burst: 2 %. A ping every 10 ms spins about 1 % on each node.
+    /// The express lane's default spin: none. 50 us made an idle round trip about a fifth shorter here, at about
+    /// the same CPU per ping, but under bulk load with several worker pairs it made the flows' short tails (which
+    /// take the lane) overtake more of their full-size segments: more reordering and retransmits
+    /// (bench/README, "Idle: a spin within a budget"). Its cost in CPU has a bound whatever the traffic:
+    /// `defaultExpressSpinBudgetPerMille`.
+    public static let defaultExpressSpinMicroseconds = 0
+    /// The spin's share of one CPU past a burst: 2 %. A ping every 10 ms spins about 1 % on each node (50 us).
     public static let defaultExpressSpinBudgetPerMille = 20
     /// The spin time the budget holds after a quiet spell (`SpinBudget.capacity`): 200 spins of 50 us in a row.
     static let expressSpinBurstNanoseconds: UInt64 = 10_000_000

@@ -140,10 +140,11 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// the bulk, where two threads move more than one and a wake-up per batch is cheap. The lane carries short packets
 /// only, so one thread for both of its directions is not what limits it.
 ///
-/// `options.expressSpinMicroseconds` (`up --express-spin`, 50 by default) makes the thread keep looking at both
+/// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
-/// round trip (bench/README, "Idle: a spin on by default, within a budget") at up to that much CPU for every
-/// short packet that arrives alone. `SpinBudget` bounds what that can cost: however the lone packets come, the
+/// round trip (bench/README, "Idle: a spin within a budget") at up to that much CPU for every short packet that
+/// arrives alone, and it is off by default because under bulk load it made more of the flows' segments arrive
+/// out of order. `SpinBudget` bounds what that can cost: however the lone packets come, the
 /// spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime
 /// under load, spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's
 /// preference for one that wakes up. bench/README measures both.)
