@@ -204,8 +204,8 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
     }
 
     /// The zero-allocation proof for the lane's loop: one pass (both workers drained until both are empty, then
-    /// a 50 us spin, charged to its budget and counted) with traffic both ways, hundreds of times after a warm-up, on this
-    /// thread, leaves its malloc count unchanged.
+    /// a 50 us spin, charged to its budget and counted) with traffic both ways, hundreds of times after a warm-up,
+    /// on this thread, leaves its malloc count unchanged.
     func testTheLanePassDoesNotAllocate() throws {
         // Not started: this thread runs the lane's pass itself.
         let f = try makeForwarder(spin: 50)

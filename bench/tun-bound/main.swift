@@ -149,14 +149,9 @@ func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
     let buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
     let transient = [EINTR, EAGAIN, ECONNREFUSED, ENOBUFS, EMSGSIZE]
     var fds = [pollfd(fd: tun, events: Int16(POLLIN), revents: 0), pollfd(fd: sock, events: Int16(POLLIN), revents: 0)]
-    func now() -> UInt64 {
-        var ts = timespec()
-        clock_gettime(CLOCK_MONOTONIC, &ts)
-        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-    }
     while true {
         if poll(&fds, 2, -1) < 0 && errno != EINTR { fail("poll") }
-        var last = now()
+        var last = MonotonicClock.nanoseconds()
         while true {
             var moved = false
             let n = read(tun, buffer, capacity)
@@ -176,7 +171,7 @@ func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
             } else if r < 0, !transient.contains(errno) {
                 fail("udp->tun: recv")
             }
-            let t = now()
+            let t = MonotonicClock.nanoseconds()
             if moved {
                 last = t
                 continue

@@ -1,8 +1,8 @@
 /// How much CPU the express lane's spin may take (`DuplexLoop`): a token bucket of spin time that fills at
 /// `perMille` thousandths of the time that passes, up to `capacity`.
 ///
-/// A spin pays off when the next packet comes within it; on an idle node it does (bench/README, "Idle: a spin on
-/// by default, within a budget"). It costs its whole length when nothing comes, and lone short packets are
+/// A spin pays off when the next packet comes within it; on an idle node it does (bench/README, "Idle: a spin
+/// within a budget"). It costs its whole length when nothing comes, and lone short packets are
 /// something any pod, or a stranger on the underlay (a datagram is read before it is refused), can send at will:
 /// one every 60 us would keep the thread spinning 50 us of every 60, most of a CPU. The bucket bounds that to
 /// `perMille` of one CPU over any stretch longer than `capacity` takes to fill, while an idle node's spins (a ping

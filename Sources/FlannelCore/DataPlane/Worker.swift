@@ -144,10 +144,10 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
 /// round trip (bench/README, "Idle: a spin within a budget") at up to that much CPU for every short packet that
 /// arrives alone, and it is off by default because under bulk load it made more of the flows' segments arrive
-/// out of order. `SpinBudget` bounds what that can cost: however the lone packets come, the
-/// spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime
-/// under load, spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's
-/// preference for one that wakes up. bench/README measures both.)
+/// out of order. `SpinBudget` bounds what that can cost: however the lone packets come, the spin takes at most
+/// `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime under load,
+/// spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's preference for one
+/// that wakes up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
@@ -156,7 +156,6 @@ final class DuplexLoop: ForwardingThread {
     /// What the spin may still take (`SpinBudget`). Only this thread touches it, so no run-time exclusivity
     /// check (as for `ForwardingWorker.decider`).
     @exclusivity(unchecked) private var spinBudget: SpinBudget
-    private let spinBudgetPerMille: Int
     // What the spin did (`spinCounts`): written by this thread once per spin, read by `status`.
     private let spins = ManagedAtomic<UInt64>(0)
     private let spun = ManagedAtomic<UInt64>(0)
@@ -173,7 +172,6 @@ final class DuplexLoop: ForwardingThread {
         self.priority = priority
         let options = first.options
         spinNanoseconds = UInt64(options.expressSpinMicroseconds) &* 1000
-        spinBudgetPerMille = options.expressSpinBudgetPerMille
         spinBudget = SpinBudget(perMille: options.expressSpinBudgetPerMille,
                                 capacity: ForwarderOptions.expressSpinBurstNanoseconds, now: DuplexLoop.now())
     }
@@ -266,16 +264,23 @@ final class DuplexLoop: ForwardingThread {
 
     /// What the spin has done so far (from any thread).
     var spinCounts: ExpressSpinCounts {
-        ExpressSpinCounts(microseconds: Int(spinNanoseconds / 1000), budgetPerMille: spinBudgetPerMille,
+        ExpressSpinCounts(microseconds: Int(spinNanoseconds / 1000),
+                          budgetPerMille: first.options.expressSpinBudgetPerMille,
                           spins: spins.load(ordering: .relaxed), spunNanoseconds: spun.load(ordering: .relaxed),
                           cut: spinsCut.load(ordering: .relaxed))
     }
 
+    @inline(__always)
+    private static func now() -> UInt64 { MonotonicClock.nanoseconds() }
+}
+
+/// The clock of the express lane's spin (and of bench/tun-bound's, which spins the same way).
+package enum MonotonicClock {
     /// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call). Not the rate limiters' clock
     /// (`ICMPRateLimiter.coarseMonotonicNanoseconds`): it moves once per scheduler tick (4 ms at HZ=250), which
     /// would turn a 50 us spin into milliseconds.
     @inline(__always)
-    private static func now() -> UInt64 {
+    package static func nanoseconds() -> UInt64 {
         var ts = timespec()
         _ = clock_gettime(CLOCK_MONOTONIC, &ts)  // cannot fail for CLOCK_MONOTONIC with a valid pointer
         return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
