@@ -120,7 +120,7 @@ struct Status: ParsableCommand {
                 print("spin:      off")
             } else {
                 let ms = Double(x.spunNanoseconds) / 1e6
-                print("spin:      up to \(x.microseconds) us within \(formatPerMille(x.budgetPerMille)) of a CPU; \(x.spins) spin(s), \(String(format: "%.1f", ms)) ms in all, \(x.cut) cut by the budget")
+                print("spin:      up to \(x.microseconds) us within \(formatPerMille(x.budgetPerMille)) of a CPU; \(x.spins) spin(s), \(String(format: "%.1f", ms)) ms in all, \(x.cut) cut by the budget, \(x.held) held for bulk flows")
             }
         }
         if let m = s.masquerade {

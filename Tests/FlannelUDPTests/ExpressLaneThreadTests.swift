@@ -173,6 +173,62 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         XCTAssertLessThan(counts.spunNanoseconds, 100_000_000, "10 ms + 2 % of about 1.1 s, with a wide margin: \(counts)")
     }
 
+    /// While the flow pairs move packets the lane does not spin (`FlowsQuiet`): a spinning lane forwards a bulk
+    /// flow's short tail at once while the flow's full-size segments wait for a flow worker to wake, and with
+    /// several worker pairs that cost bulk flows their order. Full-size packets through the flow pair every
+    /// millisecond, and a lone short packet on the lane every 2 ms: every spin is held (without the check every
+    /// lone packet spins). Once the flows have been quiet for the window, the lane spins again.
+    func testTheLaneDoesNotSpinWhileTheFlowsMovePackets() throws {
+        let f = try makeForwarder(spin: ForwarderOptions.maximumExpressSpinMicroseconds)
+        try f.start()
+        defer { f.stop() }
+        let sink = UnsafeMutableRawBufferPointer.allocate(byteCount: 65536, alignment: 8)
+        defer { sink.deallocate() }
+        let drain = { [peer] in while recv(peer!.fd, sink.baseAddress, sink.count, Int32(MSG_DONTWAIT)) > 0 {} }
+        let bulking = ManagedAtomic<Bool>(true)
+        let writer = pair[1]
+        let bulk = Thread {
+            let packet = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.7"), payload: filled(3, 1000))
+            let end = Date().addingTimeInterval(20)  // a bound in case the test fails before it stops this
+            while bulking.load(ordering: .relaxed) && Date() < end {
+                _ = packet.withUnsafeBytes { send(writer, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+                usleep(1000)  // the bulk flow's pace
+            }
+        }
+        bulk.start()
+        defer { bulking.store(false, ordering: .relaxed) }
+        let deadline = Date().addingTimeInterval(5)
+        while f.workerCounts[0].tunToUDPPackets < 20 && Date() < deadline { usleep(2000) }
+        let before = try XCTUnwrap(f.expressSpinCounts)
+        let short = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"))
+        var sent: UInt64 = 0
+        let end = Date().addingTimeInterval(0.5)
+        while Date() < end {
+            write(lanePair[1], short)
+            sent += 1
+            usleep(2000)  // lone packets' pace, not a wait for a condition
+            drain()
+        }
+        let during = try XCTUnwrap(f.expressSpinCounts)
+        XCTAssertGreaterThan(sent, 100)
+        XCTAssertEqual(during.spins - before.spins, 0, "spins while the flows moved packets: \(during)")
+        XCTAssertGreaterThanOrEqual(during.held - before.held, sent * 9 / 10, "\(sent) lone packets: \(during)")
+
+        // The first lone packet after the flows stop still sees packets they moved since its last look, which
+        // may have moved just then; the next one, more than the window later, finds them quiet.
+        bulking.store(false, ordering: .relaxed)
+        usleep(30_000)
+        drain()
+        for _ in 0..<2 {
+            write(lanePair[1], short)
+            XCTAssertNotNil(waitForPacket(peer.fd))
+            usleep(15_000)  // longer than the window
+        }
+        let after = Date().addingTimeInterval(5)
+        while (f.expressSpinCounts?.spins ?? 0) == during.spins && Date() < after { usleep(2000) }
+        XCTAssertEqual(f.expressSpinCounts?.spins, during.spins + 1, "the lane spins again once the flows are quiet")
+    }
+
     /// Under a flood the lane's thread never sleeps, so it must show it is alive and look at the stop flag
     /// while it forwards: its heartbeats move during the flood, and stop() returns while the flood goes on. (A
     /// loop that did both only between sleeps would freeze the watchdog's evidence and never stop.)

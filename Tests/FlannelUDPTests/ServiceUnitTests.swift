@@ -121,7 +121,7 @@ final class ServiceUnitTests: XCTestCase {
             offloads: ["batching"], lease: LeaseInfo(subnet: "10.244.1.0/24", expires: Date(timeIntervalSince1970: 2000), endpoints: []))
         status.offloadStatistics = nil
         status.expressSpin = ExpressSpinCounts(microseconds: 50, budgetPerMille: 20, spins: 9, spunNanoseconds: 1_500_000,
-                                               cut: 4)
+                                               cut: 4, held: 6)
         let text = PrometheusText.render(status: status, health: DaemonHealth(healthy: true, reason: "ok"), version: "0.1.0")
         for line in [
             "# TYPE flannel_udp_packets_total counter",
@@ -137,6 +137,7 @@ final class ServiceUnitTests: XCTestCase {
             "flannel_udp_express_spins_total 9",
             "flannel_udp_express_spin_seconds_total 0.0015",
             "flannel_udp_express_spins_cut_total 4",
+            "flannel_udp_express_spins_held_total 6",
         ] {
             XCTAssertTrue(text.contains(line + "\n"), "missing \(line) in\n\(text)")
         }

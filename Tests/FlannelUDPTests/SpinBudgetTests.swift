@@ -88,3 +88,43 @@ final class SpinBudgetTests: XCTestCase {
         XCTAssertFalse(b.allows(spun: 0, now: 100_000 * ms))
     }
 }
+
+/// Whether the flow pairs have been quiet long enough for the lane to spin (`FlowsQuiet`), on a clock and packet
+/// totals driven by hand.
+final class FlowsQuietTests: XCTestCase {
+    private let ms: UInt64 = 1_000_000
+
+    /// Quiet once nothing has moved for the window, counted from the start.
+    func testQuietOnceTheWindowHasPassedWithoutAPacket() {
+        var q = FlowsQuiet(window: 10 * ms, total: 0, now: 100 * ms)
+        XCTAssertFalse(q.isQuiet(total: 0, now: 109 * ms))
+        XCTAssertTrue(q.isQuiet(total: 0, now: 110 * ms))
+        XCTAssertTrue(q.isQuiet(total: 0, now: 5_000 * ms))
+    }
+
+    /// Packets moved since the last look could have moved just now: the window starts again at this look, however
+    /// long ago the last one was.
+    func testAnyPacketStartsTheWindowAgain() {
+        var q = FlowsQuiet(window: 10 * ms, total: 7, now: 0)
+        XCTAssertTrue(q.isQuiet(total: 7, now: 1_000 * ms))
+        XCTAssertFalse(q.isQuiet(total: 8, now: 2_000 * ms), "one packet since the last look, a second ago")
+        XCTAssertFalse(q.isQuiet(total: 8, now: 2_009 * ms))
+        XCTAssertTrue(q.isQuiet(total: 8, now: 2_010 * ms))
+        // A bulk flow: its pair moves packets between every two looks, so the lane never spins.
+        var total: UInt64 = 8
+        for k in UInt64(0)..<50 {
+            total += 45
+            XCTAssertFalse(q.isQuiet(total: total, now: 2_011 * ms + k * 20 * ms))
+        }
+        // The counters wrap (they are relaxed wrapping atomics): a change all the same.
+        var w = FlowsQuiet(window: 10 * ms, total: .max, now: 0)
+        XCTAssertFalse(w.isQuiet(total: 0, now: 100 * ms))
+    }
+
+    /// A clock read earlier than the last look is not quiet yet, and does not trap.
+    func testAnEarlierClockReadIsNotQuiet() {
+        var q = FlowsQuiet(window: 10 * ms, total: 0, now: 50 * ms)
+        XCTAssertFalse(q.isQuiet(total: 0, now: 40 * ms))
+        XCTAssertTrue(q.isQuiet(total: 0, now: 60 * ms))
+    }
+}

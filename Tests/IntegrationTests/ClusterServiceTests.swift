@@ -72,10 +72,11 @@ extension ClusterTests {
         } else {
             e["expressPriority in status --json"] = 1  // missing: reported as a mismatch
         }
-        if let x = d["expressSpin"] as? [String: Any] {  // there whenever the lane is (its spin is 0 by default)
+        if let x = d["expressSpin"] as? [String: Any] {  // there whenever the lane is
             e["flannel_udp_express_spins_total{}"] = number(x["spins"]) ?? -1
             e["flannel_udp_express_spin_seconds_total{}"] = (number(x["spunNanoseconds"]) ?? -1e9) / 1e9
             e["flannel_udp_express_spins_cut_total{}"] = number(x["cut"]) ?? -1
+            e["flannel_udp_express_spins_held_total{}"] = number(x["held"]) ?? -1
         } else {
             e["expressSpin in status --json"] = 1  // missing: reported as a mismatch
         }

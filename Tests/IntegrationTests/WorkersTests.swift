@@ -164,13 +164,21 @@ final class WorkersTests: HostileTopologyTestCase {
         let (a4, b4) = try pair(3, 4, workers: 4)
         let one = try iperf(from: b1, to: a1)
         let four = try iperf(from: b4, to: a4)
-        let message = "1 worker: \(one.1); 4 workers: \(four.1)"
+        let message = "1 worker: \(one.1), \(try spins(b1, a1)); 4 workers: \(four.1), \(try spins(b4, a4))"
         print("[+] \(message)")
         XCTAssertLessThanOrEqual(four.0.outOfOrder, 3 * one.0.outOfOrder + four.0.segments / 100, message)
         XCTAssertLessThanOrEqual(four.0.retransmits, 3 * one.0.retransmits + four.0.segments / 100, message)
     }
 
     struct Reordering { var retransmits: Int; var outOfOrder: Int; var segments: Int }
+
+    /// The express lane's spins on both nodes, and how many the flows' traffic held back (`FlowsQuiet`).
+    func spins(_ nodes: Node...) throws -> String {
+        try nodes.map { node in
+            let x = try XCTUnwrap(daemonStatus(node)["expressSpin"] as? [String: Any])
+            return "\(x["spins"] ?? "?") spins \(x["held"] ?? "?") held"
+        }.joined(separator: " / ")
+    }
 
     /// iperf3 -P 8 for 3 s from `client`'s pod to `server`'s pod: the sender's retransmits, the receiving pod's
     /// TCPOFOQueue (segments queued out of order) and the segments received.

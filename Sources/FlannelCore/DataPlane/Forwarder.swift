@@ -181,7 +181,8 @@ public final class Forwarder: @unchecked Sendable {
                                       statPath: options.cpuStatPath, lateNanoseconds: options.expressLateNanoseconds,
                                       logger: logger)
                 expressPriority = priority
-                threads.append(DuplexLoop(threadName: name, tunToUDP, udpToTun, priority: priority))
+                threads.append(DuplexLoop(threadName: name, tunToUDP, udpToTun, flows: Array(workerCounters[..<k]),
+                                          priority: priority))
             } else {
                 threads += [tunToUDP, udpToTun]
             }

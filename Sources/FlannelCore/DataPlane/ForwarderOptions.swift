@@ -58,16 +58,18 @@ public struct ForwarderOptions: Sendable {
     /// The express lane's default length: a ping (84 bytes), a handshake, a short DNS query or request; no
     /// full-size segment of any flow (and never a bare TCP acknowledgement, `FlowSteering.takesExpressLane`).
     public static let defaultExpressLength = 128
-    /// The express lane's default spin: none. 50 us made an idle round trip about a fifth shorter here, at about
-    /// the same CPU per ping, but under bulk load with several worker pairs it made the flows' short tails (which
-    /// take the lane) overtake more of their full-size segments: more reordering and retransmits
-    /// (bench/README, "Idle: a spin within a budget"). Its cost in CPU has a bound whatever the traffic:
+    /// The express lane's default spin: 50 us made an idle round trip about a fifth shorter here, at about the same
+    /// CPU per ping (bench/README, "Idle: a spin within a budget"). It spins only while the flow pairs are quiet
+    /// (`expressSpinQuietNanoseconds`), and its cost in CPU has a bound whatever the traffic:
     /// `defaultExpressSpinBudgetPerMille`.
-    public static let defaultExpressSpinMicroseconds = 0
+    public static let defaultExpressSpinMicroseconds = 50
     /// The spin's share of one CPU past a burst: 2 %. A ping every 10 ms spins about 1 % on each node (50 us).
     public static let defaultExpressSpinBudgetPerMille = 20
     /// The spin time the budget holds after a quiet spell (`SpinBudget.capacity`): 200 spins of 50 us in a row.
     static let expressSpinBurstNanoseconds: UInt64 = 10_000_000
+    /// How long the flow pairs must have moved nothing before the lane spins (`FlowsQuiet`): 10 ms, a ping
+    /// interval; under bulk load a flow pair moves packets far more often than that.
+    static let expressSpinQuietNanoseconds: UInt64 = 10_000_000
     /// The longest `expressSpinMicroseconds` accepted.
     public static let maximumExpressSpinMicroseconds = 1000
     /// `up --express-priority`'s default: low among realtime threads, below the kernel's interrupt threads (50).

@@ -56,6 +56,42 @@ struct SpinBudget {
     }
 }
 
+/// Whether the flow pairs have been quiet long enough for the express lane to spin (`DuplexLoop`): no packet moved
+/// by any of them for `window`.
+///
+/// A bulk flow's own short segments (the tail of a write) take the lane, and a spinning lane forwards them at once
+/// while the flow's full-size segments wait for a flow worker to wake: with several worker pairs a spin made
+/// bulk flows' segments arrive out of order often enough to cost retransmits (bench/README, "Off by default
+/// again"). An idle node, where the spin pays, moves nothing through the flow pairs; a node carrying bulk does.
+/// So the lane spins only while the flow pairs have been still for `window`.
+///
+/// The lane looks only when a spin would start. Packets counted since the last look could have moved at any time
+/// since, so they count as moving now. Pure arithmetic on the caller's clock and totals, so tests drive it by hand.
+struct FlowsQuiet {
+    /// How long the flow pairs must have moved nothing (ns).
+    let window: UInt64
+    /// The flow pairs' packet total at the last look, and since when it has not changed.
+    private var seen: UInt64
+    private var since: UInt64
+
+    init(window: UInt64, total: UInt64, now: UInt64) {
+        self.window = window
+        seen = total
+        since = now
+    }
+
+    /// Whether the flow pairs, which have moved `total` packets so far, have been quiet for the window.
+    @inline(__always)
+    mutating func isQuiet(total: UInt64, now: UInt64) -> Bool {
+        if total != seen {
+            seen = total
+            since = now
+            return false
+        }
+        return now >= since && now &- since >= window  // a clock read earlier than the last is not quiet yet
+    }
+}
+
 /// What the express lane's spin has done, for `status` and `/metrics`.
 public struct ExpressSpinCounts: Codable, Equatable, Sendable {
     /// The longest spin (`--express-spin`, us; 0: it never spins) and its budget, in thousandths of a CPU.
@@ -67,12 +103,17 @@ public struct ExpressSpinCounts: Codable, Equatable, Sendable {
     /// Spins the budget ended early or did not let start: while this grows, lone short packets are arriving
     /// faster than the budget refills, and the lane sleeps instead of spinning.
     public var cut: UInt64
+    /// Spins not started because the flow pairs were moving packets (`FlowsQuiet`): while bulk flows run, this
+    /// grows and the lane sleeps after each packet.
+    public var held: UInt64
 
-    public init(microseconds: Int, budgetPerMille: Int, spins: UInt64, spunNanoseconds: UInt64, cut: UInt64) {
+    public init(microseconds: Int, budgetPerMille: Int, spins: UInt64, spunNanoseconds: UInt64, cut: UInt64,
+                held: UInt64) {
         self.microseconds = microseconds
         self.budgetPerMille = budgetPerMille
         self.spins = spins
         self.spunNanoseconds = spunNanoseconds
         self.cut = cut
+        self.held = held
     }
 }

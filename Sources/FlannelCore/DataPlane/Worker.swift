@@ -143,9 +143,9 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
 /// round trip (bench/README, "Idle: a spin within a budget") at up to that much CPU for every short packet that
-/// arrives alone, and it is off by default because under bulk load it made more of the flows' segments arrive
-/// out of order. `SpinBudget` bounds what that can cost: however the lone packets come, the spin takes at most
-/// `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime under load,
+/// arrives alone. It spins only while the flow pairs have been quiet (`FlowsQuiet`): with bulk flows running, a
+/// spinning lane made more of their segments arrive out of order. `SpinBudget` bounds what it can cost: however
+/// the lone packets come, the spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime under load,
 /// spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's preference for one
 /// that wakes up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
@@ -160,20 +160,44 @@ final class DuplexLoop: ForwardingThread {
     private let spins = ManagedAtomic<UInt64>(0)
     private let spun = ManagedAtomic<UInt64>(0)
     private let spinsCut = ManagedAtomic<UInt64>(0)
+    private let spinsHeld = ManagedAtomic<UInt64>(0)
+    /// The flow pairs' counters, and whether they have been quiet long enough for a spin (`FlowsQuiet`).
+    private let flows: [WorkerCounters]
+    @exclusivity(unchecked) private var flowsQuiet: FlowsQuiet
     /// Raises the thread to a realtime priority while the CPUs are contended (nil: never).
     private let priority: ExpressPriority?
 
     /// Polls both workers' inputs (descriptors the forwarder left blocking: the workers read them with RWF_NOWAIT
     /// and MSG_DONTWAIT here, never blocking).
-    init(threadName: String, _ first: ForwardingWorker, _ second: UDPToTunWorker, priority: ExpressPriority? = nil) {
+    /// `flows`: the other pairs' counters (the spin waits for them to be quiet).
+    init(threadName: String, _ first: ForwardingWorker, _ second: UDPToTunWorker, flows: [WorkerCounters],
+         priority: ExpressPriority? = nil) {
         self.threadName = threadName
         self.first = first
         self.second = second
+        self.flows = flows
         self.priority = priority
         let options = first.options
+        let now = DuplexLoop.now()
         spinNanoseconds = UInt64(options.expressSpinMicroseconds) &* 1000
         spinBudget = SpinBudget(perMille: options.expressSpinBudgetPerMille,
-                                capacity: ForwarderOptions.expressSpinBurstNanoseconds, now: DuplexLoop.now())
+                                capacity: ForwarderOptions.expressSpinBurstNanoseconds, now: now)
+        flowsQuiet = FlowsQuiet(window: ForwarderOptions.expressSpinQuietNanoseconds,
+                                total: DuplexLoop.packets(of: flows), now: now)
+    }
+
+    /// What the flow pairs have moved so far, both ways.
+    @inline(__always)
+    private static func packets(of flows: [WorkerCounters]) -> UInt64 {
+        var total: UInt64 = 0
+        var i = 0
+        while i < flows.count {
+            // An index loop: `for c in flows` allocated on every call in a debug build (the lane's zero-allocation
+            // proof counted it).
+            total &+= flows[i].tunToUDPPackets.load(ordering: .relaxed) &+ flows[i].udpToTunPackets.load(ordering: .relaxed)
+            i &+= 1
+        }
+        return total
     }
 
     /// Until the stop flag is set (the wake signal ends the poll with EINTR) or a fatal error, which stops the
@@ -240,7 +264,13 @@ final class DuplexLoop: ForwardingThread {
                 continue
             }
             if spinNanoseconds == 0 { return false }
-            if spinStart == 0 { spinStart = now }
+            if spinStart == 0 {
+                guard flowsQuiet.isQuiet(total: DuplexLoop.packets(of: flows), now: now) else {
+                    spinsHeld.wrappingIncrement(ordering: .relaxed)
+                    return false
+                }
+                spinStart = now
+            }
             if now &- lastPacket >= spinNanoseconds {
                 spinEnded(now &- spinStart, now: now, cut: false)
                 return false
@@ -267,7 +297,7 @@ final class DuplexLoop: ForwardingThread {
         ExpressSpinCounts(microseconds: Int(spinNanoseconds / 1000),
                           budgetPerMille: first.options.expressSpinBudgetPerMille,
                           spins: spins.load(ordering: .relaxed), spunNanoseconds: spun.load(ordering: .relaxed),
-                          cut: spinsCut.load(ordering: .relaxed))
+                          cut: spinsCut.load(ordering: .relaxed), held: spinsHeld.load(ordering: .relaxed))
     }
 
     @inline(__always)

@@ -121,6 +121,8 @@ public enum PrometheusText {
             out.sample("flannel_udp_express_spin_seconds_total", [:], Double(x.spunNanoseconds) / 1e9)
             out.family("flannel_udp_express_spins_cut_total", .counter, "Spins the CPU budget ended early or did not let start: lone short packets came faster than it refills.")
             out.sample("flannel_udp_express_spins_cut_total", [:], x.cut)
+            out.family("flannel_udp_express_spins_held_total", .counter, "Spins not started because the flow pairs were moving packets: bulk flows are running.")
+            out.sample("flannel_udp_express_spins_held_total", [:], x.held)
         }
         if let lease = status.lease {
             out.family("flannel_udp_lease_expiry_timestamp_seconds", .gauge, "When our etcd lease expires unless renewed, in seconds since the epoch.")
