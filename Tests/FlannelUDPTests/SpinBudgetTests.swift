@@ -1,3 +1,4 @@
+import Foundation
 import XCTest
 @testable import FlannelCore
 
@@ -126,5 +127,18 @@ final class FlowsQuietTests: XCTestCase {
         var q = FlowsQuiet(window: 10 * ms, total: 0, now: 50 * ms)
         XCTAssertFalse(q.isQuiet(total: 0, now: 40 * ms))
         XCTAssertTrue(q.isQuiet(total: 0, now: 60 * ms))
+    }
+
+    /// The counts as `status --json` carries them: a daemon from before `held` sends none, and the CLI reads 0
+    /// rather than refusing the whole status.
+    func testSpinCountsOfAnOlderDaemonReadHeldAsZero() throws {
+        let old = #"{"microseconds":50,"budgetPerMille":20,"spins":9,"spunNanoseconds":1500,"cut":4}"#
+        let counts = try JSONDecoder().decode(ExpressSpinCounts.self, from: Data(old.utf8))
+        XCTAssertEqual(counts, ExpressSpinCounts(microseconds: 50, budgetPerMille: 20, spins: 9, spunNanoseconds: 1500,
+                                                 cut: 4, held: 0))
+        let now = ExpressSpinCounts(microseconds: 50, budgetPerMille: 20, spins: 9, spunNanoseconds: 1500, cut: 4, held: 6)
+        XCTAssertEqual(try JSONDecoder().decode(ExpressSpinCounts.self, from: JSONEncoder().encode(now)), now)
+        XCTAssertThrowsError(try JSONDecoder().decode(ExpressSpinCounts.self, from: Data(#"{"microseconds":50}"#.utf8)),
+                             "the other counts are required")
     }
 }

@@ -116,4 +116,17 @@ public struct ExpressSpinCounts: Codable, Equatable, Sendable {
         self.cut = cut
         self.held = held
     }
+
+    private enum CodingKeys: String, CodingKey { case microseconds, budgetPerMille, spins, spunNanoseconds, cut, held }
+
+    /// `held` is absent in the status of a daemon from before it (the CLI may be upgraded first): read as 0.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        microseconds = try c.decode(Int.self, forKey: .microseconds)
+        budgetPerMille = try c.decode(Int.self, forKey: .budgetPerMille)
+        spins = try c.decode(UInt64.self, forKey: .spins)
+        spunNanoseconds = try c.decode(UInt64.self, forKey: .spunNanoseconds)
+        cut = try c.decode(UInt64.self, forKey: .cut)
+        held = try c.decodeIfPresent(UInt64.self, forKey: .held) ?? 0
+    }
 }
