@@ -60,10 +60,11 @@ struct SpinBudget {
 /// by any of them for `window`.
 ///
 /// A bulk flow's own short segments (the tail of a write) take the lane, and a spinning lane forwards them at once
-/// while the flow's full-size segments wait for a flow worker to wake: with several worker pairs a spin made
-/// bulk flows' segments arrive out of order often enough to cost retransmits (bench/README, "Off by default
-/// again"). An idle node, where the spin pays, moves nothing through the flow pairs; a node carrying bulk does.
-/// So the lane spins only while the flow pairs have been still for `window`.
+/// while the flow's full-size segments wait for a flow worker to wake: with several worker pairs, runs with the
+/// spin measured more of bulk flows' segments out of order, and more retransmits (bench/README, "Off by default
+/// again" and "On again, only while the flows are quiet"). An idle node, where the spin pays, moves nothing
+/// through the flow pairs; a node carrying bulk does. So the lane spins only while the flow pairs have been still
+/// for `window`.
 ///
 /// The lane looks only when a spin would start. Packets counted since the last look could have moved at any time
 /// since, so they count as moving now. Pure arithmetic on the caller's clock and totals, so tests drive it by hand.

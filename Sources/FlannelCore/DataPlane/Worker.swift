@@ -140,14 +140,14 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// the bulk, where two threads move more than one and a wake-up per batch is cheap. The lane carries short packets
 /// only, so one thread for both of its directions is not what limits it.
 ///
-/// `options.expressSpinMicroseconds` (`up --express-spin`, 0 by default) makes the thread keep looking at both
+/// `options.expressSpinMicroseconds` (`up --express-spin`, 50 by default) makes the thread keep looking at both
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
 /// round trip (bench/README, "Idle: a spin within a budget") at up to that much CPU for every short packet that
 /// arrives alone. It spins only while the flow pairs have been quiet (`FlowsQuiet`): with bulk flows running, a
 /// spinning lane made more of their segments arrive out of order. `SpinBudget` bounds what it can cost: however
-/// the lone packets come, the spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst. (Before the thread went realtime under load,
-/// spinning also lengthened the loaded round trip: a thread that spins loses the scheduler's preference for one
-/// that wakes up. bench/README measures both.)
+/// the lone packets come, the spin takes at most `options.expressSpinBudgetPerMille` of a CPU, past a burst.
+/// (Before the thread went realtime under load, spinning also lengthened the loaded round trip: a thread that
+/// spins loses the scheduler's preference for one that wakes up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
     let threadName: String
     private let first: ForwardingWorker
@@ -194,7 +194,8 @@ final class DuplexLoop: ForwardingThread {
         while i < flows.count {
             // An index loop: `for c in flows` allocated on every call in a debug build (the lane's zero-allocation
             // proof counted it).
-            total &+= flows[i].tunToUDPPackets.load(ordering: .relaxed) &+ flows[i].udpToTunPackets.load(ordering: .relaxed)
+            let pair = flows[i]
+            total &+= pair.tunToUDPPackets.load(ordering: .relaxed) &+ pair.udpToTunPackets.load(ordering: .relaxed)
             i &+= 1
         }
         return total
