@@ -33,6 +33,7 @@ ROWS = [
     ("tcp1_retrans", "TCP 1 stream  retransmits", "{:.0f}"),
     ("tcp4_retrans", "TCP 4 streams retransmits", "{:.0f}"),
     ("tcp4_ofo", "TCP 4 streams out of order", "{:.0f}"),
+    ("tcp4_reorder", "TCP 4 streams reorderings", "{:.0f}"),
     ("udp_rx_kpps", "UDP 64 B received kpps", "{:.1f}"),
     ("udp_tx_kpps", "UDP 64 B sent kpps", "{:.1f}"),
     ("udp_loss_pct", "UDP 64 B loss %", "{:.1f}"),
@@ -255,8 +256,11 @@ def one_run(d, has_forwarder, has_overlay, udp_pps=(), cpus=None):
                 m["machine_busy_pct"] = 100.0 * work / CLK_TCK / (seconds * cpus)
                 if steal is not None:
                     m["host_steal_pct"] = 100.0 * steal / CLK_TCK / (seconds * cpus)
-        if n == 4:  # segments the receiving pod queued out of order (absent in raw files from before the counter)
+        if n == 4:  # absent in raw files from before the counters
+            # segments the receiving pod queued out of order: reordered, or behind a segment lost on the way
             m["tcp4_ofo"] = delta(b, a, "ofo_app")
+            # reorderings the sending pod's TCP detected (SACK, timestamps, Reno): reordering only, not loss
+            m["tcp4_reorder"] = delta(b, a, "reorder_cli")
         tcp_rcvbuf += delta(b, a, "rcvbuf_node_b") or 0
         tcp_txdrop += (delta(b, a, "txdrop_node_a") or 0) + (delta(b, a, "txdrop_node_b") or 0)
     if tcp_bytes > 0:  # over the TCP tests that worked

@@ -89,9 +89,9 @@ class RawFiles(unittest.TestCase):
         for test in ("tcp1", "tcp4"):
             self.write(run, cfg, test + ".json", iperf_tcp(gbps))
             self.write(run, cfg, test + ".before", kv(fwd_ticks=0, softirq=0, busy=0, time=100, rcvbuf_node_b=10, rcvbuf_app=0,
-                                                      ofo_app=1000, txdrop_node_a=0, txdrop_node_b=0))
+                                                      ofo_app=1000, reorder_cli=0, txdrop_node_a=0, txdrop_node_b=0))
             self.write(run, cfg, test + ".after", kv(fwd_ticks=fwd_ticks, softirq=TCK, busy=TCK * 4, time=110, rcvbuf_node_b=15,
-                                                     rcvbuf_app=0, ofo_app=1000 + 40 * run, txdrop_node_a=2,
+                                                     rcvbuf_app=0, ofo_app=1000 + 40 * run, reorder_cli=run, txdrop_node_a=2,
                                                      txdrop_node_b=1))
         self.write(run, cfg, "udp.json", iperf_udp(1000000, 500000))
         self.write(run, cfg, "udp.before", kv(fwd_ticks=0, rcvbuf_node_b=0, rcvbuf_app=0, txdrop_node_a=0))
@@ -122,7 +122,7 @@ class ReportTests(RawFiles):
         self.assertEqual(m["txdrop_tcp"], 6)
         self.assertAlmostEqual(m["ping_avg_ms"], 0.2)
 
-    def test_four_stream_retransmits_and_out_of_order_segments(self):
+    def test_four_stream_retransmits_out_of_order_segments_and_reorderings(self):
         for run in (1, 2, 3):
             self.good_run(run, "flannel-udp", 1.0, fwd_ticks=TCK)
             self.write(run, "flannel-udp", "tcp4.json", iperf_tcp(1.0, retrans=[50, 7, 9][run - 1]))
@@ -130,10 +130,13 @@ class ReportTests(RawFiles):
         self.assertEqual(c["median"]["tcp4_retrans"], 9)
         self.assertEqual([m["tcp4_ofo"] for m in c["per_run"]], [40, 80, 120], "the receiving pod's TCPOFOQueue delta")
         self.assertEqual(c["median"]["tcp4_ofo"], 80)
+        self.assertEqual([m["tcp4_reorder"] for m in c["per_run"]], [1, 2, 3], "the sending pod's reorderings")
         self.assertNotIn("tcp1_ofo", c["per_run"][0], "counted for the 4-stream test only")
         # raw files from before the counter: no figure, not 0
         os.remove(os.path.join(self.raw, "run1", "flannel-udp", "tcp4.after"))
-        self.assertNotIn("tcp4_ofo", self.result()["configs"]["flannel-udp"]["per_run"][0])
+        first = self.result()["configs"]["flannel-udp"]["per_run"][0]
+        self.assertNotIn("tcp4_ofo", first)
+        self.assertNotIn("tcp4_reorder", first)
 
     def test_udp_rate_steps(self):
         with open(os.path.join(self.raw, "meta"), "a") as f:
