@@ -292,8 +292,9 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// A pass of the lane's loop takes at most one batch from each input, however much is waiting: the priority's
     /// flood rule acts only between passes, so a pass must stay short (`DuplexLoop.forwardWhileBusy`). Each pass
-    /// moves the heartbeats once: 80 queued packets in batches of 8 take 10 passes and a last empty one. With
-    /// `batchesPerWakeup` batches per pass they took one.
+    /// moves the heartbeats once: of 80 queued packets the first look after the quiet takes one
+    /// (`TunToUDPWorker.forwardOne`), then batches of 8 take the rest in 10 passes, and a last pass finds nothing.
+    /// With `batchesPerWakeup` batches per pass they took one.
     func testALanePassTakesOneBatchOfEachInput() throws {
         let f = try makeForwarder(batch: 8)  // not started: this thread runs the lane's loop itself
         let lane = try XCTUnwrap(f.threads.last as? DuplexLoop)
@@ -303,7 +304,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         XCTAssertFalse(try lane.forwardWhileBusy())
         let passes = f.heartbeats.map(\.count)[2] - before[2]
         XCTAssertEqual(f.workerCounts[1].tunToUDPPackets, 80)
-        XCTAssertEqual(passes, 11, "80 packets in batches of 8, then a pass that found nothing")
+        XCTAssertEqual(passes, 12, "1 packet, then 79 in batches of 8, then a pass that found nothing")
     }
 
     /// The lane's thread sleeps in poll() with its heartbeat timer an hour away: only the wake signal that

@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 import Logging
+import CShims
 @testable import FlannelCore
 @testable import FlannelUDP
 #if canImport(Glibc)
@@ -28,6 +29,31 @@ class LoopbackForwarderTestCase: XCTestCase {
         table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
         counters = DataPlaneCounters()
         logger.logLevel = .critical
+    }
+
+    func setInt(_ fd: Int32, _ option: Int32, _ value: Int32) -> Int32 {
+        var v = value
+        return setsockopt(fd, Int32(FU_SOL_UDP), option, &v, socklen_t(MemoryLayout<Int32>.size))
+    }
+
+    /// Everything waiting on `fd`, one element per datagram or packet.
+    func drainFD(_ fd: Int32) -> [[UInt8]] {
+        var out: [[UInt8]] = []
+        var buf = [UInt8](repeating: 0, count: 65536)
+        while true {
+            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
+            if n < 0 { return out }
+            out.append(Array(buf[0..<n]))
+        }
+    }
+
+    /// `packet` as the forwarder passes it on: TTL one less, header checksum updated.
+    func forwarded(_ packet: [UInt8]) -> [UInt8] {
+        var p = packet
+        p[8] -= 1
+        p[10] = 0; p[11] = 0
+        put16(&p, 10, referenceChecksum(Array(p[0..<20])))
+        return p
     }
 
     /// Whether every worker's heartbeat moves at least `by` from `first` within 5 s (polled, with a deadline).

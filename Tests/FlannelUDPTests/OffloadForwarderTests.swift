@@ -23,31 +23,6 @@ final class OffloadForwarderTests: LoopbackForwarderTestCase {
                       counters: counters, logger: logger, options: ForwarderOptions(batchSize: 8, offloads: offloads))
     }
 
-    private func setInt(_ fd: Int32, _ option: Int32, _ value: Int32) -> Int32 {
-        var v = value
-        return setsockopt(fd, Int32(FU_SOL_UDP), option, &v, socklen_t(MemoryLayout<Int32>.size))
-    }
-
-    /// Everything waiting on `fd`, one element per datagram or packet.
-    private func drainFD(_ fd: Int32) -> [[UInt8]] {
-        var out: [[UInt8]] = []
-        var buf = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = buf.withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, Int32(MSG_DONTWAIT)) }
-            if n < 0 { return out }
-            out.append(Array(buf[0..<n]))
-        }
-    }
-
-    /// `packet` as the forwarder passes it on: TTL one less, header checksum updated.
-    private func forwarded(_ packet: [UInt8]) -> [UInt8] {
-        var p = packet
-        p[8] -= 1
-        p[10] = 0; p[11] = 0
-        put16(&p, 10, referenceChecksum(Array(p[0..<20])))
-        return p
-    }
-
     private func inbound(_ k: Int, _ size: Int) -> [UInt8] {
         makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), identification: UInt16(k),
                  payload: patternPayload(size - 20, seed: UInt8(k)))

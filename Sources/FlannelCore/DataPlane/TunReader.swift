@@ -45,11 +45,13 @@ final class TunReader {
     /// Reads up to a batch; returns the number of reads. `wait`: the first read blocks (the descriptor is left
     /// blocking by `Forwarder.start`) until a packet comes or the wake signal interrupts it; every other read
     /// never blocks (RWF_NOWAIT). ENOBUFS/ENOMEM end the batch with a log line.
-    func read(wait: Bool = false) throws(SystemError) -> Int {
+    /// `limit`: at most this many reads (1 for the express lane's first look after a quiet spell).
+    func read(wait: Bool = false, limit: Int? = nil) throws(SystemError) -> Int {
         var count = 0
         var left = budget
+        let most = min(limit ?? buffers.count, buffers.count)
         isEmpty = false
-        while count < buffers.count {
+        while count < most {
             let p = buffers.packet(count)
             let size = buffers.size
             let blocking = wait && count == 0

@@ -42,18 +42,40 @@ final class TunToUDPWorker: ForwardingWorker {
         var i = 0
         while i < count {
             defer { i += 1 }
-            guard var packet = reader.packet(i) else { continue }
-            switch decider.fromTun(packet.bytes, snapshot: snapshot, scratch: scratch) {
-            case .forward(let peer, let length):
-                packet.bytes = UnsafeMutableRawBufferPointer(rebasing: packet.bytes[0..<length])
-                try sender.append(packet, peer: peer, snapshot: snapshot)
-            case .icmpToTun(let length, let reason):
-                counters.countDrop(reason)
-                try icmpWriter.writeICMP(UnsafeMutableRawBufferPointer(rebasing: scratch[0..<length]))
-            case .drop(let reason, let limited):
-                dropped(reason, limited: limited)
-            }
+            guard let packet = reader.packet(i) else { continue }
+            try forward(packet, snapshot: snapshot, alone: false)
         }
         try sender.flush(snapshot)
+    }
+
+    /// The express lane's look at a tun that was empty on its last pass: one read, and the packet goes out at once
+    /// (a whole packet with one sendto, `UDPSender.sendOne`; a TSO packet through the queue, flushed). A packet
+    /// that comes alone, the lane's usual case, so pays no batch machinery; if more follow, the lane's next pass
+    /// takes them as a batch. Returns the packets read (0 or 1).
+    func forwardOne() throws(SystemError) -> Int {
+        guard try reader.read(limit: 1) == 1 else { return 0 }
+        if let packet = reader.packet(0) { try forward(packet, snapshot: table.snapshot(), alone: true) }
+        return 1
+    }
+
+    /// Decides one packet and hands it over: queued (`alone`: and sent at once).
+    @inline(__always)
+    private func forward(_ packet: TunPacket, snapshot: RouteSnapshot, alone: Bool) throws(SystemError) {
+        var packet = packet
+        switch decider.fromTun(packet.bytes, snapshot: snapshot, scratch: scratch) {
+        case .forward(let peer, let length):
+            packet.bytes = UnsafeMutableRawBufferPointer(rebasing: packet.bytes[0..<length])
+            if alone && packet.gsoSize == 0 {
+                try sender.sendOne(packet, peer: peer, snapshot: snapshot)
+                return
+            }
+            try sender.append(packet, peer: peer, snapshot: snapshot)
+            if alone { try sender.flush(snapshot) }
+        case .icmpToTun(let length, let reason):
+            counters.countDrop(reason)
+            try icmpWriter.writeICMP(UnsafeMutableRawBufferPointer(rebasing: scratch[0..<length]))
+        case .drop(let reason, let limited):
+            dropped(reason, limited: limited)
+        }
     }
 }

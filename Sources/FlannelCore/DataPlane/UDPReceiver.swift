@@ -82,9 +82,12 @@ final class UDPReceiver {
     /// datagram (MSG_WAITFORONE on the socket `Forwarder.start` left blocking) or the wake signal; else never
     /// block. A pending socket error (e.g. ECONNREFUSED queued by an ICMP port unreachable) is consumed by the
     /// call: logged, and 0 returned.
-    func receive(wait: Bool = false) throws(SystemError) -> Int {
+    /// `limit`: at most this many messages (1 for the express lane's first look after a quiet spell: only the
+    /// headers it may fill are set up).
+    func receive(wait: Bool = false, limit: Int? = nil) throws(SystemError) -> Int {
+        let vlen = min(limit ?? batchSize, batchSize)
         var i = 0
-        while i < batchSize {
+        while i < vlen {
             // The kernel overwrites msg_namelen, msg_controllen, msg_flags and msg_len on every call.
             msgs[i] = fu_mmsghdr(
                 msg_hdr: msghdr(msg_name: UnsafeMutableRawPointer(names + i),
@@ -96,7 +99,7 @@ final class UDPReceiver {
                 msg_len: 0)
             i += 1
         }
-        let count = UInt32(batchSize)
+        let count = UInt32(vlen)
         received = 0
         message = 0
         split = GROSplit(total: 0, segmentSize: 0)

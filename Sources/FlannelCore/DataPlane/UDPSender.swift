@@ -114,6 +114,30 @@ final class UDPSender {
         queue.prepareMessages(from: message)
     }
 
+    /// One whole packet (no TSO) to `peer` at once, with sendto and no queue: the express lane's send for a
+    /// packet that came alone. Counted as `flush` counts it. A full socket buffer (EAGAIN) queues it and flushes,
+    /// which waits for room as a batch would; any other failure drops it as `sendFailed`.
+    func sendOne(_ packet: TunPacket, peer: Int, snapshot: RouteSnapshot) throws(SystemError) {
+        let entry = snapshot.peers[peer]
+        let bytes = packet.bytes
+        let result = try PacketIO.call("sendto on", io.name) {
+            entry.sockaddr.withSockaddr { sendto(io.fd, bytes.baseAddress, bytes.count, Int32(MSG_DONTWAIT), $0, $1) }
+        }
+        switch result {
+        case .done:
+            entry.counters.countTx(bytes: bytes.count)
+            io.counters.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
+            io.counters.tunToUDPBytes.wrappingIncrement(by: UInt64(bytes.count), ordering: .relaxed)
+            io.worker.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
+        case .wouldBlock:
+            try append(packet, peer: peer, snapshot: snapshot)
+            try flush(snapshot)
+        case .failed(let e):
+            io.counters.countDrop(.sendFailed)
+            logLimiter.warn(io.logger, "sendto on \(io.name) to \(entry.route.endpoint)", e)
+        }
+    }
+
     /// One datagram to `peer` at once (an ICMP error the receiving side built), with sendto; counted as
     /// `icmpSent`, or dropped as `sendFailed`.
     func sendNow(_ packet: UnsafeRawBufferPointer, to peer: PeerEntry) throws(SystemError) {

@@ -45,6 +45,15 @@ final class UDPToTunWorker: ForwardingWorker {
         return longestSojourn
     }
 
+    /// The express lane's look at a socket that was empty on its last pass: one message (`UDPReceiver.receive`
+    /// sets up only its header), delivered at once. If more follow, the lane's next pass takes them as a batch.
+    /// Returns the messages received (0 or 1; a GRO buffer is one).
+    func deliverOne() throws(SystemError) -> Int {
+        let n = try receiver.receive(limit: 1)
+        if n > 0 { try deliverBatch() }
+        return n
+    }
+
     /// Decides each datagram of the batch and hands it over; the tun writer's open group is written at the end.
     func deliverBatch() throws(SystemError) {
         let snapshot = table.snapshot()

@@ -150,7 +150,7 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// spins loses the scheduler's preference for one that wakes up. bench/README measures both.)
 final class DuplexLoop: ForwardingThread {
     let threadName: String
-    private let first: ForwardingWorker
+    private let first: TunToUDPWorker
     private let second: UDPToTunWorker
     private let spinNanoseconds: UInt64
     /// What the spin may still take (`SpinBudget`). Only this thread touches it, so no run-time exclusivity
@@ -170,7 +170,7 @@ final class DuplexLoop: ForwardingThread {
     /// Polls both workers' inputs (descriptors the forwarder left blocking: the workers read them with RWF_NOWAIT
     /// and MSG_DONTWAIT here, never blocking).
     /// `flows`: the other pairs' counters (the spin waits for them to be quiet).
-    init(threadName: String, _ first: ForwardingWorker, _ second: UDPToTunWorker, flows: [WorkerCounters],
+    init(threadName: String, _ first: TunToUDPWorker, _ second: UDPToTunWorker, flows: [WorkerCounters],
          priority: ExpressPriority? = nil) {
         self.threadName = threadName
         self.first = first
@@ -250,8 +250,16 @@ final class DuplexLoop: ForwardingThread {
         let woke = DuplexLoop.now()
         var lastPacket = woke
         var spinStart: UInt64 = 0  // 0: not spinning (CLOCK_MONOTONIC is never 0 here: it counts from boot)
+        // Whether each input had packets on the last pass: if not, the next look takes one packet past the batch
+        // machinery (`forwardOne`, `deliverOne`); if so, a batch.
+        var tunBusy = false
+        var socketBusy = false
         while true {
-            let moved = try first.drain(batches: 1) &+ second.drain(batches: 1)
+            let fromTun = try tunBusy ? first.drain(batches: 1) : first.forwardOne()
+            let fromSocket = try socketBusy ? second.drain(batches: 1) : second.deliverOne()
+            tunBusy = fromTun > 0
+            socketBusy = fromSocket > 0
+            let moved = fromTun &+ fromSocket
             if first.hungUp || second.hungUp { return true }
             if beat() { return true }
             let now = DuplexLoop.now()

@@ -1,0 +1,145 @@
+import XCTest
+import Atomics
+import Logging
+import CShims
+@testable import FlannelCore
+@testable import FlannelUDP
+#if canImport(Glibc)
+import Glibc
+import TestSupport
+#endif
+
+/// The express lane's first look at a quiet input (`TunToUDPWorker.forwardOne`, `UDPToTunWorker.deliverOne`):
+/// one packet, sent past the batch machinery, and every case a batch handles handled the same way, counted the
+/// same way. Unprivileged, on the loopback fixture; the workers run on the test thread.
+final class ExpressOnePacketTests: LoopbackForwarderTestCase {
+    private var workerCounters = WorkerCounters()
+
+    override func setUpWithError() throws {
+        try super.setUpWithError()
+        for fd in pair { _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) }
+    }
+
+    /// A tun -> UDP worker over the fixture, built by hand so that its "tun" may carry virtio headers (a
+    /// `Forwarder` would ask a socketpair for TUNSETVNETHDRSZ).
+    private func tunToUDP(vnet: Bool, gso: Bool = false) -> TunToUDPWorker {
+        let offloads = OffloadState(vnetHeader: vnet, tso: vnet, udpGSO: gso, udpGRO: false, coalesce: false)
+        let options = ForwarderOptions(batchSize: 8)
+        func io(_ fd: Int32, _ name: String) -> StageIO {
+            StageIO(fd: fd, name: name, counters: counters, worker: workerCounters, offloads: offloads, logger: logger)
+        }
+        let setup = WorkerSetup(threadName: "fu-x-tun-to-udp", stopRequested: ManagedAtomic(false), table: table,
+                                config: config, counters: counters, options: options, express: true)
+        return TunToUDPWorker(reader: TunReader(io(pair[0], "test-tun"), vnet: vnet, options: options),
+                              sender: UDPSender(io(socket.fd, "test-udp"), options: options),
+                              icmpWriter: TunWriter(io(pair[0], "test-tun"), vnet: vnet, coalesce: false), setup)
+    }
+
+    private func write(_ bytes: [UInt8]) {
+        XCTAssertEqual(bytes.withUnsafeBytes { Glibc.write(pair[1], $0.baseAddress, $0.count) }, bytes.count)
+    }
+
+    /// What the data plane has counted for the tun -> UDP direction: in total, for the peer, for the pair.
+    private func sentCounts() -> [UInt64] {
+        let peer = table.snapshot().peers[0].counters.snapshot
+        let total = counters.snapshot().tunToUDP
+        return [total.packets, total.bytes, peer.txPackets, peer.txBytes, workerCounters.tunToUDPPackets.load(ordering: .relaxed)]
+    }
+
+    /// A lone packet leaves at once, as the batch would send it, and is counted everywhere the batch counts it;
+    /// the next look at the empty tun takes nothing.
+    func testALonePacketLeavesAtOnceAndIsCountedAsABatchCountsIt() throws {
+        let out = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), payload: filled(1, 40))
+        let w = tunToUDP(vnet: false)
+        write(out)
+        XCTAssertEqual(try w.forwardOne(), 1)
+        XCTAssertEqual(drainFD(peer.fd), [forwarded(out)])
+        let alone = sentCounts()
+        XCTAssertEqual(alone, [1, UInt64(out.count), 1, UInt64(out.count), 1])
+        XCTAssertEqual(try w.forwardOne(), 0)
+
+        write(out)
+        XCTAssertEqual(try w.drain(), 1)
+        XCTAssertEqual(drainFD(peer.fd), [forwarded(out)])
+        XCTAssertEqual(sentCounts(), alone.map { $0 * 2 }, "the batch path counts the same")
+        XCTAssertEqual(counters.snapshot().drops.values.reduce(0, +), 0, "\(counters.snapshot().drops)")
+    }
+
+    /// A TSO super-packet can reach the lane's tun queue (a queue is the kernel's choice), and the first look
+    /// must not send it whole: it is cut into flannel's MTU-sized datagrams with complete checksums, as a batch
+    /// cuts it. Sent whole, it would be one 5 KB datagram that no flannel node could take.
+    func testASuperPacketOnTheFirstLookIsCutAsABatchCutsIt() throws {
+        for gso in [false, true] {
+            counters = DataPlaneCounters()
+            workerCounters = WorkerCounters()
+            table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: peer.localEndpoint)])
+            var spec = TCPPacketSpec()
+            spec.payload = patternPayload(3 * 1420 + 700)
+            let header = VirtioNetHeader(flags: VirtioNetHeader.flagNeedsChecksum, gsoType: VirtioNetHeader.gsoTCPv4,
+                                         headerLength: 52, gsoSize: 1420, checksumStart: 20, checksumOffset: 16)
+            var bytes = [UInt8](repeating: 0, count: VirtioNetHeader.length)
+            bytes.withUnsafeMutableBytes { header.store(to: $0.baseAddress!) }
+            let w = tunToUDP(vnet: true, gso: gso)
+            write(bytes + spec.bytes(partialChecksum: true))
+            XCTAssertEqual(try w.forwardOne(), 1)
+            let received = drainFD(peer.fd)
+            XCTAssertEqual(received.map(\.count), [1472, 1472, 1472, 752], "gso \(gso)")
+            XCTAssertTrue(received.allSatisfy(checksumsVerify), "gso \(gso)")
+            XCTAssertEqual(sentCounts(), [4, 3 * 1472 + 752, 4, 3 * 1472 + 752, 4], "gso \(gso)")
+            XCTAssertEqual(w.sender.queue.isEmpty, true, "nothing left queued for a later flush")
+        }
+    }
+
+    /// A packet the lane cannot send (here the kernel refuses a broadcast destination without SO_BROADCAST) is
+    /// counted as `sendFailed`, and the lane goes on: nothing is thrown, nothing is left queued, the next one is
+    /// tried on its own.
+    func testALoneSendThatFailsIsCountedAndTheLaneGoesOn() throws {
+        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"),
+                                      endpoint: Endpoint(address: ip("255.255.255.255"), port: 8285))])
+        let w = tunToUDP(vnet: false)
+        for k in 1...2 {
+            write(makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), identification: UInt16(k)))
+            XCTAssertEqual(try w.forwardOne(), 1)
+            XCTAssertEqual(counters.drops(.sendFailed), UInt64(k))
+        }
+        XCTAssertEqual(sentCounts(), [0, 0, 0, 0, 0])
+        XCTAssertTrue(w.sender.queue.isEmpty)
+    }
+
+    /// A lone packet with no route gets the ICMP error a batch would write back to the tun.
+    func testALonePacketWithoutARouteIsAnsweredOnTheTun() throws {
+        let w = tunToUDP(vnet: false)
+        write(makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.9.9")))
+        XCTAssertEqual(try w.forwardOne(), 1)
+        let back = drainFD(pair[1])
+        XCTAssertEqual(back.count, 1)
+        XCTAssertEqual(back.first?[9], 1, "ICMP")
+        XCTAssertEqual(back.first?[20], 3, "destination unreachable")
+        XCTAssertEqual(counters.drops(.noRoute), 1)
+        XCTAssertTrue(drainFD(peer.fd).isEmpty)
+    }
+
+    /// The socket side's first look takes one message, and a GRO buffer is still one message: it is split into
+    /// its packets, each decided and written on its own, as a batch does it.
+    func testAGROBufferOnTheFirstLookIsSplitIntoItsPackets() throws {
+        let f = try Forwarder(tunFD: pair[0], tunName: "test-tun", socket: socket, table: table, config: config,
+                              counters: counters, logger: logger, options: ForwarderOptions(batchSize: 8))
+        XCTAssertEqual(f.activeOffloads, ["batching", "gso", "gro"])
+        let packets = (0..<3).map {
+            makeIPv4(source: ip("10.244.2.5"), destination: ip("10.244.1.2"), identification: UInt16($0),
+                     payload: patternPayload(1452, seed: UInt8($0)))
+        }
+        XCTAssertEqual(setInt(peer.fd, Int32(FU_UDP_SEGMENT), 1472), 0)
+        let datagram = packets.reduce([], +)
+        XCTAssertEqual(sendDatagram(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(sendDatagram(datagram, from: peer.fd, to: socket.localEndpoint), datagram.count)
+        XCTAssertEqual(try f.udpToTun.deliverOne(), 1, "one message per first look")
+        XCTAssertEqual(drainFD(pair[1]), packets.map(forwarded))
+        XCTAssertEqual(f.offloadStatistics.groBuffers, 1)
+        XCTAssertEqual(counters.snapshot().udpToTun.packets, 3)
+        XCTAssertEqual(table.snapshot().peers[0].counters.snapshot.rxPackets, 3)
+        XCTAssertEqual(try f.udpToTun.deliverOne(), 1, "the second message waited for the next look")
+        XCTAssertEqual(drainFD(pair[1]).count, 3)
+        XCTAssertEqual(try f.udpToTun.deliverOne(), 0)
+    }
+}
