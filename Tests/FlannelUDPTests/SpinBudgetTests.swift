@@ -128,7 +128,10 @@ final class FlowsQuietTests: XCTestCase {
         XCTAssertFalse(q.isQuiet(total: 0, now: 40 * ms))
         XCTAssertTrue(q.isQuiet(total: 0, now: 60 * ms))
     }
+}
 
+/// What `status` carries of the spin (`ExpressSpinCounts`).
+final class ExpressSpinCountsTests: XCTestCase {
     /// The counts as `status --json` carries them: a daemon from before `held` sends none, and the CLI reads 0
     /// rather than refusing the whole status.
     func testSpinCountsOfAnOlderDaemonReadHeldAsZero() throws {

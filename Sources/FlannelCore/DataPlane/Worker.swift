@@ -140,6 +140,11 @@ private func withHeartbeatTimer(_ threadName: String, _ options: ForwarderOption
 /// the bulk, where two threads move more than one and a wake-up per batch is cheap. The lane carries short packets
 /// only, so one thread for both of its directions is not what limits it.
 ///
+/// Such a packet usually comes alone, after milliseconds in which the caches forgot the lane. So after a pass
+/// that found an input empty, the next look at it takes one packet and sends it at once (`forwardOne`,
+/// `deliverOne`: one read and one sendto, or one recvmmsg with one header and one write), past the batch
+/// machinery, whose every line would be a miss. Once an input had packets, the next pass takes a batch again.
+///
 /// `options.expressSpinMicroseconds` (`up --express-spin`, 50 by default) makes the thread keep looking at both
 /// inputs that long after its last packet, yielding the CPU between looks, before it sleeps: it shortens the idle
 /// round trip (bench/README, "Idle: a spin within a budget") at up to that much CPU for every short packet that
@@ -235,14 +240,14 @@ final class DuplexLoop: ForwardingThread {
         return first.stopRequested.load(ordering: .acquiring)
     }
 
-    /// Drains both inputs, one batch of each per pass, until neither has had anything for the spin time. Returns
-    /// true when the thread should end: the stop flag is set (looked at on every pass, so a stop is seen under a
-    /// flood too) or an input hung up (only a test socketpair's end does). After each pass the priority sees how
-    /// long the datagrams waited and how long the thread has run since it woke. One batch each keeps a pass short
-    /// (at most 2 x `batchSize` short packets, well under a millisecond), so the flood rule, which can only act
-    /// between passes, lowers a flooded thread close to its 1 ms and 12.5 ms marks: with `batchesPerWakeup`
-    /// batches each, a pass under a flood took up to 29-31 ms (measured), and a second of flood got the thread
-    /// 81 ms of realtime instead of at most 5 x 12.5.
+    /// Drains both inputs, one batch of each per pass (one packet, after a pass that found the input empty), until
+    /// neither has had anything for the spin time. Returns true when the thread should end: the stop flag is set
+    /// (looked at on every pass, so a stop is seen under a flood too) or an input hung up (only a test socketpair's end
+    /// does). After each pass the priority sees how long the datagrams waited and how long the thread has run since it
+    /// woke. One batch each keeps a pass short (at most 2 x `batchSize` short packets, well under a millisecond), so
+    /// the flood rule, which can only act between passes, lowers a flooded thread close to its 1 ms and 12.5 ms marks:
+    /// with `batchesPerWakeup` batches each, a pass under a flood took up to 29-31 ms (measured), and a second of flood
+    /// got the thread 81 ms of realtime instead of at most 5 x 12.5.
     ///
     /// The spin is the time from the first pass that finds both inputs empty until a packet comes or the thread
     /// gives up: charged to the budget either way, and it ends early when the budget runs out.
