@@ -49,8 +49,8 @@ final class TunToUDPWorker: ForwardingWorker {
     }
 
     /// The express lane's look at a tun that was empty on its last pass: one read, and the packet goes out at once
-    /// (a whole packet with one sendto, `UDPSender.sendOne`; a TSO packet through the queue, flushed). A packet
-    /// that comes alone, the lane's usual case, so pays no batch machinery; if more follow, the lane's next pass
+    /// (a whole packet with one sendto, `UDPSender.sendOne`; a TSO packet through the queue, flushed). So a packet
+    /// that comes alone, the lane's usual case, pays for no batch machinery; if more follow, the lane's next pass
     /// takes them as a batch. Returns the packets read (0 or 1).
     func forwardOne() throws(SystemError) -> Int {
         guard try reader.read(limit: 1) == 1 else { return 0 }
