@@ -93,6 +93,12 @@ final class UDPSender {
                 sent += 1
             }
         }
+        countSent(packets: packets, bytes: bytes)
+    }
+
+    /// Adds what was sent to the direction's counters and the pair's (each peer's are counted where it is known).
+    @inline(__always)
+    private func countSent(packets: UInt64, bytes: UInt64) {
         io.counters.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
         io.counters.tunToUDPBytes.wrappingIncrement(by: bytes, ordering: .relaxed)
         io.worker.tunToUDPPackets.wrappingIncrement(by: packets, ordering: .relaxed)
@@ -126,15 +132,12 @@ final class UDPSender {
         switch result {
         case .done:
             entry.counters.countTx(bytes: bytes.count)
-            io.counters.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
-            io.counters.tunToUDPBytes.wrappingIncrement(by: UInt64(bytes.count), ordering: .relaxed)
-            io.worker.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
+            countSent(packets: 1, bytes: UInt64(bytes.count))
         case .wouldBlock:
             try append(packet, peer: peer, snapshot: snapshot)
             try flush(snapshot)
-        case .failed(let e):
-            io.counters.countDrop(.sendFailed)
-            logLimiter.warn(io.logger, "sendto on \(io.name) to \(entry.route.endpoint)", e)
+        case .failed:
+            PacketIO.dropped(result, .sendFailed, "sendto on \(io.name) to \(entry.route.endpoint)", &logLimiter, io)
         }
     }
 
