@@ -31,7 +31,7 @@ struct DPNamespace: Sendable {
         let pipe = Pipe()
         p.standardOutput = pipe
         p.standardError = pipe
-        do { try p.run() } catch { return (-1, "\(argv[0]): \(error)") }
+        do { try ProcessLaunch.run(p) } catch { return (-1, "\(argv[0]): \(error)") }
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))

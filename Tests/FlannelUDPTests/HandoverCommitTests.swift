@@ -10,7 +10,7 @@ final class HandoverCommitTests: XCTestCase {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/bin/sleep")
         p.arguments = [seconds]
-        try p.run()
+        try ProcessLaunch.run(p)
         addTeardownBlock { if p.isRunning { p.terminate() }; p.waitUntilExit() }
         let ticks = try XCTUnwrap(DaemonState.startTicks(of: p.processIdentifier))
         return (p, DaemonIdentity(pid: p.processIdentifier, startTicks: ticks))

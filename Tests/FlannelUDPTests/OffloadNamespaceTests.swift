@@ -58,7 +58,7 @@ final class OffloadNamespaceTests: XCTestCase {
             p.arguments = ["netns", "exec", server.name, iperf, "-s", "-1", "-B", address]
             p.standardOutput = FileHandle.nullDevice
             p.standardError = FileHandle.nullDevice
-            guard (try? p.run()) != nil else { XCTFail("cannot start iperf3 -s"); return false }
+            guard (try? ProcessLaunch.run(p)) != nil else { XCTFail("cannot start iperf3 -s"); return false }
             defer {
                 if p.isRunning { kill(p.processIdentifier, SIGTERM) }
                 p.waitUntilExit()

@@ -89,7 +89,7 @@ final class CommitAnswerTests: XCTestCase {
                        line(.error("too late to abort: the handover was committed and this daemon lets go")),
                        status(.running), status(.handingOver), status(.handedOver)]
         p.standardOutput = output
-        try p.run()
+        try ProcessLaunch.run(p)
         addTeardownBlock { [paths] in
             stopBackground(p)
             _ = unlink(paths!.controlSocket)

@@ -245,7 +245,7 @@ final class NobodyProcess {
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = output
         process.standardError = output
-        try process.run()
+        try ProcessLaunch.run(process)
     }
 
     /// Everything printed up to and including the first line that contains `marker` (within 10 s).

@@ -86,7 +86,7 @@ final class EtcdTestServer: @unchecked Sendable {
         log.seekToEndOfFile()
         p.standardOutput = log
         p.standardError = log
-        try p.run()
+        try ProcessLaunch.run(p)
         process = p
         try await waitForHealth()
     }
@@ -151,7 +151,7 @@ final class EtcdTestServer: @unchecked Sendable {
         let out = Pipe()
         p.standardOutput = out
         p.standardError = out
-        try p.run()
+        try ProcessLaunch.run(p)
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))

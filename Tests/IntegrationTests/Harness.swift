@@ -61,7 +61,7 @@ func startBackground(_ args: [String], output: FileHandle = .nullDevice, errors:
     p.standardInput = FileHandle.nullDevice
     p.standardOutput = output
     p.standardError = errors ?? output
-    try p.run()
+    try ProcessLaunch.run(p)
     return p
 }
 

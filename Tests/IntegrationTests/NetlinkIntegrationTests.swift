@@ -376,7 +376,7 @@ final class NetlinkIntegrationTests: XCTestCase {
                                + "sleep 0.01; done"]
         churn.standardOutput = FileHandle.nullDevice
         churn.standardError = FileHandle.nullDevice
-        try churn.run()
+        try ProcessLaunch.run(churn)
         defer {
             churn.terminate()
             churn.waitUntilExit()
@@ -428,7 +428,7 @@ final class TestNamespaceTests: XCTestCase {
         let sleeper = Process()
         sleeper.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         sleeper.arguments = ["ip", "netns", "exec", ns.name, "sleep", "600"]
-        try sleeper.run()
+        try ProcessLaunch.run(sleeper)
         XCTAssertTrue(waitUntil(timeout: 5) { !ns.pids().isEmpty }, "sleep never showed up in the namespace")
         ns.destroy()
         sleeper.waitUntilExit()

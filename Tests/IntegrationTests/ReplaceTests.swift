@@ -38,7 +38,7 @@ final class ReplaceTests: HostileTopologyTestCase {
                                  to.podAddress]
             process.standardOutput = output
             process.standardError = FileHandle.nullDevice
-            try process.run()
+            try ProcessLaunch.run(process)
         }
 
         /// Stops pinging (SIGINT) and returns (answered sequence numbers, the highest one sent and answered).
@@ -94,7 +94,7 @@ final class ReplaceTests: HostileTopologyTestCase {
             server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             server.arguments = ["ip", "netns", "exec", to.pod.name, "python3", "-c", receiver]
             server.standardOutput = serverOut
-            try server.run()
+            try ProcessLaunch.run(server)
             try waitFor("the receiver listens") {
                 (try? to.pod.run(["ss", "-ltn"]))?.contains(":5001") == true
             }
@@ -102,7 +102,7 @@ final class ReplaceTests: HostileTopologyTestCase {
             client.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             client.arguments = ["ip", "netns", "exec", from.pod.name, "python3", "-c", sender]
             client.standardOutput = clientOut
-            try client.run()
+            try ProcessLaunch.run(client)
         }
 
         /// Ends the stream; returns what each end counted and hashed ("bytes sha256").
@@ -345,7 +345,7 @@ final class ReplaceTests: HostileTopologyTestCase {
         // A replacing daemon killed before it took over left its temporary endpoint: the next one removes it.
         let finished = Process()
         finished.executableURL = URL(fileURLWithPath: "/bin/true")
-        try finished.run()
+        try ProcessLaunch.run(finished)
         finished.waitUntilExit()
         let leftover = "\(tmp)/run/ns-\(try nsID(a))/flannel0.sock.\(finished.processIdentifier)"
         XCTAssertTrue(FileManager.default.createFile(atPath: leftover, contents: Data()))

@@ -42,7 +42,7 @@ final class ServiceTests: WireTestCase {
         XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
         daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
         daemon.standardError = daemon.standardOutput
-        try daemon.run()
+        try ProcessLaunch.run(daemon)
         addTeardownBlock {
             if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
             daemon.waitUntilExit()

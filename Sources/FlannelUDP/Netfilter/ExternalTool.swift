@@ -25,11 +25,19 @@ enum ExternalTool {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
-        let stdin = Pipe(), stdout = Pipe(), stderr = Pipe()
-        process.standardInput = input == nil ? FileHandle.nullDevice : stdin
-        process.standardOutput = stdout
-        process.standardError = stderr
-        do { try process.run() } catch {
+        // The pipes are made under the launch lock too, so that no child another thread starts inherits them
+        // (`ProcessLaunch`).
+        let (stdin, stdout, stderr): (Pipe, Pipe, Pipe)
+        do {
+            (stdin, stdout, stderr) = try ProcessLaunch.serialized { () throws -> (Pipe, Pipe, Pipe) in
+                let pipes = (Pipe(), Pipe(), Pipe())
+                process.standardInput = input == nil ? FileHandle.nullDevice : pipes.0
+                process.standardOutput = pipes.1
+                process.standardError = pipes.2
+                try process.run()
+                return pipes
+            }
+        } catch {
             throw NetfilterError("run", commandLine, "\(error)")
         }
         if let input {
