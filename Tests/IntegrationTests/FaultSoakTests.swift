@@ -102,7 +102,14 @@ final class FaultSoakTests: HostileTopologyTestCase {
             received.withLock { $0 = r }
             done.signal()
         }
-        try waitFor("the receiver listens") { (try? b.pod.run(["ss", "-ltn"]))?.contains(":\(port)") == true }
+        try waitFor("the receiver listens") {
+            // A receiver that exited (a bind that failed) will never listen: say what it printed.
+            if done.wait(timeout: .now()) == .success {
+                let r = received.withLock { $0 }
+                throw CommandFailure(arguments: ["python3 receiver in", b.pod.name], result: r)
+            }
+            return (try? b.pod.run(["ss", "-ltn"]))?.contains(":\(port)") == true
+        }
         let sent = runCommand(["ip", "netns", "exec", a.pod.name, "/usr/bin/python3", "-c", sender])
         XCTAssertEqual(sent.status, 0, sent.description)
         XCTAssertEqual(done.wait(timeout: .now() + 90), .success, "receiver did not finish")
