@@ -68,7 +68,9 @@ enum UpEnvironment {
 extension UpEnvironment {
     /// The paragraph of `up --help` (and so of the man page) that explains the variables.
     static var help: String {
-        let flanneld = EnvironmentOptions.flanneldOptions.map { "--\($0)" }.joined(separator: ", ")
+        let flanneld = (EnvironmentOptions.flanneldOptions.map { "--\($0)" }
+            + EnvironmentOptions.flanneldRenamed.sorted { $0.key < $1.key }.map { "--\($1) (as --\($0))" })
+            .joined(separator: ", ")
         return """
             Environment: every option can also be set as FLANNEL_UDP_<OPTION>, the long name in upper case with \
             '_' for '-' (FLANNEL_UDP_ETCD_ENDPOINTS, FLANNEL_UDP_PUBLIC_IP, FLANNEL_UDP_IP_MASQ=true); a flag takes \

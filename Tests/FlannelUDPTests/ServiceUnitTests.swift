@@ -28,6 +28,20 @@ final class ServiceUnitTests: XCTestCase {
                        ["FLANNEL_UDP_ETCD_ENDPOINTS", "FLANNEL_UDP_PORT", "FLANNELD_IP_MASQ", "FLANNEL_UDP_VERBOSE"])
     }
 
+    func testFlanneldsOwnNameForAnOptionWeNameDifferently() throws {
+        let resync = [EnvironmentOptions.Option(long: "masq-resync", isFlag: false)]
+        let flanneld = try EnvironmentOptions.arguments(options: resync, environment: ["FLANNELD_IPTABLES_RESYNC": "7",
+                                                                                      "FLANNELD_MASQ_RESYNC": "8"],
+                                                        commandLine: [])
+        // flanneld has no --masq-resync, so FLANNELD_MASQ_RESYNC means nothing.
+        XCTAssertEqual(flanneld.arguments, ["--masq-resync=7"])
+        XCTAssertEqual(flanneld.settings.map(\.variable), ["FLANNELD_IPTABLES_RESYNC"])
+        let ours = try EnvironmentOptions.arguments(options: resync, environment: ["FLANNELD_IPTABLES_RESYNC": "7",
+                                                                                  "FLANNEL_UDP_MASQ_RESYNC": "9"],
+                                                    commandLine: [])
+        XCTAssertEqual(ours.arguments, ["--masq-resync=9"])
+    }
+
     func testCommandLineWins() throws {
         let env = ["FLANNEL_UDP_PORT": "9000", "FLANNEL_UDP_VERBOSE": "true", "FLANNEL_UDP_IP_MASQ": "0",
                    "FLANNEL_UDP_ETCD_ENDPOINTS": "-leading-dash"]

@@ -157,7 +157,9 @@ final class ServiceTests: WireTestCase {
         let base = ["FLANNEL_UDP_NETWORK": "10.244.0.0/16", "FLANNEL_UDP_SUBNET": n.subnet, "FLANNELD_IFACE": "eth0",
                     "FLANNEL_UDP_SUBNET_FILE": "\(tmp)/n.env"]
         for (name, value) in [("FLANNEL_UDP_PORT", "99999"), ("FLANNELD_IP_MASQ", "maybe"),
-                              ("FLANNEL_UDP_METRICS_ADDR", "nowhere"), ("FLANNEL_UDP_SUBNET", "10.245.1.0/24")] {
+                              ("FLANNEL_UDP_METRICS_ADDR", "nowhere"), ("FLANNEL_UDP_SUBNET", "10.245.1.0/24"),
+                              // flanneld's name for --masq-resync
+                              ("FLANNELD_IPTABLES_RESYNC", "4000")] {
             let r = fu(n, ["up", "--detach"], environment: base.merging([name: value]) { $1 })
             XCTAssertEqual(r.status, 64, "\(name)=\(value): \(r.description)")
             XCTAssertTrue(r.stderr.hasPrefix("flannel-udp up: ") && r.stderr.contains("\(name)=\(value)"), r.stderr)

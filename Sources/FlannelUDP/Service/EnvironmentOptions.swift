@@ -20,6 +20,15 @@ public enum EnvironmentOptions {
         "etcd-keyfile", "iface", "public-ip", "ip-masq", "subnet-file",
     ]
 
+    /// flannel-udp options that flanneld has under another name, with the same meaning and unit: ours -> flanneld's
+    /// (`--masq-resync` seconds is flanneld's `--iptables-resync` seconds, `FLANNELD_IPTABLES_RESYNC`).
+    public static let flanneldRenamed: [String: String] = ["masq-resync": "iptables-resync"]
+
+    /// flanneld's name for `long` when flanneld has that option (the same name, or its own), else nil.
+    public static func flanneldName(for long: String) -> String? {
+        flanneldOptions.contains(long) ? long : flanneldRenamed[long]
+    }
+
     /// One option as the command defines it.
     public struct Option: Sendable, Equatable {
         /// The long name without dashes ("etcd-endpoints").
@@ -63,7 +72,7 @@ public enum EnvironmentOptions {
     /// The variable names that can set `option`, strongest first.
     public static func variables(for option: Option) -> [String] {
         var names = [variable(for: option.long)]
-        if flanneldOptions.contains(option.long) { names.append(variable(for: option.long, prefix: flanneldPrefix)) }
+        if let flanneld = flanneldName(for: option.long) { names.append(variable(for: flanneld, prefix: flanneldPrefix)) }
         return names
     }
 
