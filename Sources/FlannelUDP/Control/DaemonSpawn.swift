@@ -36,42 +36,28 @@ public enum DaemonSpawn {
         var pipeFDs: [Int32] = [-1, -1]
         guard pipe(&pipeFDs) == 0 else { throw .system(SystemError.current("create", "readiness pipe")) }
         let (readEnd, writeEnd) = (pipeFDs[0], pipeFDs[1])
-        _ = fcntl(readEnd, F_SETFD, FD_CLOEXEC)  // the child keeps only the write end
 
         var args = [arguments[0]]
             + EtcdPassword.daemonArguments(Array(arguments.dropFirst())).filter { $0 != "--detach" }
         // In the daemon the readiness pipe is always fd 3; everything above it is closed.
         args += ["--ready-fd", "3"]
-
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_adddup2(&actions, logFD, 1)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        posix_spawn_file_actions_adddup2(&actions, writeEnd, 3)
-        _ = fu_spawn_file_actions_addclosefrom(&actions, 4)
-
-        var attr = posix_spawnattr_t()
-        posix_spawnattr_init(&attr)
-        defer { posix_spawnattr_destroy(&attr) }
-        posix_spawnattr_setflags(&attr, Int16(FU_POSIX_SPAWN_SETSID))
-
-        var pid: pid_t = 0
-        let cArgs = args.map { strdup($0) } + [nil]
-        defer { cArgs.forEach { free($0) } }
         var environment: [String] = []
         if var entry = environ as UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>? {
             while let p = entry.pointee { environment.append(String(cString: p)); entry += 1 }
         }
-        let cEnv = EtcdPassword.daemonEnvironment(environment, password: etcdPassword).map { strdup($0) } + [nil]
-        defer { cEnv.forEach { free($0) } }
-        let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, cEnv)
-        _ = close(writeEnd)
-        guard rc == 0 else {
+        let pid: pid_t
+        do throws(SystemError) {
+            // The child keeps only the write end.
+            try syscall("set close-on-exec on", "readiness pipe") { fcntl(readEnd, F_SETFD, FD_CLOEXEC) }
+            pid = try spawn(args: args,
+                            environment: EtcdPassword.daemonEnvironment(environment, password: etcdPassword),
+                            stdout: logFD, ready: writeEnd)
+        } catch {
             _ = close(readEnd)
-            throw .system(SystemError("start daemon", "/proc/self/exe", errno: rc))
+            _ = close(writeEnd)
+            throw .system(error)
         }
+        _ = close(writeEnd)
 
         // Wait for the verdict; EOF without one means the daemon died before it could say anything.
         var buffer = [UInt8]()
@@ -79,7 +65,12 @@ public enum DaemonSpawn {
         while true {
             let n = chunk.withUnsafeMutableBytes { read(readEnd, $0.baseAddress!, $0.count) }
             if n < 0 && errno == EINTR { continue }
-            if n <= 0 { break }
+            if n < 0 {
+                let error = SystemError.current("read", "readiness pipe of daemon pid \(pid)")
+                _ = close(readEnd)
+                throw .system(error)
+            }
+            if n == 0 { break }
             buffer += chunk[0..<n]
         }
         _ = close(readEnd)
@@ -90,5 +81,36 @@ public enum DaemonSpawn {
         let code = exited && (status & 0x7f) == 0 ? (status >> 8) & 0xff : 1
         if line.hasPrefix("ERROR ") { throw daemonFailed(String(line.dropFirst(6)), exitStatus: code) }
         throw .failed("the daemon exited before it was ready (status \(status)); see \(log)")
+    }
+
+    /// posix_spawn of /proc/self/exe: stdin /dev/null, stdout and stderr `stdout`, `ready` as fd 3, every other
+    /// descriptor closed, in a new session. Each step of the set-up is checked: a descriptor of this process that
+    /// leaked into the daemon would outlive `up`.
+    private static func spawn(args: [String], environment: [String], stdout: Int32, ready: Int32)
+        throws(SystemError) -> pid_t {
+        func check(_ step: String, _ rc: Int32) throws(SystemError) {
+            guard rc == 0 else { throw SystemError(step, "daemon (/proc/self/exe)", errno: rc) }
+        }
+        var actions = posix_spawn_file_actions_t()
+        try check("posix_spawn_file_actions_init for", posix_spawn_file_actions_init(&actions))
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        try check("open /dev/null as stdin of", posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0))
+        try check("set the log as stdout of", posix_spawn_file_actions_adddup2(&actions, stdout, 1))
+        try check("set the log as stderr of", posix_spawn_file_actions_adddup2(&actions, 1, 2))
+        try check("pass the readiness pipe to", posix_spawn_file_actions_adddup2(&actions, ready, 3))
+        try check("close the other descriptors of", fu_spawn_file_actions_addclosefrom(&actions, 4))
+
+        var attr = posix_spawnattr_t()
+        try check("posix_spawnattr_init for", posix_spawnattr_init(&attr))
+        defer { posix_spawnattr_destroy(&attr) }
+        try check("start a new session for", posix_spawnattr_setflags(&attr, Int16(FU_POSIX_SPAWN_SETSID)))
+
+        let cArgs = args.map { strdup($0) } + [nil]
+        defer { cArgs.forEach { free($0) } }
+        let cEnv = environment.map { strdup($0) } + [nil]
+        defer { cEnv.forEach { free($0) } }
+        var pid: pid_t = 0
+        try check("start", posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, cEnv))
+        return pid
     }
 }

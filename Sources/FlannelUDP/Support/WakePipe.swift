@@ -11,9 +11,15 @@ public final class WakePipe: @unchecked Sendable {  // both fds are immutable; w
     public init() throws(SystemError) {
         var fds: [Int32] = [-1, -1]
         try syscall("create", "wake pipe") { pipe(&fds) }
-        for fd in fds {
-            _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-            _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        do throws(SystemError) {
+            for fd in fds {
+                try syscall("set close-on-exec on", "wake pipe") { fcntl(fd, F_SETFD, FD_CLOEXEC) }
+                let flags = try syscall("get flags of", "wake pipe") { fcntl(fd, F_GETFL) }
+                try syscall("make non-blocking", "wake pipe") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
+            }
+        } catch {
+            for fd in fds { _ = close(fd) }
+            throw error
         }
         readFD = fds[0]
         writeFD = fds[1]
