@@ -71,6 +71,20 @@ final class AtomicFileTests: TemporaryDirectoryTestCase {
         XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "again\n")
     }
 
+    /// Without /proc (a minimal container or chroot) an unnamed file cannot be named: the write takes the named
+    /// fallback from the start instead of failing after the contents are written.
+    func testWithoutProcTheWriteFallsBackToANamedFile() throws {
+        let path = dir + "/subnet.env"
+        let missing = dir + "/no-proc/self/fd"
+        var seen = ["(beforeNaming was not called)"]
+        try AtomicFile.write("mine\n", to: path, mode: 0o640, owner: geteuid(), suffix: AtomicFile.randomSuffix,
+                             descriptors: missing, beforeNaming: { seen = (try? self.entries()) ?? ["(unreadable)"] })
+        XCTAssertTrue(seen.contains { $0.hasPrefix(".subnet.env.") && $0.hasSuffix(".tmp") },
+                      "the named temporary file was there while the contents were written: \(seen)")
+        XCTAssertEqual(try entries(), ["subnet.env"])
+        XCTAssertEqual(try String(contentsOfFile: path, encoding: .utf8), "mine\n")
+    }
+
     func testTemporaryNamesAreRandom() {
         let names = Set((0..<64).map { _ in AtomicFile.randomSuffix() })
         XCTAssertEqual(names.count, 64)

@@ -10,8 +10,9 @@ import Glibc
 /// - the directory passes `SecureDirectory.ensure` first (root-owned all the way, not writable by others), so nobody
 ///   else can plant a symlink or a file in it, or rename it away;
 /// - the new contents are written to an unnamed file (O_TMPFILE) and fsynced, and only then linked to a temporary
-///   name, so a process killed while writing leaves nothing behind; where the filesystem has no O_TMPFILE the
-///   temporary file is created under its name from the start;
+///   name, so a process killed while writing leaves nothing behind; where the filesystem has no O_TMPFILE, or
+///   /proc is not mounted (the link goes through /proc/self/fd), the temporary file is created under its name
+///   from the start;
 /// - the temporary name is unpredictable (`.<name>.<64 random bits>.tmp`) and never reused: the link fails on any
 ///   file or symlink already there (EEXIST), as the fallback's O_CREAT|O_EXCL|O_NOFOLLOW does, and another name is
 ///   tried instead;
@@ -34,15 +35,19 @@ public enum AtomicFile {
     }
 
     /// `write` with the temporary name's suffix supplied by the caller: tests use it to put a file at the exact
-    /// name that will be tried. `unnamed: false` skips O_TMPFILE (the fallback, for tests); `beforeNaming` runs
-    /// once the contents are written and synced, before any name is given (tests look at the directory there).
+    /// name that will be tried. `unnamed: false` skips O_TMPFILE (the fallback, for tests); `descriptors` is where
+    /// this process's descriptors show as links (a test names a directory that does not exist, as without /proc);
+    /// `beforeNaming` runs once the contents are written and synced, before any name is given (tests look at the
+    /// directory there).
     package static func write(_ text: String, to path: String, mode: mode_t, owner: uid_t,
-                              suffix: () -> String, unnamed: Bool = true,
+                              suffix: () -> String, unnamed: Bool = true, descriptors: String = "/proc/self/fd",
                               beforeNaming: () -> Void = {}) throws(SystemError) {
         let (dir, name) = split(path)
         try SecureDirectory.ensure(dir, mode: 0o755, owner: owner)
         var fd: Int32 = -1
-        if unnamed {
+        // An unnamed file can only be named through `descriptors`: without it (no /proc in a minimal container or
+        // chroot), the named fallback from the start.
+        if unnamed && access(descriptors, X_OK) == 0 {
             fd = fu_open_tmpfile(dir, mode)
             if fd < 0 && errno != EOPNOTSUPP && errno != EISDIR {
                 throw SystemError.current("create unnamed file in", dir)
@@ -62,7 +67,7 @@ public enum AtomicFile {
             try writeAll(fd, Array(text.utf8), name: label)
             try syscall("fsync", label) { fsync(fd) }
             beforeNaming()
-            if tmp == nil { tmp = try giveName(fd, directory: dir, name: name, suffix: suffix) }
+            if tmp == nil { tmp = try giveName(fd, via: descriptors, directory: dir, name: name, suffix: suffix) }
         } catch {
             _ = close(fd)
             throw error
@@ -75,12 +80,12 @@ public enum AtomicFile {
         ok = true
     }
 
-    /// Links the unnamed file `fd` to a fresh random temporary name through /proc/self/fd (linkat with
-    /// AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the systemd unit does not grant). linkat never follows
-    /// or replaces what is at the new name: a name that exists is skipped.
-    private static func giveName(_ fd: Int32, directory: String, name: String,
+    /// Links the unnamed file `fd` to a fresh random temporary name through `descriptors` (/proc/self/fd; linkat
+    /// with AT_EMPTY_PATH would need CAP_DAC_READ_SEARCH, which the systemd unit does not grant). linkat never
+    /// follows or replaces what is at the new name: a name that exists is skipped.
+    private static func giveName(_ fd: Int32, via descriptors: String, directory: String, name: String,
                                  suffix: () -> String) throws(SystemError) -> String {
-        let source = "/proc/self/fd/\(fd)"
+        let source = "\(descriptors)/\(fd)"
         return try claimName(directory: directory, name: name, suffix: suffix, purpose: "name temporary file for",
                              operation: "link \(source) to") { tmp in
             linkat(AT_FDCWD, source, AT_FDCWD, tmp, AT_SYMLINK_FOLLOW) == 0 ? () : nil
