@@ -11,7 +11,8 @@ import TestSupport
 
 /// The express lane's first look at a quiet input (`TunToUDPWorker.forwardOne`, `UDPToTunWorker.deliverOne`):
 /// one packet, sent past the batch machinery, and every case a batch handles handled the same way, counted the
-/// same way. Unprivileged, on the loopback fixture; the workers run on the test thread.
+/// same way. On the loopback fixture, unprivileged (but for the full send buffer's test, which needs a qdisc); the
+/// workers run on the test thread.
 final class ExpressOnePacketTests: LoopbackForwarderTestCase {
     private var workerCounters = WorkerCounters()
 
@@ -22,9 +23,9 @@ final class ExpressOnePacketTests: LoopbackForwarderTestCase {
 
     /// A tun -> UDP worker over the fixture, built by hand so that its "tun" may carry virtio headers (a
     /// `Forwarder` would ask a socketpair for TUNSETVNETHDRSZ).
-    private func tunToUDP(vnet: Bool, gso: Bool = false) -> TunToUDPWorker {
+    private func tunToUDP(vnet: Bool, gso: Bool = false, sendWaitMilliseconds: Int32 = 10) -> TunToUDPWorker {
         let offloads = OffloadState(vnetHeader: vnet, tso: vnet, udpGSO: gso, udpGRO: false, coalesce: false)
-        let options = ForwarderOptions(batchSize: 8)
+        let options = ForwarderOptions(batchSize: 8, sendWaitMilliseconds: sendWaitMilliseconds)
         func io(_ fd: Int32, _ name: String) -> StageIO {
             StageIO(fd: fd, name: name, counters: counters, worker: workerCounters, offloads: offloads, logger: logger)
         }
@@ -104,6 +105,81 @@ final class ExpressOnePacketTests: LoopbackForwarderTestCase {
         }
         XCTAssertEqual(sentCounts(), [0, 0, 0, 0, 0])
         XCTAssertTrue(w.sender.queue.isEmpty)
+    }
+
+    /// A lone packet that finds the socket's send buffer full (EAGAIN) is not lost: it is queued and flushed, and
+    /// the flush waits for room as a batch's does. On loopback a send buffer never fills (the kernel orphans each
+    /// packet at once), so this runs as root on a veth between two namespaces of its own, with a token bucket
+    /// (tbf) holding packets in the qdisc, where they still count against a 4 KB send buffer. Filler datagrams fill
+    /// the buffer until the kernel says EAGAIN, at 1 kbit/s, so that no room comes by itself; the lane's packet
+    /// then waits in the flush (up to 5 s here) until another thread opens the bucket 200 ms later.
+    func testALonePacketThatFindsTheSendBufferFullWaitsForRoomAndIsSent() throws {
+        guard getuid() == 0 else { throw XCTSkip("needs root: creates network namespaces (fu-dp-<pid>-N)") }
+        guard let tc = DPNamespace.tool("tc"), DPNamespace.tool("ip") != nil else {
+            throw XCTSkip("needs ip and tc (iproute2)")
+        }
+        var namespaces: [DPNamespace] = []
+        addTeardownBlock { for ns in namespaces { ns.delete() } }
+        for n in 61...62 { namespaces.append(try DPNamespace.create(n)) }
+        let (a, b) = (namespaces[0], namespaces[1])
+        a.ip("link", "add", "v0", "type", "veth", "peer", "name", "v0", "netns", b.name)
+        a.ip("addr", "add", "10.9.0.1/24", "dev", "v0")
+        b.ip("addr", "add", "10.9.0.2/24", "dev", "v0")
+        a.ip("link", "set", "v0", "up")
+        b.ip("link", "set", "v0", "up")
+        let qdisc = a.exec([tc, "qdisc", "add", "dev", "v0", "root", "tbf", "rate", "1kbit", "burst", "1600",
+                            "limit", "1000000"])
+        try XCTSkipIf(qdisc.status != 0, "this kernel has no tbf qdisc: \(qdisc.output)")
+
+        let sender = try a.inside { try UDPSocket(bind: Endpoint(address: ip("10.9.0.1"), port: 0), bufferSize: 4096) }
+        let receiver = try b.inside { try UDPSocket(bind: Endpoint(address: ip("10.9.0.2"), port: 8285)) }
+        socket = sender
+        table = RouteTable([PeerRoute(subnet: net("10.244.2.0/24"), endpoint: receiver.localEndpoint)])
+        // A first datagram across, so the neighbour entry is resolved before the buffer is filled.
+        XCTAssertEqual(sendDatagram([0], from: sender.fd, to: receiver.localEndpoint), 1)
+        XCTAssertTrue(waitForDatagrams(receiver.fd, 1).count == 1, "the veth carries nothing")
+
+        var fillers = 0
+        while sendDatagram([UInt8](repeating: 0xee, count: 1000), from: sender.fd, to: receiver.localEndpoint) > 0 {
+            fillers += 1
+            XCTAssertLessThan(fillers, 1000, "the send buffer never filled")
+            if fillers >= 1000 { return }
+        }
+        XCTAssertEqual(errno, EAGAIN, "the filler stopped for another reason")
+
+        let out = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"), payload: filled(7, 200))
+        let w = tunToUDP(vnet: false, sendWaitMilliseconds: 5000)
+        write(out)
+        let opener = Thread {
+            usleep(200_000)
+            _ = a.exec([tc, "qdisc", "change", "dev", "v0", "root", "tbf", "rate", "100mbit", "burst", "1600",
+                        "limit", "1000000"])
+        }
+        opener.start()
+        let start = Date()
+        XCTAssertEqual(try w.forwardOne(), 1)
+        let waited = Date().timeIntervalSince(start)
+        while !opener.isFinished { usleep(1000) }
+        XCTAssertEqual(counters.drops(.sendFailed), 0, "the packet was dropped instead of waiting for room")
+        XCTAssertGreaterThan(waited, 0.1, "the send did not wait for room (did the buffer empty by itself?)")
+        XCTAssertEqual(sentCounts(), [1, UInt64(out.count), 1, UInt64(out.count), 1])
+        XCTAssertTrue(w.sender.queue.isEmpty, "nothing left queued")
+        let arrived = waitForDatagrams(receiver.fd, fillers + 1)
+        XCTAssertEqual(arrived.count, fillers + 1)
+        XCTAssertEqual(arrived.last, forwarded(out), "the lane's packet arrived, behind the fillers")
+        print("[+] \(fillers) fillers filled the 4 KB send buffer; forwardOne waited "
+              + "\(String(format: "%.3f", waited)) s for room")
+    }
+
+    /// Reads datagrams from `fd` until `count` have come or 5 s have passed.
+    private func waitForDatagrams(_ fd: Int32, _ count: Int) -> [[UInt8]] {
+        var got: [[UInt8]] = []
+        let deadline = Date().addingTimeInterval(5)
+        while got.count < count && Date() < deadline {
+            got += drainFD(fd)
+            if got.count < count { usleep(2000) }
+        }
+        return got
     }
 
     /// A lone packet with no route gets the ICMP error a batch would write back to the tun.
