@@ -74,6 +74,8 @@ final class UDPSender {
                 if !waited {
                     waited = true
                     var pfd = pollfd(fd: io.fd, events: Int16(POLLOUT), revents: 0)
+                    // Whatever poll says (room, the time up, EINTR), the next sendmmsg is the test: what it cannot
+                    // send then is dropped and counted below.
                     _ = poll(&pfd, 1, waitMilliseconds)
                     continue
                 }
