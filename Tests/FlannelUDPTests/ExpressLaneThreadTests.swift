@@ -81,11 +81,10 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         try f.start()
         defer { f.stop() }
         // Each thread names itself when it starts: wait until all three have.
-        var names = threads().map(\.name)
-        let named = Date().addingTimeInterval(5)
-        while names.filter({ $0.hasPrefix("fu-") }).count < 3 && Date() < named {
-            usleep(5000)  // polling a condition with a deadline
+        var names: [String] = []
+        _ = waitUntil(interval: 0.005) {
             names = threads().map(\.name)
+            return names.filter { $0.hasPrefix("fu-") }.count >= 3
         }
         XCTAssertEqual(names.filter { $0 == "fu-express" }.count, 1, "\(names)")
         XCTAssertFalse(names.contains { $0.hasPrefix("fu-x-") }, "no thread per direction for the lane: \(names)")
@@ -101,8 +100,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
             XCTAssertEqual(word(back, 4), UInt16(i))
         }
         // The pair counts a batch after handing it over: wait for the last one's count.
-        let counted = Date().addingTimeInterval(5)
-        while f.workerCounts[1].udpToTunPackets < 20 && Date() < counted { usleep(2000) }
+        _ = waitUntil(interval: 0.002) { f.workerCounts[1].udpToTunPackets >= 20 }
         let counts = f.workerCounts
         XCTAssertEqual(counts.map(\.express), [nil, true])
         XCTAssertEqual(counts[1].tunToUDPPackets, 20)
@@ -197,8 +195,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         }
         bulk.start()
         defer { bulking.store(false, ordering: .relaxed) }
-        let deadline = Date().addingTimeInterval(5)
-        while f.workerCounts[0].tunToUDPPackets < 20 && Date() < deadline { usleep(2000) }
+        _ = waitUntil(interval: 0.002) { f.workerCounts[0].tunToUDPPackets >= 20 }
         let before = try XCTUnwrap(f.expressSpinCounts)
         let short = makeIPv4(source: ip("10.244.1.2"), destination: ip("10.244.2.5"))
         var sent: UInt64 = 0
@@ -224,8 +221,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
             XCTAssertNotNil(waitForPacket(peer.fd))
             usleep(15_000)  // longer than the window
         }
-        let after = Date().addingTimeInterval(5)
-        while (f.expressSpinCounts?.spins ?? 0) == during.spins && Date() < after { usleep(2000) }
+        _ = waitUntil(interval: 0.002) { (f.expressSpinCounts?.spins ?? 0) != during.spins }
         XCTAssertEqual(f.expressSpinCounts?.spins, during.spins + 1, "the lane spins again once the flows are quiet")
     }
 
@@ -247,8 +243,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         }
         flood.start()
         defer { flooding.store(false, ordering: .relaxed) }
-        let deadline = Date().addingTimeInterval(5)
-        while f.workerCounts[1].tunToUDPPackets < 100 && Date() < deadline { usleep(5000) }
+        _ = waitUntil(interval: 0.005) { f.workerCounts[1].tunToUDPPackets >= 100 }
         let first = f.heartbeats.map(\.count)
         usleep(300_000)
         let later = f.heartbeats.map(\.count)
@@ -343,10 +338,9 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     private func laneThread() throws -> Int32 {
         var tid: Int32?
-        let deadline = Date().addingTimeInterval(5)
-        while tid == nil && Date() < deadline {
+        _ = waitUntil(interval: 0.005) {
             tid = threads().first { $0.name == "fu-express" }?.tid
-            if tid == nil { usleep(5000) }
+            return tid != nil
         }
         return try XCTUnwrap(tid, "no fu-express thread: \(threads())")
     }
@@ -364,12 +358,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
 
     /// Polls until thread `tid`'s policy is `policy` (5 s bound).
     private func becomes(_ tid: Int32, _ policy: Int32) -> Bool {
-        let deadline = Date().addingTimeInterval(5)
-        while Date() < deadline {
-            if scheduling(tid).policy == policy { return true }
-            usleep(2000)
-        }
-        return false
+        waitUntil(interval: 0.002) { scheduling(tid).policy == policy }
     }
 
     /// A file in /proc/stat's format whose counters a thread advances every 5 ms with the idle share the test
@@ -533,8 +522,7 @@ final class ExpressLaneThreadTests: LoopbackForwarderTestCase {
         let flooding = ManagedAtomic<Bool>(true)
         startFlood(flooding, burst: burst, pause: pause)
         defer { flooding.store(false, ordering: .relaxed) }
-        let deadline = Date().addingTimeInterval(5)
-        while f.workerCounts[1].tunToUDPPackets < 1000 && Date() < deadline { usleep(1000) }
+        _ = waitUntil(interval: 0.001) { f.workerCounts[1].tunToUDPPackets >= 1000 }
         let (realtime, cpu, longest) = try realtimeCPU(of: tid)
         return (f, realtime, cpu, longest)
     }

@@ -4,9 +4,9 @@ import Logging
 import CAllocCounter
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
-import TestSupport
 #endif
 
 /// The forwarding loop without privileges, on the socketpair-and-loopback fixture of `LoopbackForwarderTestCase`.

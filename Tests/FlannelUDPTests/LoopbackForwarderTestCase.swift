@@ -4,6 +4,7 @@ import Logging
 import CShims
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -58,12 +59,7 @@ class LoopbackForwarderTestCase: XCTestCase {
 
     /// Whether every worker's heartbeat moves at least `by` from `first` within 5 s (polled, with a deadline).
     func heartbeatsMove(_ forwarder: Forwarder, from first: [(worker: String, count: UInt64)], by: UInt64 = 3) -> Bool {
-        let deadline = Date().addingTimeInterval(5)
-        while Date() < deadline {
-            if zip(forwarder.heartbeats, first).allSatisfy({ $0.0.count >= $0.1.count + by }) { return true }
-            usleep(5000)
-        }
-        return false
+        waitUntil(interval: 0.005) { zip(forwarder.heartbeats, first).allSatisfy { $0.0.count >= $0.1.count + by } }
     }
 
     /// Starts `forwarder` and lets every loop go round once into its blocking wait; then stops it from another
@@ -71,8 +67,7 @@ class LoopbackForwarderTestCase: XCTestCase {
     /// returns each heartbeat as it was before the stop. The 60 s is a liveness bound, not a measurement.
     func heartbeatsBeforeAStopThatWakes(_ forwarder: Forwarder) throws -> [UInt64] {
         try forwarder.start()
-        let deadline = Date().addingTimeInterval(5)
-        while forwarder.heartbeats.contains(where: { $0.count == 0 }) && Date() < deadline { usleep(5000) }
+        _ = waitUntil(interval: 0.005) { !forwarder.heartbeats.contains { $0.count == 0 } }
         usleep(200_000)  // past the flag check, into the blocking call
         let heartbeats = forwarder.heartbeats.map(\.count)
         let stopped = expectation(description: "stop() returned")

@@ -3,6 +3,7 @@ import Logging
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 
 /// The resync loop against a fake backend: no root, no netfilter.
 final class MasqueradeResyncTests: XCTestCase {
@@ -58,8 +59,7 @@ final class MasqueradeResyncTests: XCTestCase {
         let resync = MasqueradeResync(rules: rules, period: 0.05, logger: Logger(label: "test"))
         resync.start()
         rules.lock.withLock { rules.present = false }
-        let deadline = Date().addingTimeInterval(5)
-        while rules.lock.withLock({ rules.installs }) == 0 && Date() < deadline { usleep(5_000) }
+        _ = waitUntil(interval: 0.005) { rules.lock.withLock { rules.installs } > 0 }
         XCTAssertEqual(rules.lock.withLock { rules.installs }, 1)
         resync.stop()
         // stop returns after the thread has ended, so nothing can reinstall what is removed now.

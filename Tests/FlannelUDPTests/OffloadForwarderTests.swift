@@ -4,9 +4,9 @@ import CShims
 import CAllocCounter
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
-import TestSupport
 #endif
 
 /// The socket offloads in the forwarding loop, without privileges: the tun is one end of a SOCK_SEQPACKET

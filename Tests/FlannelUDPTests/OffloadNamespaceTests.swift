@@ -3,6 +3,7 @@ import Foundation
 import Logging
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -122,10 +123,9 @@ final class OffloadNamespaceTests: XCTestCase {
                 n2.tun.close(); n2.socket.close()
             }
 
-            var reached = false
-            let deadline = Date().addingTimeInterval(10)
-            while !reached && Date() < deadline {
-                reached = pod1.exec([ping, "-n", "-c", "1", "-W", "1", "10.244.2.2"]).status == 0
+            // The first pings wait for neighbour resolution.
+            let reached = waitUntil(timeout: 10, interval: 0) {
+                pod1.exec([ping, "-n", "-c", "1", "-W", "1", "10.244.2.2"]).status == 0
             }
             XCTAssertTrue(reached, "\(what): pod1 cannot ping pod2")
 

@@ -2,9 +2,9 @@ import CShims
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
-import TestSupport
 #endif
 
 /// The kernel runs the steering program as `FlowSteering` says: on 127.0.0.1 (no privileges, no device), a group of

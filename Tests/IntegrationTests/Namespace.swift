@@ -21,6 +21,7 @@
 
 import Foundation
 import Synchronization
+import TestSupport
 import XCTest
 #if canImport(Glibc)
 import Glibc
@@ -90,18 +91,6 @@ enum Command {
         let result = try run(arguments)
         guard result.succeeded else { throw CommandFailure(arguments: arguments, result: result) }
         return result.stdout
-    }
-}
-
-/// Polls `condition` until it holds or `timeout` passes; returns whether it held. For waiting on the system
-/// (a process to appear, a counter to move) without fixed sleeps.
-func waitUntil(timeout: TimeInterval = 5, interval: TimeInterval = 0.01,
-               _ condition: () throws -> Bool) rethrows -> Bool {
-    let deadline = Date().addingTimeInterval(timeout)
-    while true {
-        if try condition() { return true }
-        if Date() >= deadline { return false }
-        Thread.sleep(forTimeInterval: interval)
     }
 }
 

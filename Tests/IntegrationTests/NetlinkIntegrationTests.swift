@@ -1,5 +1,6 @@
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 import XCTest
 #if canImport(Glibc)
 import Glibc

@@ -2,8 +2,22 @@
 import Glibc
 #endif
 import FlannelCore
+import Foundation
 
 // What the unit tests and the integration tests (two modules) both need.
+
+/// Polls `condition` every `interval` until it holds or `timeout` passes; returns whether it held (a last look
+/// is taken at the deadline). For waiting on the system (a process to appear, a counter to move, datagrams to
+/// arrive) without fixed sleeps.
+public func waitUntil(timeout: TimeInterval = 5, interval: TimeInterval = 0.01,
+                      _ condition: () throws -> Bool) rethrows -> Bool {
+    let deadline = Date().addingTimeInterval(timeout)
+    while true {
+        if try condition() { return true }
+        if Date() >= deadline { return false }
+        Thread.sleep(forTimeInterval: interval)
+    }
+}
 
 /// SplitMix64: small, fast and seeded, so a failing property test or flood can be replayed exactly.
 public struct SeededRandom: RandomNumberGenerator {
