@@ -5,6 +5,7 @@ import Logging
 import CShims
 @testable import FlannelCore
 @testable import FlannelUDP
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,10 +29,8 @@ struct DPNamespace: Sendable {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: argv[0])
         p.arguments = Array(argv.dropFirst())
-        let pipe = Pipe()
-        p.standardOutput = pipe
-        p.standardError = pipe
-        do { try ProcessLaunch.run(p) } catch { return (-1, "\(argv[0]): \(error)") }
+        let pipe: Pipe
+        do { pipe = try ProcessLaunch.runReadingOutput(p, errorsToo: true) } catch { return (-1, "\(argv[0]): \(error)") }
         let data = pipe.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))
@@ -225,8 +224,7 @@ final class ForwarderNamespaceTests: XCTestCase {
                  "s.sendto(bytes.fromhex('\(hexString(forged))'), ('192.168.77.2', 8285))"
         let sent = stranger.exec(["python3", "-c", py])
         XCTAssertEqual(sent.status, 0, sent.output)
-        let deadline = Date().addingTimeInterval(5)
-        while c2.drops(.unknownPeer) == 0 && Date() < deadline { usleep(10_000) }
+        _ = waitUntil { c2.drops(.unknownPeer) > 0 }
         XCTAssertEqual(c2.drops(.unknownPeer), 1)
         XCTAssertEqual(c2.snapshot().udpToTun.packets, delivered)
 

@@ -82,14 +82,12 @@ final class CommitAnswerTests: XCTestCase {
                 c.sendall((phases[phase] + "\\n").encode()); c.close()
                 if behaviour == "leavesLater" and statuses == 3: os._exit(0)
             """
-        let output = Pipe()
         let p = Process()
         p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         p.arguments = ["python3", "-c", script, paths.controlSocket, behaviour, line(.ok),
                        line(.error("too late to abort: the handover was committed and this daemon lets go")),
                        status(.running), status(.handingOver), status(.handedOver)]
-        p.standardOutput = output
-        try ProcessLaunch.run(p)
+        let output = try ProcessLaunch.runReadingOutput(p)
         addTeardownBlock { [paths] in
             stopBackground(p)
             _ = unlink(paths!.controlSocket)

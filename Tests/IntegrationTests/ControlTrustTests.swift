@@ -236,16 +236,14 @@ final class NSMutexBox<T>: @unchecked Sendable {
 /// A python script run as nobody inside a namespace, whose output is read line by line.
 final class NobodyProcess {
     let process = Process()
-    private let output = Pipe()
+    private let output: Pipe
     private var seen = ""
 
     init(ns: TestNamespace, script: String) throws {
         process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
         process.arguments = ["ip", "netns", "exec", ns.name] + HostileTopologyTestCase.asNobody + ["/usr/bin/python3", "-c", script]
         process.standardInput = FileHandle.nullDevice
-        process.standardOutput = output
-        process.standardError = output
-        try ProcessLaunch.run(process)
+        output = try ProcessLaunch.runReadingOutput(process, errorsToo: true)
     }
 
     /// Everything printed up to and including the first line that contains `marker` (within 10 s).

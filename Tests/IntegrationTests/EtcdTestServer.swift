@@ -148,10 +148,7 @@ final class EtcdTestServer: @unchecked Sendable {
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
         p.environment = ["ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"]
-        let out = Pipe()
-        p.standardOutput = out
-        p.standardError = out
-        try ProcessLaunch.run(p)
+        let out = try ProcessLaunch.runReadingOutput(p, errorsToo: true)
         let data = out.fileHandleForReading.readDataToEndOfFile()
         p.waitUntilExit()
         return (p.terminationStatus, String(decoding: data, as: UTF8.self))

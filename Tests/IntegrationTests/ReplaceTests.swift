@@ -31,14 +31,13 @@ final class ReplaceTests: HostileTopologyTestCase {
     /// A ping every 10 ms from `from`'s pod to `to`'s pod, until `stop`; returns the sequence numbers answered.
     final class Pinger {
         let process = Process()
-        let output = Pipe()
+        let output: Pipe
         init(from: Node, to: Node) throws {
             process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             process.arguments = ["ip", "netns", "exec", from.pod.name, "ping", "-n", "-D", "-i", "0.01", "-W", "2",
                                  to.podAddress]
-            process.standardOutput = output
             process.standardError = FileHandle.nullDevice
-            try ProcessLaunch.run(process)
+            output = try ProcessLaunch.runReadingOutput(process)
         }
 
         /// Stops pinging (SIGINT) and returns (answered sequence numbers, the highest one sent and answered).
@@ -66,8 +65,8 @@ final class ReplaceTests: HostileTopologyTestCase {
     final class Transfer {
         let server: Process
         let client: Process
-        let serverOut = Pipe()
-        let clientOut = Pipe()
+        let serverOut: Pipe
+        let clientOut: Pipe
         let stopFile: String
 
         init(from: Node, to: Node, tmp: String) throws {
@@ -93,16 +92,19 @@ final class ReplaceTests: HostileTopologyTestCase {
             server = Process()
             server.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             server.arguments = ["ip", "netns", "exec", to.pod.name, "python3", "-c", receiver]
-            server.standardOutput = serverOut
-            try ProcessLaunch.run(server)
-            try waitFor("the receiver listens") {
-                (try? to.pod.run(["ss", "-ltn"]))?.contains(":5001") == true
+            serverOut = try ProcessLaunch.runReadingOutput(server)
+            do {
+                try waitFor("the receiver listens") {
+                    (try? to.pod.run(["ss", "-ltn"]))?.contains(":5001") == true
+                }
+            } catch {
+                stopBackground(server)  // its accept() would wait for ever
+                throw error
             }
             client = Process()
             client.executableURL = URL(fileURLWithPath: "/usr/bin/env")
             client.arguments = ["ip", "netns", "exec", from.pod.name, "python3", "-c", sender]
-            client.standardOutput = clientOut
-            try ProcessLaunch.run(client)
+            clientOut = try ProcessLaunch.runReadingOutput(client)
         }
 
         /// Ends the stream; returns what each end counted and hashed ("bytes sha256").
