@@ -109,6 +109,11 @@ public enum DaemonSpawn {
         defer { cArgs.forEach { free($0) } }
         let cEnv = environment.map { strdup($0) } + [nil]
         defer { cEnv.forEach { free($0) } }
+        // strdup fails only without memory; a nil inside either list would end it early, and the daemon would
+        // start with arguments or environment cut short.
+        guard !cArgs.dropLast().contains(nil), !cEnv.dropLast().contains(nil) else {
+            throw SystemError("copy the arguments and environment of", "daemon (/proc/self/exe)", errno: ENOMEM)
+        }
         var pid: pid_t = 0
         try check("start", posix_spawn(&pid, "/proc/self/exe", &actions, &attr, cArgs, cEnv))
         return pid
