@@ -94,8 +94,9 @@ struct Status: ParsableCommand {
             print("daemon:    pid \(s.pid), starting for \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)")
             return
         }
-        let handover = s.phase == .handingOver || s.phase == .handedOver ? ", \(s.phase?.rawValue ?? "")" : ""
-        print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)\(handover)")
+        // Running says nothing more; any other phase (a handover, or one a newer daemon knows) is shown.
+        let phase = s.phase.map { $0 == .running ? "" : ", \($0.rawValue)" } ?? ""
+        print("daemon:    pid \(s.pid), up \(formatDuration(s.uptimeSeconds)), flannel-udp \(s.version)\(phase)")
         print("network:   \(s.network)  subnet \(s.subnet)  mtu \(s.mtu)")
         print("listening: \(s.listen) on \(s.underlay) (public ip \(s.publicIP)), peer check \(s.peerCheck)")
         if let f = s.subnetFile { print("subnet file: \(f)") }

@@ -28,4 +28,28 @@ final class JSONFormatTests: XCTestCase {
             XCTAssertEqual(try JSONFormat.decoder().decode([DaemonPhase].self, from: Data(wire.utf8)), [phase])
         }
     }
+
+    /// A phase from a later daemon (here "draining") does not fail the status it comes in: it decodes as itself,
+    /// is written back unchanged, and the rest of the status is read as usual.
+    func testAPhaseThisVersionDoesNotKnowKeepsTheStatusReadable() throws {
+        let wire = Data(#"["draining", "running"]"#.utf8)
+        let phases = try JSONFormat.decoder().decode([DaemonPhase].self, from: wire)
+        XCTAssertEqual(phases, [.other("draining"), .running])
+        XCTAssertEqual(String(decoding: try JSONFormat.encoder().encode(phases), as: UTF8.self),
+                       #"["draining","running"]"#)
+
+        var status = DaemonStatus(pid: 42, version: "1.0", startedAt: Date(timeIntervalSince1970: 0), uptimeSeconds: 1,
+                                device: "flannel0", network: "10.244.0.0/16", subnet: "10.244.1.0/24", mtu: 1472,
+                                listen: "0.0.0.0:8285", publicIP: "192.168.1.1", underlay: "eth0", subnetFile: nil,
+                                peersFile: nil, peerCheck: "on", routes: [], counters: DataPlaneCountersSnapshot(tunToUDP: DirectionCounts(), udpToTun: DirectionCounts(),
+                                                                    icmpSent: 0, icmpRateLimited: 0, drops: [:]),
+                                offloads: [], lease: nil)
+        status.phase = .handedOver
+        let text = String(decoding: try JSONFormat.encoder().encode(status), as: UTF8.self)
+        XCTAssertTrue(text.contains(#""phase":"handed over""#), text)
+        let later = text.replacingOccurrences(of: #""phase":"handed over""#, with: #""phase":"draining""#)
+        let read = try JSONFormat.decoder().decode(DaemonStatus.self, from: Data(later.utf8))
+        XCTAssertEqual(read.phase, .other("draining"))
+        XCTAssertEqual(read.pid, 42)
+    }
 }

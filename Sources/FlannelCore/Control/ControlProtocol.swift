@@ -142,14 +142,49 @@ public struct DaemonStatus: Codable, Equatable, Sendable {
 }
 
 /// Where a daemon's life stands, as `status` reports it (`phase`, its raw value in JSON).
-public enum DaemonPhase: String, Codable, Equatable, Sendable {
+///
+/// A phase this version does not know (one a later daemon reports) decodes as `other`, with its string, rather
+/// than failing the whole status: a CLI older than its daemon still shows everything else, and the phase as it
+/// came (as `ExpressSpinCounts` tolerates counts that an older daemon lacks).
+public enum DaemonPhase: RawRepresentable, Codable, Equatable, Sendable {
     /// Start-up runs: etcd may still be unreachable; only pid, device and uptime are filled in.
     case starting
     case running
     /// An `up --replace` takes the node over: self-healing and the peer watch paused, still forwarding.
-    case handingOver = "handing over"
+    case handingOver
     /// The moment before the daemon exits, its node handed over.
-    case handedOver = "handed over"
+    case handedOver
+    /// A phase unknown to this version, as the daemon wrote it. Never one of the strings above.
+    case other(String)
+
+    public init(rawValue: String) {
+        switch rawValue {
+        case "starting": self = .starting
+        case "running": self = .running
+        case "handing over": self = .handingOver
+        case "handed over": self = .handedOver
+        default: self = .other(rawValue)
+        }
+    }
+
+    public var rawValue: String {
+        switch self {
+        case .starting: "starting"
+        case .running: "running"
+        case .handingOver: "handing over"
+        case .handedOver: "handed over"
+        case .other(let text): text
+        }
+    }
+
+    public init(from decoder: any Decoder) throws {
+        self.init(rawValue: try decoder.singleValueContainer().decode(String.self))
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(rawValue)
+    }
 }
 
 /// Where the masquerade and forward rules live: nftables (flanneld's default) or iptables.
