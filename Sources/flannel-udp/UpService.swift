@@ -8,7 +8,9 @@ extension Up {
         Under systemd (NOTIFY_SOCKET set, a path or an @abstract name) a foreground 'up' sends READY=1 with a \
         STATUS= line once it forwards, RELOADING=1 and READY=1 around a SIGHUP re-read, STOPPING=1 on the way \
         down, and with WATCHDOG_USEC (WATCHDOG_PID, if set, must be ours) WATCHDOG=1 every half of it while \
-        both forwarding threads make progress; a unit file is in contrib/systemd/. --metrics-addr serves \
+        both forwarding threads make progress; a unit file is in contrib/systemd/. A daemon that replaces a \
+        supervised one (--replace) reports to that daemon's service manager: the old one names it with \
+        MAINPID= instead of STOPPING=1, and it sends the watchdog pings from then on. --metrics-addr serves \
         /healthz (200 while the data plane runs and, with etcd, the lease is held; 503 with the reason \
         otherwise; after a fatal stop such as a deleted lease the endpoint stays until that 503 was answered \
         once, at most 5 s) and /metrics (Prometheus text, from the same snapshot as 'status --json').

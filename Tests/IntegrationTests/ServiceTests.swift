@@ -83,6 +83,72 @@ final class ServiceTests: WireTestCase {
         XCTAssertFalse(try a.ns.run(["ip", "-o", "link", "show"]).contains("flannel0"))
     }
 
+    /// `up --replace` run from a shell (no NOTIFY_SOCKET of its own) against a daemon that a service manager
+    /// supervises: the old daemon names the new one as the manager's main process instead of saying STOPPING=1
+    /// (which would stop the unit), and the new one pings the manager's watchdog from then on, without a second
+    /// READY=1. The listener learns each sender's pid as systemd does (SCM_CREDENTIALS). Before ServiceManagerLink
+    /// the old daemon said STOPPING=1 and exited, and the manager heard nothing from the new one.
+    func testAReplacementFromAShellReportsToTheOldDaemonsServiceManager() throws {
+        let a = try makeNode(1, start: false)
+        let name = "@fu-notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let listener = try a.ns.withEntered { try NotifyListener(name: name) }
+        let upArgs = ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
+                      "--subnet-file", "\(tmp)/a.env"]
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        daemon.arguments = ["ip", "netns", "exec", a.ns.name, "env", "NOTIFY_SOCKET=\(name)", "WATCHDOG_USEC=2000000",
+                            "FLANNEL_UDP_RUN_DIR=\(tmp)/run", flannelUDPBinary()] + upArgs
+        let log = "\(tmp)/a.log"
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
+        daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        daemon.standardError = daemon.standardOutput
+        try ProcessLaunch.run(daemon)
+        addTeardownBlock { [self] in
+            if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
+            daemon.waitUntilExit()
+            fu(a, ["down"])
+        }
+        func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let old = daemon.processIdentifier  // `ip netns exec` and env exec: this is the daemon
+        let ready = try listener.nextFrom(timeout: 20, log: logText) { $0.message.hasPrefix("READY=1") }
+        XCTAssertEqual(ready.pid, old)
+
+        let replace = fu(a, upArgs + ["--replace", "--detach"])
+        XCTAssertEqual(replace.status, 0, replace.description + logText())
+        let successor = try XCTUnwrap(try daemonJSON(fu(a, ["status", "--json"]))["pid"] as? Int)
+        XCTAssertNotEqual(Int32(successor), old)
+
+        // The old daemon's last word: MAINPID= the successor, with a watchdog ping; then it exits 0.
+        var seen: [(pid: pid_t, message: String)] = []
+        let handed = try listener.nextFrom(timeout: 10, log: logText) { m in
+            seen.append(m)
+            return m.message.contains("MAINPID=")
+        }
+        XCTAssertEqual(handed.pid, old)
+        XCTAssertTrue(handed.message.hasPrefix("MAINPID=\(successor)\nWATCHDOG=1\nSTATUS=handed over to pid \(successor)"),
+                      handed.message)
+        try waitFor("the old daemon exits", timeout: 10) { !daemon.isRunning }
+        XCTAssertEqual(daemon.terminationStatus, 0, logText())
+
+        // From then on the successor pings (every second for WATCHDOG_USEC=2 s), and nobody says STOPPING=1 or
+        // READY=1 again: the unit just goes on.
+        var pings = 0
+        while pings < 2 {
+            let m = try listener.nextFrom(timeout: 3, log: logText) { m in seen.append(m); return true }
+            if m.pid == Int32(successor) && m.message == "WATCHDOG=1" { pings += 1 }
+        }
+        let after = seen.drop { $0.message != handed.message }.dropFirst()
+        XCTAssertFalse(after.contains { $0.pid == old }, "the old daemon spoke after it handed over: \(after)")
+        XCTAssertFalse(seen.contains { $0.message.contains("STOPPING=1") || ($0.pid != old && $0.message.contains("READY=1")) },
+                       "\(seen)")
+
+        // And it is the successor that says STOPPING=1 when the node goes down.
+        XCTAssertEqual(fu(a, ["down"]).status, 0)
+        let stopping = try listener.nextFrom(timeout: 10, log: logText) { $0.message != "WATCHDOG=1" }
+        XCTAssertEqual(stopping.pid, Int32(successor))
+        XCTAssertTrue(stopping.message.hasPrefix("STOPPING=1"), stopping.message)
+    }
+
     func testBadNotifySocketIsAUsageError() throws {
         let a = try makeNode(1, start: false)
         for (env, variable) in [(["NOTIFY_SOCKET": "relative"], "NOTIFY_SOCKET=relative"),
@@ -194,12 +260,25 @@ final class NotifyListener {
             close(fd)
             throw NamespaceError("bind \(name)", e)
         }
+        // Each message comes with its sender's credentials, as systemd asks for them.
+        var on: Int32 = 1
+        guard setsockopt(fd, SOL_SOCKET, SO_PASSCRED, &on, socklen_t(MemoryLayout<Int32>.size)) == 0 else {
+            let e = errno
+            close(fd)
+            throw NamespaceError("setsockopt SO_PASSCRED", e)
+        }
     }
 
     deinit { close(fd) }
 
     /// The next message that satisfies `accept` (others are skipped), waiting up to `timeout` seconds in all.
     func next(timeout: TimeInterval, log: () -> String = { "" }, _ accept: (String) -> Bool = { _ in true }) throws -> String {
+        try nextFrom(timeout: timeout, log: log) { accept($0.message) }.message
+    }
+
+    /// The next message that satisfies `accept`, with the pid that sent it (SCM_CREDENTIALS; 0 if none came).
+    func nextFrom(timeout: TimeInterval, log: () -> String = { "" },
+                  _ accept: ((pid: pid_t, message: String)) -> Bool) throws -> (pid: pid_t, message: String) {
         let deadline = Date().addingTimeInterval(timeout)
         var buffer = [UInt8](repeating: 0, count: 4096)
         while true {
@@ -208,9 +287,23 @@ final class NotifyListener {
             let n = poll(&pfd, 1, left)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { throw TimedOut(what: "an sd_notify message arrives; daemon log:\n\(log())", seconds: timeout) }
-            let got = recv(fd, &buffer, buffer.count, 0)
+            var control = [UInt64](repeating: 0, count: 8)  // room for one cmsghdr and a ucred, aligned
+            let (got, pid) = buffer.withUnsafeMutableBytes { data in
+                control.withUnsafeMutableBytes { cmsg -> (Int, pid_t) in
+                    var iov = iovec(iov_base: data.baseAddress, iov_len: data.count)
+                    return withUnsafeMutablePointer(to: &iov) { iovp in
+                        var msg = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: iovp, msg_iovlen: 1,
+                                         msg_control: cmsg.baseAddress, msg_controllen: cmsg.count, msg_flags: 0)
+                        let n = recvmsg(fd, &msg, 0)
+                        // struct cmsghdr { size_t len; int level; int type; } then struct ucred { pid; uid; gid }.
+                        guard n >= 0, msg.msg_controllen >= 28, cmsg.load(fromByteOffset: 8, as: Int32.self) == SOL_SOCKET,
+                              cmsg.load(fromByteOffset: 12, as: Int32.self) == 2 /* SCM_CREDENTIALS */ else { return (n, 0) }
+                        return (n, cmsg.load(fromByteOffset: 16, as: pid_t.self))
+                    }
+                }
+            }
             guard got >= 0 else { throw NamespaceError("recv", errno) }
-            let message = String(decoding: buffer[0..<got], as: UTF8.self)
+            let message = (pid: pid, message: String(decoding: buffer[0..<got], as: UTF8.self))
             if accept(message) { return message }
         }
     }

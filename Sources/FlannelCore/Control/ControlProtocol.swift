@@ -218,11 +218,15 @@ public struct HandoverState: Codable, Equatable, Sendable {
     public var masquerade: MasqueradeBackend?
     /// The registry lease with --etcd-endpoints: the new daemon keeps that etcd lease alive instead of taking one.
     public var lease: HandoverLease?
+    /// The old daemon's service manager (sd_notify), when one supervises it: a successor that was not started by
+    /// that manager (`up --replace` from a shell) reports to it from the switch on. Absent from daemons that
+    /// predate it, and then nobody tells the manager (it sees its main process exit).
+    public var serviceManager: ServiceManagerLink?
 
     package init(token: String, daemonVersion: String, device: String, deviceIndex: Int32, network: String,
                  subnet: String, publicIP: String, port: UInt16, mtu: Int, vnetHeader: Bool, sockets: Int,
                  subnetFile: String?, subnetFileContents: String?, routes: [RouteInfo],
-                 masquerade: MasqueradeBackend?, lease: HandoverLease?) {
+                 masquerade: MasqueradeBackend?, lease: HandoverLease?, serviceManager: ServiceManagerLink? = nil) {
         self.token = token
         self.daemonVersion = daemonVersion
         self.device = device
@@ -239,6 +243,19 @@ public struct HandoverState: Codable, Equatable, Sendable {
         self.routes = routes
         self.masquerade = masquerade
         self.lease = lease
+        self.serviceManager = serviceManager
+    }
+}
+
+/// Where a daemon's service manager listens (`NOTIFY_SOCKET`) and its watchdog timeout (`WATCHDOG_USEC`), handed
+/// from an old daemon to its successor.
+public struct ServiceManagerLink: Codable, Equatable, Sendable {
+    public var notifySocket: String
+    public var watchdogMicroseconds: UInt64?
+
+    public init(notifySocket: String, watchdogMicroseconds: UInt64?) {
+        self.notifySocket = notifySocket
+        self.watchdogMicroseconds = watchdogMicroseconds
     }
 }
 

@@ -93,7 +93,7 @@ extension Daemon {
                 vnetHeader: dataPlane.tun.vnetHeader, sockets: dataPlane.sockets.count, subnetFile: config.subnetFile,
                 subnetFileContents: config.subnetFile == nil ? nil : plan.subnetFileContents, routes: peers.routeInfos(),
                 masquerade: config.ipMasq ? config.masqBackend : nil,
-                lease: source.handoverLease)))
+                lease: source.handoverLease, serviceManager: observer?.serviceManagerLink)))
         case .abort(let token):
             guard resume(token: token, because: "the replacing daemon gave up") else {
                 return HandoverReply(.error(outgoing.leaving ? "too late to abort: the handover was committed and this daemon lets go"
@@ -163,12 +163,12 @@ extension Daemon {
             while true {
                 if let state = DaemonState.load(path: paths.stateFile),
                    state.pid == successor.pid, state.startTicks == successor.startTicks {
-                    return letGo()
+                    return letGo(to: successor)
                 }
                 if DaemonState.startTicks(of: successor.pid) != successor.startTicks { return takeBack(from: successor) }
                 if MonotonicClock.milliseconds() > deadline {
                     logger.warning("the replacing daemon (pid \(successor.pid)) has not recorded itself within \(OutgoingHandover.successorMilliseconds) ms of the commit; letting go all the same")
-                    return letGo()
+                    return letGo(to: successor)
                 }
                 usleep(10_000)
             }
@@ -199,13 +199,15 @@ extension Daemon {
     }
 
     /// Once the successor has taken over: closes our descriptors (it holds the same queues and sockets, so
-    /// nothing leaves the device or the port) and has the main thread exit without tearing down.
-    private func letGo() {
+    /// nothing leaves the device or the port), names the successor to our service manager, if we have one, as its
+    /// main process, and has the main thread exit without tearing down.
+    private func letGo(to successor: DaemonIdentity) {
         if let dataPlane {
             dataPlane.tun.close()
             for s in dataPlane.sockets { s.close() }
         }
-        logger.info("handed over; exiting without tearing anything down")
+        observer?.daemonHandedOver(self, to: successor.pid)
+        logger.info("handed over to pid \(successor.pid); exiting without tearing anything down")
         kill(getpid(), SIGTERM)
     }
 
@@ -229,6 +231,8 @@ extension Daemon {
         let setup = try Failure.system(try NodeSetup(logger: logger))
 
         let (old, oldDaemon, passed) = try HandoverClient.begin(paths: paths)
+        // Before the forwarder is built: its heartbeat follows the watchdog of the manager we are to report to.
+        if let link = old.serviceManager { observer?.adoptServiceManager(link) }
         // Ours to close until wrapped: the old daemon's queues (first `old.sockets`), then its sockets.
         var loose = passed
         defer { loose.forEach { _ = close($0) } }

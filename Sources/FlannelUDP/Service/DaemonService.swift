@@ -14,6 +14,15 @@ public protocol DaemonObserver: AnyObject, Sendable {
     func daemonReloaded(_ daemon: Daemon)
     /// The daemon is about to tear everything down (a signal, `down`, or a fatal error such as a lost lease).
     func daemonStopping(_ daemon: Daemon)
+
+    /// The service manager this daemon reports to, for a successor (`up --replace`); nil without one.
+    var serviceManagerLink: ServiceManagerLink? { get }
+    /// A replacing daemon learned its predecessor's service manager (right after the handover began, before its
+    /// forwarder is built, so that the heartbeat suits that manager's watchdog). It reports to it from then on,
+    /// unless it has a service manager of its own.
+    func adoptServiceManager(_ link: ServiceManagerLink)
+    /// The old daemon lets go: the successor (`pid`) has taken the node over. What follows is no stop.
+    func daemonHandedOver(_ daemon: Daemon, to pid: pid_t)
 }
 
 /// Whether the node does its job, for /healthz.

@@ -13,9 +13,20 @@ import Glibc
 ///                                   READY=1
 ///     watchdog: WATCHDOG=1 every WATCHDOG_USEC/2 while every worker's heartbeat moved since the last ping
 ///     /healthz: 200 ok ───────────────────────────────  503 <reason> until the endpoint closes, last
-public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutable state behind `state`
-    private let notifier: SystemdNotifier?
-    private let watchdog: WatchdogSettings?
+///
+/// Replaced (`up --replace`) under a service manager, the old daemon passes its manager on (`serviceManagerLink`)
+/// and, when it lets go, tells the manager who its main process is now (`MAINPID=`, with a last `WATCHDOG=1`)
+/// instead of `STOPPING=1`: the unit stays active and the manager supervises, stops and watches the successor.
+/// A successor the manager did not start adopts the link; it sends no `READY=1` (the unit is active already),
+/// only its watchdog pings, which the manager takes from the switch on.
+public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutable state behind `state` and `manager`
+    /// The service manager: from the environment, or adopted from the daemon this one replaces.
+    private struct Manager {
+        var notifier: SystemdNotifier?
+        var watchdog: WatchdogSettings?
+        var adopted = false
+    }
+    private let manager: Mutex<Manager>
     private let metricsServer: MetricsServer?
     private let logger: Logger
     private let wake: WakePipe
@@ -28,10 +39,12 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         var stopping = false
         /// Stopping because of a fatal error (unhealthy), not a signal or `down`.
         var fatal = false
+        /// Handed over to a successor (`up --replace`): the exit that follows is no stop.
+        var handedOver = false
     }
     private let state = Mutex(State())
 
-    public var heartbeatMilliseconds: Int32 { watchdog?.heartbeatMilliseconds ?? 1000 }
+    public var heartbeatMilliseconds: Int32 { manager.withLock { $0.watchdog?.heartbeatMilliseconds } ?? 1000 }
 
     /// sd_notify and the watchdog as the environment asks for them (`foreground` only: a daemon started by
     /// --detach reports to its parent instead), and the metrics endpoint on `metricsAddress` ("HOST:PORT"). A bad
@@ -57,8 +70,7 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
     /// Binds the metrics endpoint (before anything else changes, so a taken port changes nothing).
     public init(notifier: SystemdNotifier?, watchdog: WatchdogSettings?, metricsAddress: MetricsAddress?,
                 takeOver: Bool = false, logger: Logger) throws(FlannelError) {
-        self.notifier = notifier
-        self.watchdog = notifier == nil ? nil : watchdog
+        manager = Mutex(Manager(notifier: notifier, watchdog: notifier == nil ? nil : watchdog))
         self.logger = logger
         wake = try FlannelError.system(try WakePipe())
         metricsServer = try metricsAddress.map { (address) throws(FlannelError) in
@@ -94,8 +106,11 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
             $0.daemon = daemon
             $0.ready = true
         }
-        notify(["READY=1", SystemdNotifier.status(summary(daemon))])
-        if let watchdog, notifier != nil { startWatchdog(watchdog, daemon) }
+        let (watchdog, adopted) = manager.withLock { ($0.notifier == nil ? nil : $0.watchdog, $0.adopted) }
+        // Adopted: the unit is active already, and the manager takes our messages only once the old daemon has
+        // named us its main process (with a ping of its own); the watchdog pings after that are what it needs.
+        if !adopted { notify(["READY=1", SystemdNotifier.status(summary(daemon))]) }
+        if let watchdog { startWatchdog(watchdog, daemon, pingAtOnce: !adopted) }
     }
 
     public func daemonReloading(_ daemon: Daemon) {
@@ -108,18 +123,48 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
 
     public func daemonStopping(_ daemon: Daemon) {
         let health = daemon.health
-        state.withLock {
+        let handedOver = state.withLock {
             $0.stopping = true
             $0.fatal = !health.healthy
+            return $0.handedOver
         }
         wake.wake()
+        // Handed over, the unit goes on under its new main process: STOPPING=1 would stop it.
+        if handedOver { return }
         notify(["STOPPING=1", SystemdNotifier.status(health.healthy ? "stopping" : "stopping: \(health.reason)")])
+    }
+
+    public var serviceManagerLink: ServiceManagerLink? {
+        manager.withLock { m in
+            m.notifier.map { ServiceManagerLink(notifySocket: $0.socketPath, watchdogMicroseconds: m.watchdog?.timeoutMicroseconds) }
+        }
+    }
+
+    public func adoptServiceManager(_ link: ServiceManagerLink) {
+        let notifier: SystemdNotifier
+        do { notifier = try SystemdNotifier(socketPath: link.notifySocket) } catch {
+            logger.warning("the daemon replaced reports to a service manager, but its socket is unusable here: \(error); not reporting to it")
+            return
+        }
+        let adopted = manager.withLock { m -> Bool in
+            guard m.notifier == nil else { return false }  // ours, from our own environment, wins
+            let watchdog = link.watchdogMicroseconds.flatMap { $0 > 0 ? WatchdogSettings(timeoutMicroseconds: $0) : nil }
+            m = Manager(notifier: notifier, watchdog: watchdog, adopted: true)
+            return true
+        }
+        if adopted { logger.info("reporting to the service manager of the daemon replaced (\(link.notifySocket)) once it hands over") }
+    }
+
+    public func daemonHandedOver(_ daemon: Daemon, to pid: pid_t) {
+        state.withLock { $0.handedOver = true }
+        wake.wake()  // no more pings from here: the manager takes them only from its main process
+        notify(["MAINPID=\(pid)", "WATCHDOG=1", SystemdNotifier.status("handed over to pid \(pid)")])
     }
 
     // MARK: - pieces
 
     private func notify(_ assignments: [String]) {
-        guard let notifier else { return }
+        guard let notifier = manager.withLock({ $0.notifier }) else { return }
         do { try notifier.send(assignments) } catch {
             logger.warning("sd_notify: \(error)")
         }
@@ -161,12 +206,12 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
 
     /// Every half of WATCHDOG_USEC: WATCHDOG=1 if every forwarding worker's heartbeat moved since the last check.
     /// A stuck worker (or a stopped one) withholds the ping, and the service manager restarts the node.
-    private func startWatchdog(_ settings: WatchdogSettings, _ daemon: Daemon) {
+    private func startWatchdog(_ settings: WatchdogSettings, _ daemon: Daemon, pingAtOnce: Bool) {
         let interval = Int32(max(1, min(Double(Int32.max), settings.pingIntervalSeconds * 1000)))
         let wakeFD = wake.readFD
         let thread = Thread { [weak self, weak daemon] in
             var monitor = HeartbeatMonitor(daemon?.heartbeats ?? [])
-            self?.notify(["WATCHDOG=1"])
+            if pingAtOnce { self?.notify(["WATCHDOG=1"]) }
             var quiet: Set<String> = []
             while true {
                 var pfd = pollfd(fd: wakeFD, events: Int16(POLLIN), revents: 0)
