@@ -33,21 +33,9 @@ final class ServiceTests: WireTestCase {
         let name = "@fu-notify-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         let listener = try a.ns.withEntered { try NotifyListener(name: name) }
 
-        let daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        daemon.arguments = ["ip", "netns", "exec", a.ns.name, "env", "NOTIFY_SOCKET=\(name)", "WATCHDOG_USEC=1000000",
-                            "FLANNEL_UDP_RUN_DIR=\(tmp)/run", flannelUDPBinary(), "up", "--network", "10.244.0.0/16",
-                            "--subnet", a.subnet, "--iface", "eth0", "--peers", peers, "--subnet-file", "\(tmp)/a.env"]
-        let log = "\(tmp)/a.log"
-        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
-        daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        daemon.standardError = daemon.standardOutput
-        try ProcessLaunch.run(daemon)
-        addTeardownBlock {
-            if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
-            daemon.waitUntilExit()
-        }
-        func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let (daemon, logText) = try startSupervised(a, notifySocket: name, watchdogMicroseconds: 1_000_000,
+                                                    ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet,
+                                                     "--iface", "eth0", "--peers", peers, "--subnet-file", "\(tmp)/a.env"])
 
         // READY=1 comes first, and when it comes a pod-to-pod ping passes at once.
         let ready = try listener.next(timeout: 20, log: logText)
@@ -94,21 +82,8 @@ final class ServiceTests: WireTestCase {
         let listener = try a.ns.withEntered { try NotifyListener(name: name) }
         let upArgs = ["up", "--network", "10.244.0.0/16", "--subnet", a.subnet, "--iface", "eth0",
                       "--subnet-file", "\(tmp)/a.env"]
-        let daemon = Process()
-        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
-        daemon.arguments = ["ip", "netns", "exec", a.ns.name, "env", "NOTIFY_SOCKET=\(name)", "WATCHDOG_USEC=2000000",
-                            "FLANNEL_UDP_RUN_DIR=\(tmp)/run", flannelUDPBinary()] + upArgs
-        let log = "\(tmp)/a.log"
-        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
-        daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        daemon.standardError = daemon.standardOutput
-        try ProcessLaunch.run(daemon)
-        addTeardownBlock { [self] in
-            if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
-            daemon.waitUntilExit()
-            fu(a, ["down"])
-        }
-        func logText() -> String { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" }
+        let (daemon, logText) = try startSupervised(a, notifySocket: name, watchdogMicroseconds: 2_000_000, upArgs)
+        addTeardownBlock { [self] in fu(a, ["down"]) }  // the successor, should the test stop before its 'down'
         let old = daemon.processIdentifier  // `ip netns exec` and env exec: this is the daemon
         let ready = try listener.nextFrom(timeout: 20, log: logText) { $0.message.hasPrefix("READY=1") }
         XCTAssertEqual(ready.pid, old)
@@ -147,6 +122,28 @@ final class ServiceTests: WireTestCase {
         let stopping = try listener.nextFrom(timeout: 10, log: logText) { $0.message != "WATCHDOG=1" }
         XCTAssertEqual(stopping.pid, Int32(successor))
         XCTAssertTrue(stopping.message.hasPrefix("STOPPING=1"), stopping.message)
+    }
+
+    /// Starts flannel-udp with `args` in `node`'s namespace as a service manager would: in the foreground, with
+    /// NOTIFY_SOCKET and WATCHDOG_USEC, its output in tmp/a.log. Killed in teardown if it still runs. Returns the
+    /// process (its pid is the daemon's: `ip netns exec` and env exec it) and a reader of its log.
+    func startSupervised(_ node: OverlayNode, notifySocket: String, watchdogMicroseconds: Int,
+                         _ args: [String]) throws -> (Process, () -> String) {
+        let daemon = Process()
+        daemon.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+        daemon.arguments = ["ip", "netns", "exec", node.ns.name, "env", "NOTIFY_SOCKET=\(notifySocket)",
+                            "WATCHDOG_USEC=\(watchdogMicroseconds)", "FLANNEL_UDP_RUN_DIR=\(tmp)/run",
+                            flannelUDPBinary()] + args
+        let log = "\(tmp)/a.log"
+        XCTAssertTrue(FileManager.default.createFile(atPath: log, contents: nil))
+        daemon.standardOutput = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        daemon.standardError = daemon.standardOutput
+        try ProcessLaunch.run(daemon)
+        addTeardownBlock {
+            if daemon.isRunning { kill(daemon.processIdentifier, SIGKILL) }
+            daemon.waitUntilExit()
+        }
+        return (daemon, { (try? String(contentsOfFile: log, encoding: .utf8)) ?? "" })
     }
 
     func testBadNotifySocketIsAUsageError() throws {

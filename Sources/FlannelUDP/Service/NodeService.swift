@@ -25,6 +25,9 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         var notifier: SystemdNotifier?
         var watchdog: WatchdogSettings?
         var adopted = false
+        /// `MAINPID=` named the successor: the manager takes nothing more from this process. Set, and looked at
+        /// by every send, under the lock, so that no watchdog ping can follow it.
+        var handedOver = false
     }
     private let manager: Mutex<Manager>
     private let metricsServer: MetricsServer?
@@ -39,8 +42,6 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
         var stopping = false
         /// Stopping because of a fatal error (unhealthy), not a signal or `down`.
         var fatal = false
-        /// Handed over to a successor (`up --replace`): the exit that follows is no stop.
-        var handedOver = false
     }
     private let state = Mutex(State())
 
@@ -123,14 +124,12 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
 
     public func daemonStopping(_ daemon: Daemon) {
         let health = daemon.health
-        let handedOver = state.withLock {
+        state.withLock {
             $0.stopping = true
             $0.fatal = !health.healthy
-            return $0.handedOver
         }
         wake.wake()
-        // Handed over, the unit goes on under its new main process: STOPPING=1 would stop it.
-        if handedOver { return }
+        // Not sent once handed over (`notify`): the unit goes on under its new main process.
         notify(["STOPPING=1", SystemdNotifier.status(health.healthy ? "stopping" : "stopping: \(health.reason)")])
     }
 
@@ -156,17 +155,20 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
     }
 
     public func daemonHandedOver(_ daemon: Daemon, to pid: pid_t) {
-        state.withLock { $0.handedOver = true }
-        wake.wake()  // no more pings from here: the manager takes them only from its main process
-        notify(["MAINPID=\(pid)", "WATCHDOG=1", SystemdNotifier.status("handed over to pid \(pid)")])
+        notify(["MAINPID=\(pid)", "WATCHDOG=1", SystemdNotifier.status("handed over to pid \(pid)")], last: true)
+        wake.wake()  // the watchdog's thread ends (its pings would be dropped from here on anyway)
     }
 
     // MARK: - pieces
 
-    private func notify(_ assignments: [String]) {
-        guard let notifier = manager.withLock({ $0.notifier }) else { return }
-        do { try notifier.send(assignments) } catch {
-            logger.warning("sd_notify: \(error)")
+    /// Sends `assignments` unless there is no manager or this daemon has handed over; `last`: nothing after it.
+    private func notify(_ assignments: [String], last: Bool = false) {
+        manager.withLock { m in
+            guard let notifier = m.notifier, !m.handedOver else { return }
+            if last { m.handedOver = true }
+            do { try notifier.send(assignments) } catch {
+                logger.warning("sd_notify: \(error)")
+            }
         }
     }
 
