@@ -98,6 +98,8 @@ int fu_accept_cloexec(int fd) { return accept4(fd, NULL, NULL, SOCK_CLOEXEC); }
 
 int fu_pidfd_open(pid_t pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 
+int fu_pipe2(int fds[2], int flags) { return pipe2(fds, flags); }
+
 int fu_pidfd_send_signal(int pidfd, int sig) { return (int)syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0); }
 
 int fu_spawn_file_actions_addclosefrom(void *actions, int from) {

@@ -214,6 +214,11 @@ long fu_recv_with_fds(int sock, void *buf, unsigned long len, int *fds, int *cou
 /// Swift). The descriptor is close-on-exec (the kernel always sets O_CLOEXEC on pidfds).
 int fu_pidfd_open(pid_t pid);
 
+/// pipe2(fds, flags) from <unistd.h>, declared only with _GNU_SOURCE: a pipe whose ends are close-on-exec (and
+/// non-blocking) from the start, where pipe() + fcntl leaves a moment in which a child spawned by another thread
+/// inherits them.
+int fu_pipe2(int fds[2], int flags);
+
 /// pidfd_send_signal(pidfd, sig, NULL, 0). Same reason as fu_pidfd_open.
 int fu_pidfd_send_signal(int pidfd, int sig);
 

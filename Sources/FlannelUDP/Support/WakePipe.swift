@@ -1,3 +1,4 @@
+import CShims
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -8,19 +9,11 @@ public final class WakePipe: @unchecked Sendable {  // both fds are immutable; w
     public let readFD: Int32
     private let writeFD: Int32
 
+    /// Both ends close-on-exec and non-blocking from the start (pipe2: no moment in which a child that another
+    /// thread spawns could inherit them).
     public init() throws(SystemError) {
         var fds: [Int32] = [-1, -1]
-        try syscall("create", "wake pipe") { pipe(&fds) }
-        do throws(SystemError) {
-            for fd in fds {
-                try syscall("set close-on-exec on", "wake pipe") { fcntl(fd, F_SETFD, FD_CLOEXEC) }
-                let flags = try syscall("get flags of", "wake pipe") { fcntl(fd, F_GETFL) }
-                try syscall("make non-blocking", "wake pipe") { fcntl(fd, F_SETFL, flags | O_NONBLOCK) }
-            }
-        } catch {
-            for fd in fds { _ = close(fd) }
-            throw error
-        }
+        try syscall("create", "wake pipe") { fu_pipe2(&fds, O_CLOEXEC | O_NONBLOCK) }
         readFD = fds[0]
         writeFD = fds[1]
     }
