@@ -2,6 +2,7 @@ import Foundation
 import XCTest
 @testable import FlannelCore
 @testable import FlannelUDP
+import CShims
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -284,18 +285,20 @@ final class NotifyListener {
             let n = poll(&pfd, 1, left)
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { throw TimedOut(what: "an sd_notify message arrives; daemon log:\n\(log())", seconds: timeout) }
-            var control = [UInt64](repeating: 0, count: 8)  // room for one cmsghdr and a ucred, aligned
+            // struct ucred (pid, uid, gid: three 32-bit fields) needs _GNU_SOURCE, as does SCM_CREDENTIALS (2).
+            let credentials = 3 * MemoryLayout<Int32>.size
+            var control = [UInt64](repeating: 0, count: (fu_cmsg_space(credentials) + 7) / 8)  // aligned
             let (got, pid) = buffer.withUnsafeMutableBytes { data in
-                control.withUnsafeMutableBytes { cmsg -> (Int, pid_t) in
+                control.withUnsafeMutableBytes { space -> (Int, pid_t) in
                     var iov = iovec(iov_base: data.baseAddress, iov_len: data.count)
                     return withUnsafeMutablePointer(to: &iov) { iovp in
                         var msg = msghdr(msg_name: nil, msg_namelen: 0, msg_iov: iovp, msg_iovlen: 1,
-                                         msg_control: cmsg.baseAddress, msg_controllen: cmsg.count, msg_flags: 0)
+                                         msg_control: space.baseAddress, msg_controllen: space.count, msg_flags: 0)
                         let n = recvmsg(fd, &msg, 0)
-                        // struct cmsghdr { size_t len; int level; int type; } then struct ucred { pid; uid; gid }.
-                        guard n >= 0, msg.msg_controllen >= 28, cmsg.load(fromByteOffset: 8, as: Int32.self) == SOL_SOCKET,
-                              cmsg.load(fromByteOffset: 12, as: Int32.self) == 2 /* SCM_CREDENTIALS */ else { return (n, 0) }
-                        return (n, cmsg.load(fromByteOffset: 16, as: pid_t.self))
+                        guard n >= 0, let cmsg = fu_cmsg_firsthdr(&msg), cmsg.pointee.cmsg_level == SOL_SOCKET,
+                              cmsg.pointee.cmsg_type == 2, cmsg.pointee.cmsg_len >= fu_cmsg_len(credentials),
+                              let payload = fu_cmsg_data(cmsg) else { return (n, 0) }
+                        return (n, UnsafeRawPointer(payload).loadUnaligned(as: pid_t.self))
                     }
                 }
             }
