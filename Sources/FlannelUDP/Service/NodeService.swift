@@ -23,6 +23,7 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
     /// The service manager: from the environment, or adopted from the daemon this one replaces.
     private struct Manager {
         var notifier: SystemdNotifier?
+        /// Only ever set with a notifier (`init`, `adoptServiceManager`).
         var watchdog: WatchdogSettings?
         var adopted = false
         /// `MAINPID=` named the successor: the manager takes nothing more from this process. Set, and looked at
@@ -107,7 +108,7 @@ public final class NodeService: DaemonObserver, @unchecked Sendable {  // mutabl
             $0.daemon = daemon
             $0.ready = true
         }
-        let (watchdog, adopted) = manager.withLock { ($0.notifier == nil ? nil : $0.watchdog, $0.adopted) }
+        let (watchdog, adopted) = manager.withLock { ($0.watchdog, $0.adopted) }
         // Adopted: the unit is active already, and the manager takes our messages only once the old daemon has
         // named us its main process (with a ping of its own); the watchdog pings after that are what it needs.
         if !adopted { notify(["READY=1", SystemdNotifier.status(summary(daemon))]) }
