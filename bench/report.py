@@ -426,8 +426,10 @@ def latency_problems(m):
 
 
 def is_forwarder(config):
-    """The configurations with a forwarder process: those of FORWARDERS, flannel-udp-wN and lane-bound-sN."""
-    return config in FORWARDERS or config.startswith("flannel-udp-w") or config.startswith("lane-bound-s")
+    """The configurations with a forwarder process: those of FORWARDERS, flannel-udp-wN, lane-bound-sN and
+    lane-node-sN."""
+    return (config in FORWARDERS or config.startswith("flannel-udp-w") or config.startswith("lane-bound-s")
+            or config.startswith("lane-node-s"))
 
 
 def ratios(result, cols, subject_name=RATIO_SUBJECT):

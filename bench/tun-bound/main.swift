@@ -24,9 +24,9 @@
 // has anything: a tun packet goes to the peer as it came, a datagram to the tun behind a zeroed virtio-net header.
 // The tun has no offloads, so every packet is whole and at most the MTU. No route lookup, no source check, no
 // counters. --spin US keeps reading (sched_yield between reads) that long after the last packet before it sleeps,
-// as `up --express-spin` does.
+// as `up --express-spin` does. --as-node runs that loop on the kernel objects a flannel-udp node has (`laneAsNode`).
 //
-// usage: tun-bound [--wire | --lane [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed)
+// usage: tun-bound [--wire | --lane [--as-node] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed)
 import CShims
 import FlannelCore
 import Foundation
@@ -59,16 +59,20 @@ if wire { args.remove(at: 1) }
 let lane = !wire && args.count > 1 && args[1] == "--lane"
 if lane { args.remove(at: 1) }
 var spinMicroseconds = 0
+let asNode = lane && args.count > 1 && args[1] == "--as-node"
+if asNode { args.remove(at: 1) }
 if lane && args.count > 2 && args[1] == "--spin" {
     guard let us = Int(args[2]), (0...1_000_000).contains(us) else { usage("--spin: microseconds, 0-1000000: \(args[2])") }
     spinMicroseconds = us
     args.removeSubrange(1...2)
 }
 guard args.count == 4 || args.count == 5, args[1].utf8.count < Int(FU_IFNAMSIZ) else {
-    usage("usage: [--wire | --lane [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
+    usage("usage: [--wire | --lane [--as-node] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
 }
 let port = args.count == 5 ? UInt16(args[4]) : 8285
 guard let port, port != 0 else { usage("not a UDP port: \(args[4])") }
+
+if asNode { laneAsNode() }
 
 let tun = open("/dev/net/tun", O_RDWR | O_CLOEXEC)
 if tun < 0 { fail("open /dev/net/tun") }
@@ -142,7 +146,10 @@ if lane {
 
 /// One thread, both directions: poll, then read each input in turn until neither has a packet (and, with a spin,
 /// until none came for that long), then poll again. Transient errors drop the packet; anything else ends the process.
-func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
+/// `to`: send each tun packet there with `sendto` (an unconnected socket), else with `send`.
+@Sendable func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64, to destination: sockaddr_in? = nil) -> Never {
+    var peer = destination ?? sockaddr_in()
+    let connected = destination == nil
     for fd in [tun, sock] where fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0 { fail("O_NONBLOCK") }
     let header = VirtioNetHeader.length
     let capacity = 65_536
@@ -157,7 +164,13 @@ func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
             let n = read(tun, buffer, capacity)
             if n > header {
                 moved = true
-                if send(sock, buffer + header, n - header, 0) < 0, !transient.contains(errno) { fail("tun->udp: send") }
+                let sent = connected ? send(sock, buffer + header, n - header, 0)
+                    : withUnsafePointer(to: &peer) {
+                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                            sendto(sock, buffer + header, n - header, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
+                        }
+                    }
+                if sent < 0, !transient.contains(errno) { fail("tun->udp: send") }
             } else if n < 0, !transient.contains(errno) {
                 fail("tun->udp: read")
             }
@@ -180,6 +193,43 @@ func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64) -> Never {
             sched_yield()
         }
     }
+}
+
+/// --lane --as-node: the same loop on the kernel objects a flannel-udp node with one worker pair and the express
+/// lane forwards through (bench/run's `lane-node-sN` row): a two-queue tun with the virtio-net header and the
+/// queue-steering program, a reuseport group of two unconnected sockets (`sendto` per packet, as the node sends)
+/// with its steering program, SO_TIMESTAMPNS, UDP_GRO and UDP_SEGMENT, all made by FlannelCore's own code. The
+/// lane's queue and socket get the loop with the spin, queue 0 and socket 0 (the flow pair's) the loop without.
+/// The tun's offloads stay off, as in `--lane`: a ping crosses the same kernel path with them on, and one packet per
+/// call could not carry a TSO super-packet over the 1500-byte underlay. Every datagram this program sends is one
+/// packet, so a receive never holds a GRO train.
+@MainActor func laneAsNode() -> Never {
+    let express = ForwarderOptions.defaultExpressLength
+    guard let local = IPv4Address(args[2]) else { usage("not an IPv4 address: \(args[2])") }
+    let device: TunDevice
+    let sockets: [UDPSocket]
+    do {
+        device = try TunDevice(name: args[1], vnetHeader: true, queues: 2)
+        if fu_tun_set_vnet_hdr_size(device.fd, Int32(FU_VIRTIO_NET_HDR_LEN)) != 0 { fail("TUNSETVNETHDRSZ") }
+        if fu_tun_set_offload(device.fd, 0) != 0 { fail("TUNSETOFFLOAD none on \(args[1])") }
+        try device.steer(workers: 1, express: express)
+        sockets = try UDPSocket.group(bind: Endpoint(address: local, port: port), count: 2, express: express)
+    } catch {
+        FileHandle.standardError.write("tun-bound: \(error)\n".data(using: .utf8)!)
+        exit(1)
+    }
+    var one: Int32 = 1, zero: Int32 = 0
+    let size = socklen_t(MemoryLayout<Int32>.size)
+    for s in sockets {
+        if setsockopt(s.fd, SOL_SOCKET, Int32(FU_SO_TIMESTAMPNS), &one, size) != 0 { fail("SO_TIMESTAMPNS") }
+        if setsockopt(s.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &one, size) != 0 { fail("UDP_GRO") }
+        if setsockopt(s.fd, Int32(FU_SOL_UDP), Int32(FU_UDP_SEGMENT), &zero, size) != 0 { fail("UDP_SEGMENT") }
+    }
+    let peer = endpoint(args[3])
+    let spin = UInt64(spinMicroseconds) * 1000
+    let q0 = device.queueFDs[0], q1 = device.queueFDs[1], s0 = sockets[0].fd, s1 = sockets[1].fd
+    Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, to: peer) }.start()
+    laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, to: peer)
 }
 
 // ---- --wire ------------------------------------------------------------------------------------------------
