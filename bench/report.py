@@ -426,10 +426,9 @@ def latency_problems(m):
 
 
 def is_forwarder(config):
-    """The configurations with a forwarder process: those of FORWARDERS, flannel-udp-wN, lane-bound-sN and
-    lane-node-sN."""
-    return (config in FORWARDERS or config.startswith("flannel-udp-w") or config.startswith("lane-bound-s")
-            or config.startswith("lane-node-s"))
+    """The configurations with a forwarder process: those of FORWARDERS, flannel-udp-wN, lane-bound-sN,
+    lane-node-sN and lane-decide-sN."""
+    return config in FORWARDERS or config.startswith(("flannel-udp-w", "lane-bound-s", "lane-node-s", "lane-decide-s"))
 
 
 def ratios(result, cols, subject_name=RATIO_SUBJECT):

@@ -187,15 +187,16 @@ class ReportTests(RawFiles):
 
     def test_lane_bound_and_its_variants_are_forwarders_with_ratios(self):
         with open(os.path.join(self.raw, "meta"), "w") as f:
-            f.write(kv(time=10, runs=1, cpus=2, configs="lane-bound lane-bound-s50 lane-node-s50 flannel-udp"))
+            f.write(kv(time=10, runs=1, cpus=2, configs="lane-bound lane-bound-s50 lane-node-s50 lane-decide-s50 flannel-udp"))
         self.good_run(1, "lane-bound", 1.0, fwd_ticks=TCK)
         self.good_run(1, "lane-bound-s50", 1.0, fwd_ticks=TCK)
         self.good_run(1, "lane-node-s50", 1.0, fwd_ticks=TCK)
+        self.good_run(1, "lane-decide-s50", 1.0, fwd_ticks=TCK)
         self.good_run(1, "flannel-udp", 3.0, fwd_ticks=TCK)
         r = self.result()
         # both have their forwarder CPU measured (two tests of 1 Gbit/s x 10 s = 2.5 GB, 1 s of CPU each), and
         # flannel-udp gets a ratio over each
-        for cfg in ("lane-bound", "lane-bound-s50", "lane-node-s50"):
+        for cfg in ("lane-bound", "lane-bound-s50", "lane-node-s50", "lane-decide-s50"):
             self.assertAlmostEqual(r["configs"][cfg]["median"]["fwd_cpu_s_per_gb"], 2.0 / 2.5)
             self.assertAlmostEqual(r["ratios"][cfg]["tcp4_gbps"]["median"], 3.0)
 

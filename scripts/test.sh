@@ -30,13 +30,14 @@ python3 bench/test_report.py 2>&1 | tail -1
 
 # The benchmark on a fresh machine: every configuration must set up, pass traffic and tear down. Figures from
 # 1-second tests say nothing about speed and are not checked.
-step "bench smoke run (bench/run --time 1 --runs 1)"
+step "bench smoke run (bench/run --time 1 --runs 1 --lane-spin 50)"
 bench_ok=1
 if [ "$(id -u)" -ne 0 ]; then
     echo "skipped: not root (the benchmark creates network namespaces)"
 else
     raw="$(mktemp -d)"
-    if ! bench/run --time 1 --runs 1 --pings 20 --keep-raw "$raw" >/dev/null 2>"$raw.err" ||
+    # --lane-spin adds the spinning lane ceilings (lane-bound-s50, lane-node-s50, lane-decide-s50)
+    if ! bench/run --time 1 --runs 1 --pings 20 --lane-spin 50 --keep-raw "$raw" >/dev/null 2>"$raw.err" ||
         ! python3 bench/report.py --check "$raw"; then
         bench_ok=0
         tail -5 "$raw.err"

@@ -26,7 +26,7 @@
 // counters. --spin US keeps reading (sched_yield between reads) that long after the last packet before it sleeps,
 // as `up --express-spin` does. --as-node runs that loop on the kernel objects a flannel-udp node has (`laneAsNode`).
 //
-// usage: tun-bound [--wire | --lane [--as-node] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed)
+// usage: tun-bound [--wire | --lane [--as-node [--decide NETWORK SUBNET PEER_SUBNET]] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]   (runs until killed)
 import CShims
 import FlannelCore
 import Foundation
@@ -61,13 +61,21 @@ if lane { args.remove(at: 1) }
 var spinMicroseconds = 0
 let asNode = lane && args.count > 1 && args[1] == "--as-node"
 if asNode { args.remove(at: 1) }
+/// --as-node --decide NETWORK SUBNET PEER_SUBNET: flannel-udp's own decisions and counters on every packet.
+var decide: (network: IPv4Network, subnet: IPv4Network, peer: IPv4Network)?
+if asNode && args.count > 4 && args[1] == "--decide" {
+    do throws(IPv4Network.ParseError) {
+        decide = (try IPv4Network(parsing: args[2]), try IPv4Network(parsing: args[3]), try IPv4Network(parsing: args[4]))
+    } catch { usage("--decide: \(error)") }
+    args.removeSubrange(1...4)
+}
 if lane && args.count > 2 && args[1] == "--spin" {
     guard let us = Int(args[2]), (0...1_000_000).contains(us) else { usage("--spin: microseconds, 0-1000000: \(args[2])") }
     spinMicroseconds = us
     args.removeSubrange(1...2)
 }
 guard args.count == 4 || args.count == 5, args[1].utf8.count < Int(FU_IFNAMSIZ) else {
-    usage("usage: [--wire | --lane [--as-node] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
+    usage("usage: [--wire | --lane [--as-node [--decide NETWORK SUBNET PEER_SUBNET]] [--spin US]] TUN_NAME LOCAL_IPV4 PEER_IPV4 [PORT]")
 }
 let port = args.count == 5 ? UInt16(args[4]) : 8285
 guard let port, port != 0 else { usage("not a UDP port: \(args[4])") }
@@ -127,7 +135,7 @@ if withUnsafePointer(to: &peer, { $0.withMemoryRebound(to: sockaddr.self, capaci
 }
 
 if lane {
-    laneLoop(tun: tun, sock: sock, spinNanoseconds: UInt64(spinMicroseconds) * 1000)
+    laneLoop(tun: tun, sock: sock, spinNanoseconds: UInt64(spinMicroseconds) * 1000, PassPackets())
 } else if wire {
     var on: Int32 = 1
     if setsockopt(sock, Int32(FU_SOL_UDP), Int32(FU_UDP_GRO), &on, socklen_t(MemoryLayout<Int32>.size)) != 0 {
@@ -144,17 +152,135 @@ if lane {
 
 // ---- --lane ------------------------------------------------------------------------------------------------
 
+/// What the lane loop does with one packet each way; the loop around it (`laneLoop`) is the same for every variant.
+protocol LanePackets {
+    /// A tun read of `n` bytes at `buffer` (a virtio-net header first, then the packet): send it on `sock`.
+    mutating func fromTun(_ buffer: UnsafeMutableRawPointer, _ n: Int, sock: Int32)
+    /// Receives one datagram from `sock` into `buffer` after room for a virtio-net header and writes it to `tun`;
+    /// returns what the receive returned.
+    mutating func fromSocket(_ buffer: UnsafeMutableRawPointer, capacity: Int, sock: Int32, tun: Int32) -> Int
+}
+
+enum Lane {
+    /// Errors that drop the packet and go on: an interrupted call, nothing to read, ICMP refusals before the peer is
+    /// up, full buffers, a packet too big for the path.
+    static let transient = [EINTR, EAGAIN, ECONNREFUSED, ENOBUFS, EMSGSIZE]
+    static let sockaddrLength = socklen_t(MemoryLayout<sockaddr_in>.size)
+}
+
+/// Writes the packet after `buffer`'s virtio-net header (`length` bytes) to the tun behind a zeroed header; false
+/// when the write failed (a transient error: the packet is dropped).
+func writeToTun(_ tun: Int32, _ buffer: UnsafeMutableRawPointer, _ length: Int) -> Bool {
+    VirtioNetHeader.none.store(to: buffer)
+    if write(tun, buffer, VirtioNetHeader.length + length) < 0 {
+        if ![EINTR, EAGAIN, EIO, EINVAL].contains(errno) { fail("udp->tun: write \(length) bytes") }
+        return false
+    }
+    return true
+}
+
+/// Each packet as it came: to the connected peer (`send`), or with `sendto` to `destination` on an unconnected
+/// socket.
+struct PassPackets: LanePackets {
+    var destination: sockaddr_in?
+
+    mutating func fromTun(_ buffer: UnsafeMutableRawPointer, _ n: Int, sock: Int32) {
+        let header = VirtioNetHeader.length
+        let sent: Int
+        if var to = destination {
+            sent = withUnsafePointer(to: &to) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(sock, buffer + header, n - header, 0, $0, Lane.sockaddrLength)
+                }
+            }
+        } else {
+            sent = send(sock, buffer + header, n - header, 0)
+        }
+        if sent < 0, !Lane.transient.contains(errno) { fail("tun->udp: send") }
+    }
+
+    mutating func fromSocket(_ buffer: UnsafeMutableRawPointer, capacity: Int, sock: Int32, tun: Int32) -> Int {
+        let r = recv(sock, buffer + VirtioNetHeader.length, capacity - VirtioNetHeader.length, 0)
+        if r > 0 { _ = writeToTun(tun, buffer, r) }
+        return r
+    }
+}
+
+/// What flannel-udp does to each packet between the system calls: `PacketDecider` (validation, longest-prefix
+/// route lookup and TTL for a tun packet; for a datagram also the overlay and source checks against the sender's
+/// address, which the receive asks for) on the route table's current snapshot, then the global and the peer's
+/// counters, and the peer's address from the snapshot for the send. A packet the decider refuses is counted and
+/// dropped (no ICMP error is written).
+struct DecidePackets: LanePackets {
+    let table: RouteTable
+    let counters: DataPlaneCounters
+    var decider: PacketDecider
+    let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 64)
+    var from = sockaddr_in()
+
+    init(_ table: RouteTable, _ config: ForwardingConfig, _ counters: DataPlaneCounters) {
+        self.table = table
+        self.counters = counters
+        decider = PacketDecider(config: config)
+    }
+
+    mutating func fromTun(_ buffer: UnsafeMutableRawPointer, _ n: Int, sock: Int32) {
+        let header = VirtioNetHeader.length
+        let snapshot = table.snapshot()
+        let packet = UnsafeMutableRawBufferPointer(start: buffer + header, count: n - header)
+        switch decider.fromTun(packet, snapshot: snapshot, scratch: scratch) {
+        case .forward(let p, let length):
+            let entry = snapshot.peers[p]
+            var to = entry.sockaddr
+            let sent = withUnsafePointer(to: &to) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    sendto(sock, buffer + header, length, 0, $0, Lane.sockaddrLength)
+                }
+            }
+            if sent < 0 {
+                if !Lane.transient.contains(errno) { fail("tun->udp: sendto") }
+                return
+            }
+            counters.tunToUDPPackets.wrappingIncrement(ordering: .relaxed)
+            counters.tunToUDPBytes.wrappingIncrement(by: UInt64(length), ordering: .relaxed)
+            entry.counters.countTx(bytes: length)
+        case .icmpToTun(_, let reason), .drop(let reason, _):
+            counters.countDrop(reason)
+        }
+    }
+
+    mutating func fromSocket(_ buffer: UnsafeMutableRawPointer, capacity: Int, sock: Int32, tun: Int32) -> Int {
+        let header = VirtioNetHeader.length
+        var fromLength = Lane.sockaddrLength
+        let r = withUnsafeMutablePointer(to: &from) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                recvfrom(sock, buffer + header, capacity - header, 0, $0, &fromLength)
+            }
+        }
+        guard r > 0 else { return r }
+        let snapshot = table.snapshot()
+        let packet = UnsafeMutableRawBufferPointer(start: buffer + header, count: r)
+        switch decider.fromUDP(packet, outerSource: IPv4Address(networkOrder: from.sin_addr.s_addr),
+                               snapshot: snapshot, scratch: scratch) {
+        case .deliver(let p, let length):
+            guard writeToTun(tun, buffer, length) else { break }
+            counters.udpToTunPackets.wrappingIncrement(ordering: .relaxed)
+            counters.udpToTunBytes.wrappingIncrement(by: UInt64(length), ordering: .relaxed)
+            snapshot.peers[p].counters.countRx(bytes: length)
+        case .icmpToPeer(_, _, let reason), .drop(let reason, _):
+            counters.countDrop(reason)
+        }
+        return r
+    }
+}
+
 /// One thread, both directions: poll, then read each input in turn until neither has a packet (and, with a spin,
 /// until none came for that long), then poll again. Transient errors drop the packet; anything else ends the process.
-/// `to`: send each tun packet there with `sendto` (an unconnected socket), else with `send`.
-@Sendable func laneLoop(tun: Int32, sock: Int32, spinNanoseconds: UInt64, to destination: sockaddr_in? = nil) -> Never {
-    var peer = destination ?? sockaddr_in()
-    let connected = destination == nil
+@Sendable func laneLoop<P: LanePackets>(tun: Int32, sock: Int32, spinNanoseconds: UInt64, _ packets: P) -> Never {
+    var packets = packets
     for fd in [tun, sock] where fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) != 0 { fail("O_NONBLOCK") }
-    let header = VirtioNetHeader.length
     let capacity = 65_536
     let buffer = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 64)
-    let transient = [EINTR, EAGAIN, ECONNREFUSED, ENOBUFS, EMSGSIZE]
     var fds = [pollfd(fd: tun, events: Int16(POLLIN), revents: 0), pollfd(fd: sock, events: Int16(POLLIN), revents: 0)]
     while true {
         if poll(&fds, 2, -1) < 0 && errno != EINTR { fail("poll") }
@@ -162,26 +288,16 @@ if lane {
         while true {
             var moved = false
             let n = read(tun, buffer, capacity)
-            if n > header {
+            if n > VirtioNetHeader.length {
                 moved = true
-                let sent = connected ? send(sock, buffer + header, n - header, 0)
-                    : withUnsafePointer(to: &peer) {
-                        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                            sendto(sock, buffer + header, n - header, 0, $0, socklen_t(MemoryLayout<sockaddr_in>.size))
-                        }
-                    }
-                if sent < 0, !transient.contains(errno) { fail("tun->udp: send") }
-            } else if n < 0, !transient.contains(errno) {
+                packets.fromTun(buffer, n, sock: sock)
+            } else if n < 0, !Lane.transient.contains(errno) {
                 fail("tun->udp: read")
             }
-            let r = recv(sock, buffer + header, capacity - header, 0)
+            let r = packets.fromSocket(buffer, capacity: capacity, sock: sock, tun: tun)
             if r > 0 {
                 moved = true
-                VirtioNetHeader.none.store(to: buffer)
-                if write(tun, buffer, header + r) < 0, ![EINTR, EAGAIN, EIO, EINVAL].contains(errno) {
-                    fail("udp->tun: write \(r) bytes")
-                }
-            } else if r < 0, !transient.contains(errno) {
+            } else if r < 0, !Lane.transient.contains(errno) {
                 fail("udp->tun: recv")
             }
             let t = MonotonicClock.nanoseconds()
@@ -202,7 +318,8 @@ if lane {
 /// lane's queue and socket get the loop with the spin, queue 0 and socket 0 (the flow pair's) the loop without.
 /// The tun's offloads stay off, as in `--lane`: a ping crosses the same kernel path with them on, and one packet per
 /// call could not carry a TSO super-packet over the 1500-byte underlay. Every datagram this program sends is one
-/// packet, so a receive never holds a GRO train.
+/// packet, so a receive never holds a GRO train. With `--decide` (`lane-decide-sN`) each packet also goes through
+/// flannel-udp's decisions and counters (`DecidePackets`).
 @MainActor func laneAsNode() -> Never {
     let express = ForwarderOptions.defaultExpressLength
     guard let local = IPv4Address(args[2]) else { usage("not an IPv4 address: \(args[2])") }
@@ -228,8 +345,16 @@ if lane {
     let peer = endpoint(args[3])
     let spin = UInt64(spinMicroseconds) * 1000
     let q0 = device.queueFDs[0], q1 = device.queueFDs[1], s0 = sockets[0].fd, s1 = sockets[1].fd
-    Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, to: peer) }.start()
-    laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, to: peer)
+    if let decide {
+        let peerEndpoint = Endpoint(address: IPv4Address(networkOrder: peer.sin_addr.s_addr), port: port)
+        let table = RouteTable([PeerRoute(subnet: decide.peer, endpoint: peerEndpoint)])
+        let config = ForwardingConfig(network: decide.network, subnet: decide.subnet)
+        let counters = DataPlaneCounters()
+        Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, DecidePackets(table, config, counters)) }.start()
+        laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, DecidePackets(table, config, counters))
+    }
+    Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, PassPackets(destination: peer)) }.start()
+    laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, PassPackets(destination: peer))
 }
 
 // ---- --wire ------------------------------------------------------------------------------------------------
