@@ -165,7 +165,6 @@ enum Lane {
     /// Errors that drop the packet and go on: an interrupted call, nothing to read, ICMP refusals before the peer is
     /// up, full buffers, a packet too big for the path.
     static let transient = [EINTR, EAGAIN, ECONNREFUSED, ENOBUFS, EMSGSIZE]
-    static let sockaddrLength = socklen_t(MemoryLayout<sockaddr_in>.size)
 }
 
 /// Writes the packet after `buffer`'s virtio-net header (`length` bytes) to the tun behind a zeroed header; false
@@ -187,12 +186,8 @@ struct PassPackets: LanePackets {
     mutating func fromTun(_ buffer: UnsafeMutableRawPointer, _ n: Int, sock: Int32) {
         let header = VirtioNetHeader.length
         let sent: Int
-        if var to = destination {
-            sent = withUnsafePointer(to: &to) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(sock, buffer + header, n - header, 0, $0, Lane.sockaddrLength)
-                }
-            }
+        if let destination {
+            sent = destination.withSockaddr { sendto(sock, buffer + header, n - header, 0, $0, $1) }
         } else {
             sent = send(sock, buffer + header, n - header, 0)
         }
@@ -231,12 +226,7 @@ struct DecidePackets: LanePackets {
         switch decider.fromTun(packet, snapshot: snapshot, scratch: scratch) {
         case .forward(let p, let length):
             let entry = snapshot.peers[p]
-            var to = entry.sockaddr
-            let sent = withUnsafePointer(to: &to) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    sendto(sock, buffer + header, length, 0, $0, Lane.sockaddrLength)
-                }
-            }
+            let sent = entry.sockaddr.withSockaddr { sendto(sock, buffer + header, length, 0, $0, $1) }
             if sent < 0 {
                 if !Lane.transient.contains(errno) { fail("tun->udp: sendto") }
                 return
@@ -251,7 +241,7 @@ struct DecidePackets: LanePackets {
 
     mutating func fromSocket(_ buffer: UnsafeMutableRawPointer, capacity: Int, sock: Int32, tun: Int32) -> Int {
         let header = VirtioNetHeader.length
-        var fromLength = Lane.sockaddrLength
+        var fromLength = socklen_t(MemoryLayout<sockaddr_in>.size)
         let r = withUnsafeMutablePointer(to: &from) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 recvfrom(sock, buffer + header, capacity - header, 0, $0, &fromLength)
@@ -345,16 +335,16 @@ struct DecidePackets: LanePackets {
     let peer = endpoint(args[3])
     let spin = UInt64(spinMicroseconds) * 1000
     let q0 = device.queueFDs[0], q1 = device.queueFDs[1], s0 = sockets[0].fd, s1 = sockets[1].fd
-    if let decide {
-        let peerEndpoint = Endpoint(address: IPv4Address(networkOrder: peer.sin_addr.s_addr), port: port)
-        let table = RouteTable([PeerRoute(subnet: decide.peer, endpoint: peerEndpoint)])
-        let config = ForwardingConfig(network: decide.network, subnet: decide.subnet)
-        let counters = DataPlaneCounters()
-        Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, DecidePackets(table, config, counters)) }.start()
-        laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, DecidePackets(table, config, counters))
+    /// The flow pair's queue and socket on a thread of their own, the lane's (with the spin) on this one.
+    func run<P: LanePackets>(_ packets: @escaping @Sendable () -> P) -> Never {
+        Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, packets()) }.start()
+        laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, packets())
     }
-    Thread { laneLoop(tun: q0, sock: s0, spinNanoseconds: 0, PassPackets(destination: peer)) }.start()
-    laneLoop(tun: q1, sock: s1, spinNanoseconds: spin, PassPackets(destination: peer))
+    guard let decide else { run { PassPackets(destination: peer) } }
+    let table = RouteTable([PeerRoute(subnet: decide.peer, endpoint: Endpoint(peer))])
+    let config = ForwardingConfig(network: decide.network, subnet: decide.subnet)
+    let counters = DataPlaneCounters()
+    run { DecidePackets(table, config, counters) }
 }
 
 // ---- --wire ------------------------------------------------------------------------------------------------
